@@ -1,0 +1,311 @@
+//! The balancer: given a verified client, its identity and the upstreams it may reach, apply the
+//! client's rate limit, pick the least-loaded healthy allowed upstream, connect (retrying on
+//! other upstreams if the connect fails) and forward until both sides are done.
+//!
+//! This mirrors the original library's `NewLoadBalancer(upstreams)` and
+//! `Balance(conn, clientId, allowedUpstreams)`. It does not do TLS or authorization: the server
+//! hands it a client whose handshake is done and whose allowed upstreams are known.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io;
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::ServerConnection;
+
+use crate::config::{Config, RateLimit};
+use crate::forward::{self, ForwardOptions, ForwardReport};
+use crate::health::Health;
+use crate::ratelimit::RateLimiter;
+use crate::stats::{Refusal, UpstreamStats};
+use crate::table::{ConnTable, UpstreamId};
+use crate::tls;
+
+/// One upstream server and its counters.
+#[derive(Debug)]
+pub struct Upstream {
+    /// Unique name, used in logs and metrics.
+    pub name: String,
+    /// Addresses tried in order on connect.
+    pub addrs: Vec<SocketAddr>,
+    /// Relative capacity for the least-connection choice.
+    pub weight: u32,
+    /// Counters of what went through this upstream.
+    pub stats: Arc<UpstreamStats>,
+}
+
+impl Upstream {
+    /// An upstream with weight 1 at one address.
+    pub fn new(name: impl Into<String>, addr: SocketAddr) -> Upstream {
+        Upstream {
+            name: name.into(),
+            addrs: vec![addr],
+            weight: 1,
+            stats: Arc::default(),
+        }
+    }
+}
+
+/// Knobs of the balancer that are not per-upstream.
+#[derive(Debug, Clone)]
+pub struct BalancerOptions {
+    /// Bound on one TCP connect to an upstream. Default 2s.
+    pub connect_timeout: Duration,
+    /// Other upstreams tried after a failed connect. Default 2.
+    pub connect_retries: u32,
+    /// No byte either way for this long ends a connection. Default 10m.
+    pub idle_timeout: Duration,
+    /// A half-closed connection idle this long is closed. Default 30s.
+    pub half_close_timeout: Duration,
+    /// The rate limit of identities without an override. Default 10/s, burst 20.
+    pub default_rate_limit: RateLimit,
+    /// Per-identity rate limits.
+    pub rate_limits: HashMap<String, RateLimit>,
+}
+
+impl Default for BalancerOptions {
+    fn default() -> Self {
+        let limits = crate::config::Limits::default();
+        BalancerOptions {
+            connect_timeout: limits.connect_timeout,
+            connect_retries: crate::config::DEFAULT_CONNECT_RETRIES,
+            idle_timeout: limits.idle_timeout,
+            half_close_timeout: limits.half_close_timeout,
+            default_rate_limit: RateLimit::default(),
+            rate_limits: HashMap::new(),
+        }
+    }
+}
+
+impl BalancerOptions {
+    /// The options a config file describes.
+    pub fn from_config(config: &Config) -> BalancerOptions {
+        BalancerOptions {
+            connect_timeout: config.limits.connect_timeout,
+            connect_retries: config.health_check.connect_retries,
+            idle_timeout: config.limits.idle_timeout,
+            half_close_timeout: config.limits.half_close_timeout,
+            default_rate_limit: config.rate_limit,
+            rate_limits: config
+                .clients
+                .iter()
+                .map(|c| (c.cn.clone(), c.rate_limit))
+                .collect(),
+        }
+    }
+}
+
+/// A client whose TLS handshake is complete.
+#[derive(Debug)]
+pub struct Client {
+    /// The TLS state.
+    pub tls: ServerConnection,
+    /// The client's socket.
+    pub sock: TcpStream,
+    /// Name for the upstream-to-client copy thread.
+    pub thread_name: String,
+}
+
+/// Why a client was not forwarded. The client has been sent close_notify and closed.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum BalanceError {
+    /// The identity exceeded its rate limit.
+    RateLimited,
+    /// No allowed upstream is UP.
+    NoUpstream,
+    /// Every connect attempt failed; each attempt's upstream and error.
+    UpstreamConnect(Vec<(String, io::Error)>),
+}
+
+impl BalanceError {
+    /// The refusal this error is counted as.
+    pub fn refusal(&self) -> Refusal {
+        match self {
+            BalanceError::RateLimited => Refusal::RateLimited,
+            BalanceError::NoUpstream => Refusal::NoUpstream,
+            BalanceError::UpstreamConnect(_) => Refusal::UpstreamConnect,
+        }
+    }
+}
+
+impl fmt::Display for BalanceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BalanceError::RateLimited => f.write_str("rate limit exceeded"),
+            BalanceError::NoUpstream => f.write_str("no allowed upstream is up"),
+            BalanceError::UpstreamConnect(attempts) => {
+                f.write_str("every upstream connect failed:")?;
+                for (name, e) in attempts {
+                    write!(f, " {name}: {e};")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl std::error::Error for BalanceError {}
+
+/// A forwarded connection that has ended.
+#[derive(Debug)]
+pub struct Session {
+    /// The upstream it went to.
+    pub upstream: String,
+    /// Bytes each way and how it ended.
+    pub report: ForwardReport,
+}
+
+/// The least-connection balancer over a fixed set of upstreams.
+#[derive(Debug)]
+pub struct Balancer {
+    upstreams: Vec<Upstream>,
+    table: Arc<ConnTable>,
+    health: Arc<Health>,
+    limiter: RateLimiter,
+    opts: BalancerOptions,
+}
+
+impl Balancer {
+    /// A balancer over `upstreams` (their ids are their indices), all starting UP.
+    pub fn new(upstreams: Vec<Upstream>, opts: BalancerOptions) -> Balancer {
+        Balancer::with_limiter(upstreams, opts, RateLimiter::default())
+    }
+
+    /// As [`Balancer::new`], with a given rate limiter (tests inject a clock through it).
+    pub fn with_limiter(
+        upstreams: Vec<Upstream>,
+        opts: BalancerOptions,
+        limiter: RateLimiter,
+    ) -> Balancer {
+        let weights: Vec<u32> = upstreams.iter().map(|u| u.weight).collect();
+        let table = ConnTable::new(&weights);
+        let names = upstreams.iter().map(|u| u.name.clone()).collect();
+        Balancer {
+            health: Arc::new(Health::new(names, table.clone())),
+            upstreams,
+            table,
+            limiter,
+            opts,
+        }
+    }
+
+    /// The upstreams a config describes.
+    pub fn upstreams_from_config(config: &Config) -> Vec<Upstream> {
+        config
+            .upstreams
+            .iter()
+            .map(|u| Upstream {
+                name: u.name.clone(),
+                addrs: u.addrs.clone(),
+                weight: u.weight,
+                stats: Arc::default(),
+            })
+            .collect()
+    }
+
+    /// The upstreams, indexed by [`UpstreamId`].
+    pub fn upstreams(&self) -> &[Upstream] {
+        &self.upstreams
+    }
+
+    /// The connection-count table (active counts and UP/DOWN state).
+    pub fn table(&self) -> &Arc<ConnTable> {
+        &self.table
+    }
+
+    /// The health state of the upstreams, shared with the health-check thread.
+    pub fn health(&self) -> &Arc<Health> {
+        &self.health
+    }
+
+    /// Applies `client_id`'s rate limit, picks the least-loaded UP upstream among `allowed`,
+    /// connects to it (on failure, to the next least-loaded, up to `connect_retries` others),
+    /// and forwards until both sides are done. On refusal the client is sent close_notify and
+    /// closed before this returns, and no upstream has been touched for a rate-limited client.
+    pub fn balance(
+        &self,
+        mut client: Client,
+        client_id: &str,
+        allowed: &[UpstreamId],
+    ) -> Result<Session, BalanceError> {
+        let limit = self
+            .opts
+            .rate_limits
+            .get(client_id)
+            .copied()
+            .unwrap_or(self.opts.default_rate_limit);
+        if !self.limiter.try_acquire(client_id, limit) {
+            tls::close_gracefully(&mut client.tls, &client.sock);
+            return Err(BalanceError::RateLimited);
+        }
+
+        let mut tried: Vec<UpstreamId> = Vec::new();
+        let mut failures: Vec<(String, io::Error)> = Vec::new();
+        let (guard, upstream_sock) = loop {
+            let Some(guard) = self.table.acquire(allowed, &tried) else {
+                tls::close_gracefully(&mut client.tls, &client.sock);
+                return Err(if failures.is_empty() {
+                    BalanceError::NoUpstream
+                } else {
+                    BalanceError::UpstreamConnect(failures)
+                });
+            };
+            let upstream = &self.upstreams[guard.id().0];
+            match connect(&upstream.addrs, self.opts.connect_timeout) {
+                Ok(sock) => break (guard, sock),
+                Err(e) => {
+                    upstream
+                        .stats
+                        .connect_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.health.observe_connect_failure(guard.id(), &e);
+                    log::warn!("connect to upstream {} failed: {e}", upstream.name);
+                    tried.push(guard.id());
+                    failures.push((upstream.name.clone(), e));
+                    if tried.len() > self.opts.connect_retries as usize {
+                        tls::close_gracefully(&mut client.tls, &client.sock);
+                        return Err(BalanceError::UpstreamConnect(failures));
+                    }
+                }
+            }
+        };
+        let upstream = &self.upstreams[guard.id().0];
+        upstream
+            .stats
+            .connections_total
+            .fetch_add(1, Ordering::Relaxed);
+        let _ = upstream_sock.set_nodelay(true);
+        let report = forward::forward(
+            client.tls,
+            client.sock,
+            upstream_sock,
+            upstream.stats.clone(),
+            ForwardOptions {
+                idle_timeout: self.opts.idle_timeout,
+                half_close_timeout: self.opts.half_close_timeout,
+                thread_name: client.thread_name,
+            },
+        );
+        drop(guard);
+        Ok(Session {
+            upstream: upstream.name.clone(),
+            report,
+        })
+    }
+}
+
+/// Connects to the first of `addrs` that answers, each bounded by `timeout`.
+fn connect(addrs: &[SocketAddr], timeout: Duration) -> io::Result<TcpStream> {
+    let mut last = io::Error::new(io::ErrorKind::InvalidInput, "upstream has no address");
+    for addr in addrs {
+        match TcpStream::connect_timeout(addr, timeout) {
+            Ok(sock) => return Ok(sock),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}

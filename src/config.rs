@@ -1,0 +1,825 @@
+//! The configuration file: what an operator writes, and the validated form the balancer runs on.
+//!
+//! Config flows in two stages. `RawConfig` mirrors the TOML file exactly (serde with
+//! `deny_unknown_fields`, so a misspelt key is an error, not a silently ignored line). It is then
+//! validated into [`Config`]: durations parsed, addresses resolved, paths made absolute, names
+//! checked for duplicates and cross-references (a client naming a group no upstream has). Every
+//! error names the key or file at fault. This module does not read certificates; the `tls` module
+//! loads the files named here, so `lclb --check-config` covers both.
+//!
+//! A `Config` can be built again from the same file at any time (nothing in it refers to running
+//! state), which is what a reload needs.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Default listen address: every interface, the original server's port 9443.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:9443";
+/// Default CA certificate that client certificates must chain to.
+pub const DEFAULT_CA_CERT: &str = "certs/ca/ca.crt";
+/// Default server certificate (chain) presented to clients.
+pub const DEFAULT_SERVER_CERT: &str = "certs/server/server.crt";
+/// Default server private key (PKCS#8, SEC1 or PKCS#1 PEM).
+pub const DEFAULT_SERVER_KEY: &str = "certs/server/server.key.pem";
+/// Default cap on concurrent client connections, handshakes included.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Default time from accept to a completed TLS handshake.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default bound on one TCP connect to an upstream.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Default time a connection may pass with no bytes either way.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// Default time a half-closed connection may stay idle waiting for the other side to finish.
+pub const DEFAULT_HALF_CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default time connections in flight get to finish when the balancer stops.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default sustained new connections per second per client identity.
+pub const DEFAULT_RATE: f64 = 10.0;
+/// Default token-bucket size per client identity.
+pub const DEFAULT_BURST: u32 = 20;
+/// Default time between two active health probes of an upstream.
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+/// Default bound on one health probe (a TCP connect).
+pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
+/// Default consecutive successful probes that bring a DOWN upstream back UP.
+pub const DEFAULT_RISE: u32 = 2;
+/// Default consecutive failed probes that take an UP upstream DOWN.
+pub const DEFAULT_FALL: u32 = 3;
+/// Default number of other upstreams tried after a failed connect while serving a client.
+pub const DEFAULT_CONNECT_RETRIES: u32 = 2;
+/// Default config file path, relative to the working directory.
+pub const DEFAULT_CONFIG_PATH: &str = "lclb.toml";
+
+/// A configuration that cannot be used, naming the file or key at fault.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The config file itself could not be read.
+    Read {
+        /// The config file.
+        path: PathBuf,
+        /// Why reading failed.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, or a key is unknown or has the wrong type.
+    Parse {
+        /// The config file.
+        path: PathBuf,
+        /// The parser's message, which names the key, line and column.
+        message: String,
+    },
+    /// A value is well-formed TOML but not acceptable.
+    Invalid {
+        /// The key at fault, as a path (`limits.idle_timeout`, `upstream[2].address`).
+        key: String,
+        /// What is wrong and, where it helps, how to fix it.
+        message: String,
+    },
+    /// A file named by the config (certificate, key, CA, CRL) is missing or unusable.
+    File {
+        /// The key that names the file (`tls.server_key`).
+        key: String,
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::Read { path, source } => {
+                write!(f, "cannot read config file {}: {source}", path.display())
+            }
+            ConfigError::Parse { path, message } => {
+                write!(f, "config file {}: {}", path.display(), message.trim_end())
+            }
+            ConfigError::Invalid { key, message } => write!(f, "config key `{key}`: {message}"),
+            ConfigError::File { key, path, message } => {
+                write!(f, "{} (from `{key}`): {message}", path.display())
+            }
+        }
+    }
+}
+
+// Display already includes the underlying cause, so no `source()`: printing the chain would
+// repeat it.
+impl std::error::Error for ConfigError {}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stage one: the file as written.
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: Option<String>,
+    metrics_listen: Option<String>,
+    #[serde(default)]
+    tls: RawTls,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    rate_limit: RawRateLimit,
+    #[serde(default)]
+    health_check: RawHealth,
+    #[serde(default)]
+    upstream: Vec<RawUpstream>,
+    #[serde(default)]
+    client: Vec<RawClient>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    ca_cert: Option<PathBuf>,
+    server_cert: Option<PathBuf>,
+    server_key: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_connections: Option<usize>,
+    handshake_timeout: Option<String>,
+    connect_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    half_close_timeout: Option<String>,
+    drain_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRateLimit {
+    rate: Option<f64>,
+    burst: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    interval: Option<String>,
+    timeout: Option<String>,
+    rise: Option<u32>,
+    fall: Option<u32>,
+    connect_retries: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    name: String,
+    address: String,
+    group: String,
+    weight: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClient {
+    cn: String,
+    groups: Vec<String>,
+    rate: Option<f64>,
+    burst: Option<u32>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stage two: validated and typed.
+
+/// The validated configuration the balancer runs on.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where clients connect. Default `0.0.0.0:9443`.
+    pub listen: SocketAddr,
+    /// Where Prometheus metrics are served, if anywhere. Default: not served.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Certificate, key and CA files.
+    pub tls: TlsFiles,
+    /// Timeouts and capacity.
+    pub limits: Limits,
+    /// The rate limit of clients that have no override.
+    pub rate_limit: RateLimit,
+    /// Health checking of upstreams.
+    pub health_check: HealthCheck,
+    /// The upstreams, in file order.
+    pub upstreams: Vec<UpstreamConfig>,
+    /// The clients allowed in, in file order; any other identity is refused.
+    pub clients: Vec<ClientConfig>,
+}
+
+/// The TLS files named by the `[tls]` section, made absolute against the config file's folder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// PEM CA certificate(s) that client certificates must chain to. Default `certs/ca/ca.crt`.
+    pub ca_cert: PathBuf,
+    /// PEM server certificate chain, leaf first. Default `certs/server/server.crt`.
+    pub server_cert: PathBuf,
+    /// PEM server private key. Default `certs/server/server.key.pem`.
+    pub server_key: PathBuf,
+}
+
+/// The `[limits]` section: timeouts and capacity.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    /// Cap on concurrent client connections, handshakes included. Default 10000.
+    pub max_connections: usize,
+    /// Deadline from accept to a completed handshake. Default 5s.
+    pub handshake_timeout: Duration,
+    /// Bound on one TCP connect to an upstream. Default 2s.
+    pub connect_timeout: Duration,
+    /// A connection with no bytes either way for this long is closed. Default 10m.
+    pub idle_timeout: Duration,
+    /// A half-closed connection idle for this long is closed. Default 30s.
+    pub half_close_timeout: Duration,
+    /// Time connections in flight get to finish when the balancer stops. Default 30s.
+    pub drain_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            half_close_timeout: DEFAULT_HALF_CLOSE_TIMEOUT,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+        }
+    }
+}
+
+/// A token bucket's shape: `rate` new connections per second sustained, `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateLimit {
+    /// Tokens added per second. Default 10.
+    pub rate: f64,
+    /// Bucket size: connections allowed at once after a quiet period. Default 20.
+    pub burst: u32,
+}
+
+impl Default for RateLimit {
+    fn default() -> Self {
+        RateLimit {
+            rate: DEFAULT_RATE,
+            burst: DEFAULT_BURST,
+        }
+    }
+}
+
+/// The `[health_check]` section.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HealthCheck {
+    /// Time between probes of one upstream. Default 2s.
+    pub interval: Duration,
+    /// Bound on one probe's TCP connect. Default 1s.
+    pub timeout: Duration,
+    /// Consecutive successes that bring a DOWN upstream UP. Default 2.
+    pub rise: u32,
+    /// Consecutive failures that take an UP upstream DOWN. Default 3.
+    pub fall: u32,
+    /// Other upstreams tried after a failed connect while serving a client. Default 2.
+    pub connect_retries: u32,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        HealthCheck {
+            interval: DEFAULT_HEALTH_INTERVAL,
+            timeout: DEFAULT_HEALTH_TIMEOUT,
+            rise: DEFAULT_RISE,
+            fall: DEFAULT_FALL,
+            connect_retries: DEFAULT_CONNECT_RETRIES,
+        }
+    }
+}
+
+/// One `[[upstream]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamConfig {
+    /// Unique name, used in logs and metrics.
+    pub name: String,
+    /// The address as written (`host:port`).
+    pub address: String,
+    /// What `address` resolved to when the config was loaded; connects try these in order.
+    pub addrs: Vec<SocketAddr>,
+    /// The group clients are authorized to.
+    pub group: String,
+    /// Relative capacity: the least-connection choice compares active/weight. Default 1.
+    pub weight: u32,
+}
+
+/// One `[[client]]` entry: an identity that may connect, and where to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientConfig {
+    /// The certificate subject CN that identifies the client.
+    pub cn: String,
+    /// Upstream groups this client may reach.
+    pub groups: Vec<String>,
+    /// This client's rate limit: the `[rate_limit]` default with this entry's overrides applied.
+    pub rate_limit: RateLimit,
+}
+
+impl Config {
+    /// Reads and validates the config file at `path`. Relative paths inside it are taken
+    /// relative to the folder that holds it.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or_else(|| Path::new("."));
+        Config::parse(&text, base).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_path_buf(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Validates config text; relative file paths are resolved against `base`.
+    pub fn parse(text: &str, base: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("<text>"),
+            message: e.to_string(),
+        })?;
+        validate(raw, base)
+    }
+
+    /// The client entry for an identity, if that identity is allowed in at all.
+    pub fn client(&self, cn: &str) -> Option<&ClientConfig> {
+        self.clients.iter().find(|c| c.cn == cn)
+    }
+}
+
+fn duration(key: &str, value: Option<String>, default: Duration) -> Result<Duration, ConfigError> {
+    let Some(text) = value else {
+        return Ok(default);
+    };
+    let d = humantime::parse_duration(text.trim()).map_err(|e| {
+        invalid(
+            key,
+            format!("{text:?} is not a duration ({e}); write it like \"250ms\", \"5s\" or \"10m\""),
+        )
+    })?;
+    if d.is_zero() {
+        return Err(invalid(key, "must be greater than zero"));
+    }
+    Ok(d)
+}
+
+fn socket_addr(key: &str, text: &str) -> Result<SocketAddr, ConfigError> {
+    text.parse().map_err(|_| {
+        invalid(
+            key,
+            format!("{text:?} is not an IP address and port, such as \"0.0.0.0:9443\""),
+        )
+    })
+}
+
+fn resolve(key: &str, text: &str) -> Result<Vec<SocketAddr>, ConfigError> {
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(vec![addr]);
+    }
+    if !text.contains(':') {
+        return Err(invalid(
+            key,
+            format!("{text:?} has no port; write it as host:port"),
+        ));
+    }
+    let addrs: Vec<SocketAddr> = text
+        .to_socket_addrs()
+        .map_err(|e| invalid(key, format!("cannot resolve {text:?}: {e}")))?
+        .collect();
+    if addrs.is_empty() {
+        return Err(invalid(key, format!("{text:?} resolved to no address")));
+    }
+    Ok(addrs)
+}
+
+fn rate_limit(
+    key: &str,
+    rate: Option<f64>,
+    burst: Option<u32>,
+    base: RateLimit,
+) -> Result<RateLimit, ConfigError> {
+    let limit = RateLimit {
+        rate: rate.unwrap_or(base.rate),
+        burst: burst.unwrap_or(base.burst),
+    };
+    if !limit.rate.is_finite() || limit.rate <= 0.0 {
+        return Err(invalid(
+            format!("{key}.rate"),
+            format!(
+                "{} is not a positive number of connections per second",
+                limit.rate
+            ),
+        ));
+    }
+    if limit.burst == 0 {
+        return Err(invalid(
+            format!("{key}.burst"),
+            "must be at least 1, or no connection could ever be admitted",
+        ));
+    }
+    Ok(limit)
+}
+
+fn path(base: &Path, value: Option<PathBuf>, default: &str) -> PathBuf {
+    let p = value.unwrap_or_else(|| PathBuf::from(default));
+    if p.is_absolute() {
+        p
+    } else {
+        base.join(p)
+    }
+}
+
+fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
+    let listen = socket_addr("listen", raw.listen.as_deref().unwrap_or(DEFAULT_LISTEN))?;
+    let metrics_listen = match raw.metrics_listen.as_deref() {
+        Some(text) => Some(socket_addr("metrics_listen", text)?),
+        None => None,
+    };
+
+    let tls = TlsFiles {
+        ca_cert: path(base, raw.tls.ca_cert, DEFAULT_CA_CERT),
+        server_cert: path(base, raw.tls.server_cert, DEFAULT_SERVER_CERT),
+        server_key: path(base, raw.tls.server_key, DEFAULT_SERVER_KEY),
+    };
+
+    let l = raw.limits;
+    let limits = Limits {
+        max_connections: l.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+        handshake_timeout: duration(
+            "limits.handshake_timeout",
+            l.handshake_timeout,
+            DEFAULT_HANDSHAKE_TIMEOUT,
+        )?,
+        connect_timeout: duration(
+            "limits.connect_timeout",
+            l.connect_timeout,
+            DEFAULT_CONNECT_TIMEOUT,
+        )?,
+        idle_timeout: duration("limits.idle_timeout", l.idle_timeout, DEFAULT_IDLE_TIMEOUT)?,
+        half_close_timeout: duration(
+            "limits.half_close_timeout",
+            l.half_close_timeout,
+            DEFAULT_HALF_CLOSE_TIMEOUT,
+        )?,
+        drain_timeout: duration(
+            "limits.drain_timeout",
+            l.drain_timeout,
+            DEFAULT_DRAIN_TIMEOUT,
+        )?,
+    };
+    if limits.max_connections == 0 {
+        return Err(invalid("limits.max_connections", "must be at least 1"));
+    }
+
+    let default_limit = rate_limit(
+        "rate_limit",
+        raw.rate_limit.rate,
+        raw.rate_limit.burst,
+        RateLimit::default(),
+    )?;
+
+    let h = raw.health_check;
+    let health_check = HealthCheck {
+        interval: duration("health_check.interval", h.interval, DEFAULT_HEALTH_INTERVAL)?,
+        timeout: duration("health_check.timeout", h.timeout, DEFAULT_HEALTH_TIMEOUT)?,
+        rise: h.rise.unwrap_or(DEFAULT_RISE),
+        fall: h.fall.unwrap_or(DEFAULT_FALL),
+        connect_retries: h.connect_retries.unwrap_or(DEFAULT_CONNECT_RETRIES),
+    };
+    if health_check.rise == 0 {
+        return Err(invalid("health_check.rise", "must be at least 1"));
+    }
+    if health_check.fall == 0 {
+        return Err(invalid("health_check.fall", "must be at least 1"));
+    }
+
+    if raw.upstream.is_empty() {
+        return Err(invalid(
+            "upstream",
+            "no [[upstream]] is configured; add at least one with name, address and group",
+        ));
+    }
+    let mut names = HashSet::new();
+    let mut groups: HashMap<&str, usize> = HashMap::new();
+    let mut upstreams = Vec::with_capacity(raw.upstream.len());
+    for (i, u) in raw.upstream.iter().enumerate() {
+        let key = format!("upstream[{i}]");
+        if u.name.trim().is_empty() {
+            return Err(invalid(format!("{key}.name"), "must not be empty"));
+        }
+        if !names.insert(u.name.as_str()) {
+            return Err(invalid(
+                format!("{key}.name"),
+                format!(
+                    "upstream name {:?} is used twice; names must be unique",
+                    u.name
+                ),
+            ));
+        }
+        if u.group.trim().is_empty() {
+            return Err(invalid(format!("{key}.group"), "must not be empty"));
+        }
+        let weight = u.weight.unwrap_or(1);
+        if weight == 0 {
+            return Err(invalid(
+                format!("{key}.weight"),
+                "must be at least 1; remove the upstream to take it out of service",
+            ));
+        }
+        *groups.entry(u.group.as_str()).or_default() += 1;
+        upstreams.push(UpstreamConfig {
+            name: u.name.clone(),
+            address: u.address.clone(),
+            addrs: resolve(&format!("{key}.address"), &u.address)?,
+            group: u.group.clone(),
+            weight,
+        });
+    }
+
+    let mut cns = HashSet::new();
+    let mut clients = Vec::with_capacity(raw.client.len());
+    for (i, c) in raw.client.iter().enumerate() {
+        let key = format!("client[{i}]");
+        if c.cn.is_empty() {
+            return Err(invalid(format!("{key}.cn"), "must not be empty"));
+        }
+        if !cns.insert(c.cn.as_str()) {
+            return Err(invalid(
+                format!("{key}.cn"),
+                format!(
+                    "client {:?} is listed twice; merge its groups into one entry",
+                    c.cn
+                ),
+            ));
+        }
+        if c.groups.is_empty() {
+            return Err(invalid(
+                format!("{key}.groups"),
+                format!(
+                    "client {:?} has no groups; remove the entry to deny it",
+                    c.cn
+                ),
+            ));
+        }
+        for g in &c.groups {
+            if !groups.contains_key(g.as_str()) {
+                let mut known: Vec<&str> = groups.keys().copied().collect();
+                known.sort_unstable();
+                return Err(invalid(
+                    format!("{key}.groups"),
+                    format!(
+                        "client {:?} names group {g:?}, which no upstream has (groups: {})",
+                        c.cn,
+                        known.join(", ")
+                    ),
+                ));
+            }
+        }
+        clients.push(ClientConfig {
+            cn: c.cn.clone(),
+            groups: c.groups.clone(),
+            rate_limit: rate_limit(&key, c.rate, c.burst, default_limit)?,
+        });
+    }
+
+    Ok(Config {
+        listen,
+        metrics_listen,
+        tls,
+        limits,
+        rate_limit: default_limit,
+        health_check,
+        upstreams,
+        clients,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[[upstream]]
+name = "web1"
+address = "127.0.0.1:9001"
+group = "web"
+
+[[client]]
+cn = "client1.lb.com"
+groups = ["web"]
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/lclb"))
+    }
+
+    fn err(text: &str) -> String {
+        parse(text)
+            .expect_err("config should be refused")
+            .to_string()
+    }
+
+    #[test]
+    fn a_minimal_config_gets_the_documented_defaults() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.listen, "0.0.0.0:9443".parse().unwrap());
+        assert_eq!(c.metrics_listen, None);
+        assert_eq!(c.tls.ca_cert, PathBuf::from("/etc/lclb/certs/ca/ca.crt"));
+        assert_eq!(
+            c.tls.server_key,
+            PathBuf::from("/etc/lclb/certs/server/server.key.pem")
+        );
+        assert_eq!(c.limits, Limits::default());
+        assert_eq!(
+            c.rate_limit,
+            RateLimit {
+                rate: 10.0,
+                burst: 20
+            }
+        );
+        assert_eq!(c.health_check, HealthCheck::default());
+        assert_eq!(c.upstreams[0].weight, 1);
+        assert_eq!(c.clients[0].rate_limit, c.rate_limit);
+    }
+
+    #[test]
+    fn the_documented_example_parses_with_every_key() {
+        let text = r#"
+listen = "127.0.0.1:9443"
+metrics_listen = "127.0.0.1:9100"
+[tls]
+ca_cert = "/x/ca.crt"
+server_cert = "s.crt"
+server_key = "s.key"
+[limits]
+max_connections = 5
+handshake_timeout = "250ms"
+connect_timeout = "1s"
+idle_timeout = "10m"
+half_close_timeout = "3s"
+drain_timeout = "30s"
+[rate_limit]
+rate = 10
+burst = 20
+[health_check]
+interval = "2s"
+timeout = "1s"
+rise = 2
+fall = 3
+connect_retries = 1
+[[upstream]]
+name = "web1"
+address = "127.0.0.1:9001"
+group = "web"
+weight = 3
+[[client]]
+cn = "client1.lb.com"
+groups = ["web"]
+rate = 100.5
+burst = 100
+"#;
+        let c = parse(text).unwrap();
+        assert_eq!(c.tls.ca_cert, PathBuf::from("/x/ca.crt"));
+        assert_eq!(c.tls.server_cert, PathBuf::from("/etc/lclb/s.crt"));
+        assert_eq!(c.limits.handshake_timeout, Duration::from_millis(250));
+        assert_eq!(c.limits.idle_timeout, Duration::from_secs(600));
+        assert_eq!(c.rate_limit.rate, 10.0);
+        assert_eq!(c.health_check.connect_retries, 1);
+        assert_eq!(c.upstreams[0].weight, 3);
+        assert_eq!(
+            c.clients[0].rate_limit,
+            RateLimit {
+                rate: 100.5,
+                burst: 100
+            }
+        );
+    }
+
+    #[test]
+    fn a_per_client_override_keeps_the_default_for_the_key_it_omits() {
+        let c = parse(&format!("{MINIMAL}rate = 2\n")).unwrap();
+        assert_eq!(
+            c.clients[0].rate_limit,
+            RateLimit {
+                rate: 2.0,
+                burst: 20
+            }
+        );
+    }
+
+    #[test]
+    fn an_unknown_key_is_named() {
+        let e = err(&format!("[limits]\nidle_timout = \"5s\"\n{MINIMAL}"));
+        assert!(e.contains("idle_timout"), "{e}");
+    }
+
+    #[test]
+    fn a_bad_duration_names_its_key_and_shows_the_syntax() {
+        let e = err(&format!(
+            "[limits]\nidle_timeout = \"5 parsecs\"\n{MINIMAL}"
+        ));
+        assert!(e.contains("limits.idle_timeout"), "{e}");
+        assert!(e.contains("\"5s\""), "{e}");
+    }
+
+    #[test]
+    fn a_bad_listen_address_is_named() {
+        let e = err(&format!("listen = \"nowhere\"\n{MINIMAL}"));
+        assert!(e.contains("`listen`"), "{e}");
+    }
+
+    #[test]
+    fn an_upstream_address_without_port_is_refused() {
+        let e = err("[[upstream]]\nname=\"a\"\naddress=\"127.0.0.1\"\ngroup=\"g\"\n");
+        assert!(e.contains("upstream[0].address"), "{e}");
+        assert!(e.contains("no port"), "{e}");
+    }
+
+    #[test]
+    fn a_host_name_address_is_resolved() {
+        let c = parse("[[upstream]]\nname=\"a\"\naddress=\"localhost:80\"\ngroup=\"g\"\n").unwrap();
+        assert!(!c.upstreams[0].addrs.is_empty());
+        assert!(c.upstreams[0].addrs.iter().all(|a| a.ip().is_loopback()));
+    }
+
+    #[test]
+    fn duplicate_upstream_names_are_refused() {
+        let e = err(&format!(
+            "{MINIMAL}[[upstream]]\nname = \"web1\"\naddress = \"127.0.0.1:9002\"\ngroup = \"web\"\n"
+        ));
+        assert!(e.contains("upstream[1].name"), "{e}");
+        assert!(e.contains("twice"), "{e}");
+    }
+
+    #[test]
+    fn a_client_naming_an_unknown_group_is_refused_with_the_known_ones() {
+        let e = err(&format!(
+            "{MINIMAL}[[client]]\ncn = \"c2\"\ngroups = [\"api\"]\n"
+        ));
+        assert!(e.contains("client[1].groups"), "{e}");
+        assert!(e.contains("\"api\""), "{e}");
+        assert!(e.contains("web"), "{e}");
+    }
+
+    #[test]
+    fn a_duplicate_client_is_refused() {
+        let e = err(&format!(
+            "{MINIMAL}[[client]]\ncn = \"client1.lb.com\"\ngroups = [\"web\"]\n"
+        ));
+        assert!(e.contains("client[1].cn"), "{e}");
+    }
+
+    #[test]
+    fn no_upstream_at_all_is_refused() {
+        let e = err("listen = \"127.0.0.1:1\"\n");
+        assert!(e.contains("[[upstream]]"), "{e}");
+    }
+
+    #[test]
+    fn zero_and_negative_limits_are_refused() {
+        assert!(err(&format!("[rate_limit]\nrate = 0\n{MINIMAL}")).contains("rate_limit.rate"));
+        assert!(err(&format!("[rate_limit]\nrate = -1.5\n{MINIMAL}")).contains("rate_limit.rate"));
+        assert!(err(&format!("[rate_limit]\nburst = 0\n{MINIMAL}")).contains("rate_limit.burst"));
+        assert!(err(&format!("[health_check]\nfall = 0\n{MINIMAL}")).contains("health_check.fall"));
+        assert!(
+            err(&format!("[limits]\nconnect_timeout = \"0s\"\n{MINIMAL}"))
+                .contains("limits.connect_timeout")
+        );
+        let weight = MINIMAL.replace("group = \"web\"\n", "group = \"web\"\nweight = 0\n");
+        assert!(err(&weight).contains("upstream[0].weight"));
+    }
+
+    #[test]
+    fn a_wrong_type_is_a_parse_error_naming_the_key() {
+        let e = err(&format!("[rate_limit]\nburst = \"lots\"\n{MINIMAL}"));
+        assert!(e.contains("burst"), "{e}");
+    }
+
+    #[test]
+    fn a_missing_file_is_named() {
+        let e = Config::load(Path::new("/nonexistent/lclb.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/nonexistent/lclb.toml"), "{e}");
+    }
+}

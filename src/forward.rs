@@ -1,0 +1,472 @@
+//! The forwarder: copies bytes both ways between a TLS client and a plain TCP upstream, with two
+//! OS threads, one per direction, until both directions are done.
+//!
+//! rustls has no split halves for a `ServerConnection`, so both threads share it under one
+//! mutex. The lock covers only rustls' in-memory work (decrypting what was read, sealing what
+//! will be written); socket reads and writes happen outside it. Because the lock is released
+//! before the sealed bytes reach the socket, two threads could put records on the wire out of
+//! the order they were sealed in, and TLS record sequence numbers would then be wrong. So every
+//! batch of sealed bytes takes a ticket under the TLS lock, and batches are written to the client
+//! socket strictly in ticket order.
+//!
+//! ```text
+//!  client socket ──read──▶ [TLS lock: decrypt] ──▶ plaintext ──write──▶ upstream socket
+//!  client socket ◀─write── (ticket order) ◀── [TLS lock: seal] ◀──read── upstream socket
+//! ```
+//!
+//! Half-close is carried through: client close_notify (or FIN) shuts down the write side of the
+//! upstream socket and the other direction goes on; upstream EOF sends close_notify (and FIN) to
+//! the client. An error on either side aborts the link: both sockets are shut down, which wakes
+//! the other thread from any blocking read or write, so both threads end promptly. Idleness is
+//! tracked across both directions: `idle_timeout` with no byte either way ends the link, and once
+//! one direction is done the other gets `half_close_timeout` of idleness.
+
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+use rustls::ServerConnection;
+
+use crate::stats::UpstreamStats;
+
+/// Bytes read from a socket at once. A TLS record carries at most 16 KiB of plaintext; reading
+/// that much amortises syscalls without holding large idle buffers.
+const BUF_SIZE: usize = 16 * 1024 + 512;
+
+/// Stack size for the upstream-to-client thread: it only copies through heap buffers and
+/// seals records, so a small stack lets thousands of connections fit.
+pub const COPY_THREAD_STACK: usize = 128 * 1024;
+
+/// Timeouts and naming for one forwarded connection.
+#[derive(Debug, Clone)]
+pub struct ForwardOptions {
+    /// No byte either way for this long ends the connection.
+    pub idle_timeout: Duration,
+    /// Once one direction is done, the other may stay idle this long.
+    pub half_close_timeout: Duration,
+    /// Name of the upstream-to-client thread (the calling thread does client-to-upstream).
+    pub thread_name: String,
+}
+
+/// How a forwarded connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum EndReason {
+    /// Both sides finished their sending cleanly.
+    Completed,
+    /// No byte either way for `idle_timeout`.
+    IdleTimeout,
+    /// One side finished, and the other stayed idle for `half_close_timeout`.
+    HalfCloseTimeout,
+    /// The client's socket failed (reset, broken pipe).
+    ClientError(String),
+    /// The client broke the TLS protocol (bad record, unexpected message).
+    TlsError(String),
+    /// The upstream's socket failed (reset, broken pipe).
+    UpstreamError(String),
+    /// The upstream-to-client thread could not be started.
+    Spawn(String),
+}
+
+impl EndReason {
+    /// A short name for logs and metrics.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            EndReason::Completed => "completed",
+            EndReason::IdleTimeout => "idle_timeout",
+            EndReason::HalfCloseTimeout => "half_close_timeout",
+            EndReason::ClientError(_) => "client_error",
+            EndReason::TlsError(_) => "tls_error",
+            EndReason::UpstreamError(_) => "upstream_error",
+            EndReason::Spawn(_) => "spawn_failed",
+        }
+    }
+}
+
+impl fmt::Display for EndReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EndReason::ClientError(e)
+            | EndReason::TlsError(e)
+            | EndReason::UpstreamError(e)
+            | EndReason::Spawn(e) => write!(f, "{} ({e})", self.as_str()),
+            _ => f.write_str(self.as_str()),
+        }
+    }
+}
+
+/// What a forwarded connection did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardReport {
+    /// Plaintext bytes copied from the client to the upstream.
+    pub to_upstream: u64,
+    /// Plaintext bytes copied from the upstream to the client.
+    pub to_client: u64,
+    /// How it ended; the first failure wins over what it caused on the other side.
+    pub end: EndReason,
+}
+
+/// The TLS state and the next ticket to hand out, guarded together so a ticket's order is the
+/// order its records were sealed in.
+struct Sealer {
+    conn: ServerConnection,
+    next_ticket: u64,
+}
+
+impl Sealer {
+    /// Moves every pending TLS record into `out`; returns the ticket to send them under, or
+    /// `None` when nothing was pending.
+    fn seal(&mut self, out: &mut Vec<u8>) -> Option<u64> {
+        if !self.conn.wants_write() {
+            return None;
+        }
+        while self.conn.wants_write() {
+            // Writing into a Vec cannot fail.
+            if self.conn.write_tls(out).is_err() {
+                break;
+            }
+        }
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        Some(ticket)
+    }
+}
+
+/// State shared by the two copy threads of one connection.
+struct Link {
+    tls: Mutex<Sealer>,
+    /// The ticket whose turn it is to write to the client socket.
+    turn: Mutex<u64>,
+    turn_changed: Condvar,
+    client: TcpStream,
+    upstream: TcpStream,
+    opts: ForwardOptions,
+    started: Instant,
+    /// Milliseconds since `started` of the last byte moved either way.
+    last_activity: AtomicU64,
+    /// Milliseconds since `started` (plus one, so zero means "not yet") when one direction ended.
+    half_closed: AtomicU64,
+    aborted: AtomicBool,
+    first_error: Mutex<Option<EndReason>>,
+    /// This connection's plaintext bytes each way.
+    to_upstream: AtomicU64,
+    to_client: AtomicU64,
+    /// The upstream's shared counters, kept live so metrics see long connections move.
+    stats: Arc<UpstreamStats>,
+}
+
+impl Link {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn touch(&self) {
+        self.last_activity.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    fn mark_half_closed(&self) {
+        let _ = self.half_closed.compare_exchange(
+            0,
+            self.now_ms() + 1,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Ends the link: records why (if first), and shuts both sockets down, which wakes the
+    /// other thread from any blocking read or write.
+    fn abort(&self, reason: EndReason) {
+        {
+            let mut first = self.first_error.lock();
+            if first.is_none() {
+                *first = Some(reason);
+            }
+        }
+        self.aborted.store(true, Ordering::SeqCst);
+        let _ = self.client.shutdown(Shutdown::Both);
+        let _ = self.upstream.shutdown(Shutdown::Both);
+        self.turn_changed.notify_all();
+    }
+
+    fn is_aborted(&self) -> bool {
+        self.aborted.load(Ordering::SeqCst)
+    }
+
+    /// Reads from `sock`, treating socket timeouts as a chance to check idleness across the
+    /// whole link rather than as errors. `Ok(0)` is EOF.
+    fn read(&self, mut sock: &TcpStream, buf: &mut [u8]) -> Result<usize, Idle> {
+        loop {
+            match sock.read(buf) {
+                Ok(n) => {
+                    if n > 0 {
+                        self.touch();
+                    }
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    if self.is_aborted() {
+                        return Ok(0);
+                    }
+                    let now = self.now_ms();
+                    let half = self.half_closed.load(Ordering::Relaxed);
+                    let last = self.last_activity.load(Ordering::Relaxed);
+                    let (limit, since, reason) = if half > 0 {
+                        (
+                            self.opts.half_close_timeout,
+                            last.max(half - 1),
+                            EndReason::HalfCloseTimeout,
+                        )
+                    } else {
+                        (self.opts.idle_timeout, last, EndReason::IdleTimeout)
+                    };
+                    let idle = Duration::from_millis(now.saturating_sub(since));
+                    if idle >= limit {
+                        return Err(Idle(reason));
+                    }
+                    // Sleep exactly until this link would become idle, then check again.
+                    let _ = sock.set_read_timeout(Some(limit - idle));
+                }
+                Err(e) => return Err(Idle(EndReason::ClientError(e.to_string()))),
+            }
+        }
+    }
+
+    /// Writes sealed bytes to the client socket when `ticket`'s turn comes, then passes the
+    /// turn on, whatever the write's outcome, so the other thread is never left waiting.
+    fn send_to_client(&self, out: &mut Vec<u8>, ticket: u64) -> io::Result<()> {
+        {
+            let mut turn = self.turn.lock();
+            while *turn != ticket {
+                // The holder of the current turn always passes it on; the timeout only guards
+                // against a thread that died between taking and using its ticket.
+                let timed_out = self
+                    .turn_changed
+                    .wait_for(&mut turn, Duration::from_millis(500))
+                    .timed_out();
+                if timed_out && self.is_aborted() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::BrokenPipe,
+                        "connection aborted",
+                    ));
+                }
+            }
+        }
+        let result = (&self.client).write_all(out);
+        out.clear();
+        *self.turn.lock() += 1;
+        self.turn_changed.notify_all();
+        if result.is_ok() {
+            self.touch();
+        }
+        result
+    }
+}
+
+/// An idle or failed read: the reason the direction ends.
+struct Idle(EndReason);
+
+/// Copies client -> upstream until the client finishes sending. `Ok` is a clean finish.
+fn client_to_upstream(link: &Link) -> Result<(), EndReason> {
+    let mut raw = vec![0u8; BUF_SIZE];
+    let mut plain = Vec::with_capacity(BUF_SIZE);
+    let mut out = Vec::new();
+    loop {
+        let n = match link.read(&link.client, &mut raw) {
+            Ok(n) => n,
+            Err(Idle(EndReason::ClientError(e))) => return Err(EndReason::ClientError(e)),
+            Err(Idle(reason)) => return Err(reason),
+        };
+        if link.is_aborted() {
+            return Ok(());
+        }
+        if n == 0 {
+            // FIN without close_notify: most clients half-close this way; treat it like
+            // close_notify rather than as an error.
+            let _ = link.upstream.shutdown(Shutdown::Write);
+            return Ok(());
+        }
+        let mut closed = false;
+        let mut failure = None;
+        let ticket = {
+            let mut sealer = link.tls.lock();
+            let mut rd = &raw[..n];
+            while !rd.is_empty() && !closed {
+                if let Err(e) = sealer.conn.read_tls(&mut rd) {
+                    failure = Some(EndReason::TlsError(e.to_string()));
+                    break;
+                }
+                if let Err(e) = sealer.conn.process_new_packets() {
+                    failure = Some(EndReason::TlsError(e.to_string()));
+                    break;
+                }
+                match sealer.conn.reader().read_to_end(&mut plain) {
+                    Ok(_) => closed = true,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => {
+                        failure = Some(EndReason::TlsError(e.to_string()));
+                        break;
+                    }
+                }
+            }
+            // Alerts, key-update replies: whatever rustls wants to say goes out in order.
+            sealer.seal(&mut out)
+        };
+        if let Some(ticket) = ticket {
+            if let Err(e) = link.send_to_client(&mut out, ticket) {
+                return Err(EndReason::ClientError(e.to_string()));
+            }
+        }
+        if !plain.is_empty() {
+            if let Err(e) = (&link.upstream).write_all(&plain) {
+                return Err(EndReason::UpstreamError(e.to_string()));
+            }
+            link.touch();
+            let n = plain.len() as u64;
+            link.to_upstream.fetch_add(n, Ordering::Relaxed);
+            link.stats.bytes_to_upstream.fetch_add(n, Ordering::Relaxed);
+            plain.clear();
+        }
+        if let Some(reason) = failure {
+            return Err(reason);
+        }
+        if closed {
+            let _ = link.upstream.shutdown(Shutdown::Write);
+            return Ok(());
+        }
+    }
+}
+
+/// Copies upstream -> client until the upstream finishes sending. `Ok` is a clean finish.
+fn upstream_to_client(link: &Link) -> Result<(), EndReason> {
+    let mut buf = vec![0u8; BUF_SIZE];
+    let mut out = Vec::new();
+    loop {
+        let n = match link.read(&link.upstream, &mut buf) {
+            Ok(n) => n,
+            Err(Idle(EndReason::ClientError(e))) => return Err(EndReason::UpstreamError(e)),
+            Err(Idle(reason)) => return Err(reason),
+        };
+        if link.is_aborted() {
+            return Ok(());
+        }
+        let ticket = {
+            let mut sealer = link.tls.lock();
+            if n == 0 {
+                sealer.conn.send_close_notify();
+            } else if let Err(e) = sealer.conn.writer().write_all(&buf[..n]) {
+                // Cannot happen with the buffer limit lifted, but never lose bytes silently.
+                return Err(EndReason::TlsError(e.to_string()));
+            }
+            sealer.seal(&mut out)
+        };
+        if let Some(ticket) = ticket {
+            if let Err(e) = link.send_to_client(&mut out, ticket) {
+                return Err(EndReason::ClientError(e.to_string()));
+            }
+        }
+        if n == 0 {
+            let _ = link.client.shutdown(Shutdown::Write);
+            return Ok(());
+        }
+        link.to_client.fetch_add(n as u64, Ordering::Relaxed);
+        link.stats
+            .bytes_to_client
+            .fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+/// Runs one direction, and turns its outcome into the link's state: a clean finish
+/// half-closes, a failure aborts both directions.
+fn run_direction(link: &Link, f: fn(&Link) -> Result<(), EndReason>) {
+    match f(link) {
+        Ok(()) => link.mark_half_closed(),
+        Err(reason) => link.abort(reason),
+    }
+}
+
+/// Aborts the link if the calling thread unwinds, so the other thread does not wait forever.
+struct AbortOnUnwind<'a>(&'a Link);
+
+impl Drop for AbortOnUnwind<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0
+                .abort(EndReason::ClientError("connection thread panicked".into()));
+        }
+    }
+}
+
+/// Forwards a TLS client (handshake complete) to a connected upstream until both directions are
+/// done, then closes both. The calling thread copies client -> upstream; one new thread copies
+/// upstream -> client. Blocks until both have ended.
+pub fn forward(
+    mut conn: ServerConnection,
+    client: TcpStream,
+    upstream: TcpStream,
+    stats: Arc<UpstreamStats>,
+    opts: ForwardOptions,
+) -> ForwardReport {
+    // Sealed records are drained after every write, so rustls' own cap only risks a short write.
+    conn.set_buffer_limit(None);
+    let first_wait = opts.idle_timeout.min(opts.half_close_timeout);
+    for sock in [&client, &upstream] {
+        let _ = sock.set_read_timeout(Some(first_wait));
+        let _ = sock.set_write_timeout(Some(opts.idle_timeout));
+    }
+    let link = Arc::new(Link {
+        tls: Mutex::new(Sealer {
+            conn,
+            next_ticket: 0,
+        }),
+        turn: Mutex::new(0),
+        turn_changed: Condvar::new(),
+        client,
+        upstream,
+        started: Instant::now(),
+        last_activity: AtomicU64::new(0),
+        half_closed: AtomicU64::new(0),
+        aborted: AtomicBool::new(false),
+        first_error: Mutex::new(None),
+        to_upstream: AtomicU64::new(0),
+        to_client: AtomicU64::new(0),
+        stats,
+        opts,
+    });
+
+    let other = Arc::clone(&link);
+    let spawned = std::thread::Builder::new()
+        .name(link.opts.thread_name.clone())
+        .stack_size(COPY_THREAD_STACK)
+        .spawn(move || run_direction(&other, upstream_to_client));
+    match spawned {
+        Ok(handle) => {
+            let guard = AbortOnUnwind(&link);
+            run_direction(&link, client_to_upstream);
+            if handle.join().is_err() {
+                link.abort(EndReason::UpstreamError("copy thread panicked".into()));
+            }
+            drop(guard);
+        }
+        Err(e) => link.abort(EndReason::Spawn(e.to_string())),
+    }
+    let end = link
+        .first_error
+        .lock()
+        .take()
+        .unwrap_or(EndReason::Completed);
+    ForwardReport {
+        to_upstream: link.to_upstream.load(Ordering::Relaxed),
+        to_client: link.to_client.load(Ordering::Relaxed),
+        end,
+    }
+}

@@ -1,0 +1,285 @@
+//! Per-client connection rate limiting: one token bucket per client identity.
+//!
+//! A bucket holds up to `burst` tokens and refills at `rate` tokens per second; each new
+//! connection takes one. The clock is injected ([`Clock`]) so tests step time by hand. Buckets
+//! that have refilled completely carry no information (a new bucket would be identical), so they
+//! are swept out periodically: the table holds only clients seen recently, however many
+//! identities come and go.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use crate::config::RateLimit;
+
+/// A monotonic clock, as time elapsed since some fixed start.
+pub trait Clock: Send + Sync {
+    /// Time elapsed since the clock's start; never decreases.
+    fn now(&self) -> Duration;
+}
+
+/// The real monotonic clock.
+#[derive(Debug)]
+pub struct SystemClock(Instant);
+
+impl Default for SystemClock {
+    fn default() -> Self {
+        SystemClock(Instant::now())
+    }
+}
+
+impl Clock for SystemClock {
+    fn now(&self) -> Duration {
+        self.0.elapsed()
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    updated: Duration,
+    limit: RateLimit,
+}
+
+impl Bucket {
+    fn refill(&mut self, now: Duration) {
+        let elapsed = now.saturating_sub(self.updated).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.limit.rate).min(f64::from(self.limit.burst));
+        self.updated = now;
+    }
+
+    fn is_full(&self) -> bool {
+        self.tokens >= f64::from(self.limit.burst)
+    }
+}
+
+/// How often (in admitted or refused checks) the table is swept of full buckets.
+const SWEEP_EVERY: u64 = 1024;
+
+struct State {
+    buckets: HashMap<String, Bucket>,
+    checks: u64,
+}
+
+/// Token buckets keyed by client identity.
+pub struct RateLimiter {
+    clock: Box<dyn Clock>,
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for RateLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimiter")
+            .field("clients", &self.state.lock().buckets.len())
+            .finish()
+    }
+}
+
+impl Default for RateLimiter {
+    fn default() -> Self {
+        RateLimiter::new(Box::<SystemClock>::default())
+    }
+}
+
+impl RateLimiter {
+    /// An empty limiter reading time from `clock`.
+    pub fn new(clock: Box<dyn Clock>) -> RateLimiter {
+        RateLimiter {
+            clock,
+            state: Mutex::new(State {
+                buckets: HashMap::new(),
+                checks: 0,
+            }),
+        }
+    }
+
+    /// Takes a token from `identity`'s bucket, shaped by `limit`: `true` admits the connection,
+    /// `false` refuses it. A first-seen identity starts with a full bucket. If `limit` changed
+    /// since the bucket was made (a reload), the bucket keeps its tokens, capped to the new burst.
+    pub fn try_acquire(&self, identity: &str, limit: RateLimit) -> bool {
+        let now = self.clock.now();
+        let mut state = self.state.lock();
+        state.checks += 1;
+        if state.checks % SWEEP_EVERY == 0 {
+            state.buckets.retain(|_, b| {
+                b.refill(now);
+                !b.is_full()
+            });
+        }
+        let bucket = match state.buckets.get_mut(identity) {
+            Some(b) => b,
+            None => state.buckets.entry(identity.to_owned()).or_insert(Bucket {
+                tokens: f64::from(limit.burst),
+                updated: now,
+                limit,
+            }),
+        };
+        bucket.limit = limit;
+        bucket.refill(now);
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// How many identities currently have a bucket (for tests and metrics).
+    pub fn tracked_clients(&self) -> usize {
+        self.state.lock().buckets.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    /// A clock that moves only when the test says so.
+    #[derive(Clone, Default)]
+    struct ManualClock(Arc<AtomicU64>);
+
+    impl ManualClock {
+        fn advance(&self, d: Duration) {
+            self.0.fetch_add(d.as_nanos() as u64, Ordering::SeqCst);
+        }
+    }
+
+    impl Clock for ManualClock {
+        fn now(&self) -> Duration {
+            Duration::from_nanos(self.0.load(Ordering::SeqCst))
+        }
+    }
+
+    fn limiter() -> (RateLimiter, ManualClock) {
+        let clock = ManualClock::default();
+        (RateLimiter::new(Box::new(clock.clone())), clock)
+    }
+
+    const LIMIT: RateLimit = RateLimit {
+        rate: 2.0,
+        burst: 3,
+    };
+
+    #[test]
+    fn a_new_client_gets_its_whole_burst_then_is_refused() {
+        let (l, _) = limiter();
+        assert!((0..3).all(|_| l.try_acquire("c", LIMIT)));
+        assert!(!l.try_acquire("c", LIMIT));
+    }
+
+    #[test]
+    fn tokens_come_back_at_the_sustained_rate() {
+        let (l, clock) = limiter();
+        for _ in 0..3 {
+            l.try_acquire("c", LIMIT);
+        }
+        clock.advance(Duration::from_millis(499));
+        assert!(!l.try_acquire("c", LIMIT), "2/s means one token per 500ms");
+        clock.advance(Duration::from_millis(1));
+        assert!(l.try_acquire("c", LIMIT));
+        assert!(!l.try_acquire("c", LIMIT));
+    }
+
+    #[test]
+    fn a_long_quiet_period_refills_only_up_to_the_burst() {
+        let (l, clock) = limiter();
+        l.try_acquire("c", LIMIT);
+        clock.advance(Duration::from_secs(3600));
+        assert_eq!((0..10).filter(|_| l.try_acquire("c", LIMIT)).count(), 3);
+    }
+
+    #[test]
+    fn clients_do_not_share_buckets() {
+        let (l, _) = limiter();
+        for _ in 0..3 {
+            l.try_acquire("a", LIMIT);
+        }
+        assert!(!l.try_acquire("a", LIMIT));
+        assert!(l.try_acquire("b", LIMIT));
+    }
+
+    #[test]
+    fn a_per_client_override_applies_to_that_client_only() {
+        let (l, _) = limiter();
+        let generous = RateLimit {
+            rate: 100.0,
+            burst: 100,
+        };
+        assert_eq!(
+            (0..200).filter(|_| l.try_acquire("vip", generous)).count(),
+            100
+        );
+        assert_eq!((0..200).filter(|_| l.try_acquire("c", LIMIT)).count(), 3);
+    }
+
+    #[test]
+    fn a_fractional_rate_works() {
+        let (l, clock) = limiter();
+        let slow = RateLimit {
+            rate: 0.5,
+            burst: 1,
+        };
+        assert!(l.try_acquire("c", slow));
+        clock.advance(Duration::from_millis(1999));
+        assert!(!l.try_acquire("c", slow));
+        clock.advance(Duration::from_millis(1));
+        assert!(l.try_acquire("c", slow));
+    }
+
+    #[test]
+    fn full_buckets_are_swept_so_the_table_does_not_grow_forever() {
+        let (l, clock) = limiter();
+        for i in 0..(SWEEP_EVERY - 1) {
+            l.try_acquire(&format!("client-{i}"), LIMIT);
+        }
+        assert_eq!(l.tracked_clients(), (SWEEP_EVERY - 1) as usize);
+        clock.advance(Duration::from_secs(10));
+        l.try_acquire("last", LIMIT);
+        assert_eq!(l.tracked_clients(), 1, "only the client just seen is left");
+    }
+
+    #[test]
+    fn a_refused_client_is_not_forgotten_by_a_sweep() {
+        let (l, _) = limiter();
+        for _ in 0..3 {
+            l.try_acquire("c", LIMIT);
+        }
+        for i in 0..SWEEP_EVERY {
+            l.try_acquire(&format!("other-{i}"), LIMIT);
+        }
+        assert!(
+            !l.try_acquire("c", LIMIT),
+            "an empty bucket survives the sweep"
+        );
+    }
+
+    #[test]
+    fn many_threads_never_get_more_than_the_burst() {
+        let (l, _) = limiter();
+        let l = Arc::new(l);
+        let limit = RateLimit {
+            rate: 0.001,
+            burst: 500,
+        };
+        let admitted = Arc::new(AtomicU64::new(0));
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let (l, admitted) = (l.clone(), admitted.clone());
+                std::thread::spawn(move || {
+                    for _ in 0..200 {
+                        if l.try_acquire("c", limit) {
+                            admitted.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(admitted.load(Ordering::SeqCst), 500);
+    }
+}

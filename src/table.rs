@@ -1,0 +1,293 @@
+//! The least-connection table: active connection counts per upstream, and the choice of the
+//! least-loaded one.
+//!
+//! One `parking_lot` mutex guards the counts, the health flags and the tie-breaking cursor, so
+//! that a choice and the count it takes are one atomic step: two connections arriving together
+//! cannot both see the same upstream as emptiest. The lock is held for a scan of the allowed
+//! upstreams and nothing else; never across I/O.
+//!
+//! A count is taken by [`ConnTable::acquire`] and released when the returned [`ConnGuard`] drops,
+//! on every path: normal end, error, or a panic unwinding the connection's thread.
+
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+/// Index of an upstream in the config's upstream list (and in this table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct UpstreamId(pub usize);
+
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    active: u64,
+    weight: u32,
+    up: bool,
+    /// When this slot was last chosen (a tick of `Inner::picks`); ties go to the oldest, so
+    /// they rotate whatever mix of clients and allowed sets the choices come from.
+    last_pick: u64,
+}
+
+#[derive(Debug)]
+struct Inner {
+    slots: Vec<Slot>,
+    /// Choices made so far: the clock of `Slot::last_pick`.
+    picks: u64,
+}
+
+/// Active connection counts and health of every upstream.
+#[derive(Debug)]
+pub struct ConnTable {
+    inner: Mutex<Inner>,
+}
+
+/// A count held on one upstream; dropping it releases the count.
+#[derive(Debug)]
+pub struct ConnGuard {
+    table: Arc<ConnTable>,
+    id: UpstreamId,
+}
+
+impl ConnGuard {
+    /// The upstream this count is held on.
+    pub fn id(&self) -> UpstreamId {
+        self.id
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        let mut inner = self.table.inner.lock();
+        let slot = &mut inner.slots[self.id.0];
+        // A guard is only made by acquire, which incremented this very slot, and the slot list
+        // never shrinks, so the count is at least one here.
+        slot.active = slot.active.saturating_sub(1);
+    }
+}
+
+/// Does `a` carry less load than `b`? Compares active/weight without division.
+fn lighter(a: Slot, b: Slot) -> bool {
+    u128::from(a.active) * u128::from(b.weight) < u128::from(b.active) * u128::from(a.weight)
+}
+
+impl ConnTable {
+    /// A table for upstreams with the given weights (ids are the indices), all UP, no
+    /// connections. A zero weight is treated as 1.
+    pub fn new(weights: &[u32]) -> Arc<ConnTable> {
+        let slots = weights
+            .iter()
+            .map(|&w| Slot {
+                active: 0,
+                weight: w.max(1),
+                up: true,
+                last_pick: 0,
+            })
+            .collect();
+        Arc::new(ConnTable {
+            inner: Mutex::new(Inner { slots, picks: 0 }),
+        })
+    }
+
+    /// Picks the UP upstream among `allowed`, minus `exclude`, with the lowest active/weight and
+    /// takes a count on it. Ties go to the tied upstream chosen least recently, so sequential
+    /// short connections spread over all tied upstreams. `None` when no candidate is UP.
+    pub fn acquire(
+        self: &Arc<Self>,
+        allowed: &[UpstreamId],
+        exclude: &[UpstreamId],
+    ) -> Option<ConnGuard> {
+        let mut inner = self.inner.lock();
+        let mut best: Option<(UpstreamId, Slot)> = None;
+        for &id in allowed {
+            let Some(&slot) = inner.slots.get(id.0) else {
+                continue;
+            };
+            if !slot.up || exclude.contains(&id) {
+                continue;
+            }
+            let better = best.is_none_or(|(_, b)| {
+                lighter(slot, b) || (!lighter(b, slot) && slot.last_pick < b.last_pick)
+            });
+            if better {
+                best = Some((id, slot));
+            }
+        }
+        let (id, _) = best?;
+        inner.picks += 1;
+        let tick = inner.picks;
+        let slot = &mut inner.slots[id.0];
+        slot.active += 1;
+        slot.last_pick = tick;
+        Some(ConnGuard {
+            table: Arc::clone(self),
+            id,
+        })
+    }
+
+    /// Marks an upstream UP or DOWN; returns whether that changed its state.
+    pub fn set_up(&self, id: UpstreamId, up: bool) -> bool {
+        let mut inner = self.inner.lock();
+        match inner.slots.get_mut(id.0) {
+            Some(slot) if slot.up != up => {
+                slot.up = up;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether an upstream is UP (eligible for new connections).
+    pub fn is_up(&self, id: UpstreamId) -> bool {
+        self.inner.lock().slots.get(id.0).is_some_and(|s| s.up)
+    }
+
+    /// Active connections on an upstream.
+    pub fn active(&self, id: UpstreamId) -> u64 {
+        self.inner.lock().slots.get(id.0).map_or(0, |s| s.active)
+    }
+
+    /// Active connections across all upstreams.
+    pub fn total_active(&self) -> u64 {
+        self.inner.lock().slots.iter().map(|s| s.active).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(n: usize) -> Vec<UpstreamId> {
+        (0..n).map(UpstreamId).collect()
+    }
+
+    #[test]
+    fn it_picks_the_upstream_with_the_fewest_active_connections() {
+        let t = ConnTable::new(&[1, 1, 1]);
+        let all = ids(3);
+        let _a = t.acquire(&[UpstreamId(0)], &[]).unwrap();
+        let _b = t.acquire(&[UpstreamId(0)], &[]).unwrap();
+        let _c = t.acquire(&[UpstreamId(2)], &[]).unwrap();
+        assert_eq!(t.acquire(&all, &[]).unwrap().id(), UpstreamId(1));
+    }
+
+    #[test]
+    fn ties_rotate_so_sequential_connections_spread_over_all_upstreams() {
+        let t = ConnTable::new(&[1, 1, 1]);
+        let all = ids(3);
+        let picked: Vec<usize> = (0..6)
+            .map(|_| t.acquire(&all, &[]).unwrap().id().0)
+            .collect();
+        for u in 0..3 {
+            assert_eq!(picked.iter().filter(|&&p| p == u).count(), 2, "{picked:?}");
+        }
+    }
+
+    #[test]
+    fn interleaved_clients_with_different_allowed_sets_still_spread_the_picks_evenly() {
+        let t = ConnTable::new(&[1, 1, 1]);
+        let mut picks = [0; 3];
+        for _ in 0..6 {
+            picks[t.acquire(&ids(3), &[]).unwrap().id().0] += 1;
+            picks[t.acquire(&[UpstreamId(2)], &[]).unwrap().id().0] += 1;
+        }
+        // Upstream 2 takes every pick of the narrow client; the broad client's picks go to the
+        // upstreams picked less recently, which is as even as this mix allows.
+        assert_eq!(picks, [3, 3, 6]);
+    }
+
+    #[test]
+    fn held_connections_fill_every_upstream_evenly() {
+        let t = ConnTable::new(&[1, 1, 1]);
+        let all = ids(3);
+        let held: Vec<ConnGuard> = (0..30).map(|_| t.acquire(&all, &[]).unwrap()).collect();
+        for u in all {
+            assert_eq!(t.active(u), 10);
+        }
+        drop(held);
+        assert_eq!(t.total_active(), 0);
+    }
+
+    #[test]
+    fn weights_scale_the_share_of_connections() {
+        let t = ConnTable::new(&[3, 1]);
+        let all = ids(2);
+        let _held: Vec<ConnGuard> = (0..40).map(|_| t.acquire(&all, &[]).unwrap()).collect();
+        assert_eq!(t.active(UpstreamId(0)), 30);
+        assert_eq!(t.active(UpstreamId(1)), 10);
+    }
+
+    #[test]
+    fn only_allowed_upstreams_are_chosen() {
+        let t = ConnTable::new(&[1, 1, 1]);
+        for _ in 0..10 {
+            assert_eq!(
+                t.acquire(&[UpstreamId(2)], &[]).unwrap().id(),
+                UpstreamId(2)
+            );
+        }
+    }
+
+    #[test]
+    fn down_and_excluded_upstreams_are_skipped() {
+        let t = ConnTable::new(&[1, 1, 1]);
+        let all = ids(3);
+        assert!(t.set_up(UpstreamId(0), false));
+        assert!(!t.set_up(UpstreamId(0), false), "no change the second time");
+        for _ in 0..10 {
+            assert_eq!(
+                t.acquire(&all, &[UpstreamId(1)]).unwrap().id(),
+                UpstreamId(2)
+            );
+        }
+        t.set_up(UpstreamId(2), false);
+        assert!(t.acquire(&all, &[UpstreamId(1)]).is_none());
+    }
+
+    #[test]
+    fn nothing_allowed_means_nothing_chosen() {
+        let t = ConnTable::new(&[1]);
+        assert!(t.acquire(&[], &[]).is_none());
+        assert!(
+            t.acquire(&[UpstreamId(7)], &[]).is_none(),
+            "an id outside the table"
+        );
+    }
+
+    #[test]
+    fn a_panicking_thread_still_releases_its_count() {
+        let t = ConnTable::new(&[1]);
+        let t2 = t.clone();
+        let r = std::thread::spawn(move || {
+            let _g = t2.acquire(&[UpstreamId(0)], &[]).unwrap();
+            panic!("connection thread dies");
+        })
+        .join();
+        assert!(r.is_err());
+        assert_eq!(t.total_active(), 0);
+        assert!(
+            t.acquire(&[UpstreamId(0)], &[]).is_some(),
+            "the lock is not poisoned"
+        );
+    }
+
+    #[test]
+    fn counts_stay_exact_under_many_threads() {
+        let t = ConnTable::new(&[1, 2, 3, 4]);
+        let all = ids(4);
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let (t, all) = (t.clone(), all.clone());
+                std::thread::spawn(move || {
+                    for _ in 0..2000 {
+                        let g = t.acquire(&all, &[]).unwrap();
+                        let h = t.acquire(&all, &[g.id()]).unwrap();
+                        assert_ne!(g.id(), h.id());
+                    }
+                })
+            })
+            .collect();
+        for th in threads {
+            th.join().unwrap();
+        }
+        assert_eq!(t.total_active(), 0);
+    }
+}

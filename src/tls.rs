@@ -1,0 +1,460 @@
+//! TLS termination and client identity.
+//!
+//! This module owns everything between a connected socket and a verified client name: loading
+//! the server certificate, key and CA from PEM files into a rustls `ServerConfig` that requires a
+//! client certificate chaining to the CA; running the handshake under a deadline; and reading
+//! the identity (the one subject CN) out of the verified client certificate. It does not decide
+//! what an identity may do (that is `authz`).
+//!
+//! PEM files are read with the `PemObject` reader of `rustls-pki-types` (re-exported by rustls),
+//! the maintained successor of `rustls-pemfile`.
+
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::sign::CertifiedKey;
+use rustls::{RootCertStore, ServerConfig, ServerConnection};
+
+use crate::config::{ConfigError, TlsFiles};
+
+/// The crypto provider lclb runs on: aws-lc-rs, restricted to TLS 1.3 suites and the TLS 1.2
+/// ECDHE AEAD suites.
+///
+/// Built explicitly rather than taken from the process default so that no feature unification
+/// in a dependency tree can switch providers underneath us.
+pub fn provider() -> Arc<CryptoProvider> {
+    use rustls::crypto::aws_lc_rs::{self, cipher_suite as cs};
+    Arc::new(CryptoProvider {
+        cipher_suites: vec![
+            cs::TLS13_AES_128_GCM_SHA256,
+            cs::TLS13_AES_256_GCM_SHA384,
+            cs::TLS13_CHACHA20_POLY1305_SHA256,
+            cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+            cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+            cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+            cs::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+            cs::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+            cs::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+        ],
+        ..aws_lc_rs::default_provider()
+    })
+}
+
+/// Installs [`provider`] as the process-wide default, so that any rustls object built without
+/// an explicit provider (in tests or tools) uses the same one. Harmless if called twice.
+pub fn install_default_provider() {
+    // Err means a provider is already installed: by an earlier call, which installed this one.
+    let _ = CryptoProvider::install_default(Arc::unwrap_or_clone(provider()));
+}
+
+fn file_error(key: &str, path: &Path, message: impl Into<String>) -> ConfigError {
+    ConfigError::File {
+        key: key.to_string(),
+        path: path.to_path_buf(),
+        message: message.into(),
+    }
+}
+
+fn read_file(key: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {
+    std::fs::read(path).map_err(|e| file_error(key, path, format!("cannot read: {e}")))
+}
+
+fn load_certs(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
+    let pem = read_file(key, path)?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| file_error(key, path, format!("not valid PEM: {e}")))?;
+    if certs.is_empty() {
+        return Err(file_error(
+            key,
+            path,
+            "holds no certificate (expected a -----BEGIN CERTIFICATE----- block)",
+        ));
+    }
+    for (i, cert) in certs.iter().enumerate() {
+        let (_, parsed) = x509_parser::parse_x509_certificate(cert)
+            .map_err(|e| file_error(key, path, format!("certificate #{i} does not parse: {e}")))?;
+        if parsed.version() != x509_parser::x509::X509Version::V3 && key != "tls.ca_cert" {
+            return Err(file_error(
+                key,
+                path,
+                format!(
+                    "certificate #{i} is X.509 {:?}; TLS peers refuse anything but v3. Regenerate \
+                     it with extensions (certs/generate_certs.sh does)",
+                    parsed.version()
+                ),
+            ));
+        }
+    }
+    Ok(certs)
+}
+
+/// The loaded TLS material: everything a handshake needs, checked for consistency.
+#[derive(Clone)]
+pub struct TlsContext {
+    /// The rustls server configuration, shared by every connection.
+    pub server_config: Arc<ServerConfig>,
+}
+
+impl fmt::Debug for TlsContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsContext").finish_non_exhaustive()
+    }
+}
+
+impl TlsContext {
+    /// Loads the CA, server certificate chain and key named in `files`, checks that the key
+    /// matches the certificate, and builds a server config that requires a client certificate
+    /// chaining to the CA. TLS 1.2 and 1.3 only.
+    pub fn load(files: &TlsFiles) -> Result<TlsContext, ConfigError> {
+        let provider = provider();
+
+        let ca = load_certs("tls.ca_cert", &files.ca_cert)?;
+        let mut roots = RootCertStore::empty();
+        for (i, cert) in ca.into_iter().enumerate() {
+            roots.add(cert).map_err(|e| {
+                file_error(
+                    "tls.ca_cert",
+                    &files.ca_cert,
+                    format!("certificate #{i} is not usable as a CA: {e}"),
+                )
+            })?;
+        }
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                .build()
+                .map_err(|e| file_error("tls.ca_cert", &files.ca_cert, format!("{e}")))?;
+
+        let chain = load_certs("tls.server_cert", &files.server_cert)?;
+        let key_pem = read_file("tls.server_key", &files.server_key)?;
+        let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
+            file_error(
+                "tls.server_key",
+                &files.server_key,
+                format!("no usable private key (PKCS#8, SEC1 or PKCS#1 PEM expected): {e}"),
+            )
+        })?;
+        let signing_key = provider
+            .key_provider
+            .load_private_key(key.clone_key())
+            .map_err(|e| {
+                file_error(
+                    "tls.server_key",
+                    &files.server_key,
+                    format!("unsupported private key: {e}"),
+                )
+            })?;
+        let certified = CertifiedKey::new(chain.clone(), signing_key);
+        certified.keys_match().map_err(|e| {
+            file_error(
+                "tls.server_key",
+                &files.server_key,
+                format!(
+                    "does not match the certificate in {} ({e}); use the key the certificate was \
+                     issued for",
+                    files.server_cert.display()
+                ),
+            )
+        })?;
+
+        let mut config = ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| file_error("tls", &files.server_cert, format!("{e}")))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .map_err(|e| file_error("tls.server_key", &files.server_key, format!("{e}")))?;
+        // Client-initiated renegotiation does not exist in rustls; nothing else to switch off.
+        config.ignore_client_order = true;
+        Ok(TlsContext {
+            server_config: Arc::new(config),
+        })
+    }
+}
+
+/// Why a handshake did not produce a usable client.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum HandshakeError {
+    /// The deadline passed before the handshake completed.
+    Timeout,
+    /// The client closed the connection before the handshake completed.
+    Eof,
+    /// A socket error.
+    Io(io::Error),
+    /// A TLS protocol error, including every client certificate refusal.
+    Tls(rustls::Error),
+}
+
+impl fmt::Display for HandshakeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HandshakeError::Timeout => f.write_str("handshake timed out"),
+            HandshakeError::Eof => f.write_str("client closed the connection during the handshake"),
+            HandshakeError::Io(e) => write!(f, "socket error during the handshake: {e}"),
+            HandshakeError::Tls(e) => f.write_str(&describe_tls_error(e)),
+        }
+    }
+}
+
+impl std::error::Error for HandshakeError {}
+
+/// Says in words an operator can act on why rustls refused a handshake.
+fn describe_tls_error(e: &rustls::Error) -> String {
+    use rustls::{CertificateError, Error};
+    match e {
+        Error::NoCertificatesPresented => "client sent no certificate".into(),
+        Error::InvalidCertificate(CertificateError::UnknownIssuer) => {
+            "client certificate is not signed by the configured CA".into()
+        }
+        Error::InvalidCertificate(
+            CertificateError::Expired | CertificateError::ExpiredContext { .. },
+        ) => {
+            format!("client certificate has expired ({e})")
+        }
+        Error::InvalidCertificate(CertificateError::Other(other))
+            if other.to_string().contains("UnsupportedCertVersion") =>
+        {
+            "client certificate is X.509 v1; only v3 certificates are accepted (re-issue it with \
+             extensions, as certs/generate_certs.sh does)"
+                .into()
+        }
+        Error::InvalidCertificate(c) => format!("client certificate refused: {c:?}"),
+        other => format!("TLS error: {other}"),
+    }
+}
+
+fn remaining(deadline: Instant) -> Result<std::time::Duration, HandshakeError> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        Err(HandshakeError::Timeout)
+    } else {
+        Ok(left)
+    }
+}
+
+fn io_error(e: io::Error) -> HandshakeError {
+    match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => HandshakeError::Timeout,
+        io::ErrorKind::UnexpectedEof => HandshakeError::Eof,
+        _ => HandshakeError::Io(e),
+    }
+}
+
+/// Runs the server side of the handshake on `sock` until it completes or `deadline` passes.
+///
+/// The deadline bounds the whole handshake, not each read, so a client trickling bytes cannot
+/// hold the thread longer than a silent one. On a TLS error the alert is sent before returning.
+/// Socket timeouts are left set; the caller sets its own for the data phase.
+pub fn handshake(
+    conn: &mut ServerConnection,
+    mut sock: &TcpStream,
+    deadline: Instant,
+) -> Result<(), HandshakeError> {
+    loop {
+        while conn.wants_write() {
+            sock.set_write_timeout(Some(remaining(deadline)?))
+                .map_err(io_error)?;
+            conn.write_tls(&mut sock).map_err(io_error)?;
+        }
+        if !conn.is_handshaking() {
+            return Ok(());
+        }
+        sock.set_read_timeout(Some(remaining(deadline)?))
+            .map_err(io_error)?;
+        let n = conn.read_tls(&mut sock).map_err(io_error)?;
+        if n == 0 {
+            return Err(HandshakeError::Eof);
+        }
+        if let Err(e) = conn.process_new_packets() {
+            // Best effort: tell the client why (the alert), bounded by the same deadline.
+            if let Ok(left) = remaining(deadline) {
+                let _ = sock.set_write_timeout(Some(left));
+                while conn.wants_write() {
+                    if conn.write_tls(&mut sock).is_err() {
+                        break;
+                    }
+                }
+            }
+            return Err(HandshakeError::Tls(e));
+        }
+    }
+}
+
+/// Sends close_notify and whatever else is pending, best effort, bounded by the socket's write
+/// timeout. Used to refuse a client cleanly after the handshake, before any upstream is touched.
+pub fn close_gracefully(conn: &mut ServerConnection, mut sock: &TcpStream) {
+    conn.send_close_notify();
+    while conn.wants_write() {
+        if conn.write_tls(&mut sock).is_err() {
+            break;
+        }
+    }
+    let _ = sock.flush();
+    let _ = sock.shutdown(std::net::Shutdown::Write);
+    // Give the client a moment to read the close_notify before the socket closes: closing with
+    // unread input pending makes the kernel send RST, which can destroy the alert in flight.
+    let _ = sock.set_read_timeout(Some(std::time::Duration::from_millis(200)));
+    let mut sink = [0u8; 512];
+    for _ in 0..8 {
+        match sock.read(&mut sink) {
+            Ok(n) if n > 0 => continue,
+            _ => break,
+        }
+    }
+}
+
+/// Why a verified certificate does not yield an identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum IdentityError {
+    /// The client presented no certificate (cannot happen once the verifier required one).
+    NoCertificate,
+    /// The certificate could not be parsed.
+    Malformed(String),
+    /// The subject has no common name.
+    NoCommonName,
+    /// The subject has more than one common name, so the identity would be ambiguous.
+    SeveralCommonNames(usize),
+    /// The common name is not a UTF-8 (or ASCII) string type, or holds control characters.
+    BadCommonName,
+}
+
+impl fmt::Display for IdentityError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            IdentityError::NoCertificate => f.write_str("client presented no certificate"),
+            IdentityError::Malformed(e) => write!(f, "client certificate does not parse: {e}"),
+            IdentityError::NoCommonName => f.write_str("client certificate subject has no CN"),
+            IdentityError::SeveralCommonNames(n) => {
+                write!(
+                    f,
+                    "client certificate subject has {n} CNs; exactly one is required"
+                )
+            }
+            IdentityError::BadCommonName => {
+                f.write_str("client certificate CN is not a printable UTF-8 string")
+            }
+        }
+    }
+}
+
+impl std::error::Error for IdentityError {}
+
+/// Returns the client's identity: the one subject CN of its (already verified) end-entity
+/// certificate. No CN, several CNs, a CN that is not a UTF-8 string, or one holding control
+/// characters (which would forge log lines) is refused.
+pub fn client_identity(cert: &CertificateDer<'_>) -> Result<String, IdentityError> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert)
+        .map_err(|e| IdentityError::Malformed(e.to_string()))?;
+    let cns: Vec<_> = parsed.subject().iter_common_name().collect();
+    match cns.as_slice() {
+        [] => Err(IdentityError::NoCommonName),
+        [one] => {
+            let cn = one.as_str().map_err(|_| IdentityError::BadCommonName)?;
+            if cn.is_empty() || cn.chars().any(char::is_control) {
+                return Err(IdentityError::BadCommonName);
+            }
+            Ok(cn.to_string())
+        }
+        many => Err(IdentityError::SeveralCommonNames(many.len())),
+    }
+}
+
+/// The identity of a connection that completed its handshake.
+pub fn peer_identity(conn: &ServerConnection) -> Result<String, IdentityError> {
+    let cert = conn
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .ok_or(IdentityError::NoCertificate)?;
+    client_identity(cert)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{CertificateParams, DistinguishedName, DnType, DnValue, KeyPair};
+
+    fn cert_with(dn: DistinguishedName) -> CertificateDer<'static> {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name = dn;
+        let key = KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().clone()
+    }
+
+    fn cn(value: DnValue) -> CertificateDer<'static> {
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, value);
+        cert_with(dn)
+    }
+
+    #[test]
+    fn the_identity_is_the_one_common_name() {
+        let cert = cn(DnValue::Utf8String("client1.lb.com".into()));
+        assert_eq!(client_identity(&cert).unwrap(), "client1.lb.com");
+    }
+
+    #[test]
+    fn a_printable_string_common_name_is_accepted() {
+        let cert = cn(DnValue::PrintableString(
+            "client2.lb.com".try_into().unwrap(),
+        ));
+        assert_eq!(client_identity(&cert).unwrap(), "client2.lb.com");
+    }
+
+    #[test]
+    fn a_subject_without_common_name_is_refused() {
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "lclb");
+        assert_eq!(
+            client_identity(&cert_with(dn)),
+            Err(IdentityError::NoCommonName)
+        );
+    }
+
+    #[test]
+    fn two_common_names_are_refused() {
+        // rcgen's DistinguishedName keeps one value per type, so build the subject by hand:
+        // two CN attributes in two RDNs.
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, "a");
+        dn.push(DnType::CustomDnType(vec![2, 5, 4, 3]), "b");
+        assert_eq!(
+            client_identity(&cert_with(dn)),
+            Err(IdentityError::SeveralCommonNames(2))
+        );
+    }
+
+    #[test]
+    fn a_bmp_string_common_name_is_refused() {
+        let cert = cn(DnValue::BmpString("client".try_into().unwrap()));
+        assert_eq!(client_identity(&cert), Err(IdentityError::BadCommonName));
+    }
+
+    #[test]
+    fn a_common_name_with_a_newline_is_refused() {
+        let cert = cn(DnValue::Utf8String("evil\nlclb: forged line".into()));
+        assert_eq!(client_identity(&cert), Err(IdentityError::BadCommonName));
+    }
+
+    #[test]
+    fn garbage_is_malformed_not_a_panic() {
+        let junk = CertificateDer::from(vec![0x30, 0x82, 0xff, 0xff, 1, 2, 3]);
+        assert!(matches!(
+            client_identity(&junk),
+            Err(IdentityError::Malformed(_))
+        ));
+        let empty = CertificateDer::from(Vec::new());
+        assert!(matches!(
+            client_identity(&empty),
+            Err(IdentityError::Malformed(_))
+        ));
+    }
+}
