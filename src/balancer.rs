@@ -10,14 +10,15 @@ use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use rustls::ServerConnection;
 
 use crate::config::{Config, RateLimit};
-use crate::forward::{self, ForwardOptions, ForwardReport};
+use crate::forward::{self, Aborter, EndReason, ForwardOptions, ForwardReport};
 use crate::health::Health;
 use crate::ratelimit::RateLimiter;
 use crate::stats::{Refusal, UpstreamStats};
@@ -33,6 +34,8 @@ pub struct Upstream {
     pub addrs: Vec<SocketAddr>,
     /// Relative capacity for the least-connection choice.
     pub weight: u32,
+    /// After coming back UP, the time over which its weight ramps up to full (zero: at once).
+    pub slow_start: Duration,
     /// Counters of what went through this upstream.
     pub stats: Arc<UpstreamStats>,
 }
@@ -44,6 +47,7 @@ impl Upstream {
             name: name.into(),
             addrs: vec![addr],
             weight: 1,
+            slow_start: Duration::ZERO,
             stats: Arc::default(),
         }
     }
@@ -64,6 +68,8 @@ pub struct BalancerOptions {
     pub default_rate_limit: RateLimit,
     /// Per-identity rate limits.
     pub rate_limits: HashMap<String, RateLimit>,
+    /// Close an upstream's connections when it is marked DOWN. Default false.
+    pub shutdown_sessions_on_down: bool,
 }
 
 impl Default for BalancerOptions {
@@ -76,6 +82,7 @@ impl Default for BalancerOptions {
             half_close_timeout: limits.half_close_timeout,
             default_rate_limit: RateLimit::default(),
             rate_limits: HashMap::new(),
+            shutdown_sessions_on_down: false,
         }
     }
 }
@@ -94,6 +101,7 @@ impl BalancerOptions {
                 .iter()
                 .map(|c| (c.cn.clone(), c.rate_limit))
                 .collect(),
+            shutdown_sessions_on_down: config.health_check.shutdown_sessions_on_down,
         }
     }
 }
@@ -150,6 +158,71 @@ impl fmt::Display for BalanceError {
 
 impl std::error::Error for BalanceError {}
 
+/// The connections being forwarded right now, so they can be ended from outside: all of an
+/// upstream's when it goes DOWN (if configured), all of them when a drain runs out of time.
+#[derive(Debug, Default)]
+pub struct Sessions {
+    next: AtomicU64,
+    live: Mutex<HashMap<u64, (UpstreamId, Aborter)>>,
+}
+
+/// Removes a session from [`Sessions`] when its connection ends.
+struct Registered<'a> {
+    sessions: &'a Sessions,
+    key: Option<u64>,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        if let Some(key) = self.key {
+            self.sessions.live.lock().remove(&key);
+        }
+    }
+}
+
+impl Sessions {
+    fn register(&self, upstream: UpstreamId, aborter: Aborter) -> u64 {
+        let key = self.next.fetch_add(1, Ordering::Relaxed);
+        self.live.lock().insert(key, (upstream, aborter));
+        key
+    }
+
+    /// Ends every session on `upstream`; returns how many.
+    pub fn abort_upstream(&self, upstream: UpstreamId, reason: EndReason) -> usize {
+        let doomed: Vec<Aborter> = self
+            .live
+            .lock()
+            .values()
+            .filter(|(u, _)| *u == upstream)
+            .map(|(_, a)| a.clone())
+            .collect();
+        // Outside the lock: aborting shuts sockets down, which is quick but still a syscall.
+        for a in &doomed {
+            a.abort(reason.clone());
+        }
+        doomed.len()
+    }
+
+    /// Ends every session; returns how many.
+    pub fn abort_all(&self, reason: EndReason) -> usize {
+        let doomed: Vec<Aborter> = self.live.lock().values().map(|(_, a)| a.clone()).collect();
+        for a in &doomed {
+            a.abort(reason.clone());
+        }
+        doomed.len()
+    }
+
+    /// Sessions being forwarded now.
+    pub fn len(&self) -> usize {
+        self.live.lock().len()
+    }
+
+    /// Whether no session is being forwarded.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// A forwarded connection that has ended.
 #[derive(Debug)]
 pub struct Session {
@@ -165,6 +238,7 @@ pub struct Balancer {
     upstreams: Vec<Upstream>,
     table: Arc<ConnTable>,
     health: Arc<Health>,
+    sessions: Arc<Sessions>,
     limiter: RateLimiter,
     opts: BalancerOptions,
 }
@@ -183,9 +257,26 @@ impl Balancer {
     ) -> Balancer {
         let weights: Vec<u32> = upstreams.iter().map(|u| u.weight).collect();
         let table = ConnTable::new(&weights);
+        for (i, u) in upstreams.iter().enumerate() {
+            table.set_slow_start(UpstreamId(i), u.slow_start);
+        }
         let names = upstreams.iter().map(|u| u.name.clone()).collect();
+        let health = Arc::new(Health::new(names, table.clone()));
+        let sessions = Arc::<Sessions>::default();
+        if opts.shutdown_sessions_on_down {
+            let sessions = sessions.clone();
+            health.set_listener(Box::new(move |id, up| {
+                if !up {
+                    let n = sessions.abort_upstream(id, EndReason::UpstreamDown);
+                    if n > 0 {
+                        log::warn!("closed {n} connection(s) on an upstream marked DOWN");
+                    }
+                }
+            }));
+        }
         Balancer {
-            health: Arc::new(Health::new(names, table.clone())),
+            health,
+            sessions,
             upstreams,
             table,
             limiter,
@@ -202,6 +293,7 @@ impl Balancer {
                 name: u.name.clone(),
                 addrs: u.addrs.clone(),
                 weight: u.weight,
+                slow_start: u.slow_start,
                 stats: Arc::default(),
             })
             .collect()
@@ -215,6 +307,11 @@ impl Balancer {
     /// The connection-count table (active counts and UP/DOWN state).
     pub fn table(&self) -> &Arc<ConnTable> {
         &self.table
+    }
+
+    /// The connections being forwarded now.
+    pub fn sessions(&self) -> &Arc<Sessions> {
+        &self.sessions
     }
 
     /// The health state of the upstreams, shared with the health-check thread.
@@ -279,6 +376,10 @@ impl Balancer {
             .connections_total
             .fetch_add(1, Ordering::Relaxed);
         let _ = upstream_sock.set_nodelay(true);
+        let mut registered = Registered {
+            sessions: &self.sessions,
+            key: None,
+        };
         let report = forward::forward(
             client.tls,
             client.sock,
@@ -289,7 +390,9 @@ impl Balancer {
                 half_close_timeout: self.opts.half_close_timeout,
                 thread_name: client.thread_name,
             },
+            |aborter| registered.key = Some(self.sessions.register(guard.id(), aborter)),
         );
+        drop(registered);
         drop(guard);
         Ok(Session {
             upstream: upstream.name.clone(),

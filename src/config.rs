@@ -175,6 +175,7 @@ struct RawHealth {
     rise: Option<u32>,
     fall: Option<u32>,
     connect_retries: Option<u32>,
+    shutdown_sessions_on_down: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -184,6 +185,7 @@ struct RawUpstream {
     address: String,
     group: String,
     weight: Option<u32>,
+    slow_start: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -291,6 +293,9 @@ pub struct HealthCheck {
     pub fall: u32,
     /// Other upstreams tried after a failed connect while serving a client. Default 2.
     pub connect_retries: u32,
+    /// Close an upstream's connections in flight when it is marked DOWN (HAProxy's
+    /// `on-marked-down shutdown-sessions`). Default false: they are left alone.
+    pub shutdown_sessions_on_down: bool,
 }
 
 impl Default for HealthCheck {
@@ -301,6 +306,7 @@ impl Default for HealthCheck {
             rise: DEFAULT_RISE,
             fall: DEFAULT_FALL,
             connect_retries: DEFAULT_CONNECT_RETRIES,
+            shutdown_sessions_on_down: false,
         }
     }
 }
@@ -318,6 +324,9 @@ pub struct UpstreamConfig {
     pub group: String,
     /// Relative capacity: the least-connection choice compares active/weight. Default 1.
     pub weight: u32,
+    /// After the upstream comes back UP, its weight ramps from a tenth to full over this time,
+    /// so it is not flooded with every new connection at once. Default zero: no ramp.
+    pub slow_start: Duration,
 }
 
 /// One `[[client]]` entry: an identity that may connect, and where to.
@@ -505,6 +514,7 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
         rise: h.rise.unwrap_or(DEFAULT_RISE),
         fall: h.fall.unwrap_or(DEFAULT_FALL),
         connect_retries: h.connect_retries.unwrap_or(DEFAULT_CONNECT_RETRIES),
+        shutdown_sessions_on_down: h.shutdown_sessions_on_down.unwrap_or(false),
     };
     if health_check.rise == 0 {
         return Err(invalid("health_check.rise", "must be at least 1"));
@@ -553,6 +563,14 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
             addrs: resolve(&format!("{key}.address"), &u.address)?,
             group: u.group.clone(),
             weight,
+            slow_start: match &u.slow_start {
+                Some(text) => duration(
+                    &format!("{key}.slow_start"),
+                    Some(text.clone()),
+                    Duration::ZERO,
+                )?,
+                None => Duration::ZERO,
+            },
         });
     }
 
@@ -687,11 +705,13 @@ timeout = "1s"
 rise = 2
 fall = 3
 connect_retries = 1
+shutdown_sessions_on_down = true
 [[upstream]]
 name = "web1"
 address = "127.0.0.1:9001"
 group = "web"
 weight = 3
+slow_start = "10s"
 [[client]]
 cn = "client1.lb.com"
 groups = ["web"]

@@ -70,6 +70,10 @@ pub enum EndReason {
     UpstreamError(String),
     /// The upstream-to-client thread could not be started.
     Spawn(String),
+    /// The upstream was marked DOWN and `shutdown_sessions_on_down` is set.
+    UpstreamDown,
+    /// The balancer stopped and the drain timeout passed.
+    Shutdown,
 }
 
 impl EndReason {
@@ -83,6 +87,8 @@ impl EndReason {
             EndReason::TlsError(_) => "tls_error",
             EndReason::UpstreamError(_) => "upstream_error",
             EndReason::Spawn(_) => "spawn_failed",
+            EndReason::UpstreamDown => "upstream_down",
+            EndReason::Shutdown => "shutdown",
         }
     }
 }
@@ -406,15 +412,35 @@ impl Drop for AbortOnUnwind<'_> {
     }
 }
 
+/// Ends a forwarded connection from outside its threads: when its upstream is marked DOWN, or
+/// when a drain runs out of time. Both copy threads wake and end promptly.
+#[derive(Clone)]
+pub struct Aborter(Arc<Link>);
+
+impl Aborter {
+    /// Shuts both sockets down; the connection ends with `reason` unless it already failed.
+    pub fn abort(&self, reason: EndReason) {
+        self.0.abort(reason);
+    }
+}
+
+impl fmt::Debug for Aborter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Aborter").finish_non_exhaustive()
+    }
+}
+
 /// Forwards a TLS client (handshake complete) to a connected upstream until both directions are
 /// done, then closes both. The calling thread copies client -> upstream; one new thread copies
-/// upstream -> client. Blocks until both have ended.
+/// upstream -> client. Blocks until both have ended. `on_start` receives a handle that can end
+/// the connection from elsewhere, before any byte is copied.
 pub fn forward(
     mut conn: ServerConnection,
     client: TcpStream,
     upstream: TcpStream,
     stats: Arc<UpstreamStats>,
     opts: ForwardOptions,
+    on_start: impl FnOnce(Aborter),
 ) -> ForwardReport {
     // Sealed records are drained after every write, so rustls' own cap only risks a short write.
     conn.set_buffer_limit(None);
@@ -442,6 +468,7 @@ pub fn forward(
         stats,
         opts,
     });
+    on_start(Aborter(Arc::clone(&link)));
 
     let other = Arc::clone(&link);
     let spawned = std::thread::Builder::new()

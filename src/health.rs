@@ -32,12 +32,24 @@ struct Tracker {
 }
 
 /// The health state of every upstream.
-#[derive(Debug)]
 pub struct Health {
     names: Vec<String>,
     table: Arc<ConnTable>,
     thresholds: Mutex<(u32, u32)>,
     trackers: Mutex<Vec<Tracker>>,
+    listener: Mutex<Option<Listener>>,
+}
+
+/// Called after an upstream flips, with its id and new state (true = UP).
+pub type Listener = Box<dyn Fn(UpstreamId, bool) + Send + Sync>;
+
+impl std::fmt::Debug for Health {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Health")
+            .field("names", &self.names)
+            .field("trackers", &self.trackers)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Health {
@@ -56,7 +68,13 @@ impl Health {
             table,
             thresholds: Mutex::new((DEFAULT_RISE, DEFAULT_FALL)),
             trackers: Mutex::new(trackers),
+            listener: Mutex::new(None),
         }
+    }
+
+    /// Sets the function told of every flip (for example, to close a DOWN upstream's sessions).
+    pub fn set_listener(&self, listener: Listener) {
+        *self.listener.lock() = Some(listener);
     }
 
     /// Sets the consecutive successes (`rise`) and failures (`fall`) that flip an upstream.
@@ -90,6 +108,9 @@ impl Health {
             log::info!("upstream {name} is UP ({flipped}/{flipped} checks succeeded)");
         } else {
             log::warn!("upstream {name} is DOWN: {detail} ({flipped}/{flipped} checks failed)");
+        }
+        if let Some(listener) = &*self.listener.lock() {
+            listener(id, ok);
         }
         Some(ok)
     }
@@ -339,6 +360,56 @@ mod tests {
         *probe.0.lock() = true;
         assert!(wait_for(|| table.is_up(UpstreamId(0))));
         checker.stop();
+    }
+
+    /// A probe that succeeds only if every upstream of the round is being probed at once.
+    struct AllAtOnce {
+        expected: usize,
+        arrived: Mutex<usize>,
+        all_here: parking_lot::Condvar,
+        results: Mutex<Vec<bool>>,
+    }
+
+    impl Probe for AllAtOnce {
+        fn check(&self, _: &[SocketAddr], _: Duration) -> Result<(), String> {
+            let mut arrived = self.arrived.lock();
+            *arrived += 1;
+            self.all_here.notify_all();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while *arrived < self.expected {
+                if self.all_here.wait_until(&mut arrived, deadline).timed_out() {
+                    self.results.lock().push(false);
+                    return Err("probes ran one after another".into());
+                }
+            }
+            self.results.lock().push(true);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_round_probes_every_upstream_concurrently() {
+        let (h, _) = health(50);
+        let probe = Arc::new(AllAtOnce {
+            expected: 50,
+            arrived: Mutex::new(0),
+            all_here: parking_lot::Condvar::new(),
+            results: Mutex::new(Vec::new()),
+        });
+        let settings = ProbeSettings {
+            interval: Duration::from_secs(3600),
+            timeout: Duration::from_secs(1),
+        };
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let targets = (0..50).map(|i| (UpstreamId(i), vec![addr])).collect();
+        let mut checker =
+            HealthChecker::spawn(Arc::new(h), targets, settings, probe.clone()).unwrap();
+        assert!(wait_for(|| probe.results.lock().len() == 50));
+        checker.stop();
+        assert!(
+            probe.results.lock().iter().all(|&ok| ok),
+            "some probe waited for another"
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! on every path: normal end, error, or a panic unwinding the connection's thread.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
@@ -25,6 +26,32 @@ struct Slot {
     /// When this slot was last chosen (a tick of `Inner::picks`); ties go to the oldest, so
     /// they rotate whatever mix of clients and allowed sets the choices come from.
     last_pick: u64,
+    /// Ramp time after coming back UP (zero: none).
+    slow_start: Duration,
+    /// When the slot last came back UP, while its ramp is running.
+    up_since: Option<Instant>,
+}
+
+/// Weight scale: effective weights are in thousandths, so a ramp can start at a tenth of a
+/// weight of 1 without fractions.
+const SCALE: u64 = 1000;
+
+impl Slot {
+    /// The weight the choice uses now, in thousandths: during slow start it ramps linearly
+    /// from a tenth to the full weight.
+    fn effective_weight(&mut self, now: Instant) -> u64 {
+        let full = u64::from(self.weight) * SCALE;
+        let Some(since) = self.up_since else {
+            return full;
+        };
+        let elapsed = now.saturating_duration_since(since);
+        if elapsed >= self.slow_start {
+            self.up_since = None;
+            return full;
+        }
+        let fraction = elapsed.as_secs_f64() / self.slow_start.as_secs_f64();
+        ((full as f64) * (0.1 + 0.9 * fraction)).max(1.0) as u64
+    }
 }
 
 #[derive(Debug)]
@@ -64,8 +91,17 @@ impl Drop for ConnGuard {
     }
 }
 
+/// A candidate during a choice: its id, load and effective weight.
+#[derive(Clone, Copy)]
+struct Candidate {
+    id: UpstreamId,
+    active: u64,
+    weight: u64,
+    last_pick: u64,
+}
+
 /// Does `a` carry less load than `b`? Compares active/weight without division.
-fn lighter(a: Slot, b: Slot) -> bool {
+fn lighter(a: &Candidate, b: &Candidate) -> bool {
     u128::from(a.active) * u128::from(b.weight) < u128::from(b.active) * u128::from(a.weight)
 }
 
@@ -80,6 +116,8 @@ impl ConnTable {
                 weight: w.max(1),
                 up: true,
                 last_pick: 0,
+                slow_start: Duration::ZERO,
+                up_since: None,
             })
             .collect();
         Arc::new(ConnTable {
@@ -95,23 +133,29 @@ impl ConnTable {
         allowed: &[UpstreamId],
         exclude: &[UpstreamId],
     ) -> Option<ConnGuard> {
+        let now = Instant::now();
         let mut inner = self.inner.lock();
-        let mut best: Option<(UpstreamId, Slot)> = None;
+        let mut best: Option<Candidate> = None;
         for &id in allowed {
-            let Some(&slot) = inner.slots.get(id.0) else {
+            let Some(slot) = inner.slots.get_mut(id.0) else {
                 continue;
             };
             if !slot.up || exclude.contains(&id) {
                 continue;
             }
-            let better = best.is_none_or(|(_, b)| {
-                lighter(slot, b) || (!lighter(b, slot) && slot.last_pick < b.last_pick)
-            });
+            let c = Candidate {
+                id,
+                active: slot.active,
+                weight: slot.effective_weight(now),
+                last_pick: slot.last_pick,
+            };
+            let better = best
+                .is_none_or(|b| lighter(&c, &b) || (!lighter(&b, &c) && c.last_pick < b.last_pick));
             if better {
-                best = Some((id, slot));
+                best = Some(c);
             }
         }
-        let (id, _) = best?;
+        let id = best?.id;
         inner.picks += 1;
         let tick = inner.picks;
         let slot = &mut inner.slots[id.0];
@@ -123,15 +167,24 @@ impl ConnTable {
         })
     }
 
-    /// Marks an upstream UP or DOWN; returns whether that changed its state.
+    /// Marks an upstream UP or DOWN; returns whether that changed its state. Coming back UP
+    /// starts its slow-start ramp, if it has one.
     pub fn set_up(&self, id: UpstreamId, up: bool) -> bool {
         let mut inner = self.inner.lock();
         match inner.slots.get_mut(id.0) {
             Some(slot) if slot.up != up => {
                 slot.up = up;
+                slot.up_since = (up && !slot.slow_start.is_zero()).then(Instant::now);
                 true
             }
             _ => false,
+        }
+    }
+
+    /// Sets the time over which an upstream's weight ramps up after it comes back UP.
+    pub fn set_slow_start(&self, id: UpstreamId, ramp: Duration) {
+        if let Some(slot) = self.inner.lock().slots.get_mut(id.0) {
+            slot.slow_start = ramp;
         }
     }
 
@@ -213,6 +266,36 @@ mod tests {
         let _held: Vec<ConnGuard> = (0..40).map(|_| t.acquire(&all, &[]).unwrap()).collect();
         assert_eq!(t.active(UpstreamId(0)), 30);
         assert_eq!(t.active(UpstreamId(1)), 10);
+    }
+
+    #[test]
+    fn a_recovered_upstream_in_slow_start_takes_a_small_share_at_first() {
+        let t = ConnTable::new(&[1, 1]);
+        let all = ids(2);
+        t.set_slow_start(UpstreamId(1), Duration::from_secs(3600));
+        t.set_up(UpstreamId(1), false);
+        let mut held: Vec<ConnGuard> = (0..20).map(|_| t.acquire(&all, &[]).unwrap()).collect();
+        assert_eq!(t.active(UpstreamId(0)), 20);
+        t.set_up(UpstreamId(1), true);
+        held.extend((0..22).map(|_| t.acquire(&all, &[]).unwrap()));
+        // At a tenth of its weight, the empty upstream fills to a tenth of the other's load
+        // instead of taking all 22 new connections.
+        let recovered = t.active(UpstreamId(1));
+        assert!(
+            (2..=5).contains(&recovered),
+            "recovered upstream got {recovered}"
+        );
+    }
+
+    #[test]
+    fn without_slow_start_a_recovered_upstream_takes_the_new_connections() {
+        let t = ConnTable::new(&[1, 1]);
+        let all = ids(2);
+        t.set_up(UpstreamId(1), false);
+        let mut held: Vec<ConnGuard> = (0..20).map(|_| t.acquire(&all, &[]).unwrap()).collect();
+        t.set_up(UpstreamId(1), true);
+        held.extend((0..20).map(|_| t.acquire(&all, &[]).unwrap()));
+        assert_eq!(t.active(UpstreamId(1)), 20);
     }
 
     #[test]

@@ -379,3 +379,47 @@ fn an_upstream_reset_ends_the_client_connection_and_releases_its_count() {
     assert!(lb.wait_for(|st| st.active_clients.load(std::sync::atomic::Ordering::SeqCst) == 0));
     assert_eq!(lb.table.total_active(), 0);
 }
+
+#[test]
+fn connections_on_an_upstream_marked_down_are_closed_when_configured() {
+    let pki = Pki::new("shutdown-sessions");
+    let mut web1 = Upstream::start("web1", Mode::Echo);
+    let mut config = pki.tls_section();
+    config.push_str("[health_check]\ninterval = \"20ms\"\ntimeout = \"200ms\"\nfall = 1\nshutdown_sessions_on_down = true\n");
+    config.push_str(&web1.entry("web"));
+    config.push_str("[[client]]\ncn = \"client1.lb.com\"\ngroups = [\"web\"]\n");
+    let lb = Lb::start(&config);
+    let mut s = connect(
+        lb.addr,
+        pki.client_config(Some(&pki.client("client1.lb.com"))),
+    )
+    .unwrap();
+    assert_eq!(read_line(&mut s).unwrap(), "web1");
+    // The listener goes away (probes fail) but this connection's upstream side stays open.
+    web1.stop();
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    assert!(rest.is_empty());
+    assert!(wait_until(|| lb.table.total_active() == 0));
+}
+
+#[test]
+fn connections_on_an_upstream_marked_down_are_left_alone_by_default() {
+    let pki = Pki::new("keep-sessions");
+    let mut web1 = Upstream::start("web1", Mode::Echo);
+    let mut config = pki.tls_section();
+    config.push_str("[health_check]\ninterval = \"20ms\"\ntimeout = \"200ms\"\nfall = 1\n");
+    config.push_str(&web1.entry("web"));
+    config.push_str("[[client]]\ncn = \"client1.lb.com\"\ngroups = [\"web\"]\n");
+    let lb = Lb::start(&config);
+    let cfg = pki.client_config(Some(&pki.client("client1.lb.com")));
+    let mut s = connect(lb.addr, cfg.clone()).unwrap();
+    assert_eq!(read_line(&mut s).unwrap(), "web1");
+    web1.stop();
+    assert!(
+        wait_until(|| greeting(lb.addr, cfg.clone()).is_err()),
+        "web1 is marked DOWN"
+    );
+    s.write_all(b"still here\n").unwrap();
+    assert_eq!(read_line(&mut s).unwrap(), "still here");
+}
