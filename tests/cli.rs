@@ -1,0 +1,253 @@
+//! The `lclb` command as an operator meets it: exit codes and messages for good and bad configs,
+//! and the log line that explains a refused X.509 v1 client certificate.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use support::*;
+
+fn lclb(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_lclb"))
+        .args(args)
+        .output()
+        .expect("the lclb binary runs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn write_config(dir: &Path, body: &str) -> String {
+    let path = dir.join("lclb.toml");
+    std::fs::write(&path, body).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+fn good_config(pki: &Pki) -> String {
+    format!(
+        "listen = \"127.0.0.1:0\"\n{}[[upstream]]\nname = \"web1\"\naddress = \"127.0.0.1:9\"\n\
+         group = \"web\"\n[[client]]\ncn = \"client1.lb.com\"\ngroups = [\"web\"]\n",
+        pki.tls_section()
+    )
+}
+
+#[test]
+fn check_config_accepts_a_good_config_and_exits_zero() {
+    let pki = Pki::new("cli-good");
+    let path = write_config(&pki.dir, &good_config(&pki));
+    let o = lclb(&["--check-config", "--config", &path]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("configuration OK"));
+}
+
+#[test]
+fn an_unknown_key_exits_one_naming_the_key_and_file() {
+    let pki = Pki::new("cli-unknown");
+    let path = write_config(
+        &pki.dir,
+        &format!("colour = \"blue\"\n{}", good_config(&pki)),
+    );
+    let o = lclb(&["--check-config", "--config", &path]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(e.contains("colour") && e.contains(&path), "{e}");
+    assert!(!e.contains("panicked") && !e.contains("backtrace"), "{e}");
+}
+
+#[test]
+fn a_missing_config_file_is_named() {
+    let o = lclb(&["--config", "/nonexistent/lclb.toml"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("/nonexistent/lclb.toml"));
+}
+
+#[test]
+fn a_key_that_does_not_match_the_certificate_is_refused_by_name() {
+    let pki = Pki::new("cli-mismatch");
+    let other = pki.client("someone-else");
+    std::fs::write(pki.dir.join("server.key.pem"), other.key.serialize_pem()).unwrap();
+    let path = write_config(&pki.dir, &good_config(&pki));
+    let o = lclb(&["--check-config", "--config", &path]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(
+        e.contains("server.key.pem") && e.contains("does not match"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_missing_certificate_file_names_the_file_and_key() {
+    let pki = Pki::new("cli-nocert");
+    std::fs::remove_file(pki.dir.join("ca.crt")).unwrap();
+    let path = write_config(&pki.dir, &good_config(&pki));
+    let o = lclb(&["--check-config", "--config", &path]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(e.contains("ca.crt") && e.contains("tls.ca_cert"), "{e}");
+}
+
+#[test]
+fn a_busy_listen_address_is_reported_with_its_key() {
+    let pki = Pki::new("cli-busy");
+    let busy = TcpListener::bind("127.0.0.1:0").unwrap();
+    let config = good_config(&pki).replace("127.0.0.1:0", &busy.local_addr().unwrap().to_string());
+    let path = write_config(&pki.dir, &config);
+    let o = lclb(&["--config", &path]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("`listen`"), "{}", stderr(&o));
+}
+
+#[test]
+fn help_and_version_exit_zero_and_bad_arguments_exit_two() {
+    let o = lclb(&["--help"]);
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stdout).contains("--check-config"));
+    let o = lclb(&["--version"]);
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with("lclb "));
+    assert_eq!(lclb(&["--bogus"]).status.code(), Some(2));
+}
+
+/// A running lclb process whose log lines arrive on a channel.
+struct Process {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Process {
+    fn start(config: &str) -> Process {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_lclb"))
+            .args(["--config", config])
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = mpsc::channel();
+        let err = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        Process { child, lines }
+    }
+
+    /// Waits for a log line containing `needle`; returns it.
+    fn wait_line(&self, needle: &str) -> Option<String> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return Some(line),
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
+        None
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_v1_client_certificate_is_refused_with_a_reason_that_says_so() {
+    let pki = Pki::new("cli-v1");
+    // OpenSSL 3's `x509 -req` without an extension file issues X.509 v1 certificates, as the
+    // original project's scripts did.
+    let d = &pki.dir;
+    std::fs::write(d.join("ca.key"), pki.ca.key.serialize_pem()).unwrap();
+    let run = |args: &[&str]| {
+        let o = Command::new("openssl")
+            .args(args)
+            .current_dir(d)
+            .output()
+            .expect("openssl is installed");
+        assert!(
+            o.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    run(&[
+        "ecparam",
+        "-name",
+        "prime256v1",
+        "-genkey",
+        "-noout",
+        "-out",
+        "v1.key",
+    ]);
+    run(&[
+        "req",
+        "-new",
+        "-key",
+        "v1.key",
+        "-subj",
+        "/CN=client1.lb.com",
+        "-out",
+        "v1.csr",
+    ]);
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "v1.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-set_serial",
+        "7",
+        "-days",
+        "2",
+        "-out",
+        "v1.crt",
+    ]);
+    let text = Command::new("openssl")
+        .args(["x509", "-in", "v1.crt", "-noout", "-text"])
+        .current_dir(d)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&text.stdout).contains("Version: 1"),
+        "the fixture is a v1 certificate"
+    );
+
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = good_config(&pki).replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+    let lb = Process::start(&write_config(d, &config));
+    lb.wait_line("listening").expect("lclb starts");
+
+    // rustls refuses to even present a v1 certificate, so the client here is openssl.
+    let _ = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &format!("127.0.0.1:{port}"),
+            "-cert",
+            "v1.crt",
+            "-key",
+            "v1.key",
+        ])
+        .args(["-CAfile", "ca.crt", "-servername", "localhost"])
+        .current_dir(d)
+        .stdin(Stdio::null())
+        .output()
+        .expect("openssl is installed");
+    let line = lb.wait_line("reason=tls").expect("the refusal is logged");
+    assert!(line.contains("X.509 v1"), "{line}");
+}
