@@ -18,9 +18,9 @@ pub struct Authorizer {
 }
 
 impl Authorizer {
-    /// Resolves every client's groups to the ids (indices into `config.upstreams`) of the
-    /// upstreams in those groups.
-    pub fn from_config(config: &Config) -> Authorizer {
+    /// Resolves every client's groups to the ids of the upstreams in those groups; `ids[i]` is
+    /// the id of `config.upstreams[i]` (as [`crate::Balancer::update`] returns them).
+    pub fn from_config(config: &Config, ids: &[UpstreamId]) -> Authorizer {
         let allowed = config
             .clients
             .iter()
@@ -30,7 +30,7 @@ impl Authorizer {
                     .iter()
                     .enumerate()
                     .filter(|(_, u)| client.groups.contains(&u.group))
-                    .map(|(i, _)| UpstreamId(i))
+                    .filter_map(|(i, _)| ids.get(i).copied())
                     .collect();
                 (client.cn.clone(), Arc::from(ids))
             })
@@ -77,7 +77,8 @@ groups = ["web2"]
             Path::new("."),
         )
         .unwrap();
-        Authorizer::from_config(&config)
+        // Ids as a balancer that already knew other upstreams would hand them out.
+        Authorizer::from_config(&config, &[UpstreamId(5), UpstreamId(1), UpstreamId(7)])
     }
 
     #[test]
@@ -85,7 +86,7 @@ groups = ["web2"]
         let a = authorizer();
         assert_eq!(
             &*a.allowed("client1.lb.com").unwrap(),
-            &[UpstreamId(0), UpstreamId(1)]
+            &[UpstreamId(5), UpstreamId(1)]
         );
         assert_eq!(&*a.allowed("client2.lb.com").unwrap(), &[UpstreamId(1)]);
     }

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use rustls::ServerConnection;
 
 use crate::config::{Config, RateLimit};
@@ -232,15 +232,29 @@ pub struct Session {
     pub report: ForwardReport,
 }
 
-/// The least-connection balancer over a fixed set of upstreams.
+/// The upstreams and options of one configuration.
+#[derive(Debug)]
+struct Generation {
+    /// Every upstream ever configured, indexed by [`UpstreamId`]; removed ones stay so that
+    /// connections in flight on them keep their name and counters.
+    all: Vec<Arc<Upstream>>,
+    /// The ids of the configured upstreams, in config order.
+    current: Vec<UpstreamId>,
+    opts: BalancerOptions,
+}
+
+/// The least-connection balancer.
+///
+/// Its upstream set and options can be replaced while it runs ([`Balancer::update`]): an
+/// upstream keeps its id, counts, health and counters across updates as long as its name stays,
+/// so connections in flight are never disturbed and new ones see the true load.
 #[derive(Debug)]
 pub struct Balancer {
-    upstreams: Vec<Upstream>,
     table: Arc<ConnTable>,
     health: Arc<Health>,
     sessions: Arc<Sessions>,
     limiter: RateLimiter,
-    opts: BalancerOptions,
+    generation: RwLock<Arc<Generation>>,
 }
 
 impl Balancer {
@@ -255,33 +269,76 @@ impl Balancer {
         opts: BalancerOptions,
         limiter: RateLimiter,
     ) -> Balancer {
-        let weights: Vec<u32> = upstreams.iter().map(|u| u.weight).collect();
-        let table = ConnTable::new(&weights);
-        for (i, u) in upstreams.iter().enumerate() {
-            table.set_slow_start(UpstreamId(i), u.slow_start);
-        }
-        let names = upstreams.iter().map(|u| u.name.clone()).collect();
-        let health = Arc::new(Health::new(names, table.clone()));
+        let table = ConnTable::new(&[]);
+        let health = Arc::new(Health::new(Vec::new(), table.clone()));
         let sessions = Arc::<Sessions>::default();
+        let balancer = Balancer {
+            table,
+            health,
+            sessions,
+            limiter,
+            generation: RwLock::new(Arc::new(Generation {
+                all: Vec::new(),
+                current: Vec::new(),
+                opts: opts.clone(),
+            })),
+        };
+        balancer.update(upstreams, opts);
+        balancer
+    }
+
+    /// Replaces the upstream set and options. An upstream whose name was already known keeps
+    /// its id, counts, health and counters (its address, weight and slow start are updated);
+    /// new names are added UP; missing names stop receiving new connections, while those in
+    /// flight on them go on. Returns the ids of `upstreams`, in order.
+    pub fn update(&self, upstreams: Vec<Upstream>, opts: BalancerOptions) -> Vec<UpstreamId> {
+        let mut generation = self.generation.write();
+        let mut all = generation.all.clone();
+        let mut current = Vec::with_capacity(upstreams.len());
+        for mut upstream in upstreams {
+            let id = match all.iter().position(|u| u.name == upstream.name) {
+                Some(i) => {
+                    let id = UpstreamId(i);
+                    upstream.stats = all[i].stats.clone();
+                    self.table
+                        .reconfigure(id, upstream.weight, upstream.slow_start);
+                    id
+                }
+                None => {
+                    let id = self.table.add(upstream.weight, upstream.slow_start);
+                    let health_id = self.health.add(&upstream.name);
+                    debug_assert_eq!(id, health_id, "table and health grow together");
+                    id
+                }
+            };
+            if id.0 == all.len() {
+                all.push(Arc::new(upstream));
+            } else {
+                all[id.0] = Arc::new(upstream);
+            }
+            current.push(id);
+        }
+        let sessions = self.sessions.clone();
         if opts.shutdown_sessions_on_down {
-            let sessions = sessions.clone();
-            health.set_listener(Box::new(move |id, up| {
+            let health = Arc::downgrade(&self.health);
+            self.health.set_listener(Box::new(move |id, up| {
                 if !up {
                     let n = sessions.abort_upstream(id, EndReason::UpstreamDown);
                     if n > 0 {
-                        log::warn!("closed {n} connection(s) on an upstream marked DOWN");
+                        let name = health.upgrade().map(|h| h.name(id)).unwrap_or_default();
+                        log::warn!("closed {n} connection(s) on {name}, marked DOWN");
                     }
                 }
             }));
+        } else {
+            self.health.clear_listener();
         }
-        Balancer {
-            health,
-            sessions,
-            upstreams,
-            table,
-            limiter,
+        *generation = Arc::new(Generation {
+            all,
+            current: current.clone(),
             opts,
-        }
+        });
+        current
     }
 
     /// The upstreams a config describes.
@@ -299,9 +356,14 @@ impl Balancer {
             .collect()
     }
 
-    /// The upstreams, indexed by [`UpstreamId`].
-    pub fn upstreams(&self) -> &[Upstream] {
-        &self.upstreams
+    /// The configured upstreams with their ids, in config order.
+    pub fn upstreams(&self) -> Vec<(UpstreamId, Arc<Upstream>)> {
+        let generation = self.generation.read().clone();
+        generation
+            .current
+            .iter()
+            .map(|&id| (id, generation.all[id.0].clone()))
+            .collect()
     }
 
     /// The connection-count table (active counts and UP/DOWN state).
@@ -319,6 +381,11 @@ impl Balancer {
         &self.health
     }
 
+    /// The rate limiter's view: how many identities have a bucket now.
+    pub fn tracked_clients(&self) -> usize {
+        self.limiter.tracked_clients()
+    }
+
     /// Applies `client_id`'s rate limit, picks the least-loaded UP upstream among `allowed`,
     /// connects to it (on failure, to the next least-loaded, up to `connect_retries` others),
     /// and forwards until both sides are done. On refusal the client is sent close_notify and
@@ -329,12 +396,13 @@ impl Balancer {
         client_id: &str,
         allowed: &[UpstreamId],
     ) -> Result<Session, BalanceError> {
-        let limit = self
-            .opts
+        let generation = self.generation.read().clone();
+        let opts = &generation.opts;
+        let limit = opts
             .rate_limits
             .get(client_id)
             .copied()
-            .unwrap_or(self.opts.default_rate_limit);
+            .unwrap_or(opts.default_rate_limit);
         if !self.limiter.try_acquire(client_id, limit) {
             tls::close_gracefully(&mut client.tls, &client.sock);
             return Err(BalanceError::RateLimited);
@@ -351,8 +419,8 @@ impl Balancer {
                     BalanceError::UpstreamConnect(failures)
                 });
             };
-            let upstream = &self.upstreams[guard.id().0];
-            match connect(&upstream.addrs, self.opts.connect_timeout) {
+            let upstream = &generation.all[guard.id().0];
+            match connect(&upstream.addrs, opts.connect_timeout) {
                 Ok(sock) => break (guard, sock),
                 Err(e) => {
                     upstream
@@ -363,14 +431,14 @@ impl Balancer {
                     log::warn!("connect to upstream {} failed: {e}", upstream.name);
                     tried.push(guard.id());
                     failures.push((upstream.name.clone(), e));
-                    if tried.len() > self.opts.connect_retries as usize {
+                    if tried.len() > opts.connect_retries as usize {
                         tls::close_gracefully(&mut client.tls, &client.sock);
                         return Err(BalanceError::UpstreamConnect(failures));
                     }
                 }
             }
         };
-        let upstream = &self.upstreams[guard.id().0];
+        let upstream = &generation.all[guard.id().0];
         upstream
             .stats
             .connections_total
@@ -386,8 +454,8 @@ impl Balancer {
             upstream_sock,
             upstream.stats.clone(),
             ForwardOptions {
-                idle_timeout: self.opts.idle_timeout,
-                half_close_timeout: self.opts.half_close_timeout,
+                idle_timeout: opts.idle_timeout,
+                half_close_timeout: opts.half_close_timeout,
                 thread_name: client.thread_name,
             },
             |aborter| registered.key = Some(self.sessions.register(guard.id(), aborter)),

@@ -18,6 +18,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::access::LogFormat;
+
 /// Default listen address: every interface, the original server's port 9443.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:9443";
 /// Default CA certificate that client certificates must chain to.
@@ -52,6 +54,54 @@ pub const DEFAULT_RISE: u32 = 2;
 pub const DEFAULT_FALL: u32 = 3;
 /// Default number of other upstreams tried after a failed connect while serving a client.
 pub const DEFAULT_CONNECT_RETRIES: u32 = 2;
+/// A commented config with every key at its default (what `lclb --print-default-config`
+/// prints). The `[[upstream]]` and `[[client]]` entries are examples: they have no default.
+pub const DEFAULT_CONFIG: &str = r#"# lclb configuration. Durations: "250ms", "5s", "10m". Relative paths are taken
+# relative to the folder holding this file.
+
+listen = "0.0.0.0:9443"              # where clients connect
+# metrics_listen = "127.0.0.1:9100"  # Prometheus text at GET /metrics; off when unset
+log_format = "text"                  # or "json": one JSON object per line
+
+[tls]
+ca_cert = "certs/ca/ca.crt"          # client certificates must chain to this CA
+server_cert = "certs/server/server.crt"
+server_key = "certs/server/server.key.pem"   # PKCS#8, SEC1 or PKCS#1 PEM
+
+[limits]
+max_connections = 10000              # concurrent client connections, handshakes included
+handshake_timeout = "5s"             # from accept to a completed TLS handshake
+connect_timeout = "2s"               # one TCP connect to an upstream
+idle_timeout = "10m"                 # no byte either way for this long closes the connection
+half_close_timeout = "30s"           # one side finished, the other idle this long: closed
+drain_timeout = "30s"                # on SIGTERM/SIGINT, time given to connections in flight
+
+[rate_limit]                         # per client identity (certificate CN), token bucket
+rate = 10.0                          # new connections per second, sustained
+burst = 20                           # connections allowed at once after a quiet period
+
+[health_check]
+interval = "2s"                      # time between TCP probes of each upstream
+timeout = "1s"                       # bound on one probe
+rise = 2                             # consecutive successes to mark a DOWN upstream UP
+fall = 3                             # consecutive failures to mark an UP upstream DOWN
+connect_retries = 2                  # other upstreams tried when a connect fails
+shutdown_sessions_on_down = false    # close an upstream's connections when it goes DOWN
+
+[[upstream]]                         # one per upstream server (at least one)
+name = "web1"                        # unique; used in logs and metrics
+address = "127.0.0.1:9001"           # host:port; a host name is resolved at load
+group = "web"                        # clients are authorized to groups
+weight = 1                           # relative capacity (least connections per weight)
+# slow_start = "10s"                 # ramp its weight up after it comes back UP
+
+[[client]]                           # one per identity allowed in; anyone else is refused
+cn = "client1.lb.com"                # the certificate subject CN
+groups = ["web"]                     # upstream groups it may reach
+# rate = 100.0                       # overrides of [rate_limit] for this client
+# burst = 100
+"#;
+
 /// Default config file path, relative to the working directory.
 pub const DEFAULT_CONFIG_PATH: &str = "lclb.toml";
 
@@ -127,6 +177,7 @@ fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
 struct RawConfig {
     listen: Option<String>,
     metrics_listen: Option<String>,
+    log_format: Option<LogFormat>,
     #[serde(default)]
     tls: RawTls,
     #[serde(default)]
@@ -207,6 +258,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Where Prometheus metrics are served, if anywhere. Default: not served.
     pub metrics_listen: Option<SocketAddr>,
+    /// How log lines are written: `"text"` (default) or `"json"`.
+    pub log_format: LogFormat,
     /// Certificate, key and CA files.
     pub tls: TlsFiles,
     /// Timeouts and capacity.
@@ -623,6 +676,7 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
     Ok(Config {
         listen,
         metrics_listen,
+        log_format: raw.log_format.unwrap_or_default(),
         tls,
         limits,
         rate_limit: default_limit,
@@ -685,6 +739,7 @@ groups = ["web"]
         let text = r#"
 listen = "127.0.0.1:9443"
 metrics_listen = "127.0.0.1:9100"
+log_format = "json"
 [tls]
 ca_cert = "/x/ca.crt"
 server_cert = "s.crt"
@@ -720,6 +775,7 @@ burst = 100
 "#;
         let c = parse(text).unwrap();
         assert_eq!(c.tls.ca_cert, PathBuf::from("/x/ca.crt"));
+        assert_eq!(c.log_format, LogFormat::Json);
         assert_eq!(c.tls.server_cert, PathBuf::from("/etc/lclb/s.crt"));
         assert_eq!(c.limits.handshake_timeout, Duration::from_millis(250));
         assert_eq!(c.limits.idle_timeout, Duration::from_secs(600));
@@ -733,6 +789,18 @@ burst = 100
                 burst: 100
             }
         );
+    }
+
+    #[test]
+    fn the_printed_default_config_parses_to_the_defaults() {
+        let c = parse(DEFAULT_CONFIG).unwrap();
+        let d = parse(MINIMAL).unwrap();
+        assert_eq!(c.listen, d.listen);
+        assert_eq!(c.limits, d.limits);
+        assert_eq!(c.rate_limit, d.rate_limit);
+        assert_eq!(c.health_check, d.health_check);
+        assert_eq!(c.tls, d.tls);
+        assert_eq!(c.log_format, d.log_format);
     }
 
     #[test]
@@ -827,6 +895,12 @@ burst = 100
         );
         let weight = MINIMAL.replace("group = \"web\"\n", "group = \"web\"\nweight = 0\n");
         assert!(err(&weight).contains("upstream[0].weight"));
+    }
+
+    #[test]
+    fn an_unknown_log_format_is_refused_by_key() {
+        let e = err(&format!("log_format = \"xml\"\n{MINIMAL}"));
+        assert!(e.contains("log_format") || e.contains("xml"), "{e}");
     }
 
     #[test]

@@ -33,7 +33,7 @@ struct Tracker {
 
 /// The health state of every upstream.
 pub struct Health {
-    names: Vec<String>,
+    names: Mutex<Vec<String>>,
     table: Arc<ConnTable>,
     thresholds: Mutex<(u32, u32)>,
     trackers: Mutex<Vec<Tracker>>,
@@ -64,7 +64,7 @@ impl Health {
             names.len()
         ];
         Health {
-            names,
+            names: Mutex::new(names),
             table,
             thresholds: Mutex::new((DEFAULT_RISE, DEFAULT_FALL)),
             trackers: Mutex::new(trackers),
@@ -72,9 +72,34 @@ impl Health {
         }
     }
 
+    /// Adds an upstream (UP) with the next id; returns that id. Matches [`ConnTable::add`].
+    pub fn add(&self, name: &str) -> UpstreamId {
+        let mut names = self.names.lock();
+        names.push(name.to_string());
+        self.trackers.lock().push(Tracker {
+            up: true,
+            streak: 0,
+        });
+        UpstreamId(names.len() - 1)
+    }
+
+    /// The name of an upstream, for logs.
+    pub fn name(&self, id: UpstreamId) -> String {
+        self.names
+            .lock()
+            .get(id.0)
+            .cloned()
+            .unwrap_or_else(|| format!("#{}", id.0))
+    }
+
     /// Sets the function told of every flip (for example, to close a DOWN upstream's sessions).
     pub fn set_listener(&self, listener: Listener) {
         *self.listener.lock() = Some(listener);
+    }
+
+    /// Removes the function set by [`Health::set_listener`].
+    pub fn clear_listener(&self) {
+        *self.listener.lock() = None;
     }
 
     /// Sets the consecutive successes (`rise`) and failures (`fall`) that flip an upstream.
@@ -103,7 +128,7 @@ impl Health {
             self.table.set_up(id, ok);
             needed
         };
-        let name = &self.names[id.0];
+        let name = self.name(id);
         if ok {
             log::info!("upstream {name} is UP ({flipped}/{flipped} checks succeeded)");
         } else {

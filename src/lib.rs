@@ -30,11 +30,13 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod access;
 pub mod authz;
 pub mod balancer;
 pub mod config;
 pub mod forward;
 pub mod health;
+pub mod metrics;
 pub mod ratelimit;
 pub mod server;
 pub mod stats;

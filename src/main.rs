@@ -4,22 +4,29 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use lclb::access::{self, LogFormat};
+use lclb::metrics::MetricsServer;
 use lclb::{Config, Server};
 
 const USAGE: &str = "\
 lclb: a least-connection TCP load balancer with mutual TLS
 
-Usage: lclb [--config PATH] [--check-config]
+Usage: lclb [--config PATH] [--check-config | --print-default-config]
 
 Options:
-  -c, --config PATH   config file (default: lclb.toml); relative paths inside it are
-                      taken relative to its folder
-      --check-config  validate the config and every file it names (certificates, key,
-                      CA), then exit 0 if usable or 1 if not
-  -h, --help          print this help
-  -V, --version       print the version
+  -c, --config PATH         config file (default: lclb.toml); relative paths inside it
+                            are taken relative to its folder
+      --check-config        validate the config and every file it names (certificates,
+                            key, CA), then exit 0 if usable or 1 if not
+      --print-default-config
+                            print a commented config with every key at its default
+  -h, --help                print this help
+  -V, --version             print the version
 
-Logging: RUST_LOG=debug|info|warn|error (default info).
+Signals: SIGHUP reloads the config (a bad one is refused and the old one kept);
+SIGTERM or SIGINT stops accepting and drains (a second one exits at once).
+Logging: RUST_LOG=debug|info|warn|error (default info); log_format = \"json\" in the
+config for one JSON object per line.
 ";
 
 /// What the command line asked for.
@@ -27,6 +34,7 @@ Logging: RUST_LOG=debug|info|warn|error (default info).
 enum Command {
     Run { config: PathBuf },
     Check { config: PathBuf },
+    PrintDefault,
     Help,
     Version,
 }
@@ -40,6 +48,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, String>
             "-h" | "--help" => return Ok(Command::Help),
             "-V" | "--version" => return Ok(Command::Version),
             "--check-config" => check = true,
+            "--print-default-config" => return Ok(Command::PrintDefault),
             "-c" | "--config" => {
                 config = args
                     .next()
@@ -66,6 +75,7 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
     match command {
         Command::Help => print!("{USAGE}"),
         Command::Version => println!("lclb {}", env!("CARGO_PKG_VERSION")),
+        Command::PrintDefault => print!("{}", lclb::config::DEFAULT_CONFIG),
         Command::Check { config } => {
             let loaded = Config::load(&config)?;
             lclb::tls::TlsContext::load(&loaded.tls)?;
@@ -78,15 +88,92 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
         }
         Command::Run { config } => {
             let loaded = Config::load(&config)?;
+            raise_fd_limit(loaded.limits.max_connections);
+            let metrics_addr = loaded.metrics_listen;
             let server = Server::bind(loaded)?;
+            let _metrics = match metrics_addr {
+                Some(addr) => Some(MetricsServer::spawn(addr, server.shared())?),
+                None => None,
+            };
+            handle_signals(&server, config)?;
             server.run();
         }
     }
     Ok(())
 }
 
+/// Raises the soft fd limit to the hard one: each connection needs two fds (client and
+/// upstream), and the distribution default of 1024 would cap lclb at about 500 connections.
+fn raise_fd_limit(max_connections: usize) {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => {
+            let room = limit.saturating_sub(64) / 2;
+            log::info!("fd limit {limit}: room for about {room} concurrent connections");
+            if (max_connections as u64) > room {
+                log::warn!(
+                    "limits.max_connections = {max_connections} exceeds what the fd limit allows \
+                     ({room}); raise the hard limit (ulimit -Hn, LimitNOFILE=) or lower it"
+                );
+            }
+        }
+        Err(e) => log::warn!("cannot raise the fd limit: {e}"),
+    }
+}
+
+/// SIGHUP reloads; the first SIGTERM/SIGINT drains, a second one exits at once. The thread
+/// lives as long as the process.
+fn handle_signals(server: &Server, config: PathBuf) -> std::io::Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGHUP, SIGTERM, SIGINT])?;
+    let shared = server.shared();
+    let shutdown = server.shutdown_handle();
+    std::thread::Builder::new()
+        .name("lclb-signals".into())
+        .spawn(move || {
+            let mut stopping = false;
+            for signal in signals.forever() {
+                match signal {
+                    SIGHUP => {
+                        let _ = shared.reload(&config);
+                    }
+                    _ if stopping => {
+                        log::warn!("second stop signal: exiting without waiting for the drain");
+                        std::process::exit(128 + signal);
+                    }
+                    _ => {
+                        stopping = true;
+                        shutdown.shutdown();
+                    }
+                }
+            }
+        })?;
+    Ok(())
+}
+
+fn init_logging() {
+    use std::io::Write as _;
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format(|buf, record| {
+            let ts = buf.timestamp_millis().to_string();
+            let message = record.args().to_string();
+            if access::format() == LogFormat::Json {
+                let line =
+                    access::json_line(&ts, record.level().as_str(), record.target(), &message);
+                writeln!(buf, "{line}")
+            } else {
+                writeln!(
+                    buf,
+                    "[{ts} {:<5} {}] {message}",
+                    record.level(),
+                    record.target()
+                )
+            }
+        })
+        .init();
+}
+
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    init_logging();
     lclb::tls::install_default_provider();
     let command = match parse_args(std::env::args().skip(1)) {
         Ok(c) => c,
@@ -136,6 +223,14 @@ mod tests {
         assert_eq!(parse(&["--check-config", "--config", "x.toml"]), want);
         assert_eq!(parse(&["-c", "x.toml", "--check-config"]), want);
         assert_eq!(parse(&["--config=x.toml", "--check-config"]), want);
+    }
+
+    #[test]
+    fn print_default_config_needs_no_config_file() {
+        assert_eq!(
+            parse(&["--print-default-config"]),
+            Ok(Command::PrintDefault)
+        );
     }
 
     #[test]

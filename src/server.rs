@@ -1,30 +1,36 @@
-//! The server: the listener, the accept loop, and each connection's path from accepted socket
-//! to balancer.
+//! The server: the listener, the accept loop, each connection's path from accepted socket to
+//! balancer, configuration reloads, and the drain on stop.
 //!
 //! One thread accepts. Each accepted socket gets its own thread, which runs the TLS handshake
 //! under a deadline, reads the client's identity, checks authorization and hands the client to
 //! the [`Balancer`]; that same thread then copies client-to-upstream while a second one copies
 //! the other way. Refusals are counted (see [`Stats`]) and logged once each, with the reason.
 //!
-//! Stopping: [`ShutdownHandle::shutdown`] sets a flag and connects to the listener to wake the
-//! blocked `accept`; the accept loop then closes the listener (new connects are refused), waits
-//! up to `limits.drain_timeout` for connections in flight, stops the health thread and returns.
+//! A connection takes the current [`Runtime`] (TLS config, authorization) when it is accepted
+//! and keeps it: a reload swaps in a new one for later connections and never touches those in
+//! flight. Stopping: [`ShutdownHandle::shutdown`] sets a flag and connects to the listener to
+//! wake the blocked `accept`; the accept loop then closes the listener (new connects are
+//! refused), waits up to `limits.drain_timeout` for connections in flight, closes what is
+//! left, stops the health thread and returns.
 
 use std::fmt;
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use parking_lot::{Mutex, RwLock};
 use rustls::ServerConnection;
 
+use crate::access;
 use crate::authz::Authorizer;
 use crate::balancer::{Balancer, BalancerOptions, Client};
 use crate::config::{Config, ConfigError};
+use crate::forward::EndReason;
 use crate::health::{HealthChecker, ProbeSettings, TcpProbe};
 use crate::stats::{Refusal, Stats};
-use crate::table::UpstreamId;
 use crate::tls::{self, TlsContext};
 
 /// Stack size of a connection thread: it runs the handshake (certificate verification,
@@ -43,6 +49,8 @@ pub enum StartError {
     Config(ConfigError),
     /// The listen address could not be bound.
     Bind {
+        /// The config key naming the address.
+        key: &'static str,
         /// The address.
         addr: SocketAddr,
         /// Why.
@@ -56,8 +64,8 @@ impl fmt::Display for StartError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             StartError::Config(e) => e.fmt(f),
-            StartError::Bind { addr, source } => {
-                write!(f, "cannot listen on {addr} (config key `listen`): {source}")
+            StartError::Bind { key, addr, source } => {
+                write!(f, "cannot listen on {addr} (config key `{key}`): {source}")
             }
             StartError::Thread(e) => write!(f, "cannot start a thread: {e}"),
         }
@@ -72,13 +80,114 @@ impl From<ConfigError> for StartError {
     }
 }
 
-/// Everything derived from one config: what each new connection is served with.
+/// What each new connection is served with: one configuration's TLS and authorization.
 #[derive(Debug)]
-struct Runtime {
-    config: Config,
+pub struct Runtime {
+    /// The configuration this runtime was built from.
+    pub config: Config,
     tls: TlsContext,
     authz: Authorizer,
-    balancer: Balancer,
+}
+
+/// State shared by the accept loop, connection threads, the reloader and the metrics server.
+#[derive(Debug)]
+pub struct Shared {
+    runtime: RwLock<Arc<Runtime>>,
+    /// The balancer (upstreams, counts, health, sessions).
+    pub balancer: Balancer,
+    /// The counters.
+    pub stats: Stats,
+    health: Mutex<Option<HealthChecker>>,
+}
+
+impl Shared {
+    /// The runtime new connections get now.
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.runtime.read().clone()
+    }
+
+    /// (Re)starts the health-check thread over the balancer's current upstreams.
+    fn restart_health(&self, config: &Config) -> io::Result<()> {
+        let mut slot = self.health.lock();
+        if let Some(mut old) = slot.take() {
+            old.stop();
+        }
+        self.balancer
+            .health()
+            .set_thresholds(config.health_check.rise, config.health_check.fall);
+        let targets = self
+            .balancer
+            .upstreams()
+            .into_iter()
+            .map(|(id, u)| (id, u.addrs.clone()))
+            .collect();
+        *slot = Some(HealthChecker::spawn(
+            self.balancer.health().clone(),
+            targets,
+            ProbeSettings {
+                interval: config.health_check.interval,
+                timeout: config.health_check.timeout,
+            },
+            Arc::new(TcpProbe),
+        )?);
+        Ok(())
+    }
+
+    fn stop_health(&self) {
+        if let Some(mut checker) = self.health.lock().take() {
+            checker.stop();
+        }
+    }
+
+    /// Re-reads the config at `path` and every file it names; if all is valid, new
+    /// connections use it from now on, and connections in flight are untouched. If anything
+    /// is wrong, the running config stays and the error is returned (and counted).
+    pub fn reload(&self, path: &Path) -> Result<(), StartError> {
+        let result = self.try_reload(path);
+        match &result {
+            Ok(()) => {
+                self.stats.reloads_ok.fetch_add(1, Ordering::Relaxed);
+                log::info!("config reloaded from {}", path.display());
+            }
+            Err(e) => {
+                self.stats.reloads_failed.fetch_add(1, Ordering::Relaxed);
+                log::error!("config reload failed, keeping the running config: {e}");
+            }
+        }
+        result
+    }
+
+    fn try_reload(&self, path: &Path) -> Result<(), StartError> {
+        let config = Config::load(path)?;
+        let tls = TlsContext::load(&config.tls)?;
+        let old = self.runtime();
+        if config.listen != old.config.listen {
+            log::warn!(
+                "reload: `listen` changed to {}; it takes effect only after a restart",
+                config.listen
+            );
+        }
+        if config.metrics_listen != old.config.metrics_listen {
+            log::warn!("reload: `metrics_listen` changed; it takes effect only after a restart");
+        }
+        // Everything is valid: nothing below can fail except starting the health thread, and
+        // then the new upstreams are live but not probed, which is logged.
+        let ids = self.balancer.update(
+            Balancer::upstreams_from_config(&config),
+            BalancerOptions::from_config(&config),
+        );
+        access::set_format(config.log_format);
+        let runtime = Runtime {
+            authz: Authorizer::from_config(&config, &ids),
+            tls,
+            config,
+        };
+        if let Err(e) = self.restart_health(&runtime.config) {
+            log::error!("reload: cannot restart the health checker: {e}");
+        }
+        *self.runtime.write() = Arc::new(runtime);
+        Ok(())
+    }
 }
 
 /// A bound, not yet running, balancer server.
@@ -86,10 +195,8 @@ struct Runtime {
 pub struct Server {
     listener: TcpListener,
     local_addr: SocketAddr,
-    runtime: Arc<Runtime>,
-    stats: Arc<Stats>,
+    shared: Arc<Shared>,
     stopping: Arc<AtomicBool>,
-    health: HealthChecker,
 }
 
 /// Stops a running [`Server`] from another thread.
@@ -108,15 +215,28 @@ impl ShutdownHandle {
     }
 }
 
+/// The address to connect to in order to reach a listener bound to `addr`.
+pub(crate) fn wake_address(mut addr: SocketAddr) -> SocketAddr {
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    addr
+}
+
 impl Server {
     /// Loads the TLS files, binds the listen address and starts the health checker.
     pub fn bind(config: Config) -> Result<Server, StartError> {
         let tls = TlsContext::load(&config.tls)?;
         let listener = TcpListener::bind(config.listen).map_err(|source| StartError::Bind {
+            key: "listen",
             addr: config.listen,
             source,
         })?;
         let local_addr = listener.local_addr().map_err(|source| StartError::Bind {
+            key: "listen",
             addr: config.listen,
             source,
         })?;
@@ -124,38 +244,27 @@ impl Server {
             Balancer::upstreams_from_config(&config),
             BalancerOptions::from_config(&config),
         );
-        balancer
-            .health()
-            .set_thresholds(config.health_check.rise, config.health_check.fall);
-        let targets = balancer
-            .upstreams()
-            .iter()
-            .enumerate()
-            .map(|(i, u)| (UpstreamId(i), u.addrs.clone()))
-            .collect();
-        let health = HealthChecker::spawn(
-            balancer.health().clone(),
-            targets,
-            ProbeSettings {
-                interval: config.health_check.interval,
-                timeout: config.health_check.timeout,
-            },
-            Arc::new(TcpProbe),
-        )
-        .map_err(StartError::Thread)?;
+        let ids: Vec<_> = balancer.upstreams().into_iter().map(|(id, _)| id).collect();
+        access::set_format(config.log_format);
         let runtime = Runtime {
-            authz: Authorizer::from_config(&config),
+            authz: Authorizer::from_config(&config, &ids),
             tls,
-            balancer,
             config,
         };
+        let shared = Arc::new(Shared {
+            balancer,
+            stats: Stats::default(),
+            health: Mutex::new(None),
+            runtime: RwLock::new(Arc::new(runtime)),
+        });
+        shared
+            .restart_health(&shared.runtime().config)
+            .map_err(StartError::Thread)?;
         Ok(Server {
             listener,
             local_addr,
-            runtime: Arc::new(runtime),
-            stats: Arc::default(),
+            shared,
             stopping: Arc::default(),
-            health,
         })
     }
 
@@ -164,40 +273,32 @@ impl Server {
         self.local_addr
     }
 
-    /// The server's counters.
-    pub fn stats(&self) -> Arc<Stats> {
-        self.stats.clone()
-    }
-
-    /// The balancer (for its upstreams' counts and health).
-    pub fn balancer(&self) -> &Balancer {
-        &self.runtime.balancer
+    /// The state shared with connection threads: balancer, counters, current runtime. Also
+    /// what reloads and the metrics endpoint work on.
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
     }
 
     /// A handle that stops this server from another thread.
     pub fn shutdown_handle(&self) -> ShutdownHandle {
-        let mut wake = self.local_addr;
-        if wake.ip().is_unspecified() {
-            wake.set_ip(match wake {
-                SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-                SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-            });
-        }
         ShutdownHandle {
             stopping: self.stopping.clone(),
-            wake,
+            wake: wake_address(self.local_addr),
         }
     }
 
-    /// Accepts and serves connections until shut down, then drains. Returns once the
-    /// connections in flight have ended or `limits.drain_timeout` has passed.
+    /// Accepts and serves connections until shut down, then drains: returns once the
+    /// connections in flight have ended, or `limits.drain_timeout` has passed and the rest
+    /// have been closed.
     pub fn run(self) {
+        let runtime = self.shared.runtime();
         log::info!(
             "lclb listening on {} with {} upstream(s) and {} client(s)",
             self.local_addr,
-            self.runtime.balancer.upstreams().len(),
-            self.runtime.config.clients.len()
+            runtime.config.upstreams.len(),
+            runtime.config.clients.len()
         );
+        drop(runtime);
         let mut next_id: u64 = 1;
         while !self.stopping.load(Ordering::SeqCst) {
             match self.listener.accept() {
@@ -205,62 +306,84 @@ impl Server {
                     if self.stopping.load(Ordering::SeqCst) {
                         break;
                     }
-                    self.admit(sock, peer, next_id);
+                    admit(&self.shared, sock, peer, next_id);
                     next_id += 1;
                 }
                 Err(e) => accept_failed(&e),
             }
         }
         let Server {
-            listener,
-            runtime,
-            stats,
-            mut health,
-            ..
+            listener, shared, ..
         } = self;
         // Close the listener first so new connects are refused, not queued.
         drop(listener);
-        let open = stats.active_clients.load(Ordering::SeqCst);
-        log::info!("lclb stopping: listener closed, {open} connection(s) in flight");
-        let deadline = Instant::now() + runtime.config.limits.drain_timeout;
-        while stats.active_clients.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        health.stop();
-        let left = stats.active_clients.load(Ordering::SeqCst);
-        if left > 0 {
-            log::warn!("lclb stopped with {left} connection(s) still open after the drain timeout");
-        } else {
-            log::info!("lclb stopped");
+        drain(&shared);
+    }
+}
+
+fn drain(shared: &Shared) {
+    let stats = &shared.stats;
+    let open = stats.active_clients.load(Ordering::SeqCst);
+    let timeout = shared.runtime().config.limits.drain_timeout;
+    log::info!(
+        "lclb stopping: listener closed, draining {open} connection(s) for up to {}",
+        humantime::format_duration(timeout)
+    );
+    let deadline = Instant::now() + timeout;
+    while stats.active_clients.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let left = stats.active_clients.load(Ordering::SeqCst);
+    if left > 0 {
+        let closed = shared.balancer.sessions().abort_all(EndReason::Shutdown);
+        log::warn!("drain timeout: closing {closed} connection(s) still open");
+        // Aborted links end within moments; handshakes end at their own deadline.
+        let grace = Instant::now() + Duration::from_secs(2);
+        while stats.active_clients.load(Ordering::SeqCst) > 0 && Instant::now() < grace {
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
+    shared.stop_health();
+    log::info!("lclb stopped");
+}
 
-    fn admit(&self, sock: TcpStream, peer: SocketAddr, id: u64) {
-        let accepted_at = Instant::now();
-        self.stats.accepted.fetch_add(1, Ordering::Relaxed);
-        let max = self.runtime.config.limits.max_connections as u64;
-        if self.stats.active_clients.fetch_add(1, Ordering::SeqCst) >= max {
-            self.stats.active_clients.fetch_sub(1, Ordering::SeqCst);
-            self.stats.refuse(Refusal::Capacity);
-            log::warn!("refused conn={id} peer={peer} reason=capacity: {max} connections open");
-            return;
-        }
-        let active = ActiveClient(self.stats.clone());
-        let runtime = self.runtime.clone();
-        let stats = self.stats.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("lclb-conn-{id}"))
-            .stack_size(CONNECTION_THREAD_STACK)
-            .spawn(move || {
-                let _active = active;
-                serve(&runtime, &stats, sock, peer, id, accepted_at);
-            });
-        if let Err(e) = spawned {
-            // The closure (and with it the socket and the active count) was dropped.
-            self.stats.refuse(Refusal::Capacity);
-            log::warn!("refused conn={id} peer={peer} reason=capacity: cannot start a thread: {e}");
-            std::thread::sleep(ACCEPT_BACKOFF);
-        }
+fn admit(shared: &Arc<Shared>, sock: TcpStream, peer: SocketAddr, id: u64) {
+    let accepted_at = Instant::now();
+    let stats = &shared.stats;
+    stats.accepted.fetch_add(1, Ordering::Relaxed);
+    let runtime = shared.runtime();
+    let max = runtime.config.limits.max_connections as u64;
+    if stats.active_clients.fetch_add(1, Ordering::SeqCst) >= max {
+        stats.active_clients.fetch_sub(1, Ordering::SeqCst);
+        stats.refuse(Refusal::Capacity);
+        access::refused(
+            id,
+            "-",
+            peer,
+            Refusal::Capacity,
+            &format_args!("{max} connections open"),
+        );
+        return;
+    }
+    let active = ActiveClient(shared.clone());
+    let spawned = std::thread::Builder::new()
+        .name(format!("lclb-conn-{id}"))
+        .stack_size(CONNECTION_THREAD_STACK)
+        .spawn(move || {
+            let shared = &active.0;
+            serve(shared, &runtime, sock, peer, id, accepted_at);
+        });
+    if let Err(e) = spawned {
+        // The closure (and with it the socket and the active count) was dropped.
+        stats.refuse(Refusal::Capacity);
+        access::refused(
+            id,
+            "-",
+            peer,
+            Refusal::Capacity,
+            &format_args!("cannot start a thread: {e}"),
+        );
+        std::thread::sleep(ACCEPT_BACKOFF);
     }
 }
 
@@ -275,27 +398,28 @@ fn accept_failed(e: &io::Error) {
 }
 
 /// Holds one unit of `active_clients` for the life of a connection thread.
-struct ActiveClient(Arc<Stats>);
+struct ActiveClient(Arc<Shared>);
 
 impl Drop for ActiveClient {
     fn drop(&mut self) {
-        self.0.active_clients.fetch_sub(1, Ordering::SeqCst);
+        self.0.stats.active_clients.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
 /// Serves one accepted socket: handshake, identity, authorization, then the balancer.
 fn serve(
+    shared: &Shared,
     rt: &Runtime,
-    stats: &Stats,
     sock: TcpStream,
     peer: SocketAddr,
     id: u64,
     accepted_at: Instant,
 ) {
+    let stats = &shared.stats;
     let _ = sock.set_nodelay(true);
     let refuse = |reason: Refusal, client: &str, detail: &dyn fmt::Display| {
         stats.refuse(reason);
-        log::info!("refused conn={id} client={client} peer={peer} reason={reason}: {detail}");
+        access::refused(id, client, peer, reason, detail);
     };
     let mut conn = match ServerConnection::new(rt.tls.server_config.clone()) {
         Ok(c) => c,
@@ -305,6 +429,7 @@ fn serve(
     if let Err(e) = tls::handshake(&mut conn, &sock, deadline) {
         return refuse(Refusal::Tls, "-", &e);
     }
+    stats.handshakes.observe(accepted_at.elapsed());
     // Refusals below send close_notify; do not let a client that stopped reading hold us.
     let _ = sock.set_write_timeout(Some(Duration::from_secs(1)));
     let cn = match tls::peer_identity(&conn) {
@@ -328,16 +453,8 @@ fn serve(
         thread_name: format!("lclb-conn-{id}-up"),
     };
     let started = Instant::now();
-    match rt.balancer.balance(client, &cn, &allowed) {
-        Ok(session) => log::info!(
-            "conn={id} client={cn} peer={peer} upstream={} duration_ms={} bytes_to_upstream={} \
-             bytes_to_client={} end={}",
-            session.upstream,
-            started.elapsed().as_millis(),
-            session.report.to_upstream,
-            session.report.to_client,
-            session.report.end
-        ),
+    match shared.balancer.balance(client, &cn, &allowed) {
+        Ok(session) => access::finished(id, &cn, peer, &session, started.elapsed()),
         Err(e) => refuse(e.refusal(), &cn, &e),
     }
 }

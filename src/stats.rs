@@ -73,6 +73,49 @@ pub struct UpstreamStats {
     pub connect_failures: AtomicU64,
 }
 
+/// Upper bounds (seconds) of the handshake-duration histogram buckets.
+pub const HANDSHAKE_BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+/// A histogram of completed handshake durations, lock-free.
+#[derive(Debug, Default)]
+pub struct HandshakeHistogram {
+    /// Per bucket (not cumulative): handshakes at most that bound and above the previous one.
+    buckets: [AtomicU64; HANDSHAKE_BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl HandshakeHistogram {
+    /// Records one completed handshake.
+    pub fn observe(&self, d: std::time::Duration) {
+        let secs = d.as_secs_f64();
+        if let Some(i) = HANDSHAKE_BUCKETS.iter().position(|&b| secs <= b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        let micros = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    /// Cumulative counts per bucket bound, as Prometheus wants them, then the total count and
+    /// the sum in seconds.
+    pub fn snapshot(&self) -> (Vec<(f64, u64)>, u64, f64) {
+        let mut running = 0;
+        let buckets = HANDSHAKE_BUCKETS
+            .iter()
+            .zip(&self.buckets)
+            .map(|(&bound, n)| {
+                running += n.load(Ordering::Relaxed);
+                (bound, running)
+            })
+            .collect();
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        (buckets, self.count.load(Ordering::Relaxed), sum)
+    }
+}
+
 /// Process-wide counters.
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -80,6 +123,14 @@ pub struct Stats {
     pub accepted: AtomicU64,
     /// Client connections open now (handshakes included).
     pub active_clients: AtomicU64,
+    /// Handshakes in progress now.
+    pub active_handshakes: AtomicU64,
+    /// Completed handshake durations.
+    pub handshakes: HandshakeHistogram,
+    /// Config reloads that took effect.
+    pub reloads_ok: AtomicU64,
+    /// Config reloads refused (the old config stayed).
+    pub reloads_failed: AtomicU64,
     refused: [AtomicU64; 6],
 }
 
@@ -113,5 +164,19 @@ mod tests {
         for (i, r) in Refusal::ALL.iter().enumerate() {
             assert_eq!(r.index(), i);
         }
+    }
+
+    #[test]
+    fn the_handshake_histogram_is_cumulative_and_sums_in_seconds() {
+        let h = HandshakeHistogram::default();
+        h.observe(std::time::Duration::from_micros(800));
+        h.observe(std::time::Duration::from_millis(3));
+        h.observe(std::time::Duration::from_secs(60));
+        let (buckets, count, sum) = h.snapshot();
+        assert_eq!(buckets[0], (0.001, 1));
+        assert_eq!(buckets[2], (0.005, 2));
+        assert_eq!(buckets.last().unwrap().1, 2, "60s is only in +Inf");
+        assert_eq!(count, 3);
+        assert!((sum - 60.0038).abs() < 1e-9);
     }
 }

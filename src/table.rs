@@ -188,6 +188,29 @@ impl ConnTable {
         }
     }
 
+    /// Adds an upstream (UP, no connections) and returns its id. Slots are never removed, so
+    /// the ids held by connections in flight stay valid across config reloads.
+    pub fn add(&self, weight: u32, slow_start: Duration) -> UpstreamId {
+        let mut inner = self.inner.lock();
+        inner.slots.push(Slot {
+            active: 0,
+            weight: weight.max(1),
+            up: true,
+            last_pick: 0,
+            slow_start,
+            up_since: None,
+        });
+        UpstreamId(inner.slots.len() - 1)
+    }
+
+    /// Changes an upstream's weight and slow-start ramp (a reload), keeping its counts.
+    pub fn reconfigure(&self, id: UpstreamId, weight: u32, slow_start: Duration) {
+        if let Some(slot) = self.inner.lock().slots.get_mut(id.0) {
+            slot.weight = weight.max(1);
+            slot.slow_start = slow_start;
+        }
+    }
+
     /// Whether an upstream is UP (eligible for new connections).
     pub fn is_up(&self, id: UpstreamId) -> bool {
         self.inner.lock().slots.get(id.0).is_some_and(|s| s.up)

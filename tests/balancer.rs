@@ -147,9 +147,9 @@ fn held_connections_spread_evenly_over_the_upstreams() {
         [4, 4, 4],
         "{count:?}"
     );
-    assert_eq!(lb.table.total_active(), 12);
+    assert_eq!(lb.table().total_active(), 12);
     drop(held);
-    assert!(wait_until(|| lb.table.total_active() == 0));
+    assert!(wait_until(|| lb.table().total_active() == 0));
 }
 
 #[test]
@@ -249,7 +249,7 @@ fn a_failed_connect_is_retried_on_another_upstream() {
     for _ in 0..4 {
         assert_eq!(greeting(lb.addr, cfg.clone()).unwrap(), "web1");
     }
-    assert_eq!(lb.stats.refused(Refusal::UpstreamConnect), 0);
+    assert_eq!(lb.stats().refused(Refusal::UpstreamConnect), 0);
 }
 
 #[test]
@@ -293,12 +293,12 @@ fn a_stopped_upstream_is_avoided_and_rejoins_when_it_returns() {
     web2.stop();
     // Within interval * fall (plus scheduling), web2 is DOWN and never chosen.
     assert!(wait_until(|| lb_sees_only(&lb, &cfg, "web1")));
-    let failed_before = lb.stats.refused(Refusal::UpstreamConnect);
+    let failed_before = lb.stats().refused(Refusal::UpstreamConnect);
     for _ in 0..6 {
         assert_eq!(greeting(lb.addr, cfg.clone()).unwrap(), "web1");
     }
     assert_eq!(
-        lb.stats.refused(Refusal::UpstreamConnect),
+        lb.stats().refused(Refusal::UpstreamConnect),
         failed_before,
         "DOWN is not tried"
     );
@@ -333,7 +333,7 @@ fn with_no_upstream_up_clients_are_refused_and_served_again_when_one_returns() {
     web1.stop();
     // Once the probes have marked it DOWN, refusals say no_upstream (not a connect failure).
     assert!(wait_until(
-        || !lb_is_serving(&lb, &cfg) && lb.stats.refused(Refusal::NoUpstream) >= 1
+        || !lb_is_serving(&lb, &cfg) && lb.stats().refused(Refusal::NoUpstream) >= 1
     ));
     let _back = Upstream::start_on("web1", Mode::Echo, TcpListener::bind(addr).unwrap());
     assert!(wait_until(|| lb_is_serving(&lb, &cfg)));
@@ -377,7 +377,7 @@ fn an_upstream_reset_ends_the_client_connection_and_releases_its_count() {
     let mut rest = Vec::new();
     let _ = s.read_to_end(&mut rest);
     assert!(lb.wait_for(|st| st.active_clients.load(std::sync::atomic::Ordering::SeqCst) == 0));
-    assert_eq!(lb.table.total_active(), 0);
+    assert_eq!(lb.table().total_active(), 0);
 }
 
 #[test]
@@ -400,7 +400,7 @@ fn connections_on_an_upstream_marked_down_are_closed_when_configured() {
     let mut rest = Vec::new();
     let _ = s.read_to_end(&mut rest);
     assert!(rest.is_empty());
-    assert!(wait_until(|| lb.table.total_active() == 0));
+    assert!(wait_until(|| lb.table().total_active() == 0));
 }
 
 #[test]

@@ -256,9 +256,7 @@ fn serve_upstream(name: &str, mode: Mode, mut sock: TcpStream) -> io::Result<()>
 /// A running lclb on a loopback port.
 pub struct Lb {
     pub addr: SocketAddr,
-    pub stats: Arc<lclb::stats::Stats>,
-    pub table: Arc<lclb::table::ConnTable>,
-    upstream_stats: Vec<Arc<lclb::stats::UpstreamStats>>,
+    pub shared: Arc<lclb::server::Shared>,
     handle: ShutdownHandle,
     thread: Option<JoinHandle<()>>,
 }
@@ -272,21 +270,12 @@ impl Lb {
         let config = Config::parse(&text, Path::new(".")).unwrap();
         let server = Server::bind(config).unwrap();
         let addr = server.local_addr();
-        let stats = server.stats();
-        let table = server.balancer().table().clone();
-        let upstream_stats = server
-            .balancer()
-            .upstreams()
-            .iter()
-            .map(|u| u.stats.clone())
-            .collect();
+        let shared = server.shared();
         let handle = server.shutdown_handle();
         let thread = std::thread::spawn(move || server.run());
         Lb {
             addr,
-            stats,
-            table,
-            upstream_stats,
+            shared,
             handle,
             thread: Some(thread),
         }
@@ -300,17 +289,29 @@ impl Lb {
         }
     }
 
+    /// The server's counters.
+    pub fn stats(&self) -> &lclb::stats::Stats {
+        &self.shared.stats
+    }
+
+    /// The least-connection table.
+    pub fn table(&self) -> &lclb::table::ConnTable {
+        self.shared.balancer.table()
+    }
+
     /// Connections the balancer has opened to upstreams for clients (health probes excluded).
     pub fn forwarded(&self) -> u64 {
-        self.upstream_stats
+        self.shared
+            .balancer
+            .upstreams()
             .iter()
-            .map(|s| s.connections_total.load(Ordering::SeqCst))
+            .map(|(_, u)| u.stats.connections_total.load(Ordering::SeqCst))
             .sum()
     }
 
     /// Waits until `what` holds; false after 10 s.
     pub fn wait_for(&self, what: impl Fn(&lclb::stats::Stats) -> bool) -> bool {
-        wait_until(|| what(&self.stats))
+        wait_until(|| what(self.stats()))
     }
 }
 

@@ -1,0 +1,325 @@
+//! The Prometheus endpoint: `GET /metrics` in text exposition format 0.0.4, from a small
+//! synchronous HTTP server on `metrics_listen`.
+//!
+//! Everything rendered is read from atomics and the connection table at scrape time; nothing
+//! here adds work to the connection path. The server is one thread that answers one request
+//! per connection, each read bounded by a short timeout so a stalled scraper cannot hold it
+//! for long. Anything but `GET /metrics` gets 404 (or 405 for other methods).
+
+use std::fmt::Write as _;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::access::json_string;
+use crate::server::{Shared, StartError};
+use crate::stats::Refusal;
+
+/// Bound on reading one request and writing its answer.
+const IO_TIMEOUT: Duration = Duration::from_secs(2);
+/// Largest request head read; a scrape request is a few hundred bytes.
+const MAX_REQUEST: usize = 8 * 1024;
+
+/// Renders every metric as Prometheus text.
+pub fn render(shared: &Shared) -> String {
+    let stats = &shared.stats;
+    let table = shared.balancer.table();
+    let upstreams = shared.balancer.upstreams();
+    let mut out = String::with_capacity(4096);
+    section(
+        &mut out,
+        "lclb_build_info",
+        "gauge",
+        "Version of the running lclb.",
+    );
+    let _ = writeln!(
+        out,
+        "lclb_build_info{{version=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION")
+    );
+
+    let label = |name: &str| {
+        // Label values are escaped like JSON strings (backslash, quote, newline).
+        let mut s = String::new();
+        json_string(&mut s, name);
+        s
+    };
+    section(
+        &mut out,
+        "lclb_upstream_up",
+        "gauge",
+        "1 if the upstream is UP (eligible), 0 if DOWN.",
+    );
+    for (id, u) in &upstreams {
+        let _ = writeln!(
+            out,
+            "lclb_upstream_up{{upstream={}}} {}",
+            label(&u.name),
+            u8::from(table.is_up(*id))
+        );
+    }
+    section(
+        &mut out,
+        "lclb_upstream_connections_active",
+        "gauge",
+        "Connections being forwarded to the upstream now.",
+    );
+    for (id, u) in &upstreams {
+        let _ = writeln!(
+            out,
+            "lclb_upstream_connections_active{{upstream={}}} {}",
+            label(&u.name),
+            table.active(*id)
+        );
+    }
+    section(
+        &mut out,
+        "lclb_upstream_connections_total",
+        "counter",
+        "Connections forwarded to the upstream.",
+    );
+    for (_, u) in &upstreams {
+        let n = u.stats.connections_total.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "lclb_upstream_connections_total{{upstream={}}} {n}",
+            label(&u.name)
+        );
+    }
+    section(
+        &mut out,
+        "lclb_upstream_connect_failures_total",
+        "counter",
+        "Failed connects to the upstream while serving clients.",
+    );
+    for (_, u) in &upstreams {
+        let n = u.stats.connect_failures.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "lclb_upstream_connect_failures_total{{upstream={}}} {n}",
+            label(&u.name)
+        );
+    }
+    section(
+        &mut out,
+        "lclb_bytes_total",
+        "counter",
+        "Plaintext bytes forwarded, per upstream and direction.",
+    );
+    for (_, u) in &upstreams {
+        let up = u.stats.bytes_to_upstream.load(Ordering::Relaxed);
+        let down = u.stats.bytes_to_client.load(Ordering::Relaxed);
+        let l = label(&u.name);
+        let _ = writeln!(
+            out,
+            "lclb_bytes_total{{upstream={l},direction=\"client_to_upstream\"}} {up}"
+        );
+        let _ = writeln!(
+            out,
+            "lclb_bytes_total{{upstream={l},direction=\"upstream_to_client\"}} {down}"
+        );
+    }
+    section(
+        &mut out,
+        "lclb_client_connections_active",
+        "gauge",
+        "Client connections open now, handshakes included.",
+    );
+    let _ = writeln!(
+        out,
+        "lclb_client_connections_active {}",
+        stats.active_clients.load(Ordering::Relaxed)
+    );
+    section(
+        &mut out,
+        "lclb_connections_accepted_total",
+        "counter",
+        "Sockets accepted by the listener.",
+    );
+    let _ = writeln!(
+        out,
+        "lclb_connections_accepted_total {}",
+        stats.accepted.load(Ordering::Relaxed)
+    );
+    section(
+        &mut out,
+        "lclb_rejected_connections_total",
+        "counter",
+        "Client connections refused, by reason.",
+    );
+    for reason in Refusal::ALL {
+        let _ = writeln!(
+            out,
+            "lclb_rejected_connections_total{{reason=\"{reason}\"}} {}",
+            stats.refused(reason)
+        );
+    }
+    section(
+        &mut out,
+        "lclb_handshake_seconds",
+        "histogram",
+        "Time from accept to a completed TLS handshake.",
+    );
+    let (buckets, count, sum) = stats.handshakes.snapshot();
+    for (bound, n) in buckets {
+        let _ = writeln!(out, "lclb_handshake_seconds_bucket{{le=\"{bound}\"}} {n}");
+    }
+    let _ = writeln!(out, "lclb_handshake_seconds_bucket{{le=\"+Inf\"}} {count}");
+    let _ = writeln!(out, "lclb_handshake_seconds_sum {sum}");
+    let _ = writeln!(out, "lclb_handshake_seconds_count {count}");
+    section(
+        &mut out,
+        "lclb_config_reloads_total",
+        "counter",
+        "Config reloads, by result.",
+    );
+    let _ = writeln!(
+        out,
+        "lclb_config_reloads_total{{result=\"ok\"}} {}",
+        stats.reloads_ok.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "lclb_config_reloads_total{{result=\"error\"}} {}",
+        stats.reloads_failed.load(Ordering::Relaxed)
+    );
+    section(
+        &mut out,
+        "lclb_rate_limited_clients_tracked",
+        "gauge",
+        "Client identities with a rate-limit bucket in memory.",
+    );
+    let _ = writeln!(
+        out,
+        "lclb_rate_limited_clients_tracked {}",
+        shared.balancer.tracked_clients()
+    );
+    out
+}
+
+fn section(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// The running metrics server; stopping it (or dropping it) ends its thread.
+#[derive(Debug)]
+pub struct MetricsServer {
+    addr: SocketAddr,
+    stopping: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl MetricsServer {
+    /// Binds `addr` and serves `shared`'s metrics on it from a new thread.
+    pub fn spawn(addr: SocketAddr, shared: Arc<Shared>) -> Result<MetricsServer, StartError> {
+        let bind_error = |source| StartError::Bind {
+            key: "metrics_listen",
+            addr,
+            source,
+        };
+        let listener = TcpListener::bind(addr).map_err(bind_error)?;
+        let addr = listener.local_addr().map_err(bind_error)?;
+        let stopping = Arc::new(AtomicBool::new(false));
+        let flag = stopping.clone();
+        let thread = std::thread::Builder::new()
+            .name("lclb-metrics".into())
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    if flag.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    if let Ok(conn) = conn {
+                        if let Err(e) = answer(conn, &shared) {
+                            log::debug!("metrics request failed: {e}");
+                        }
+                    }
+                }
+            })
+            .map_err(StartError::Thread)?;
+        log::info!("metrics on http://{addr}/metrics");
+        Ok(MetricsServer {
+            addr,
+            stopping,
+            thread: Some(thread),
+        })
+    }
+
+    /// The address actually bound.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops the thread and waits for it.
+    pub fn stop(&mut self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect_timeout(&crate::server::wake_address(self.addr), IO_TIMEOUT);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for MetricsServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn answer(mut conn: TcpStream, shared: &Shared) -> io::Result<()> {
+    conn.set_read_timeout(Some(IO_TIMEOUT))?;
+    conn.set_write_timeout(Some(IO_TIMEOUT))?;
+    let mut head = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
+        let n = conn.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+        if head.len() > MAX_REQUEST {
+            return respond(
+                &mut conn,
+                "431 Request Header Fields Too Large",
+                "text/plain",
+                "request too large\n",
+            );
+        }
+    }
+    let text = String::from_utf8_lossy(&head);
+    let mut parts = text.lines().next().unwrap_or("").split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = path.split('?').next().unwrap_or("");
+    match (method, path) {
+        ("GET", "/metrics") => respond(
+            &mut conn,
+            "200 OK",
+            "text/plain; version=0.0.4; charset=utf-8",
+            &render(shared),
+        ),
+        ("GET", _) => respond(
+            &mut conn,
+            "404 Not Found",
+            "text/plain",
+            "not found; try /metrics\n",
+        ),
+        _ => respond(
+            &mut conn,
+            "405 Method Not Allowed",
+            "text/plain",
+            "only GET\n",
+        ),
+    }
+}
+
+fn respond(conn: &mut TcpStream, status: &str, content_type: &str, body: &str) -> io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    conn.write_all(head.as_bytes())?;
+    conn.write_all(body.as_bytes())?;
+    conn.flush()
+}
