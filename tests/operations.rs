@@ -1,0 +1,403 @@
+//! Operating lclb: the metrics endpoint, reloads, and the drain on SIGTERM, from outside.
+
+mod support;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use lclb::metrics::MetricsServer;
+use lclb::stats::Refusal;
+use support::*;
+
+/// GETs `path` from `addr`; returns the status line and the body.
+fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut all = String::new();
+    s.read_to_string(&mut all).unwrap();
+    let (head, body) = all.split_once("\r\n\r\n").unwrap();
+    (head.lines().next().unwrap().to_string(), body.to_string())
+}
+
+/// Parses Prometheus text into `name{labels}` -> value, skipping comments.
+fn parse_metrics(text: &str) -> HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (k, v) = l.rsplit_once(' ').expect("a sample is `name value`");
+            (k.to_string(), v.parse().expect("the value is a number"))
+        })
+        .collect()
+}
+
+fn config_for(pki: &Pki, upstreams: &[&Upstream], clients: &[(&str, &str)]) -> String {
+    let mut c = pki.tls_section();
+    c.push_str("[rate_limit]\nrate = 1000\nburst = 1000\n");
+    for u in upstreams {
+        c.push_str(&u.entry("web"));
+    }
+    for (cn, group) in clients {
+        c.push_str(&format!("[[client]]\ncn = {cn:?}\ngroups = [{group:?}]\n"));
+    }
+    c
+}
+
+#[test]
+fn metrics_count_what_the_clients_did() {
+    let pki = Pki::new("metrics");
+    let web1 = Upstream::start("web1", Mode::Echo);
+    let lb = Lb::start(&config_for(&pki, &[&web1], &[("client1.lb.com", "web")]));
+    let metrics = MetricsServer::spawn("127.0.0.1:0".parse().unwrap(), lb.shared.clone()).unwrap();
+
+    let mut s = connect(
+        lb.addr,
+        pki.client_config(Some(&pki.client("client1.lb.com"))),
+    )
+    .unwrap();
+    assert_eq!(read_line(&mut s).unwrap(), "web1");
+    s.write_all(b"12345\n").unwrap();
+    assert_eq!(read_line(&mut s).unwrap(), "12345");
+    let (status, body) = http_get(metrics.local_addr(), "/metrics");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    let m = parse_metrics(&body);
+    assert_eq!(
+        m["lclb_upstream_connections_active{upstream=\"web1\"}"],
+        1.0
+    );
+    assert_eq!(m["lclb_client_connections_active"], 1.0);
+    s.conn.send_close_notify();
+    s.flush().unwrap();
+    read_all(&mut s).unwrap();
+
+    let stranger = pki.client("nobody.lb.com");
+    assert!(greeting(lb.addr, pki.client_config(Some(&stranger))).is_err());
+    assert!(greeting(lb.addr, pki.client_config(None)).is_err());
+    assert!(lb.wait_for(|st| st.refused(Refusal::Tls) == 1
+        && st.active_clients.load(std::sync::atomic::Ordering::SeqCst) == 0));
+
+    let (_, body) = http_get(metrics.local_addr(), "/metrics");
+    let m = parse_metrics(&body);
+    assert_eq!(m["lclb_upstream_up{upstream=\"web1\"}"], 1.0);
+    assert_eq!(m["lclb_upstream_connections_total{upstream=\"web1\"}"], 1.0);
+    assert_eq!(
+        m["lclb_upstream_connections_active{upstream=\"web1\"}"],
+        0.0
+    );
+    assert_eq!(
+        m["lclb_bytes_total{upstream=\"web1\",direction=\"client_to_upstream\"}"],
+        6.0
+    );
+    assert_eq!(
+        m["lclb_bytes_total{upstream=\"web1\",direction=\"upstream_to_client\"}"],
+        11.0
+    );
+    assert_eq!(
+        m["lclb_rejected_connections_total{reason=\"unauthorized\"}"],
+        1.0
+    );
+    assert_eq!(m["lclb_rejected_connections_total{reason=\"tls\"}"], 1.0);
+    assert_eq!(
+        m["lclb_rejected_connections_total{reason=\"rate_limited\"}"],
+        0.0
+    );
+    assert_eq!(m["lclb_connections_accepted_total"], 3.0);
+    assert_eq!(
+        m["lclb_handshake_seconds_count"], 2.0,
+        "two handshakes completed"
+    );
+    assert_eq!(m["lclb_handshake_seconds_bucket{le=\"+Inf\"}"], 2.0);
+    assert_eq!(m["lclb_config_reloads_total{result=\"ok\"}"], 0.0);
+    assert!(body.contains("lclb_build_info{version=\""));
+
+    assert_eq!(
+        http_get(metrics.local_addr(), "/").0,
+        "HTTP/1.1 404 Not Found"
+    );
+    assert_eq!(
+        http_get(metrics.local_addr(), "/metricsx").0,
+        "HTTP/1.1 404 Not Found"
+    );
+}
+
+#[test]
+fn a_reload_adds_a_client_while_a_connection_stays_open() {
+    let pki = Pki::new("reload-add");
+    let web1 = Upstream::start("web1", Mode::Echo);
+    let path = pki.dir.join("lclb.toml");
+    let write = |clients: &[(&str, &str)]| {
+        let text = format!(
+            "listen = \"127.0.0.1:0\"\n{}",
+            config_for(&pki, &[&web1], clients)
+        );
+        std::fs::write(&path, text).unwrap();
+    };
+    write(&[("client1.lb.com", "web")]);
+    let lb = Lb::start_from_file(&path);
+    let c2 = pki.client_config(Some(&pki.client("client2.lb.com")));
+    assert!(
+        greeting(lb.addr, c2.clone()).is_err(),
+        "client2 is not allowed yet"
+    );
+
+    let mut held = connect(
+        lb.addr,
+        pki.client_config(Some(&pki.client("client1.lb.com"))),
+    )
+    .unwrap();
+    assert_eq!(read_line(&mut held).unwrap(), "web1");
+
+    write(&[("client1.lb.com", "web"), ("client2.lb.com", "web")]);
+    lb.shared.reload(&path).unwrap();
+    assert_eq!(greeting(lb.addr, c2).unwrap(), "web1");
+    held.write_all(b"still forwarding\n").unwrap();
+    assert_eq!(read_line(&mut held).unwrap(), "still forwarding");
+    assert_eq!(
+        lb.stats()
+            .reloads_ok
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+    // The held connection is still counted on its upstream after the reload.
+    assert!(wait_until(|| lb.table().total_active() == 1));
+}
+
+#[test]
+fn a_broken_reload_keeps_the_running_config() {
+    let pki = Pki::new("reload-bad");
+    let web1 = Upstream::start("web1", Mode::Echo);
+    let path = pki.dir.join("lclb.toml");
+    let good = format!(
+        "listen = \"127.0.0.1:0\"\n{}",
+        config_for(&pki, &[&web1], &[("client1.lb.com", "web")])
+    );
+    std::fs::write(&path, &good).unwrap();
+    let lb = Lb::start_from_file(&path);
+    let c1 = pki.client_config(Some(&pki.client("client1.lb.com")));
+
+    std::fs::write(&path, format!("{good}\n[limits]\nidle_timout = \"1s\"\n")).unwrap();
+    let e = lb.shared.reload(&path).unwrap_err().to_string();
+    assert!(e.contains("idle_timout"), "{e}");
+    // A config that parses but names a missing certificate is refused too.
+    std::fs::write(&path, good.replace("server.crt", "missing.crt")).unwrap();
+    let e = lb.shared.reload(&path).unwrap_err().to_string();
+    assert!(e.contains("missing.crt"), "{e}");
+
+    assert_eq!(greeting(lb.addr, c1).unwrap(), "web1");
+    assert_eq!(
+        lb.stats()
+            .reloads_failed
+            .load(std::sync::atomic::Ordering::SeqCst),
+        2
+    );
+    assert_eq!(
+        lb.stats()
+            .reloads_ok
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+}
+
+#[test]
+fn a_reload_that_removes_an_upstream_keeps_its_connections_and_stops_new_ones() {
+    let pki = Pki::new("reload-remove");
+    let web1 = Upstream::start("web1", Mode::Echo);
+    let web2 = Upstream::start("web2", Mode::Echo);
+    let path = pki.dir.join("lclb.toml");
+    let clients = [("client1.lb.com", "web")];
+    let both = format!(
+        "listen = \"127.0.0.1:0\"\n{}",
+        config_for(&pki, &[&web1, &web2], &clients)
+    );
+    std::fs::write(&path, both).unwrap();
+    let lb = Lb::start_from_file(&path);
+    let cfg = pki.client_config(Some(&pki.client("client1.lb.com")));
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = connect(lb.addr, cfg.clone()).unwrap();
+        let name = read_line(&mut s).unwrap();
+        held.push((name, s));
+    }
+    let only1 = format!(
+        "listen = \"127.0.0.1:0\"\n{}",
+        config_for(&pki, &[&web1], &clients)
+    );
+    std::fs::write(&path, only1).unwrap();
+    lb.shared.reload(&path).unwrap();
+    for _ in 0..4 {
+        assert_eq!(greeting(lb.addr, cfg.clone()).unwrap(), "web1");
+    }
+    for (name, s) in &mut held {
+        s.write_all(format!("{name} ok\n").as_bytes()).unwrap();
+        assert_eq!(read_line(s).unwrap(), format!("{name} ok"));
+    }
+}
+
+#[test]
+fn the_reloaded_rate_limit_applies_and_buckets_keep_their_state() {
+    let pki = Pki::new("reload-rate");
+    let web1 = Upstream::start("web1", Mode::Echo);
+    let path = pki.dir.join("lclb.toml");
+    let with_burst = |burst: u32| {
+        let mut c = format!("listen = \"127.0.0.1:0\"\n{}", pki.tls_section());
+        c.push_str(&web1.entry("web"));
+        c.push_str(&format!("[[client]]\ncn = \"client1.lb.com\"\ngroups = [\"web\"]\nrate = 0.001\nburst = {burst}\n"));
+        c
+    };
+    std::fs::write(&path, with_burst(2)).unwrap();
+    let lb = Lb::start_from_file(&path);
+    let cfg = pki.client_config(Some(&pki.client("client1.lb.com")));
+    for _ in 0..2 {
+        assert_eq!(greeting(lb.addr, cfg.clone()).unwrap(), "web1");
+    }
+    assert!(greeting(lb.addr, cfg.clone()).is_err());
+    // A larger burst does not refill a bucket that is empty: its state survives the reload.
+    std::fs::write(&path, with_burst(5)).unwrap();
+    lb.shared.reload(&path).unwrap();
+    assert!(greeting(lb.addr, cfg.clone()).is_err());
+    assert!(lb.wait_for(|st| st.refused(Refusal::RateLimited) == 2));
+}
+
+/// A running lclb process whose log lines arrive on a channel.
+struct Process {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Process {
+    fn start(config: &Path) -> Process {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_lclb"))
+            .arg("--config")
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = mpsc::channel();
+        let err = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        Process { child, lines }
+    }
+
+    fn wait_line(&self, needle: &str) -> Option<String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return Some(line),
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
+        None
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    fn wait_exit(&mut self) -> Option<i32> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn sigterm_refuses_new_connections_lets_the_open_one_finish_then_exits_zero() {
+    let pki = Pki::new("drain");
+    let web1 = Upstream::start("web1", Mode::Echo);
+    let port = free_port();
+    let path = pki.dir.join("lclb.toml");
+    let text = format!(
+        "listen = \"127.0.0.1:{port}\"\n{}",
+        config_for(&pki, &[&web1], &[("client1.lb.com", "web")])
+    );
+    std::fs::write(&path, text).unwrap();
+    let mut lb = Process::start(&path);
+    lb.wait_line("listening").expect("lclb starts");
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let cfg = pki.client_config(Some(&pki.client("client1.lb.com")));
+    let mut s = connect(addr, cfg).unwrap();
+    assert_eq!(read_line(&mut s).unwrap(), "web1");
+
+    lb.signal("TERM");
+    lb.wait_line("draining").expect("the drain starts");
+    assert!(TcpStream::connect(addr).is_err(), "the listener is closed");
+    s.write_all(b"after sigterm\n").unwrap();
+    assert_eq!(read_line(&mut s).unwrap(), "after sigterm");
+    assert_eq!(
+        lb.child.try_wait().unwrap(),
+        None,
+        "still running while a connection is open"
+    );
+    s.conn.send_close_notify();
+    s.flush().unwrap();
+    read_all(&mut s).unwrap();
+    assert_eq!(lb.wait_exit(), Some(0));
+}
+
+#[test]
+fn sighup_reloads_and_json_logs_are_one_object_per_line() {
+    let pki = Pki::new("sighup");
+    let web1 = Upstream::start("web1", Mode::Echo);
+    let port = free_port();
+    let path = pki.dir.join("lclb.toml");
+    let base = format!(
+        "listen = \"127.0.0.1:{port}\"\n{}",
+        config_for(&pki, &[&web1], &[("client1.lb.com", "web")])
+    );
+    std::fs::write(&path, &base).unwrap();
+    let lb = Process::start(&path);
+    lb.wait_line("listening").expect("lclb starts");
+    std::fs::write(&path, format!("log_format = \"json\"\n{base}")).unwrap();
+    lb.signal("HUP");
+    lb.wait_line("config reloaded")
+        .expect("the reload is logged");
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let cfg = pki.client_config(Some(&pki.client("client1.lb.com")));
+    assert_eq!(greeting(addr, cfg).unwrap(), "web1");
+    let line = lb
+        .wait_line("\"event\":\"connection\"")
+        .expect("a JSON access line");
+    assert!(
+        line.starts_with("{\"ts\":") && line.ends_with('}'),
+        "{line}"
+    );
+    assert!(
+        line.contains("\"client\":\"client1.lb.com\"") && line.contains("\"upstream\":\"web1\""),
+        "{line}"
+    );
+}
