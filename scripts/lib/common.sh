@@ -30,18 +30,11 @@ split_addr() {
 # port_listening PORT: true when some socket on this machine listens on TCP PORT. Reads
 # /proc/net/tcp{,6} rather than connecting, so the balancer logs no stray connection.
 port_listening() {
-  local hex f addr st
+  local hex
   hex=$(printf '%04X' "$1")
-  for f in /proc/net/tcp /proc/net/tcp6; do
-    [[ -r "$f" ]] || continue
-    # Fields: sl local_address rem_address st ...; LISTEN is st 0A.
-    while read -r _ addr _ st _; do
-      if [[ "$st" == 0A && "${addr##*:}" == "$hex" ]]; then
-        return 0
-      fi
-    done <"$f"
-  done
-  return 1
+  # Lines read "  sl: LOCAL_IP:PORT REMOTE_IP:PORT ST ..."; LISTEN is state 0A. One grep pass:
+  # these files can be long (TIME_WAIT sockets) and are slow to read in small pieces.
+  grep -qsE "^ *[0-9]+: [0-9A-F]+:$hex [0-9A-F]+:[0-9A-F]+ 0A " /proc/net/tcp /proc/net/tcp6
 }
 
 # wait_listening PORT SECONDS [PID]: waits until PORT listens; fails early if PID has exited.
