@@ -15,7 +15,7 @@ pub struct Args {
 fn arity(name: &str) -> usize {
     match name {
         "tls" => 3,
-        "help" => 0,
+        "help" | "with-finished" => 0,
         _ => 1,
     }
 }
@@ -52,12 +52,7 @@ impl Args {
                 i += 1;
                 match args.get(i) {
                     Some(v) if !v.starts_with("--") => got.push(v.clone()),
-                    _ => {
-                        return Err(format!(
-                            "--{name} needs {} value(s)",
-                            arity(&name)
-                        ))
-                    }
+                    _ => return Err(format!("--{name} needs {} value(s)", arity(&name))),
                 }
             }
             values.insert(name, got);
@@ -86,7 +81,8 @@ impl Args {
 
     /// The flag's value; an error naming the flag if it is missing.
     pub fn required(&self, name: &str) -> Result<&str, String> {
-        self.get(name).ok_or_else(|| format!("--{name} is required"))
+        self.get(name)
+            .ok_or_else(|| format!("--{name} is required"))
     }
 
     /// The flag's value parsed as `T`, or `default` when the flag is absent.

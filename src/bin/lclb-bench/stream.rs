@@ -13,10 +13,31 @@ use std::net::{Shutdown, TcpStream};
 
 use rustls::Connection;
 
-/// Ciphertext read from the socket at once.
-const RAW_BUF: usize = 256 * 1024;
-/// Plaintext moved out of rustls at once.
-const PLAIN_BUF: usize = 64 * 1024;
+/// Buffer sizes of a stream: bulk transfer wants large reads; a stream that only handshakes or
+/// moves a few bytes (thousands of them held open at once) wants small ones.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Buffers {
+    /// 256 KiB socket reads, 64 KiB plaintext steps.
+    Large,
+    /// 17 KiB socket reads (one full TLS record), 16 KiB plaintext steps.
+    Small,
+}
+
+impl Buffers {
+    fn raw(self) -> usize {
+        match self {
+            Buffers::Large => 256 * 1024,
+            Buffers::Small => 17 * 1024,
+        }
+    }
+
+    fn plain(self) -> usize {
+        match self {
+            Buffers::Large => 64 * 1024,
+            Buffers::Small => 16 * 1024,
+        }
+    }
+}
 
 /// One side of a connection, plain or TLS.
 pub enum Stream {
@@ -52,14 +73,14 @@ fn tls_error(e: rustls::Error) -> io::Error {
 
 impl TlsStream {
     /// Wraps a connected socket; the handshake runs in [`Stream::handshake`].
-    pub fn new(mut conn: Connection, sock: TcpStream) -> TlsStream {
+    pub fn new(mut conn: Connection, sock: TcpStream, buffers: Buffers) -> TlsStream {
         // Large writes are sealed at once and written with one vectored call per batch.
         conn.set_buffer_limit(None);
         TlsStream {
             conn,
             sock,
-            raw: vec![0; RAW_BUF],
-            plain: vec![0; PLAIN_BUF],
+            raw: vec![0; buffers.raw()],
+            plain: vec![0; buffers.plain()],
             early: Vec::new(),
             closed: false,
         }
@@ -124,17 +145,17 @@ impl TlsStream {
 
 impl Stream {
     /// A plain TCP stream.
-    pub fn plain(sock: TcpStream) -> Stream {
+    pub fn plain(sock: TcpStream, buffers: Buffers) -> Stream {
         Stream::Plain {
             sock,
-            buf: vec![0; RAW_BUF],
+            buf: vec![0; buffers.raw()],
             eof: false,
         }
     }
 
     /// A TLS stream; call [`Stream::handshake`] before anything else.
-    pub fn tls(conn: Connection, sock: TcpStream) -> Stream {
-        Stream::Tls(Box::new(TlsStream::new(conn, sock)))
+    pub fn tls(conn: Connection, sock: TcpStream, buffers: Buffers) -> Stream {
+        Stream::Tls(Box::new(TlsStream::new(conn, sock, buffers)))
     }
 
     /// The socket underneath.

@@ -78,6 +78,7 @@ pub fn server_from_files(cert: &str, key: &str, ca: &str) -> Result<Arc<ServerCo
         ca_cert: PathBuf::from(ca),
         server_cert: PathBuf::from(cert),
         server_key: PathBuf::from(key),
+        crls: Vec::new(),
     };
     let ctx = lclb::tls::TlsContext::load(&files).map_err(|e| e.to_string())?;
     Ok(ctx.server_config)

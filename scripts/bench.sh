@@ -1,0 +1,632 @@
+#!/usr/bin/env bash
+# Benchmarks lclb against HAProxy and NGINX (and against the no-hop reference: the bench tool's
+# own rustls server answering directly), all on 127.0.0.1, and prints a markdown table of
+# medians with lclb's ratio to the better peer. See BENCHMARKS.md.
+#
+#   scripts/bench.sh                      # defaults: 3 rounds, 5 s timed runs (~6 min)
+#   ROUNDS=1 DURATION=2 scripts/bench.sh  # a quick end-to-end check
+#
+# Knobs (environment):
+#   ROUNDS=3          rounds; each runs every figure against every target, interleaved A B C D
+#   DURATION=5        seconds per handshakes run
+#   THREADS=4         client threads of the handshakes mode
+#   BYTES1=256M       bytes per connection, throughput with 1 connection
+#   BYTES8=64M        bytes per connection, throughput with 8 connections
+#   LAT_COUNT=10000   round trips of the latency mode (after 1000 warm-up)
+#   HOLD=2000         connections held by the hold mode (8000 works; see BENCHMARKS.md)
+#   TARGETS="lclb haproxy nginx nohop"   which targets, in run order
+#   FIGURES="handshakes handshakes_pq up1 up8 down1 down8 latency hold"
+#   WORKERS=$(nproc)  HAProxy threads / NGINX worker processes
+#   FIRST_WRITE_DELAY=0  ms the throughput and latency clients wait after the handshake before
+#                     their first byte (outside the timed part; see BENCHMARKS.md)
+#   BASE_PORT=19400   ports BASE_PORT+1 .. BASE_PORT+140 on 127.0.0.1 are used
+#   OUT_DIR=target/bench   where results-*.md, raw-*.txt and logs-*/ go
+#   SKIP_BUILD=1      do not run cargo build
+#   INSTALL=0         do not apt-get install missing haproxy / nginx / libnginx-mod-stream
+#   PROFILE=FIGURE    instead of the benchmark: run FIGURE (handshakes, up1, down1, ...) against
+#                     lclb under `perf record -g` and write perf-FIGURE.txt (needs linux-perf)
+#   KEEP=1            keep the temporary folder (certificates, configs)
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-5}
+THREADS=${THREADS:-4}
+BYTES1=${BYTES1:-256M}
+BYTES8=${BYTES8:-64M}
+LAT_COUNT=${LAT_COUNT:-10000}
+HOLD=${HOLD:-2000}
+TARGETS=${TARGETS:-lclb haproxy nginx nohop}
+FIGURES=${FIGURES:-handshakes handshakes_pq up1 up8 down1 down8 latency hold}
+WORKERS=${WORKERS:-$(nproc)}
+FIRST_WRITE_DELAY=${FIRST_WRITE_DELAY:-0}
+BASE_PORT=${BASE_PORT:-19400}
+OUT_DIR=${OUT_DIR:-$ROOT/target/bench}
+SKIP_BUILD=${SKIP_BUILD:-0}
+INSTALL=${INSTALL:-1}
+PROFILE=${PROFILE:-}
+KEEP=${KEEP:-0}
+
+CN=bench.lb.com
+UPSTREAMS=3
+
+die() {
+  echo "bench: error: $*" >&2
+  exit 1
+}
+say() { echo "bench: $*" >&2; }
+
+for v in ROUNDS DURATION THREADS LAT_COUNT HOLD WORKERS BASE_PORT; do
+  [[ ${!v} =~ ^[0-9]+$ && ${!v} -gt 0 ]] || die "$v must be a positive whole number, not '${!v}'"
+done
+[[ $FIRST_WRITE_DELAY =~ ^[0-9]+$ ]] || die "FIRST_WRITE_DELAY must be a whole number of ms"
+
+# ------------------------------------------------------------------------------------------
+# Tools: the peers come from Debian.
+need=()
+command -v openssl >/dev/null || need+=(openssl)
+command -v haproxy >/dev/null || need+=(haproxy)
+command -v nginx >/dev/null || need+=(nginx)
+[[ -f /usr/lib/nginx/modules/ngx_stream_module.so ]] || need+=(libnginx-mod-stream)
+if ((${#need[@]})); then
+  [[ $INSTALL == 1 ]] || die "missing: ${need[*]} (INSTALL=0 forbids installing them)"
+  say "installing ${need[*]} with apt-get"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >/dev/null
+  apt-get install -y -qq "${need[@]}" >/dev/null
+  # Debian starts the packaged services; they listen on :80 and are not part of the run.
+  if command -v systemctl >/dev/null && [[ -d /run/systemd/system ]]; then
+    systemctl stop nginx haproxy 2>/dev/null || true
+  fi
+fi
+
+if [[ $SKIP_BUILD != 1 ]]; then
+  say "building release binaries"
+  cargo build --release --locked --bins >&2
+fi
+LCLB=$ROOT/target/release/lclb
+BENCH=$ROOT/target/release/lclb-bench
+[[ -x $LCLB && -x $BENCH ]] || die "$LCLB or $BENCH missing (cargo build --release)"
+
+# Enough descriptors for HOLD connections: a balancer holds two sockets per connection.
+hard=$(ulimit -Hn)
+[[ $hard == unlimited ]] && hard=1048576
+ulimit -n "$hard"
+if ((hard < 2 * HOLD + 200)); then
+  say "warning: the fd limit ($hard) is below 2*HOLD+200; the hold runs may fail"
+fi
+NOFILE=$hard
+pid_max=$(cat /proc/sys/kernel/pid_max)
+if ((3 * HOLD + 2000 > pid_max)); then
+  say "warning: HOLD=$HOLD needs about $((3 * HOLD)) threads at once (lclb 2 per connection, the greeting upstreams 1); kernel.pid_max is $pid_max"
+fi
+
+STAMP=$(date +%Y%m%d-%H%M%S)
+mkdir -p "$OUT_DIR"
+WORK=$(mktemp -d /tmp/lclb-bench.XXXXXX)
+LOGS=$OUT_DIR/logs-$STAMP
+mkdir -p "$LOGS"
+RAW=$OUT_DIR/raw-$STAMP.txt
+DATA=$WORK/data.txt
+: >"$RAW"
+: >"$DATA"
+
+PIDS=()
+cleanup() {
+  local pid
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for _ in 1 2 3 4 5 6 7 8 9 10; do
+    local alive=0
+    for pid in "${PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    ((alive)) || break
+    sleep 0.2
+  done
+  for pid in "${PIDS[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
+  if [[ $KEEP == 1 ]]; then say "kept $WORK"; else rm -rf "$WORK"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# start NAME CMD...: runs CMD in the background, output to the logs folder; sets LAST_PID.
+start() {
+  local name=$1
+  shift
+  "$@" >"$LOGS/$name.log" 2>&1 &
+  LAST_PID=$!
+  PIDS+=("$LAST_PID")
+}
+
+# stop PID: ends one process started here and waits for it.
+stop() {
+  local pid=$1
+  kill "$pid" 2>/dev/null || true
+  for _ in $(seq 50); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  kill -9 "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+}
+
+# wait_port PORT PID: until something accepts on 127.0.0.1:PORT (10 s at most).
+wait_port() {
+  local port=$1 pid=$2
+  for _ in $(seq 100); do
+    kill -0 "$pid" 2>/dev/null || die "the process for port $port exited; see $LOGS"
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  die "nothing listens on 127.0.0.1:$port after 10 s; see $LOGS"
+}
+
+# ------------------------------------------------------------------------------------------
+# Certificates: ECDSA P-256, X.509 v3, a CA, the server (localhost, 127.0.0.1), the client.
+CERTS=$WORK/certs
+mkdir -p "$CERTS"
+(
+  cd "$CERTS"
+  umask 077
+  key() { openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1" 2>/dev/null; }
+  key ca.key
+  openssl req -x509 -new -key ca.key -sha256 -days 2 -subj "/CN=bench-ca.lb.com" \
+    -addext "basicConstraints=critical,CA:TRUE,pathlen:0" \
+    -addext "keyUsage=critical,keyCertSign,cRLSign" \
+    -addext "subjectKeyIdentifier=hash" -out ca.crt 2>/dev/null
+  leaf() { # NAME CN EKU [SAN]
+    key "$1.key"
+    openssl req -new -key "$1.key" -subj "/CN=$2" -out "$1.csr" 2>/dev/null
+    {
+      echo "basicConstraints=critical,CA:FALSE"
+      echo "keyUsage=critical,digitalSignature"
+      echo "extendedKeyUsage=$3"
+      echo "subjectKeyIdentifier=hash"
+      echo "authorityKeyIdentifier=keyid"
+      if [[ -n ${4:-} ]]; then echo "subjectAltName=$4"; fi
+    } >"$1.ext"
+    openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -set_serial "0x$(openssl rand -hex 15)" \
+      -days 2 -sha256 -extfile "$1.ext" -out "$1.crt" 2>/dev/null
+  }
+  leaf server localhost serverAuth "DNS:localhost,IP:127.0.0.1"
+  leaf client "$CN" clientAuth
+  cat server.crt server.key >server.pem # HAProxy wants both in one file
+  openssl verify -CAfile ca.crt server.crt client.crt >/dev/null
+) || die "could not mint certificates with openssl"
+CA=$CERTS/ca.crt
+SRV_CRT=$CERTS/server.crt
+SRV_KEY=$CERTS/server.key
+CLIENT=(--cert "$CERTS/client.crt" --key "$CERTS/client.key" --ca "$CA" --server-name localhost)
+
+# ------------------------------------------------------------------------------------------
+# Ports. Upstreams: greeting +1..3, echo +11..13, sink +21..23, source +31..33 (plain TCP).
+# Frontends: lclb +101.., haproxy +111.., nginx +121.., nohop +131..: greeting, echo, sink,
+# source, then +5 for the hold mode's own fresh instance.
+MODES=(greeting echo sink source)
+mode_index() { case $1 in greeting) echo 0 ;; echo) echo 1 ;; sink) echo 2 ;; source) echo 3 ;; esac }
+upstream_port() { echo $((BASE_PORT + 10 * $(mode_index "$1") + $2)); }
+target_base() { case $1 in lclb) echo $((BASE_PORT + 101)) ;; haproxy) echo $((BASE_PORT + 111)) ;; nginx) echo $((BASE_PORT + 121)) ;; nohop) echo $((BASE_PORT + 131)) ;; esac }
+frontend_port() { echo $(($(target_base "$1") + $(mode_index "$2"))); }
+hold_port() { echo $(($(target_base "$1") + 5)); }
+
+for mode in "${MODES[@]}"; do
+  for i in $(seq $UPSTREAMS); do
+    port=$(upstream_port "$mode" "$i")
+    start "upstream-$mode-$i" "$BENCH" server --mode "$mode" --listen "127.0.0.1:$port" --lifetime 3600
+    wait_port "$port" "$LAST_PID"
+  done
+done
+say "upstreams up: ${UPSTREAMS} each of ${MODES[*]}"
+
+# ------------------------------------------------------------------------------------------
+# Configurations. Equivalent on every point a peer can express: mTLS required against the CA,
+# TLS 1.3 only with AES-128-GCM preferred, a CN allow-list that picks the upstream group,
+# least-connection balancing, a per-CN rate limit far above what the run reaches (NGINX cannot
+# express one after TLS), TCP health checks every 2 s (NGINX OSS: passive max_fails only),
+# no access logs, half-close carried through.
+
+lclb_config() { # FILE PORT MODE
+  {
+    echo "listen = \"127.0.0.1:$2\""
+    echo "[tls]"
+    echo "ca_cert = \"$CA\""
+    echo "server_cert = \"$SRV_CRT\""
+    echo "server_key = \"$SRV_KEY\""
+    echo "[limits]"
+    # lclb caps max_connections at what its fd limit allows (two sockets per connection).
+    echo "max_connections = $(((HOLD + 1000) < (NOFILE - 64) / 2 ? HOLD + 1000 : (NOFILE - 64) / 2))"
+    echo "[rate_limit]"
+    echo "rate = 1000000.0"
+    echo "burst = 1000000"
+    echo "[health_check]"
+    echo "interval = \"2s\""
+    for i in $(seq $UPSTREAMS); do
+      echo "[[upstream]]"
+      echo "name = \"$3$i\""
+      echo "address = \"127.0.0.1:$(upstream_port "$3" "$i")\""
+      echo "group = \"$3\""
+    done
+    echo "[[client]]"
+    echo "cn = \"$CN\""
+    echo "groups = [\"$3\"]"
+  } >"$1"
+}
+
+haproxy_config() { # FILE MODE:PORT...
+  local file=$1 mp mode port i
+  shift
+  {
+    cat <<EOF
+global
+    nbthread $WORKERS
+    maxconn $((HOLD + 2000))
+    ssl-default-bind-ciphersuites TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256
+    ssl-default-bind-options ssl-min-ver TLSv1.3
+
+defaults
+    mode tcp
+    timeout connect 2s
+    timeout client 600s
+    timeout server 600s
+    timeout client-fin 30s
+    timeout server-fin 30s
+
+# Per-CN rate limit: connections per second of each client identity, limit far above the run.
+backend per_cn
+    stick-table type string len 64 size 10k expire 60s store conn_rate(1s)
+EOF
+    for mp in "$@"; do
+      mode=${mp%%:*} port=${mp##*:}
+      cat <<EOF
+
+frontend fe_$mode
+    bind 127.0.0.1:$port ssl crt $CERTS/server.pem ca-file $CA verify required
+    tcp-request session track-sc0 ssl_c_s_dn(cn) table per_cn
+    tcp-request session reject if { sc0_conn_rate(per_cn) gt 1000000 }
+    tcp-request session reject unless { ssl_c_s_dn(cn) -m str $CN }
+    use_backend be_$mode if { ssl_c_s_dn(cn) -m str $CN }
+
+backend be_$mode
+    balance leastconn
+    default-server check inter 2s rise 2 fall 3
+EOF
+      for i in $(seq $UPSTREAMS); do
+        echo "    server $mode$i 127.0.0.1:$(upstream_port "$mode" "$i")"
+      done
+    done
+  } >"$file"
+}
+
+nginx_config() { # FILE MODE:PORT...
+  local file=$1 mp mode port i
+  shift
+  {
+    cat <<EOF
+load_module /usr/lib/nginx/modules/ngx_stream_module.so;
+worker_processes $WORKERS;
+worker_rlimit_nofile $NOFILE;
+daemon off;
+pid $file.pid;
+error_log $LOGS/nginx-error.log warn;
+events { worker_connections $((2 * HOLD + 4000)); }
+stream {
+    ssl_protocols TLSv1.3;
+    ssl_conf_command Ciphersuites TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256;
+    ssl_prefer_server_ciphers on;
+    ssl_certificate $SRV_CRT;
+    ssl_certificate_key $SRV_KEY;
+    ssl_client_certificate $CA;
+    ssl_verify_client on;
+    proxy_connect_timeout 2s;
+    proxy_timeout 600s;
+    proxy_half_close on;
+    access_log off;
+    # No upstream unless the CN is allowed: "deny" has no usable server. (limit_conn runs
+    # before the TLS handshake in the stream module, so no per-CN limit can be expressed.)
+    upstream deny { server 127.0.0.1:9 down; }
+EOF
+    for mp in "$@"; do
+      mode=${mp%%:*} port=${mp##*:}
+      cat <<EOF
+
+    map \$ssl_client_s_dn \$pool_$mode {
+        "~(^|,)CN=${CN//./\\.}(,|\$)" $mode;
+        default deny;
+    }
+    upstream $mode {
+        least_conn;
+        zone $mode 64k;
+EOF
+      for i in $(seq $UPSTREAMS); do
+        echo "        server 127.0.0.1:$(upstream_port "$mode" "$i") max_fails=3 fail_timeout=10s;"
+      done
+      cat <<EOF
+    }
+    server {
+        listen 127.0.0.1:$port ssl;
+        proxy_pass \$pool_$mode;
+    }
+EOF
+    done
+    echo "}"
+  } >"$file"
+}
+
+# start_target TARGET NAME PORT MODE...: one instance serving MODE... from PORT on (nohop and
+# lclb: one process per mode); sets TARGET_PIDS.
+start_target() {
+  local target=$1 name=$2 port=$3 mode mps=() p
+  shift 3
+  TARGET_PIDS=()
+  case $target in
+    lclb)
+      p=$port
+      for mode in "$@"; do
+        lclb_config "$WORK/$name-$mode.toml" "$p" "$mode"
+        RUST_LOG=warn start "$name-$mode" "$LCLB" --config "$WORK/$name-$mode.toml"
+        TARGET_PIDS+=("$LAST_PID")
+        wait_port "$p" "$LAST_PID"
+        p=$((p + 1))
+      done
+      ;;
+    nohop)
+      p=$port
+      for mode in "$@"; do
+        start "$name-$mode" "$BENCH" server --mode "$mode" --listen "127.0.0.1:$p" \
+          --tls "$SRV_CRT" "$SRV_KEY" "$CA" --lifetime 3600
+        TARGET_PIDS+=("$LAST_PID")
+        wait_port "$p" "$LAST_PID"
+        p=$((p + 1))
+      done
+      ;;
+    haproxy | nginx)
+      p=$port
+      for mode in "$@"; do
+        mps+=("$mode:$p")
+        p=$((p + 1))
+      done
+      if [[ $target == haproxy ]]; then
+        haproxy_config "$WORK/$name.cfg" "${mps[@]}"
+        haproxy -c -q -f "$WORK/$name.cfg" >"$LOGS/$name-check.log" 2>&1 ||
+          die "haproxy refuses $WORK/$name.cfg: $(cat "$LOGS/$name-check.log")"
+        start "$name" haproxy -db -f "$WORK/$name.cfg"
+      else
+        nginx_config "$WORK/$name.conf" "${mps[@]}"
+        nginx -t -q -e "$LOGS/$name-check-e.log" -p "$WORK" -c "$WORK/$name.conf" >"$LOGS/$name-check.log" 2>&1 ||
+          die "nginx refuses $WORK/$name.conf: $(cat "$LOGS/$name-check.log")"
+        start "$name" nginx -e "$LOGS/$name-error.log" -p "$WORK" -c "$WORK/$name.conf"
+      fi
+      TARGET_PIDS+=("$LAST_PID")
+      for ((p = port; p < port + $#; p++)); do wait_port "$p" "$LAST_PID"; done
+      ;;
+  esac
+}
+
+declare -A MAIN_PID # TARGET:MODE -> pid serving it
+for target in $TARGETS; do
+  start_target "$target" "$target" "$(target_base "$target")" "${MODES[@]}"
+  i=0
+  for mode in "${MODES[@]}"; do
+    if ((${#TARGET_PIDS[@]} == 1)); then MAIN_PID[$target:$mode]=${TARGET_PIDS[0]}; else MAIN_PID[$target:$mode]=${TARGET_PIDS[$i]}; fi
+    i=$((i + 1))
+  done
+done
+say "targets up: $TARGETS"
+# Let the first health checks pass (lclb and HAProxy start their upstreams as UP anyway).
+sleep 1
+
+# ------------------------------------------------------------------------------------------
+# One run: FIGURE TARGET ROUND. Appends RESULT lines to $RAW and "FIGURE TARGET ROUND VALUE
+# FAILURES" lines to $DATA.
+record() { echo "$1 $2 $3 $4 $5" >>"$DATA"; }
+
+field() { # LINE KEY
+  local w
+  for w in $1; do
+    if [[ $w == "$2="* ]]; then
+      echo "${w#*=}"
+      return
+    fi
+  done
+  echo NA
+}
+
+run_client() { # LIMIT_SECS LOGNAME ARGS...: runs the bench client, prints its RESULT line
+  local limit=$1 log=$2
+  shift 2
+  timeout -k 5 "$limit" "$BENCH" "$@" >"$log" 2>&1 || true
+  grep '^RESULT ' "$log" | tail -1 || true
+}
+
+run_figure() {
+  local fig=$1 target=$2 round=$3 port line log hold_pid
+  log=$LOGS/run-$round-$fig-$target.log
+  case $fig in
+    handshakes | handshakes_pq)
+      if [[ $fig == handshakes_pq && $target != lclb && $target != nohop ]]; then
+        record "$fig" "$target" "$round" NA 0 # OpenSSL 3.0 has no ML-KEM
+        return
+      fi
+      local kx=x25519
+      [[ $fig == handshakes_pq ]] && kx=x25519mlkem768
+      line=$(run_client $((DURATION + 30)) "$log" handshakes --target "127.0.0.1:$(frontend_port "$target" greeting)" \
+        --label "$target" --threads "$THREADS" --duration "$DURATION" --kx "$kx" "${CLIENT[@]}")
+      ;;
+    up1 | up8 | down1 | down8)
+      local dir=${fig%?} conns=${fig: -1} bytes=$BYTES1 mode=sink
+      [[ $conns == 8 ]] && bytes=$BYTES8
+      [[ $dir == down ]] && mode=source
+      line=$(run_client 150 "$log" throughput --target "127.0.0.1:$(frontend_port "$target" "$mode")" \
+        --label "$target" --connections "$conns" --bytes "$bytes" --direction "$dir" --max-secs 120 \
+        --first-write-delay "$FIRST_WRITE_DELAY" "${CLIENT[@]}")
+      ;;
+    latency)
+      line=$(run_client 120 "$log" latency --target "127.0.0.1:$(frontend_port "$target" echo)" \
+        --label "$target" --count "$LAT_COUNT" --size 64 --first-write-delay "$FIRST_WRITE_DELAY" "${CLIENT[@]}")
+      ;;
+    hold)
+      # A fresh instance per run, so no run inherits another's allocator state.
+      start_target "$target" "hold-$target-$round" "$(hold_port "$target")" greeting
+      hold_pid=${TARGET_PIDS[0]}
+      line=$(run_client 200 "$log" hold --target "127.0.0.1:$(hold_port "$target")" --label "$target" \
+        --connections "$HOLD" --pid "$hold_pid" --threads "$THREADS" --max-secs 150 "${CLIENT[@]}")
+      stop "$hold_pid"
+      ;;
+    *) die "unknown figure $fig" ;;
+  esac
+  [[ -n $line ]] && echo "round=$round figure=$fig $line" >>"$RAW"
+  local v f
+  v=$(field "$line" value)
+  f=$(field "$line" failures)
+  [[ -z $line ]] && f=1
+  # A transfer or echo run that failed has no figure (handshakes and hold still count the
+  # connections that worked).
+  if [[ $fig == up? || $fig == down? || $fig == latency ]] && [[ $f != 0 ]]; then v=NA; fi
+  case $fig in
+    latency)
+      record lat_p50 "$target" "$round" "$v" "$f"
+      local p99=NA p999=NA
+      if [[ $v != NA ]]; then p99=$(field "$line" p99) p999=$(field "$line" p999); fi
+      record lat_p99 "$target" "$round" "$p99" "$f"
+      record lat_p999 "$target" "$round" "$p999" "$f"
+      ;;
+    hold)
+      record hold_rss "$target" "$round" "$v" "$f"
+      record hold_kernel "$target" "$round" "$(field "$line" kernel_kib_per_conn)" "$f"
+      local ta tb served
+      ta=$(field "$line" threads_after) tb=$(field "$line" threads_before) served=$(field "$line" served)
+      if [[ $ta != NA && $served != NA && $served -gt 0 ]]; then
+        record hold_threads "$target" "$round" "$(awk -v a="$ta" -v b="$tb" -v s="$served" 'BEGIN{printf "%.2f", (a-b)/s}')" "$f"
+      else
+        record hold_threads "$target" "$round" NA "$f"
+      fi
+      ;;
+    *) record "$fig" "$target" "$round" "$v" "$f" ;;
+  esac
+  printf '  %-13s %-8s %s\n' "$fig" "$target" "${line#RESULT }" >&2
+}
+
+# ------------------------------------------------------------------------------------------
+if [[ -n $PROFILE ]]; then
+  command -v perf >/dev/null || die "PROFILE needs perf (apt-get install linux-perf)"
+  case $PROFILE in
+    handshakes | handshakes_pq) pmode=greeting ;;
+    up1 | up8) pmode=sink ;;
+    down1 | down8) pmode=source ;;
+    latency) pmode="echo" ;;
+    *) die "PROFILE=$PROFILE: expected handshakes, handshakes_pq, up1, up8, down1, down8 or latency" ;;
+  esac
+  ppid=${MAIN_PID[lclb:$pmode]}
+  perf record -F 999 -g -p "$ppid" -o "$OUT_DIR/perf-$PROFILE.data" >"$LOGS/perf.log" 2>&1 &
+  perf_pid=$!
+  PIDS+=("$perf_pid")
+  sleep 0.5
+  run_figure "$PROFILE" lclb profile
+  kill -INT "$perf_pid"
+  wait "$perf_pid" || true
+  perf report -i "$OUT_DIR/perf-$PROFILE.data" --stdio --no-children --sort dso,symbol \
+    --percent-limit 0.5 2>/dev/null | grep -v '^$' | head -150 >"$OUT_DIR/perf-$PROFILE.txt" || true
+  perf report -i "$OUT_DIR/perf-$PROFILE.data" --stdio --no-children --sort dso -g none \
+    2>/dev/null | grep -v '^#' | grep -v '^$' | head -20 >"$OUT_DIR/perf-$PROFILE-dso.txt" || true
+  say "profile of lclb under $PROFILE: $OUT_DIR/perf-$PROFILE.txt (by symbol), $OUT_DIR/perf-$PROFILE-dso.txt (by library)"
+  exit 0
+fi
+
+say "running $ROUNDS round(s) of: $FIGURES; targets: $TARGETS"
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+T0=$(date +%s)
+for round in $(seq "$ROUNDS"); do
+  say "round $round of $ROUNDS"
+  for fig in $FIGURES; do
+    for target in $TARGETS; do
+      run_figure "$fig" "$target" "$round"
+    done
+  done
+done
+ELAPSED=$(($(date +%s) - T0))
+LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
+
+# ------------------------------------------------------------------------------------------
+# The table: median per (figure, target) and lclb's ratio to the better of HAProxy and NGINX.
+RESULTS=$OUT_DIR/results-$STAMP.md
+version() { "$@" 2>&1 | head -1; }
+{
+  echo "## lclb benchmark, $(date -u '+%Y-%m-%d %H:%M UTC')"
+  echo
+  echo "- machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), Linux $(uname -r)"
+  echo "- lclb $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?'), $(version rustc --version); $(version haproxy -v); $(version nginx -v); $(version openssl version)"
+  echo "- settings: ROUNDS=$ROUNDS DURATION=${DURATION}s THREADS=$THREADS BYTES1=$BYTES1 BYTES8=$BYTES8 LAT_COUNT=$LAT_COUNT HOLD=$HOLD WORKERS=$WORKERS FIRST_WRITE_DELAY=${FIRST_WRITE_DELAY}ms; $ELAPSED s; load average $LOAD_START at the start, $LOAD_END at the end"
+  echo "- client and upstreams (lclb-bench) run on the same cores as the balancer under test"
+  echo
+  echo "| figure | unit | better | lclb | HAProxy | NGINX | no hop | lclb ÷ best peer |"
+  echo "|---|---|---|---:|---:|---:|---:|---:|"
+  sort -k1,1 -k2,2 -k4,4g "$DATA" | awk -v figs="handshakes handshakes_pq up1 up8 down1 down8 lat_p50 lat_p99 lat_p999 hold_rss hold_kernel hold_threads" \
+    -v b1="$BYTES1" -v b8="$BYTES8" -v th="$THREADS" -v hold="$HOLD" '
+    {
+      key = $1 SUBSEP $2
+      if ($4 != "NA") { n[key]++; v[key, n[key]] = $4 }
+      fails[key] += ($5 == "NA" ? 0 : $5)
+    }
+    function median(k,   c) {
+      c = n[k]
+      if (c == 0) return "NA"
+      if (c % 2) return v[k, (c + 1) / 2]
+      return (v[k, c / 2] + v[k, c / 2 + 1]) / 2
+    }
+    function cell(f, t,   m, k) {
+      k = f SUBSEP t
+      m = median(k)
+      if (m == "NA") return "n/a"
+      s = sprintf(m >= 100 ? "%.0f" : (m >= 10 ? "%.1f" : "%.2f"), m)
+      if (fails[k] > 0) s = s " (" fails[k] " failed)"
+      return s
+    }
+    BEGIN {
+      label["handshakes"] = "handshakes (" th " threads, X25519)"; unit["handshakes"] = "conn/s"; hi["handshakes"] = 1
+      label["handshakes_pq"] = "handshakes (X25519MLKEM768)"; unit["handshakes_pq"] = "conn/s"; hi["handshakes_pq"] = 1
+      label["up1"] = "throughput up, 1 conn x " b1; unit["up1"] = "Gbit/s"; hi["up1"] = 1
+      label["up8"] = "throughput up, 8 conns x " b8; unit["up8"] = "Gbit/s"; hi["up8"] = 1
+      label["down1"] = "throughput down, 1 conn x " b1; unit["down1"] = "Gbit/s"; hi["down1"] = 1
+      label["down8"] = "throughput down, 8 conns x " b8; unit["down8"] = "Gbit/s"; hi["down8"] = 1
+      label["lat_p50"] = "latency p50 (64 B echo)"; unit["lat_p50"] = "us"; hi["lat_p50"] = 0
+      label["lat_p99"] = "latency p99"; unit["lat_p99"] = "us"; hi["lat_p99"] = 0
+      label["lat_p999"] = "latency p99.9"; unit["lat_p999"] = "us"; hi["lat_p999"] = 0
+      label["hold_rss"] = "hold " hold ": user memory (RSS)"; unit["hold_rss"] = "KiB/conn"; hi["hold_rss"] = 0
+      label["hold_kernel"] = "hold " hold ": kernel, est. (PTE + kernel stacks)"; unit["hold_kernel"] = "KiB/conn"; hi["hold_kernel"] = 0
+      label["hold_threads"] = "hold " hold ": threads"; unit["hold_threads"] = "per conn"; hi["hold_threads"] = 0
+    }
+    END {
+      nf = split(figs, F, " ")
+      for (i = 1; i <= nf; i++) {
+        f = F[i]
+        if (n[f SUBSEP "lclb"] + n[f SUBSEP "haproxy"] + n[f SUBSEP "nginx"] + n[f SUBSEP "nohop"] == 0) continue
+        l = median(f SUBSEP "lclb"); h = median(f SUBSEP "haproxy"); g = median(f SUBSEP "nginx")
+        best = "NA"
+        if (h != "NA") best = h
+        if (g != "NA") {
+          if (best == "NA") best = g
+          else if (hi[f] && g > best) best = g
+          else if (!hi[f] && g < best) best = g
+        }
+        r = "n/a"
+        if (l != "NA" && best != "NA" && best + 0 != 0) {
+          q = l / best
+          ahead = hi[f] ? (q > 1.05) : (q < 0.95)
+          behind = hi[f] ? (q < 0.95) : (q > 1.05)
+          r = sprintf("%.2f", q) (ahead ? " (ahead)" : (behind ? " (behind)" : " (par)"))
+        } else if (l != "NA" && best != "NA") {
+          r = "n/a (peer 0)"
+        }
+        printf "| %s | %s | %s | %s | %s | %s | %s | %s |\n", label[f], unit[f], (hi[f] ? "higher" : "lower"),
+          cell(f, "lclb"), cell(f, "haproxy"), cell(f, "nginx"), cell(f, "nohop"), r
+      }
+    }'
+  echo
+  echo "Medians of $ROUNDS round(s). \"lclb ÷ best peer\" divides lclb's median by the better of the"
+  echo "HAProxy and NGINX medians (par: within 5%). No hop: the bench tool's own rustls server"
+  echo "(lclb's TLS configuration) answering directly, the ceiling for a balancer on this machine."
+  echo "Raw RESULT lines: $(basename "$RAW"); per-run logs: $(basename "$LOGS")/."
+} >"$RESULTS"
+cp "$RESULTS" "$OUT_DIR/results.md"
+cat "$RESULTS"
+say "results: $RESULTS"
