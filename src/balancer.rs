@@ -17,7 +17,7 @@ use std::time::Duration;
 use parking_lot::{Mutex, RwLock};
 use rustls::ServerConnection;
 
-use crate::config::{Config, RateLimit};
+use crate::config::{ClientLimits, Config};
 use crate::forward::{self, Aborter, EndReason, ForwardOptions, ForwardReport};
 use crate::health::Health;
 use crate::ratelimit::RateLimiter;
@@ -64,10 +64,11 @@ pub struct BalancerOptions {
     pub idle_timeout: Duration,
     /// A half-closed connection idle this long is closed. Default 30s.
     pub half_close_timeout: Duration,
-    /// The rate limit of identities without an override. Default 10/s, burst 20.
-    pub default_rate_limit: RateLimit,
-    /// Per-identity rate limits.
-    pub rate_limits: HashMap<String, RateLimit>,
+    /// The limits of identities without an override. Default 10/s, burst 20, no cap on
+    /// concurrent connections.
+    pub default_limits: ClientLimits,
+    /// Per-identity limits.
+    pub client_limits: HashMap<String, ClientLimits>,
     /// Close an upstream's connections when it is marked DOWN. Default false.
     pub shutdown_sessions_on_down: bool,
 }
@@ -80,8 +81,8 @@ impl Default for BalancerOptions {
             connect_retries: crate::config::DEFAULT_CONNECT_RETRIES,
             idle_timeout: limits.idle_timeout,
             half_close_timeout: limits.half_close_timeout,
-            default_rate_limit: RateLimit::default(),
-            rate_limits: HashMap::new(),
+            default_limits: ClientLimits::default(),
+            client_limits: HashMap::new(),
             shutdown_sessions_on_down: false,
         }
     }
@@ -95,8 +96,8 @@ impl BalancerOptions {
             connect_retries: config.health_check.connect_retries,
             idle_timeout: config.limits.idle_timeout,
             half_close_timeout: config.limits.half_close_timeout,
-            default_rate_limit: config.rate_limit,
-            rate_limits: config
+            default_limits: config.rate_limit,
+            client_limits: config
                 .clients
                 .iter()
                 .map(|c| (c.cn.clone(), c.rate_limit))
@@ -123,6 +124,8 @@ pub struct Client {
 pub enum BalanceError {
     /// The identity exceeded its rate limit.
     RateLimited,
+    /// The identity already has `max_concurrent` connections open.
+    TooManyConnections(u32),
     /// No allowed upstream is UP.
     NoUpstream,
     /// Every connect attempt failed; each attempt's upstream and error.
@@ -133,7 +136,7 @@ impl BalanceError {
     /// The refusal this error is counted as.
     pub fn refusal(&self) -> Refusal {
         match self {
-            BalanceError::RateLimited => Refusal::RateLimited,
+            BalanceError::RateLimited | BalanceError::TooManyConnections(_) => Refusal::RateLimited,
             BalanceError::NoUpstream => Refusal::NoUpstream,
             BalanceError::UpstreamConnect(_) => Refusal::UpstreamConnect,
         }
@@ -144,6 +147,12 @@ impl fmt::Display for BalanceError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             BalanceError::RateLimited => f.write_str("rate limit exceeded"),
+            BalanceError::TooManyConnections(max) => {
+                write!(
+                    f,
+                    "client already has {max} connections open (max_concurrent)"
+                )
+            }
             BalanceError::NoUpstream => f.write_str("no allowed upstream is up"),
             BalanceError::UpstreamConnect(attempts) => {
                 f.write_str("every upstream connect failed:")?;
@@ -223,6 +232,55 @@ impl Sessions {
     }
 }
 
+/// Connections open per client identity, for `max_concurrent` (HAProxy's `sc_conn_cur`).
+#[derive(Debug, Default)]
+struct ClientSlots {
+    open: Mutex<HashMap<String, u32>>,
+}
+
+/// One open connection of a client; dropping it gives the slot back.
+struct ClientSlot<'a> {
+    slots: &'a ClientSlots,
+    identity: Option<String>,
+}
+
+impl ClientSlots {
+    /// Takes a slot for `identity` unless it already has `max` open (0 = no cap, and then
+    /// nothing is tracked).
+    fn take<'a>(&'a self, identity: &str, max: u32) -> Option<ClientSlot<'a>> {
+        if max == 0 {
+            return Some(ClientSlot {
+                slots: self,
+                identity: None,
+            });
+        }
+        let mut open = self.open.lock();
+        let n = open.entry(identity.to_string()).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot {
+            slots: self,
+            identity: Some(identity.to_string()),
+        })
+    }
+}
+
+impl Drop for ClientSlot<'_> {
+    fn drop(&mut self) {
+        if let Some(identity) = &self.identity {
+            let mut open = self.slots.open.lock();
+            if let Some(n) = open.get_mut(identity) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    open.remove(identity);
+                }
+            }
+        }
+    }
+}
+
 /// A forwarded connection that has ended.
 #[derive(Debug)]
 pub struct Session {
@@ -254,6 +312,7 @@ pub struct Balancer {
     health: Arc<Health>,
     sessions: Arc<Sessions>,
     limiter: RateLimiter,
+    client_slots: ClientSlots,
     generation: RwLock<Arc<Generation>>,
 }
 
@@ -277,6 +336,7 @@ impl Balancer {
             health,
             sessions,
             limiter,
+            client_slots: ClientSlots::default(),
             generation: RwLock::new(Arc::new(Generation {
                 all: Vec::new(),
                 current: Vec::new(),
@@ -386,7 +446,7 @@ impl Balancer {
         self.limiter.tracked_clients()
     }
 
-    /// Applies `client_id`'s rate limit, picks the least-loaded UP upstream among `allowed`,
+    /// Applies `client_id`'s rate limit and concurrent-connection cap, picks the least-loaded UP upstream among `allowed`,
     /// connects to it (on failure, to the next least-loaded, up to `connect_retries` others),
     /// and forwards until both sides are done. On refusal the client is sent close_notify and
     /// closed before this returns, and no upstream has been touched for a rate-limited client.
@@ -398,15 +458,19 @@ impl Balancer {
     ) -> Result<Session, BalanceError> {
         let generation = self.generation.read().clone();
         let opts = &generation.opts;
-        let limit = opts
-            .rate_limits
+        let limits = opts
+            .client_limits
             .get(client_id)
             .copied()
-            .unwrap_or(opts.default_rate_limit);
-        if !self.limiter.try_acquire(client_id, limit) {
+            .unwrap_or(opts.default_limits);
+        if !self.limiter.try_acquire(client_id, limits.rate) {
             tls::close_gracefully(&mut client.tls, &client.sock);
             return Err(BalanceError::RateLimited);
         }
+        let Some(_slot) = self.client_slots.take(client_id, limits.max_concurrent) else {
+            tls::close_gracefully(&mut client.tls, &client.sock);
+            return Err(BalanceError::TooManyConnections(limits.max_concurrent));
+        };
 
         let mut tried: Vec<UpstreamId> = Vec::new();
         let mut failures: Vec<(String, io::Error)> = Vec::new();

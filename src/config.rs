@@ -40,6 +40,8 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 pub const DEFAULT_HALF_CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default time connections in flight get to finish when the balancer stops.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default cap on handshakes in progress at once.
+pub const DEFAULT_MAX_HANDSHAKES: usize = 512;
 /// Default sustained new connections per second per client identity.
 pub const DEFAULT_RATE: f64 = 10.0;
 /// Default token-bucket size per client identity.
@@ -67,6 +69,7 @@ log_format = "text"                  # or "json": one JSON object per line
 ca_cert = "certs/ca/ca.crt"          # client certificates must chain to this CA
 server_cert = "certs/server/server.crt"
 server_key = "certs/server/server.key.pem"   # PKCS#8, SEC1 or PKCS#1 PEM
+crls = []                            # PEM CRLs; a listed client certificate is refused
 
 [limits]
 max_connections = 10000              # concurrent client connections, handshakes included
@@ -75,10 +78,14 @@ connect_timeout = "2s"               # one TCP connect to an upstream
 idle_timeout = "10m"                 # no byte either way for this long closes the connection
 half_close_timeout = "30s"           # one side finished, the other idle this long: closed
 drain_timeout = "30s"                # on SIGTERM/SIGINT, time given to connections in flight
+max_handshakes = 512                 # handshakes in progress at once; more are closed at once
+per_ip_handshake_rate = 0            # new connections/s per source IP before TLS; 0 = off
+# per_ip_handshake_burst = 10        # default: twice the rate
 
 [rate_limit]                         # per client identity (certificate CN), token bucket
 rate = 10.0                          # new connections per second, sustained
 burst = 20                           # connections allowed at once after a quiet period
+max_concurrent = 0                   # connections open at once per client; 0 = no cap
 
 [health_check]
 interval = "2s"                      # time between TCP probes of each upstream
@@ -100,6 +107,7 @@ cn = "client1.lb.com"                # the certificate subject CN
 groups = ["web"]                     # upstream groups it may reach
 # rate = 100.0                       # overrides of [rate_limit] for this client
 # burst = 100
+# max_concurrent = 50
 "#;
 
 /// Default config file path, relative to the working directory.
@@ -198,6 +206,7 @@ struct RawTls {
     ca_cert: Option<PathBuf>,
     server_cert: Option<PathBuf>,
     server_key: Option<PathBuf>,
+    crls: Option<Vec<PathBuf>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -209,6 +218,9 @@ struct RawLimits {
     idle_timeout: Option<String>,
     half_close_timeout: Option<String>,
     drain_timeout: Option<String>,
+    max_handshakes: Option<usize>,
+    per_ip_handshake_rate: Option<f64>,
+    per_ip_handshake_burst: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -216,6 +228,7 @@ struct RawLimits {
 struct RawRateLimit {
     rate: Option<f64>,
     burst: Option<u32>,
+    max_concurrent: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -246,6 +259,7 @@ struct RawClient {
     groups: Vec<String>,
     rate: Option<f64>,
     burst: Option<u32>,
+    max_concurrent: Option<u32>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -264,8 +278,8 @@ pub struct Config {
     pub tls: TlsFiles,
     /// Timeouts and capacity.
     pub limits: Limits,
-    /// The rate limit of clients that have no override.
-    pub rate_limit: RateLimit,
+    /// The limits of clients that have no override.
+    pub rate_limit: ClientLimits,
     /// Health checking of upstreams.
     pub health_check: HealthCheck,
     /// The upstreams, in file order.
@@ -283,6 +297,9 @@ pub struct TlsFiles {
     pub server_cert: PathBuf,
     /// PEM server private key. Default `certs/server/server.key.pem`.
     pub server_key: PathBuf,
+    /// PEM certificate revocation lists; a client whose certificate is listed is refused.
+    /// Default: none (no revocation checking).
+    pub crls: Vec<PathBuf>,
 }
 
 /// The `[limits]` section: timeouts and capacity.
@@ -300,6 +317,14 @@ pub struct Limits {
     pub half_close_timeout: Duration,
     /// Time connections in flight get to finish when the balancer stops. Default 30s.
     pub drain_timeout: Duration,
+    /// Cap on handshakes in progress at once; past it, new sockets are closed at once.
+    /// Default 512.
+    pub max_handshakes: usize,
+    /// New connections per second allowed from one source IP before its handshake (a token
+    /// bucket per address). Default 0: no per-address limit.
+    pub per_ip_handshake_rate: f64,
+    /// Bucket size of the per-address limit. Default: twice the rate, at least 1.
+    pub per_ip_handshake_burst: u32,
 }
 
 impl Default for Limits {
@@ -311,6 +336,9 @@ impl Default for Limits {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             half_close_timeout: DEFAULT_HALF_CLOSE_TIMEOUT,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            max_handshakes: DEFAULT_MAX_HANDSHAKES,
+            per_ip_handshake_rate: 0.0,
+            per_ip_handshake_burst: 1,
         }
     }
 }
@@ -331,6 +359,15 @@ impl Default for RateLimit {
             burst: DEFAULT_BURST,
         }
     }
+}
+
+/// What one client identity may do: its rate limit and its cap on concurrent connections.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct ClientLimits {
+    /// New connections per second and burst.
+    pub rate: RateLimit,
+    /// Connections open at once; 0 means no cap. Default 0.
+    pub max_concurrent: u32,
 }
 
 /// The `[health_check]` section.
@@ -389,8 +426,8 @@ pub struct ClientConfig {
     pub cn: String,
     /// Upstream groups this client may reach.
     pub groups: Vec<String>,
-    /// This client's rate limit: the `[rate_limit]` default with this entry's overrides applied.
-    pub rate_limit: RateLimit,
+    /// This client's limits: the `[rate_limit]` defaults with this entry's overrides applied.
+    pub rate_limit: ClientLimits,
 }
 
 impl Config {
@@ -522,10 +559,17 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
         ca_cert: path(base, raw.tls.ca_cert, DEFAULT_CA_CERT),
         server_cert: path(base, raw.tls.server_cert, DEFAULT_SERVER_CERT),
         server_key: path(base, raw.tls.server_key, DEFAULT_SERVER_KEY),
+        crls: raw
+            .tls
+            .crls
+            .unwrap_or_default()
+            .into_iter()
+            .map(|p| path(base, Some(p), ""))
+            .collect(),
     };
 
     let l = raw.limits;
-    let limits = Limits {
+    let mut limits = Limits {
         max_connections: l.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
         handshake_timeout: duration(
             "limits.handshake_timeout",
@@ -548,17 +592,44 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
             l.drain_timeout,
             DEFAULT_DRAIN_TIMEOUT,
         )?,
+        max_handshakes: l.max_handshakes.unwrap_or(DEFAULT_MAX_HANDSHAKES),
+        per_ip_handshake_rate: l.per_ip_handshake_rate.unwrap_or(0.0),
+        per_ip_handshake_burst: 0,
     };
     if limits.max_connections == 0 {
         return Err(invalid("limits.max_connections", "must be at least 1"));
     }
+    if limits.max_handshakes == 0 {
+        return Err(invalid("limits.max_handshakes", "must be at least 1"));
+    }
+    if !limits.per_ip_handshake_rate.is_finite() || limits.per_ip_handshake_rate < 0.0 {
+        return Err(invalid(
+            "limits.per_ip_handshake_rate",
+            "must be a number of connections per second, or 0 for no limit",
+        ));
+    }
+    limits.per_ip_handshake_burst = match l.per_ip_handshake_burst {
+        Some(0) => {
+            return Err(invalid(
+                "limits.per_ip_handshake_burst",
+                "must be at least 1",
+            ));
+        }
+        Some(b) => b,
+        None => (limits.per_ip_handshake_rate * 2.0)
+            .ceil()
+            .clamp(1.0, f64::from(u32::MAX)) as u32,
+    };
 
-    let default_limit = rate_limit(
-        "rate_limit",
-        raw.rate_limit.rate,
-        raw.rate_limit.burst,
-        RateLimit::default(),
-    )?;
+    let default_limit = ClientLimits {
+        rate: rate_limit(
+            "rate_limit",
+            raw.rate_limit.rate,
+            raw.rate_limit.burst,
+            RateLimit::default(),
+        )?,
+        max_concurrent: raw.rate_limit.max_concurrent.unwrap_or(0),
+    };
 
     let h = raw.health_check;
     let health_check = HealthCheck {
@@ -669,7 +740,10 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
         clients.push(ClientConfig {
             cn: c.cn.clone(),
             groups: c.groups.clone(),
-            rate_limit: rate_limit(&key, c.rate, c.burst, default_limit)?,
+            rate_limit: ClientLimits {
+                rate: rate_limit(&key, c.rate, c.burst, default_limit.rate)?,
+                max_concurrent: c.max_concurrent.unwrap_or(default_limit.max_concurrent),
+            },
         });
     }
 
@@ -723,7 +797,7 @@ groups = ["web"]
         );
         assert_eq!(c.limits, Limits::default());
         assert_eq!(
-            c.rate_limit,
+            c.rate_limit.rate,
             RateLimit {
                 rate: 10.0,
                 burst: 20
@@ -744,6 +818,7 @@ log_format = "json"
 ca_cert = "/x/ca.crt"
 server_cert = "s.crt"
 server_key = "s.key"
+crls = ["revoked.crl"]
 [limits]
 max_connections = 5
 handshake_timeout = "250ms"
@@ -751,9 +826,12 @@ connect_timeout = "1s"
 idle_timeout = "10m"
 half_close_timeout = "3s"
 drain_timeout = "30s"
+max_handshakes = 64
+per_ip_handshake_rate = 5
 [rate_limit]
 rate = 10
 burst = 20
+max_concurrent = 3
 [health_check]
 interval = "2s"
 timeout = "1s"
@@ -772,6 +850,7 @@ cn = "client1.lb.com"
 groups = ["web"]
 rate = 100.5
 burst = 100
+max_concurrent = 4
 "#;
         let c = parse(text).unwrap();
         assert_eq!(c.tls.ca_cert, PathBuf::from("/x/ca.crt"));
@@ -779,16 +858,21 @@ burst = 100
         assert_eq!(c.tls.server_cert, PathBuf::from("/etc/lclb/s.crt"));
         assert_eq!(c.limits.handshake_timeout, Duration::from_millis(250));
         assert_eq!(c.limits.idle_timeout, Duration::from_secs(600));
-        assert_eq!(c.rate_limit.rate, 10.0);
+        assert_eq!(c.rate_limit.rate.rate, 10.0);
         assert_eq!(c.health_check.connect_retries, 1);
         assert_eq!(c.upstreams[0].weight, 3);
         assert_eq!(
-            c.clients[0].rate_limit,
+            c.clients[0].rate_limit.rate,
             RateLimit {
                 rate: 100.5,
                 burst: 100
             }
         );
+        assert_eq!(c.clients[0].rate_limit.max_concurrent, 4);
+        assert_eq!(c.tls.crls, [PathBuf::from("/etc/lclb/revoked.crl")]);
+        assert_eq!(c.limits.max_handshakes, 64);
+        assert_eq!(c.limits.per_ip_handshake_rate, 5.0);
+        assert_eq!(c.limits.per_ip_handshake_burst, 10);
     }
 
     #[test]
@@ -807,7 +891,7 @@ burst = 100
     fn a_per_client_override_keeps_the_default_for_the_key_it_omits() {
         let c = parse(&format!("{MINIMAL}rate = 2\n")).unwrap();
         assert_eq!(
-            c.clients[0].rate_limit,
+            c.clients[0].rate_limit.rate,
             RateLimit {
                 rate: 2.0,
                 burst: 20

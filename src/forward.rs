@@ -37,6 +37,9 @@ use crate::stats::UpstreamStats;
 /// that much amortises syscalls without holding large idle buffers.
 const BUF_SIZE: usize = 16 * 1024 + 512;
 
+/// How long a clean close waits for its turn to write close_notify before cutting the link.
+const CLOSE_NOTIFY_WAIT: Duration = Duration::from_millis(200);
+
 /// Stack size for the upstream-to-client thread: it only copies through heap buffers and
 /// seals records, so a small stack lets thousands of connections fit.
 pub const COPY_THREAD_STACK: usize = 128 * 1024;
@@ -198,6 +201,24 @@ impl Link {
         self.turn_changed.notify_all();
     }
 
+    /// Ends the link cleanly for a reason that is not a failure (a timeout, a drain, the
+    /// upstream marked DOWN): the client gets close_notify, if its turn on the socket comes
+    /// within a moment, then both sockets are shut down as in [`Link::abort`].
+    fn close(&self, reason: EndReason) {
+        if !self.is_aborted() {
+            let mut out = Vec::new();
+            let ticket = {
+                let mut sealer = self.tls.lock();
+                sealer.conn.send_close_notify();
+                sealer.seal(&mut out)
+            };
+            if let Some(ticket) = ticket {
+                let _ = self.send_to_client_within(&mut out, ticket, CLOSE_NOTIFY_WAIT);
+            }
+        }
+        self.abort(reason);
+    }
+
     fn is_aborted(&self) -> bool {
         self.aborted.load(Ordering::SeqCst)
     }
@@ -250,6 +271,19 @@ impl Link {
     /// Writes sealed bytes to the client socket when `ticket`'s turn comes, then passes the
     /// turn on, whatever the write's outcome, so the other thread is never left waiting.
     fn send_to_client(&self, out: &mut Vec<u8>, ticket: u64) -> io::Result<()> {
+        self.send_to_client_within(out, ticket, Duration::MAX)
+    }
+
+    /// As [`Link::send_to_client`], giving up if the turn has not come within `patience`. A
+    /// caller that gives up must abort the link: its ticket is never used, and the abort is
+    /// what releases whoever waits behind it.
+    fn send_to_client_within(
+        &self,
+        out: &mut Vec<u8>,
+        ticket: u64,
+        patience: Duration,
+    ) -> io::Result<()> {
+        let started = Instant::now();
         {
             let mut turn = self.turn.lock();
             while *turn != ticket {
@@ -257,9 +291,9 @@ impl Link {
                 // against a thread that died between taking and using its ticket.
                 let timed_out = self
                     .turn_changed
-                    .wait_for(&mut turn, Duration::from_millis(500))
+                    .wait_for(&mut turn, Duration::from_millis(100))
                     .timed_out();
-                if timed_out && self.is_aborted() {
+                if timed_out && (self.is_aborted() || started.elapsed() >= patience) {
                     return Err(io::Error::new(
                         io::ErrorKind::BrokenPipe,
                         "connection aborted",
@@ -396,6 +430,7 @@ fn upstream_to_client(link: &Link) -> Result<(), EndReason> {
 fn run_direction(link: &Link, f: fn(&Link) -> Result<(), EndReason>) {
     match f(link) {
         Ok(()) => link.mark_half_closed(),
+        Err(reason @ (EndReason::IdleTimeout | EndReason::HalfCloseTimeout)) => link.close(reason),
         Err(reason) => link.abort(reason),
     }
 }
@@ -418,9 +453,10 @@ impl Drop for AbortOnUnwind<'_> {
 pub struct Aborter(Arc<Link>);
 
 impl Aborter {
-    /// Shuts both sockets down; the connection ends with `reason` unless it already failed.
+    /// Sends the client close_notify (if it can within a moment) and shuts both sockets down;
+    /// the connection ends with `reason` unless it already failed.
     pub fn abort(&self, reason: EndReason) {
-        self.0.abort(reason);
+        self.0.close(reason);
     }
 }
 

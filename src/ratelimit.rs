@@ -1,12 +1,17 @@
-//! Per-client connection rate limiting: one token bucket per client identity.
+//! Connection rate limiting: one token bucket per key (a client identity after the handshake,
+//! a source IP before it).
 //!
 //! A bucket holds up to `burst` tokens and refills at `rate` tokens per second; each new
 //! connection takes one. The clock is injected ([`Clock`]) so tests step time by hand. Buckets
 //! that have refilled completely carry no information (a new bucket would be identical), so they
-//! are swept out periodically: the table holds only clients seen recently, however many
-//! identities come and go.
+//! are swept out periodically: the table holds only keys seen recently. The table also has a
+//! hard bound: when it is full of busy keys, a new key is admitted without being tracked
+//! (fail-open), so spoofed or countless sources cannot grow memory, nor lock legitimate new
+//! sources out.
 
+use std::borrow::Borrow;
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -57,18 +62,22 @@ impl Bucket {
 /// How often (in admitted or refused checks) the table is swept of full buckets.
 const SWEEP_EVERY: u64 = 1024;
 
-struct State {
-    buckets: HashMap<String, Bucket>,
+struct State<K> {
+    buckets: HashMap<K, Bucket>,
     checks: u64,
 }
 
-/// Token buckets keyed by client identity.
-pub struct RateLimiter {
+/// Default bound on the number of keys tracked at once.
+pub const DEFAULT_MAX_KEYS: usize = 100_000;
+
+/// Token buckets keyed by client identity (or any other key, such as a source address).
+pub struct RateLimiter<K = String> {
     clock: Box<dyn Clock>,
-    state: Mutex<State>,
+    max_keys: usize,
+    state: Mutex<State<K>>,
 }
 
-impl std::fmt::Debug for RateLimiter {
+impl<K> std::fmt::Debug for RateLimiter<K> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RateLimiter")
             .field("clients", &self.state.lock().buckets.len())
@@ -76,17 +85,23 @@ impl std::fmt::Debug for RateLimiter {
     }
 }
 
-impl Default for RateLimiter {
+impl<K: Hash + Eq> Default for RateLimiter<K> {
     fn default() -> Self {
         RateLimiter::new(Box::<SystemClock>::default())
     }
 }
 
-impl RateLimiter {
-    /// An empty limiter reading time from `clock`.
-    pub fn new(clock: Box<dyn Clock>) -> RateLimiter {
+impl<K: Hash + Eq> RateLimiter<K> {
+    /// An empty limiter reading time from `clock`, tracking at most [`DEFAULT_MAX_KEYS`] keys.
+    pub fn new(clock: Box<dyn Clock>) -> RateLimiter<K> {
+        RateLimiter::with_max_keys(clock, DEFAULT_MAX_KEYS)
+    }
+
+    /// An empty limiter tracking at most `max_keys` keys at once.
+    pub fn with_max_keys(clock: Box<dyn Clock>, max_keys: usize) -> RateLimiter<K> {
         RateLimiter {
             clock,
+            max_keys: max_keys.max(1),
             state: Mutex::new(State {
                 buckets: HashMap::new(),
                 checks: 0,
@@ -94,22 +109,29 @@ impl RateLimiter {
         }
     }
 
-    /// Takes a token from `identity`'s bucket, shaped by `limit`: `true` admits the connection,
-    /// `false` refuses it. A first-seen identity starts with a full bucket. If `limit` changed
-    /// since the bucket was made (a reload), the bucket keeps its tokens, capped to the new burst.
-    pub fn try_acquire(&self, identity: &str, limit: RateLimit) -> bool {
+    /// Takes a token from `key`'s bucket, shaped by `limit`: `true` admits the connection,
+    /// `false` refuses it. A first-seen key starts with a full bucket. If `limit` changed since
+    /// the bucket was made (a reload), the bucket keeps its tokens, capped to the new burst.
+    pub fn try_acquire<Q>(&self, key: &Q, limit: RateLimit) -> bool
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
         let now = self.clock.now();
         let mut state = self.state.lock();
         state.checks += 1;
         if state.checks % SWEEP_EVERY == 0 {
-            state.buckets.retain(|_, b| {
-                b.refill(now);
-                !b.is_full()
-            });
+            sweep(&mut state.buckets, now);
         }
-        let bucket = match state.buckets.get_mut(identity) {
+        if !state.buckets.contains_key(key) && state.buckets.len() >= self.max_keys {
+            sweep(&mut state.buckets, now);
+            if state.buckets.len() >= self.max_keys {
+                return true;
+            }
+        }
+        let bucket = match state.buckets.get_mut(key) {
             Some(b) => b,
-            None => state.buckets.entry(identity.to_owned()).or_insert(Bucket {
+            None => state.buckets.entry(key.to_owned()).or_insert(Bucket {
                 tokens: f64::from(limit.burst),
                 updated: now,
                 limit,
@@ -125,10 +147,18 @@ impl RateLimiter {
         }
     }
 
-    /// How many identities currently have a bucket (for tests and metrics).
+    /// How many keys currently have a bucket (for tests and metrics).
     pub fn tracked_clients(&self) -> usize {
         self.state.lock().buckets.len()
     }
+}
+
+/// Drops the buckets that have refilled completely: a new bucket would be the same.
+fn sweep<K>(buckets: &mut HashMap<K, Bucket>, now: Duration) {
+    buckets.retain(|_, b| {
+        b.refill(now);
+        !b.is_full()
+    });
 }
 
 #[cfg(test)]
@@ -151,6 +181,24 @@ mod tests {
         fn now(&self) -> Duration {
             Duration::from_nanos(self.0.load(Ordering::SeqCst))
         }
+    }
+
+    #[test]
+    fn a_full_table_admits_new_keys_without_tracking_them() {
+        let clock = ManualClock::default();
+        let l: RateLimiter<u32> = RateLimiter::with_max_keys(Box::new(clock.clone()), 2);
+        let one = RateLimit {
+            rate: 0.001,
+            burst: 1,
+        };
+        assert!(l.try_acquire(&1, one));
+        assert!(l.try_acquire(&2, one));
+        assert!(
+            (0..10).all(|_| l.try_acquire(&3, one)),
+            "untracked: fail-open"
+        );
+        assert_eq!(l.tracked_clients(), 2);
+        assert!(!l.try_acquire(&1, one), "tracked keys stay limited");
     }
 
     fn limiter() -> (RateLimiter, ManualClock) {

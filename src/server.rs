@@ -15,7 +15,7 @@
 
 use std::fmt;
 use std::io;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -27,9 +27,11 @@ use rustls::ServerConnection;
 use crate::access;
 use crate::authz::Authorizer;
 use crate::balancer::{Balancer, BalancerOptions, Client};
+use crate::config::RateLimit;
 use crate::config::{Config, ConfigError};
 use crate::forward::EndReason;
 use crate::health::{HealthChecker, ProbeSettings, TcpProbe};
+use crate::ratelimit::RateLimiter;
 use crate::stats::{Refusal, Stats};
 use crate::tls::{self, TlsContext};
 
@@ -98,6 +100,8 @@ pub struct Shared {
     /// The counters.
     pub stats: Stats,
     health: Mutex<Option<HealthChecker>>,
+    /// New connections per source address, checked before the handshake (when configured).
+    per_ip: RateLimiter<IpAddr>,
 }
 
 impl Shared {
@@ -255,6 +259,7 @@ impl Server {
             balancer,
             stats: Stats::default(),
             health: Mutex::new(None),
+            per_ip: RateLimiter::default(),
             runtime: RwLock::new(Arc::new(runtime)),
         });
         shared
@@ -351,35 +356,48 @@ fn admit(shared: &Arc<Shared>, sock: TcpStream, peer: SocketAddr, id: u64) {
     let accepted_at = Instant::now();
     let stats = &shared.stats;
     stats.accepted.fetch_add(1, Ordering::Relaxed);
+    // Every refusal here happens before a thread or a handshake is spent on the socket, which
+    // is closed at once (dropped) rather than left in the kernel's backlog.
+    let refuse = |reason: Refusal, detail: &dyn fmt::Display| {
+        stats.refuse(reason);
+        access::refused(id, "-", peer, reason, detail);
+    };
     let runtime = shared.runtime();
-    let max = runtime.config.limits.max_connections as u64;
+    let limits = &runtime.config.limits;
+    if limits.per_ip_handshake_rate > 0.0 {
+        let rate = RateLimit {
+            rate: limits.per_ip_handshake_rate,
+            burst: limits.per_ip_handshake_burst,
+        };
+        if !shared.per_ip.try_acquire(&peer.ip(), rate) {
+            return refuse(Refusal::RateLimited, &"per_ip_handshake_rate exceeded");
+        }
+    }
+    let max = limits.max_connections as u64;
     if stats.active_clients.fetch_add(1, Ordering::SeqCst) >= max {
         stats.active_clients.fetch_sub(1, Ordering::SeqCst);
-        stats.refuse(Refusal::Capacity);
-        access::refused(
-            id,
-            "-",
-            peer,
-            Refusal::Capacity,
-            &format_args!("{max} connections open"),
-        );
-        return;
+        return refuse(Refusal::Capacity, &format_args!("{max} connections open"));
     }
     let active = ActiveClient(shared.clone());
+    let max = limits.max_handshakes as u64;
+    if stats.active_handshakes.fetch_add(1, Ordering::SeqCst) >= max {
+        stats.active_handshakes.fetch_sub(1, Ordering::SeqCst);
+        return refuse(
+            Refusal::Capacity,
+            &format_args!("{max} handshakes in progress"),
+        );
+    }
+    let handshaking = Handshaking(shared.clone());
     let spawned = std::thread::Builder::new()
         .name(format!("lclb-conn-{id}"))
         .stack_size(CONNECTION_THREAD_STACK)
         .spawn(move || {
             let shared = &active.0;
-            serve(shared, &runtime, sock, peer, id, accepted_at);
+            serve(shared, &runtime, sock, peer, id, accepted_at, handshaking);
         });
     if let Err(e) = spawned {
-        // The closure (and with it the socket and the active count) was dropped.
-        stats.refuse(Refusal::Capacity);
-        access::refused(
-            id,
-            "-",
-            peer,
+        // The closure (and with it the socket and both counts) was dropped.
+        refuse(
             Refusal::Capacity,
             &format_args!("cannot start a thread: {e}"),
         );
@@ -406,6 +424,18 @@ impl Drop for ActiveClient {
     }
 }
 
+/// Holds one unit of `active_handshakes` until the handshake ends.
+struct Handshaking(Arc<Shared>);
+
+impl Drop for Handshaking {
+    fn drop(&mut self) {
+        self.0
+            .stats
+            .active_handshakes
+            .fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Serves one accepted socket: handshake, identity, authorization, then the balancer.
 fn serve(
     shared: &Shared,
@@ -414,6 +444,7 @@ fn serve(
     peer: SocketAddr,
     id: u64,
     accepted_at: Instant,
+    handshaking: Handshaking,
 ) {
     let stats = &shared.stats;
     let _ = sock.set_nodelay(true);
@@ -426,7 +457,9 @@ fn serve(
         Err(e) => return refuse(Refusal::Tls, "-", &e),
     };
     let deadline = accepted_at + rt.config.limits.handshake_timeout;
-    if let Err(e) = tls::handshake(&mut conn, &sock, deadline) {
+    let handshake = tls::handshake(&mut conn, &sock, deadline);
+    drop(handshaking);
+    if let Err(e) = handshake {
         return refuse(Refusal::Tls, "-", &e);
     }
     stats.handshakes.observe(accepted_at.elapsed());

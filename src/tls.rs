@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::sign::CertifiedKey;
 use rustls::{RootCertStore, ServerConfig, ServerConnection};
@@ -128,10 +128,39 @@ impl TlsContext {
                 )
             })?;
         }
-        let verifier =
-            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-                .build()
-                .map_err(|e| file_error("tls.ca_cert", &files.ca_cert, format!("{e}")))?;
+        let mut crls = Vec::new();
+        for path in &files.crls {
+            let pem = read_file("tls.crls", path)?;
+            let before = crls.len();
+            for crl in CertificateRevocationListDer::pem_slice_iter(&pem) {
+                crls.push(
+                    crl.map_err(|e| file_error("tls.crls", path, format!("not valid PEM: {e}")))?,
+                );
+            }
+            if crls.len() == before {
+                return Err(file_error(
+                    "tls.crls",
+                    path,
+                    "holds no CRL (expected a -----BEGIN X509 CRL----- block)",
+                ));
+            }
+        }
+        let mut builder =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+        if !crls.is_empty() {
+            // Intermediate CAs rarely have CRLs of their own; what operators revoke is client
+            // certificates. A client whose issuer has no CRL here is refused (status unknown).
+            builder = builder.with_crls(crls).only_check_end_entity_revocation();
+        }
+        let verifier = builder.build().map_err(|e| {
+            let key = if files.crls.is_empty() {
+                "tls.ca_cert"
+            } else {
+                "tls.crls"
+            };
+            let path = files.crls.first().unwrap_or(&files.ca_cert);
+            file_error(key, path, format!("{e}"))
+        })?;
 
         let chain = load_certs("tls.server_cert", &files.server_cert)?;
         let key_pem = read_file("tls.server_key", &files.server_key)?;
@@ -218,6 +247,13 @@ fn describe_tls_error(e: &rustls::Error) -> String {
             CertificateError::Expired | CertificateError::ExpiredContext { .. },
         ) => {
             format!("client certificate has expired ({e})")
+        }
+        Error::InvalidCertificate(CertificateError::Revoked) => {
+            "client certificate has been revoked (listed in a configured CRL)".into()
+        }
+        Error::InvalidCertificate(CertificateError::UnknownRevocationStatus) => {
+            "client certificate's revocation status is unknown: no configured CRL is from its issuer"
+                .into()
         }
         Error::InvalidCertificate(CertificateError::Other(other))
             if other.to_string().contains("UnsupportedCertVersion") =>

@@ -163,6 +163,8 @@ pub enum Mode {
     Echo,
     /// Reads until EOF, then sends "NAME got N\n" followed by everything it read, then closes.
     Collect,
+    /// Sends "NAME\n", reads until EOF, then neither sends nor closes (for up to a minute).
+    Silent,
 }
 
 /// A real TCP upstream server on loopback.
@@ -243,6 +245,11 @@ fn serve_upstream(name: &str, mode: Mode, mut sock: TcpStream) -> io::Result<()>
                 sock.write_all(&buf[..n])?;
             }
         }
+        Mode::Silent => {
+            sock.write_all(format!("{name}\n").as_bytes())?;
+            while sock.read(&mut buf)? > 0 {}
+            std::thread::sleep(Duration::from_secs(60));
+        }
         Mode::Collect => {
             let mut all = Vec::new();
             sock.read_to_end(&mut all)?;
@@ -264,10 +271,18 @@ pub struct Lb {
 impl Lb {
     /// Starts lclb with `config` (TOML, without `listen`, which is set to a free port).
     pub fn start(config: &str) -> Lb {
+        let text = format!("listen = \"127.0.0.1:0\"\n{config}");
+        Lb::run(Config::parse(&text, Path::new(".")).unwrap())
+    }
+
+    /// Starts lclb from a config file (which sets `listen`), so tests can reload it.
+    pub fn start_from_file(path: &Path) -> Lb {
+        Lb::run(Config::load(path).unwrap())
+    }
+
+    fn run(config: Config) -> Lb {
         let _ = env_logger::builder().is_test(true).try_init();
         lclb::tls::install_default_provider();
-        let text = format!("listen = \"127.0.0.1:0\"\n{config}");
-        let config = Config::parse(&text, Path::new(".")).unwrap();
         let server = Server::bind(config).unwrap();
         let addr = server.local_addr();
         let shared = server.shared();

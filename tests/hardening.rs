@@ -1,0 +1,532 @@
+//! Hostile clients, dying peers and exhausted limits: every one is refused or cut, counted, and
+//! leaves no thread, fd or connection count behind.
+//!
+//! These tests count this process's fds and threads (/proc/self), so they run one at a time.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use lclb::stats::Refusal;
+use rcgen::{
+    date_time_ymd, CertificateRevocationListParams, KeyIdMethod, RevocationReason,
+    RevokedCertParams, SerialNumber,
+};
+use support::*;
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+fn threads() -> usize {
+    std::fs::read_dir("/proc/self/task").unwrap().count()
+}
+
+/// Waits until fds and threads are back to `baseline` (fds, threads) and lclb holds nothing.
+fn assert_back_to(baseline: (usize, usize), lb: &Lb) {
+    let settled = wait_until(|| {
+        fds() <= baseline.0
+            && threads() <= baseline.1
+            && lb.stats().active_clients.load(Ordering::SeqCst) == 0
+            && lb.stats().active_handshakes.load(Ordering::SeqCst) == 0
+            && lb.table().total_active() == 0
+    });
+    assert!(
+        settled,
+        "fds {} (baseline {}), threads {} (baseline {}), clients {}, handshakes {}, table {}",
+        fds(),
+        baseline.0,
+        threads(),
+        baseline.1,
+        lb.stats().active_clients.load(Ordering::SeqCst),
+        lb.stats().active_handshakes.load(Ordering::SeqCst),
+        lb.table().total_active()
+    );
+}
+
+fn config(pki: &Pki, upstreams: &[&Upstream], extra: &str) -> String {
+    let mut c = pki.tls_section();
+    c.push_str(extra);
+    for u in upstreams {
+        c.push_str(&u.entry("web"));
+    }
+    c.push_str("[[client]]\ncn = \"client1.lb.com\"\ngroups = [\"web\"]\n");
+    c.push_str("[[client]]\ncn = \"client2.lb.com\"\ngroups = [\"web\"]\n");
+    c
+}
+
+const GENEROUS: &str = "[rate_limit]\nrate = 10000\nburst = 10000\n";
+
+/// True once the server has closed `s` (EOF or reset), false if it stays open for 10 s.
+fn closed_by_server(s: &mut TcpStream) -> bool {
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                return false
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+fn client_hello() -> Vec<u8> {
+    let pki = Pki::new("hello");
+    let mut conn =
+        rustls::ClientConnection::new(pki.client_config(None), "localhost".try_into().unwrap())
+            .unwrap();
+    let mut out = Vec::new();
+    conn.write_tls(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn hundreds_of_silent_sockets_neither_block_a_real_client_nor_outlive_the_deadline() {
+    let _one = serial();
+    let pki = Pki::new("silent");
+    let web1 = Upstream::start("web1", Mode::Echo);
+    let lb = Lb::start(&config(
+        &pki,
+        &[&web1],
+        &format!("{GENEROUS}[limits]\nhandshake_timeout = \"500ms\"\n"),
+    ));
+    let cfg = pki.client_config(Some(&pki.client("client1.lb.com")));
+    assert_eq!(greeting(lb.addr, cfg.clone()).unwrap(), "web1");
+    let baseline = (fds(), threads());
+
+    let mut silent: Vec<TcpStream> = (0..300)
+        .map(|_| TcpStream::connect(lb.addr).unwrap())
+        .collect();
+    assert!(lb.wait_for(|st| st.accepted.load(Ordering::SeqCst) >= 301));
+    assert_eq!(
+        greeting(lb.addr, cfg.clone()).unwrap(),
+        "web1",
+        "served while 300 sockets idle"
+    );
+    for s in &mut silent {
+        assert!(
+            closed_by_server(s),
+            "a silent socket was not closed at the handshake deadline"
+        );
+    }
+    assert!(lb.wait_for(|st| st.refused(Refusal::Tls) == 300));
+    drop(silent);
+    assert_back_to(baseline, &lb);
+}
+
+#[test]
+fn a_handshake_trickled_byte_by_byte_is_cut_at_the_deadline() {
+    let _one = serial();
+    let pki = Pki::new("trickle");
+    let web1 = Upstream::start("web1", Mode::Echo);
+    let lb = Lb::start(&config(
+        &pki,
+        &[&web1],
+        "[limits]\nhandshake_timeout = \"300ms\"\n",
+    ));
+    let hello = client_hello();
+    let mut s = TcpStream::connect(lb.addr).unwrap();
+    s.set_nodelay(true).unwrap();
+    // Each byte arrives well within any per-read timeout; only a deadline on the whole
+    // handshake stops this before the hello is complete.
+    let mut cut = false;
+    for (i, b) in hello.iter().enumerate() {
+        if i + 1 == hello.len() {
+            break;
+        }
+        if s.write_all(&[*b]).is_err() {
+            cut = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(40));
+        if lb.stats().refused(Refusal::Tls) == 1 {
+            cut = true;
+            break;
+        }
+    }
+    assert!(
+        cut,
+        "the trickled handshake was still open after the whole ClientHello but one byte"
+    );
+    assert!(closed_by_server(&mut s));
+}
+
+#[test]
+fn random_bytes_and_truncated_client_hellos_are_refused_and_leave_nothing_behind() {
+    let _one = serial();
+    let pki = Pki::new("garbage");
+    let web1 = Upstream::start("web1", Mode::Echo);
+    // A random prefix can announce a record longer than what follows; the deadline ends those.
+    let extra = format!("{GENEROUS}[limits]\nhandshake_timeout = \"300ms\"\n");
+    let lb = Lb::start(&config(&pki, &[&web1], &extra));
+    let cfg = pki.client_config(Some(&pki.client("client1.lb.com")));
+    assert_eq!(greeting(lb.addr, cfg.clone()).unwrap(), "web1");
+    let baseline = (fds(), threads());
+
+    let hello = client_hello();
+    let mut seed: u64 = 0x9e3779b97f4a7c15;
+    let mut attempts = 0;
+    for round in 0..60 {
+        let payload: Vec<u8> = if round % 2 == 0 {
+            (0..(round * 37 % 3000 + 1))
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    seed as u8
+                })
+                .collect()
+        } else {
+            hello[..(round * 13 % hello.len()).max(1)].to_vec()
+        };
+        let mut s = TcpStream::connect(lb.addr).unwrap();
+        let _ = s.write_all(&payload);
+        let _ = s.shutdown(Shutdown::Write);
+        assert!(closed_by_server(&mut s));
+        attempts += 1;
+    }
+    assert!(lb.wait_for(|st| st.refused(Refusal::Tls) == attempts));
+    assert_eq!(greeting(lb.addr, cfg).unwrap(), "web1", "still serving");
+    assert_back_to(baseline, &lb);
+}
+
+#[test]
+fn a_client_reset_mid_stream_releases_the_upstream_count_and_both_threads() {
+    let _one = serial();
+    let pki = Pki::new("client-rst");
+    let web1 = Upstream::start("web1", Mode::Echo);
+    let lb = Lb::start(&config(&pki, &[&web1], GENEROUS));
+    let cfg = pki.client_config(Some(&pki.client("client1.lb.com")));
+    assert_eq!(greeting(lb.addr, cfg.clone()).unwrap(), "web1");
+    let baseline = (fds(), threads());
+    for _ in 0..20 {
+        let mut s = connect(lb.addr, cfg.clone()).unwrap();
+        s.write_all(&[7u8; 100_000]).unwrap();
+        s.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        // Closing with the echo unread in the receive buffer makes the kernel send RST.
+        drop(s);
+    }
+    assert_back_to(baseline, &lb);
+    assert_eq!(greeting(lb.addr, cfg).unwrap(), "web1");
+}
+
+#[test]
+fn an_upstream_that_crashes_mid_stream_is_reported_to_the_client_and_released() {
+    let _one = serial();
+    let pki = Pki::new("upstream-dies");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut c = pki.tls_section();
+    c.push_str(&format!(
+        "[[upstream]]\nname = \"fragile\"\naddress = \"{addr}\"\ngroup = \"web\"\n"
+    ));
+    c.push_str("[[client]]\ncn = \"client1.lb.com\"\ngroups = [\"web\"]\n");
+    c.push_str("[health_check]\ninterval = \"1h\"\n");
+    let lb = Lb::start(&c);
+    // The one probe of the round at start-up comes first; then lclb's own connection.
+    drop(listener.accept().unwrap());
+    let baseline = (fds(), threads());
+    let mut s = connect(
+        lb.addr,
+        pki.client_config(Some(&pki.client("client1.lb.com"))),
+    )
+    .unwrap();
+    let (mut upstream, _) = listener.accept().unwrap();
+    upstream.write_all(b"hello\n").unwrap();
+    assert_eq!(read_line(&mut s).unwrap(), "hello");
+    s.write_all(b"unread by the upstream").unwrap();
+    s.flush().unwrap();
+    assert!(wait_until(|| lb
+        .stats()
+        .active_clients
+        .load(Ordering::SeqCst)
+        == 1));
+    std::thread::sleep(Duration::from_millis(50));
+    // The upstream "crashes": its socket closes with input unread, so the kernel sends RST.
+    drop(upstream);
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    assert!(rest.is_empty());
+    drop(s);
+    assert_back_to(baseline, &lb);
+}
+
+#[test]
+fn the_connection_cap_closes_extra_sockets_at_once_and_counts_them() {
+    let _one = serial();
+    let pki = Pki::new("capacity");
+    let web1 = Upstream::start("web1", Mode::Echo);
+    let lb = Lb::start(&config(
+        &pki,
+        &[&web1],
+        &format!("{GENEROUS}[limits]\nmax_connections = 3\n"),
+    ));
+    let cfg = pki.client_config(Some(&pki.client("client1.lb.com")));
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut s = connect(lb.addr, cfg.clone()).unwrap();
+        assert_eq!(read_line(&mut s).unwrap(), "web1");
+        held.push(s);
+    }
+    let mut extra = TcpStream::connect(lb.addr).unwrap();
+    assert!(closed_by_server(&mut extra));
+    assert!(lb.wait_for(|st| st.refused(Refusal::Capacity) == 1));
+    drop(held);
+    assert!(lb.wait_for(|st| st.active_clients.load(Ordering::SeqCst) == 0));
+    assert_eq!(
+        greeting(lb.addr, cfg).unwrap(),
+        "web1",
+        "room again once they closed"
+    );
+}
+
+#[test]
+fn a_client_at_its_concurrent_cap_is_refused_while_others_are_served() {
+    let _one = serial();
+    let pki = Pki::new("max-concurrent");
+    let web1 = Upstream::start("web1", Mode::Echo);
+    let lb = Lb::start(&config(
+        &pki,
+        &[&web1],
+        "[rate_limit]\nrate = 1000\nburst = 1000\nmax_concurrent = 2\n",
+    ));
+    let c1 = pki.client_config(Some(&pki.client("client1.lb.com")));
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = connect(lb.addr, c1.clone()).unwrap();
+        assert_eq!(read_line(&mut s).unwrap(), "web1");
+        held.push(s);
+    }
+    assert!(greeting(lb.addr, c1.clone()).is_err());
+    assert!(lb.wait_for(|st| st.refused(Refusal::RateLimited) == 1));
+    let c2 = pki.client_config(Some(&pki.client("client2.lb.com")));
+    assert_eq!(greeting(lb.addr, c2).unwrap(), "web1");
+    held.pop();
+    assert!(wait_until(|| greeting(lb.addr, c1.clone()).is_ok()));
+}
+
+#[test]
+fn one_source_address_over_its_handshake_rate_is_closed_before_any_handshake() {
+    let _one = serial();
+    let pki = Pki::new("per-ip");
+    let web1 = Upstream::start("web1", Mode::Echo);
+    let extra =
+        format!("{GENEROUS}[limits]\nper_ip_handshake_rate = 0.01\nper_ip_handshake_burst = 2\n");
+    let lb = Lb::start(&config(&pki, &[&web1], &extra));
+    let cfg = pki.client_config(Some(&pki.client("client1.lb.com")));
+    for _ in 0..2 {
+        assert_eq!(greeting(lb.addr, cfg.clone()).unwrap(), "web1");
+    }
+    let mut third = TcpStream::connect(lb.addr).unwrap();
+    assert!(closed_by_server(&mut third));
+    assert!(lb.wait_for(|st| st.refused(Refusal::RateLimited) == 1));
+    assert_eq!(
+        lb.stats().handshakes.snapshot().1,
+        2,
+        "no handshake was spent on the third"
+    );
+}
+
+#[test]
+fn a_revoked_client_certificate_is_refused_and_others_are_not() {
+    let _one = serial();
+    let pki = Pki::new("crl");
+    let web1 = Upstream::start("web1", Mode::Echo);
+    let mut params = client_params(dn("client1.lb.com"));
+    params.serial_number = Some(SerialNumber::from(4242u64));
+    let revoked = pki.ca.issue(params);
+    let crl = CertificateRevocationListParams {
+        this_update: date_time_ymd(2025, 1, 1),
+        next_update: date_time_ymd(2035, 1, 1),
+        crl_number: SerialNumber::from(1u64),
+        issuing_distribution_point: None,
+        revoked_certs: vec![RevokedCertParams {
+            serial_number: SerialNumber::from(4242u64),
+            revocation_time: date_time_ymd(2025, 6, 1),
+            reason_code: Some(RevocationReason::KeyCompromise),
+            invalidity_date: None,
+        }],
+        key_identifier_method: KeyIdMethod::Sha256,
+    }
+    .signed_by(&pki.ca.cert, &pki.ca.key)
+    .unwrap();
+    std::fs::write(pki.dir.join("ca.crl.pem"), crl.pem().unwrap()).unwrap();
+    let tls = pki.tls_section().replace(
+        "[tls]\n",
+        &format!("[tls]\ncrls = [{:?}]\n", pki.dir.join("ca.crl.pem")),
+    );
+    let mut c = tls;
+    c.push_str(&web1.entry("web"));
+    c.push_str("[[client]]\ncn = \"client1.lb.com\"\ngroups = [\"web\"]\n");
+    let lb = Lb::start(&c);
+    assert!(greeting(lb.addr, pki.client_config(Some(&revoked))).is_err());
+    assert!(lb.wait_for(|st| st.refused(Refusal::Tls) == 1));
+    let fresh = pki.client("client1.lb.com");
+    assert_eq!(
+        greeting(lb.addr, pki.client_config(Some(&fresh))).unwrap(),
+        "web1"
+    );
+}
+
+#[test]
+fn a_certificate_without_a_common_name_is_refused() {
+    let _one = serial();
+    let pki = Pki::new("no-cn");
+    let web1 = Upstream::start("web1", Mode::Echo);
+    let lb = Lb::start(&config(&pki, &[&web1], GENEROUS));
+    let mut dn = rcgen::DistinguishedName::new();
+    dn.push(rcgen::DnType::OrganizationName, "lclb");
+    let nameless = pki.ca.issue(client_params(dn));
+    let mut s = connect(lb.addr, pki.client_config(Some(&nameless))).unwrap();
+    assert_eq!(read_all(&mut s).unwrap(), b"");
+    assert!(lb.wait_for(|st| st.refused(Refusal::Tls) == 1));
+    assert_eq!(lb.forwarded(), 0);
+}
+
+#[test]
+fn an_idle_connection_is_closed_and_a_busy_one_is_not() {
+    let _one = serial();
+    let pki = Pki::new("idle");
+    let web1 = Upstream::start("web1", Mode::Echo);
+    let lb = Lb::start(&config(
+        &pki,
+        &[&web1],
+        &format!("{GENEROUS}[limits]\nidle_timeout = \"400ms\"\n"),
+    ));
+    let cfg = pki.client_config(Some(&pki.client("client1.lb.com")));
+
+    let mut busy = connect(lb.addr, cfg.clone()).unwrap();
+    assert_eq!(read_line(&mut busy).unwrap(), "web1");
+    let mut idle = connect(lb.addr, cfg).unwrap();
+    assert_eq!(read_line(&mut idle).unwrap(), "web1");
+    // Traffic in one direction only still counts as activity for the whole connection.
+    for i in 0..12 {
+        busy.write_all(format!("{i}\n").as_bytes()).unwrap();
+        assert_eq!(read_line(&mut busy).unwrap(), i.to_string());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        read_all(&mut idle).unwrap(),
+        b"",
+        "the idle one got close_notify"
+    );
+    busy.write_all(b"alive\n").unwrap();
+    assert_eq!(read_line(&mut busy).unwrap(), "alive");
+}
+
+#[test]
+fn a_half_closed_connection_whose_upstream_never_finishes_is_closed() {
+    let _one = serial();
+    let pki = Pki::new("half-close-timeout");
+    let web1 = Upstream::start("web1", Mode::Silent);
+    let lb = Lb::start(&config(
+        &pki,
+        &[&web1],
+        &format!("{GENEROUS}[limits]\nhalf_close_timeout = \"300ms\"\n"),
+    ));
+    let mut s = connect(
+        lb.addr,
+        pki.client_config(Some(&pki.client("client1.lb.com"))),
+    )
+    .unwrap();
+    assert_eq!(read_line(&mut s).unwrap(), "web1");
+    s.conn.send_close_notify();
+    s.flush().unwrap();
+    // The upstream got EOF and sits on its socket; lclb gives up after half_close_timeout.
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    assert!(wait_until(|| lb.table().total_active() == 0));
+}
+
+/// Connects with `openssl s_client` and `args`; true if the upstream's greeting arrived. Stdin
+/// stays open until then, since s_client closes the connection as soon as stdin ends.
+fn openssl_client(addr: SocketAddr, pki: &Pki, args: &[&str]) -> bool {
+    let client = pki.client("client1.lb.com");
+    std::fs::write(pki.dir.join("c.crt"), client.cert.pem()).unwrap();
+    std::fs::write(pki.dir.join("c.key"), client.key.serialize_pem()).unwrap();
+    let mut child = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &addr.to_string(),
+            "-cert",
+            "c.crt",
+            "-key",
+            "c.key",
+        ])
+        .args(["-CAfile", "ca.crt", "-servername", "localhost", "-quiet"])
+        .args(args)
+        .current_dir(&pki.dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("openssl is installed");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains("web1") {
+                let _ = tx.send(true);
+                return;
+            }
+        }
+        let _ = tx.send(false);
+    });
+    let greeted = rx.recv_timeout(Duration::from_secs(10)).unwrap_or(false);
+    let _ = child.kill();
+    let _ = child.wait();
+    greeted
+}
+
+#[test]
+fn only_tls_1_2_with_ecdhe_aead_suites_and_tls_1_3_are_accepted() {
+    let _one = serial();
+    let pki = Pki::new("suites");
+    let web1 = Upstream::start("web1", Mode::Echo);
+    let lb = Lb::start(&config(&pki, &[&web1], GENEROUS));
+    assert!(openssl_client(lb.addr, &pki, &["-tls1_3"]));
+    assert!(openssl_client(
+        lb.addr,
+        &pki,
+        &["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256"]
+    ));
+    assert!(
+        !openssl_client(lb.addr, &pki, &["-tls1_2", "-cipher", "AES128-GCM-SHA256"]),
+        "no RSA key exchange"
+    );
+    assert!(
+        !openssl_client(
+            lb.addr,
+            &pki,
+            &["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-SHA"]
+        ),
+        "no CBC"
+    );
+    assert!(
+        !openssl_client(lb.addr, &pki, &["-tls1_1", "-cipher", "DEFAULT@SECLEVEL=0"]),
+        "no TLS 1.1"
+    );
+}
