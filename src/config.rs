@@ -1000,4 +1000,46 @@ max_concurrent = 4
             .to_string();
         assert!(e.contains("/nonexistent/lclb.toml"), "{e}");
     }
+
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Pieces of real config text, so generated inputs reach validation, not only the
+        /// TOML parser.
+        fn fragment() -> impl Strategy<Value = String> {
+            prop_oneof![
+                Just("[[upstream]]\n".to_string()),
+                Just("[[client]]\n".to_string()),
+                Just("[limits]\n".to_string()),
+                Just("[rate_limit]\n".to_string()),
+                Just("[health_check]\n".to_string()),
+                Just("[tls]\n".to_string()),
+                "(name|address|group|cn|listen|rate|burst|weight|interval|fall|rise|idle_timeout|slow_start) = \"[a-z0-9.:]{0,12}\"\n",
+                "(rate|burst|weight|fall|rise|max_connections|max_concurrent|connect_retries) = -?[0-9]{1,12}(\\.[0-9])?\n",
+                "groups = \\[(\"[a-z]{0,4}\", ?){0,3}\\]\n",
+                "[ -~\n]{0,40}",
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(500))]
+
+            #[test]
+            fn arbitrary_text_is_an_error_or_a_config_never_a_panic(text in "\\PC{0,400}") {
+                let _ = Config::parse(&text, Path::new("/etc/lclb"));
+            }
+
+            #[test]
+            fn config_shaped_text_is_an_error_or_a_config_never_a_panic(
+                parts in proptest::collection::vec(fragment(), 0..24)
+            ) {
+                let text: String = parts.concat();
+                if let Ok(c) = Config::parse(&text, Path::new("/etc/lclb")) {
+                    prop_assert!(!c.upstreams.is_empty());
+                    prop_assert!(c.rate_limit.rate.burst >= 1);
+                }
+            }
+        }
+    }
 }

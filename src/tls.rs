@@ -493,4 +493,34 @@ mod tests {
             Err(IdentityError::Malformed(_))
         ));
     }
+
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(3000))]
+
+            #[test]
+            fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+                let _ = client_identity(&CertificateDer::from(bytes));
+            }
+
+            #[test]
+            fn a_mutated_certificate_never_panics(flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8)) {
+                static BASE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+                let mut der = BASE
+                    .get_or_init(|| cn(DnValue::Utf8String("client1.lb.com".into())).to_vec())
+                    .clone();
+                for (at, value) in flips {
+                    let i = at.index(der.len());
+                    der[i] = value;
+                }
+                if let Ok(identity) = client_identity(&CertificateDer::from(der)) {
+                    prop_assert!(!identity.is_empty());
+                    prop_assert!(!identity.chars().any(char::is_control));
+                }
+            }
+        }
+    }
 }
