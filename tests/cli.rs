@@ -251,3 +251,48 @@ fn a_v1_client_certificate_is_refused_with_a_reason_that_says_so() {
     let line = lb.wait_line("reason=tls").expect("the refusal is logged");
     assert!(line.contains("X.509 v1"), "{line}");
 }
+
+#[test]
+fn running_out_of_file_descriptors_is_survived_and_service_resumes() {
+    let pki = Pki::new("cli-emfile");
+    let web1 = Upstream::start("web1", Mode::Echo);
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut config = format!("listen = \"127.0.0.1:{port}\"\n{}", pki.tls_section());
+    config.push_str("[limits]\nhandshake_timeout = \"1s\"\n");
+    config.push_str(&web1.entry("web"));
+    config.push_str("[[client]]\ncn = \"client1.lb.com\"\ngroups = [\"web\"]\n");
+    let path = write_config(&pki.dir, &config);
+    // A hard limit of 40 fds: lclb cannot raise it, and 60 sockets exhaust it.
+    let mut child = Command::new("bash")
+        .args(["-c", "ulimit -n 40 && exec \"$0\" --config \"$1\""])
+        .arg(env!("CARGO_BIN_EXE_lclb"))
+        .arg(&path)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, lines) = mpsc::channel();
+    let err = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let lb = Process { child, lines };
+    lb.wait_line("listening").expect("lclb starts");
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let flood: Vec<_> = (0..60)
+        .map(|_| std::net::TcpStream::connect(addr).unwrap())
+        .collect();
+    lb.wait_line("accept failed").expect("EMFILE is logged");
+    drop(flood);
+    let cfg = pki.client_config(Some(&pki.client("client1.lb.com")));
+    assert!(
+        wait_until(|| greeting(addr, cfg.clone()).ok().as_deref() == Some("web1")),
+        "service resumes once fds come back"
+    );
+}
