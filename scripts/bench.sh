@@ -450,14 +450,14 @@ run_figure() {
       local kx=x25519
       [[ $fig == handshakes_pq ]] && kx=x25519mlkem768
       line=$(run_client $((DURATION + 30)) "$log" handshakes --target "127.0.0.1:$(frontend_port "$target" greeting)" \
-        --label "$target" --threads "$THREADS" --duration "$DURATION" --kx "$kx" "${CLIENT[@]}")
+        --pid "${MAIN_PID[$target:greeting]}" --label "$target" --threads "$THREADS" --duration "$DURATION" --kx "$kx" "${CLIENT[@]}")
       ;;
     up1 | up8 | down1 | down8)
       local dir=${fig%?} conns=${fig: -1} bytes=$BYTES1 mode=sink
       [[ $conns == 8 ]] && bytes=$BYTES8
       [[ $dir == down ]] && mode=source
       line=$(run_client 150 "$log" throughput --target "127.0.0.1:$(frontend_port "$target" "$mode")" \
-        --label "$target" --connections "$conns" --bytes "$bytes" --direction "$dir" --max-secs 120 \
+        --pid "${MAIN_PID[$target:$mode]}" --label "$target" --connections "$conns" --bytes "$bytes" --direction "$dir" --max-secs 120 \
         --first-write-delay "$FIRST_WRITE_DELAY" "${CLIENT[@]}")
       ;;
     latency)
@@ -501,7 +501,16 @@ run_figure() {
         record hold_threads "$target" "$round" NA "$f"
       fi
       ;;
-    *) record "$fig" "$target" "$round" "$v" "$f" ;;
+    handshakes | handshakes_pq)
+      record "$fig" "$target" "$round" "$v" "$f"
+      record "${fig}_cpu" "$target" "$round" "$(field "$line" cpu_us_per_conn)" "$f"
+      ;;
+    *)
+      record "$fig" "$target" "$round" "$v" "$f"
+      local cpu=NA
+      if [[ $v != NA ]]; then cpu=$(field "$line" cpu_s_per_gib); fi
+      record "${fig}_cpu" "$target" "$round" "$cpu" "$f"
+      ;;
   esac
   printf '  %-13s %-8s %s\n' "$fig" "$target" "${line#RESULT }" >&2
 }
@@ -517,18 +526,29 @@ if [[ -n $PROFILE ]]; then
     *) die "PROFILE=$PROFILE: expected handshakes, handshakes_pq, up1, up8, down1, down8 or latency" ;;
   esac
   ppid=${MAIN_PID[lclb:$pmode]}
-  perf record -F 999 -g -p "$ppid" -o "$OUT_DIR/perf-$PROFILE.data" >"$LOGS/perf.log" 2>&1 &
+  # System-wide, so that threads lclb creates during the run are all sampled; the reports
+  # are then narrowed to lclb's pid (and a third one shows who used the CPU overall).
+  data=$OUT_DIR/perf-$PROFILE.data
+  perf record -a -g -F 999 -o "$data" >"$LOGS/perf.log" 2>&1 &
   perf_pid=$!
   PIDS+=("$perf_pid")
   sleep 0.5
   run_figure "$PROFILE" lclb profile
   kill -INT "$perf_pid"
   wait "$perf_pid" || true
-  perf report -i "$OUT_DIR/perf-$PROFILE.data" --stdio --no-children --sort dso,symbol \
-    --percent-limit 0.5 2>/dev/null | grep -v '^$' | head -150 >"$OUT_DIR/perf-$PROFILE.txt" || true
-  perf report -i "$OUT_DIR/perf-$PROFILE.data" --stdio --no-children --sort dso -g none \
-    2>/dev/null | grep -v '^#' | grep -v '^$' | head -20 >"$OUT_DIR/perf-$PROFILE-dso.txt" || true
-  say "profile of lclb under $PROFILE: $OUT_DIR/perf-$PROFILE.txt (by symbol), $OUT_DIR/perf-$PROFILE-dso.txt (by library)"
+  report() { perf report -i "$data" --stdio --no-children "$@" 2>/dev/null | grep -v '^#' | grep -v '^$' || true; }
+  {
+    echo "# lclb (pid $ppid) under $PROFILE: by library"
+    report --pid "$ppid" --sort dso -g none | head -20
+    echo
+    echo "# lclb (pid $ppid) under $PROFILE: by symbol (flat)"
+    report --pid "$ppid" --sort dso,symbol -g none --percent-limit 0.3 | cut -c1-140 | head -80
+    echo
+    echo "# whole machine during the run: by command"
+    report --sort comm -g none | head -25
+  } >"$OUT_DIR/perf-$PROFILE.txt"
+  report --pid "$ppid" --sort dso,symbol --percent-limit 1 | cut -c1-160 | head -400 >"$OUT_DIR/perf-$PROFILE-callgraph.txt"
+  say "profile of lclb under $PROFILE: $OUT_DIR/perf-$PROFILE.txt, call graphs in $OUT_DIR/perf-$PROFILE-callgraph.txt"
   exit 0
 fi
 
@@ -557,10 +577,13 @@ version() { "$@" 2>&1 | head -1; }
   echo "- lclb $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?'), $(version rustc --version); $(version haproxy -v); $(version nginx -v); $(version openssl version)"
   echo "- settings: ROUNDS=$ROUNDS DURATION=${DURATION}s THREADS=$THREADS BYTES1=$BYTES1 BYTES8=$BYTES8 LAT_COUNT=$LAT_COUNT HOLD=$HOLD WORKERS=$WORKERS FIRST_WRITE_DELAY=${FIRST_WRITE_DELAY}ms; $ELAPSED s; load average $LOAD_START at the start, $LOAD_END at the end"
   echo "- client and upstreams (lclb-bench) run on the same cores as the balancer under test"
+  if [[ -n $(git -C "$ROOT" status --porcelain -- src Cargo.toml Cargo.lock 2>/dev/null) ]]; then
+    echo "- lclb was built from a work tree with uncommitted changes under src/"
+  fi
   echo
   echo "| figure | unit | better | lclb | HAProxy | NGINX | no hop | lclb ÷ best peer |"
   echo "|---|---|---|---:|---:|---:|---:|---:|"
-  sort -k1,1 -k2,2 -k4,4g "$DATA" | awk -v figs="handshakes handshakes_pq up1 up8 down1 down8 lat_p50 lat_p99 lat_p999 hold_rss hold_kernel hold_threads" \
+  sort -k1,1 -k2,2 -k4,4g "$DATA" | awk -v figs="handshakes handshakes_cpu handshakes_pq handshakes_pq_cpu up1 up1_cpu up8 up8_cpu down1 down1_cpu down8 down8_cpu lat_p50 lat_p99 lat_p999 hold_rss hold_kernel hold_threads" \
     -v b1="$BYTES1" -v b8="$BYTES8" -v th="$THREADS" -v hold="$HOLD" '
     {
       key = $1 SUBSEP $2
@@ -584,6 +607,10 @@ version() { "$@" 2>&1 | head -1; }
     BEGIN {
       label["handshakes"] = "handshakes (" th " threads, X25519)"; unit["handshakes"] = "conn/s"; hi["handshakes"] = 1
       label["handshakes_pq"] = "handshakes (X25519MLKEM768)"; unit["handshakes_pq"] = "conn/s"; hi["handshakes_pq"] = 1
+      label["handshakes_cpu"] = "handshakes: target CPU per connection"; unit["handshakes_cpu"] = "us"; hi["handshakes_cpu"] = 0
+      label["handshakes_pq_cpu"] = "handshakes (X25519MLKEM768): target CPU per connection"; unit["handshakes_pq_cpu"] = "us"; hi["handshakes_pq_cpu"] = 0
+      split("up1 up8 down1 down8", T, " ")
+      for (j = 1; j <= 4; j++) { label[T[j] "_cpu"] = T[j] ": target CPU per GiB"; unit[T[j] "_cpu"] = "CPU s/GiB"; hi[T[j] "_cpu"] = 0 }
       label["up1"] = "throughput up, 1 conn x " b1; unit["up1"] = "Gbit/s"; hi["up1"] = 1
       label["up8"] = "throughput up, 8 conns x " b8; unit["up8"] = "Gbit/s"; hi["up8"] = 1
       label["down1"] = "throughput down, 1 conn x " b1; unit["down1"] = "Gbit/s"; hi["down1"] = 1

@@ -25,6 +25,7 @@ pub const COMMON_FLAGS: &[&str] = &[
     "server-name",
     "kx",
     "timeout",
+    "pid",
 ];
 
 /// What every client mode needs: where, as whom, how long to wait.
@@ -34,6 +35,8 @@ pub struct Common {
     label: String,
     tls: ClientTls,
     timeout: Duration,
+    /// The target's process (`--pid`): its CPU time is measured over the timed part.
+    pid: Option<u32>,
 }
 
 impl Common {
@@ -49,7 +52,16 @@ impl Common {
             label: args.get("label").unwrap_or(target_text).to_string(),
             tls: tlsconf::client_from_args(args)?,
             timeout: Duration::from_secs_f64(args.parse_or("timeout", 10.0f64)?),
+            pid: match args.get("pid") {
+                None => None,
+                Some(p) => Some(p.parse().map_err(|_| format!("--pid {p}: not a pid"))?),
+            },
         })
+    }
+
+    /// The target's CPU seconds so far, if `--pid` was given and is readable.
+    fn cpu(&self) -> Option<f64> {
+        self.pid.and_then(procfs::cpu_seconds)
     }
 
     /// Connects and completes the mTLS handshake.
@@ -87,11 +99,34 @@ fn result(fields: &[(&str, String)]) {
     println!("{line}");
 }
 
+/// "cpu_s" and a per-unit figure, from CPU readings before and after the timed part.
+fn cpu_fields(
+    before: Option<f64>,
+    after: Option<f64>,
+    per: f64,
+    key: &'static str,
+    scale: f64,
+) -> Vec<(&'static str, String)> {
+    match (before, after) {
+        (Some(b), Some(a)) if per > 0.0 => vec![
+            ("cpu_s", format!("{:.2}", a - b)),
+            (key, format!("{:.1}", (a - b) * scale / per)),
+        ],
+        _ => Vec::new(),
+    }
+}
+
 /// A short, countable description of an error.
 fn error_kind(e: &io::Error) -> String {
     let text = e.to_string();
     let text: String = text.chars().take(80).collect();
     format!("{:?}: {text}", e.kind())
+}
+
+fn print_cpu(cpu: &[(&str, String)], per: &str) {
+    if let [(_, total), (key, value)] = cpu {
+        println!("  target CPU: {total} s over the timed part; {value} {key} ({per})");
+    }
 }
 
 fn print_errors(errors: &BTreeMap<String, u64>) {
@@ -148,6 +183,7 @@ pub fn handshakes(args: &Args) -> Result<(), String> {
     let c = Common::from_args(args)?;
     let threads: usize = args.parse_or("threads", 4)?;
     let duration = Duration::from_secs_f64(args.parse_or("duration", 5.0f64)?);
+    let cpu_before = c.cpu();
     let start = Instant::now();
     let deadline = start + duration;
     let mut handles = Vec::new();
@@ -188,6 +224,7 @@ pub fn handshakes(args: &Args) -> Result<(), String> {
         }
     }
     let elapsed = start.elapsed().as_secs_f64();
+    let cpu = cpu_fields(cpu_before, c.cpu(), total.ok as f64, "cpu_us_per_conn", 1e6);
     let rate = total.ok as f64 / elapsed;
     total.micros.sort_unstable();
     let p50 = quantile(&total.micros, 0.5);
@@ -198,8 +235,9 @@ pub fn handshakes(args: &Args) -> Result<(), String> {
          (connect+handshake+greeting p50 {p50} us, p99 {p99} us; {desc})",
         c.label, total.ok, total.failed
     );
+    print_cpu(&cpu, "per connection");
     print_errors(&total.errors);
-    result(&[
+    let mut fields = vec![
         ("mode", "handshakes".into()),
         ("target", c.label.clone()),
         ("value", format!("{rate:.1}")),
@@ -209,7 +247,9 @@ pub fn handshakes(args: &Args) -> Result<(), String> {
         ("p50_us", p50.to_string()),
         ("p99_us", p99.to_string()),
         ("tls", desc),
-    ]);
+    ];
+    fields.extend(cpu);
+    result(&fields);
     Ok(())
 }
 
@@ -336,6 +376,7 @@ pub fn throughput(args: &Args) -> Result<(), String> {
         }));
     }
     barrier.wait();
+    let cpu_before = c.cpu();
     let start = Instant::now();
     let mut moved = 0u64;
     let mut end = start;
@@ -357,6 +398,13 @@ pub fn throughput(args: &Args) -> Result<(), String> {
         }
     }
     let secs = (end - start).as_secs_f64().max(1e-9);
+    let cpu = cpu_fields(
+        cpu_before,
+        c.cpu(),
+        moved as f64 / (1u64 << 30) as f64,
+        "cpu_s_per_gib",
+        1.0,
+    );
     let gbps = moved as f64 * 8.0 / secs / 1e9;
     let d = match dir {
         Direction::Up => "up",
@@ -367,8 +415,9 @@ pub fn throughput(args: &Args) -> Result<(), String> {
          ({failures} failed; {desc})",
         c.label
     );
+    print_cpu(&cpu, "per GiB of plaintext");
     print_errors(&errors);
-    result(&[
+    let mut fields = vec![
         ("mode", "throughput".into()),
         ("direction", d.into()),
         ("connections", conns.to_string()),
@@ -379,7 +428,9 @@ pub fn throughput(args: &Args) -> Result<(), String> {
         ("bytes", moved.to_string()),
         ("secs", format!("{secs:.3}")),
         ("tls", desc),
-    ]);
+    ];
+    fields.extend(cpu);
+    result(&fields);
     Ok(())
 }
 
@@ -452,14 +503,7 @@ pub fn latency(args: &Args) -> Result<(), String> {
 
 // ---------------------------------------------------------------------------------------------
 
-pub const HOLD_FLAGS: &[&str] = &[
-    "connections",
-    "pid",
-    "threads",
-    "settle",
-    "drain",
-    "max-secs",
-];
+pub const HOLD_FLAGS: &[&str] = &["connections", "threads", "settle", "drain", "max-secs"];
 
 /// Kernel stack of one thread on x86_64 (THREAD_SIZE): not in RSS, but real memory.
 const KERNEL_STACK_KIB: u64 = 16;

@@ -34,7 +34,10 @@ Usage:
                         [--settle 2] [--drain 15] [--max-secs 120] CLIENT
 
 CLIENT: --cert CRT --key KEY --ca CA [--server-name localhost] [--kx x25519]
-        [--label NAME] [--timeout 10]
+        [--label NAME] [--timeout 10] [--pid PID]
+
+--pid names the target's process: its CPU time (with its children's: NGINX workers) over the
+timed part is reported per connection or per GiB; hold reads its memory and threads.
 
 server modes: greeting writes \"ok\\n\" and closes when the client does; echo echoes; sink
 reads to EOF and closes; source writes N bytes (--bytes, else the first 8 bytes the client

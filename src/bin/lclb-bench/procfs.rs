@@ -82,6 +82,28 @@ pub fn usage(pid: u32) -> Result<TreeUsage, String> {
     Ok(u)
 }
 
+/// CPU time (user + system) used so far by the tree rooted at `pid`, in seconds, exited
+/// threads included (the kernel folds them into their process). Resolution: one clock tick
+/// (USER_HZ, 100 per second on Linux).
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    fs::metadata(format!("/proc/{pid}")).ok()?;
+    let mut ticks = 0u64;
+    for p in tree(pid) {
+        let Ok(stat) = fs::read_to_string(format!("/proc/{p}/stat")) else {
+            continue;
+        };
+        let Some(close) = stat.rfind(')') else {
+            continue;
+        };
+        // After the command: state(3) ppid(4) ... utime(14) stime(15); index 0 is state.
+        let f: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        let utime: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0);
+        let stime: u64 = f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+        ticks += utime + stime;
+    }
+    Some(ticks as f64 / 100.0)
+}
+
 /// Kernel memory held by TCP sockets on the whole host, KiB (/proc/net/sockstat "TCP: ... mem
 /// PAGES"): socket buffers of every socket, both ends, every process.
 pub fn tcp_mem_kib() -> Option<u64> {
@@ -139,6 +161,13 @@ mod tests {
         assert!(u.threads >= 1);
         assert!(tree(std::process::id()).contains(&std::process::id()));
         assert!(nofile_limits().is_some());
+        // Burn a little CPU so the counter is certainly above zero.
+        let mut x = 0u64;
+        for i in 0..50_000_000u64 {
+            x = x.wrapping_mul(31).wrapping_add(i);
+        }
+        assert!(x != 1);
+        assert!(cpu_seconds(std::process::id()).unwrap() > 0.0);
     }
 
     #[test]
