@@ -190,6 +190,7 @@ mkdir -p "$CERTS"
   }
   leaf server localhost serverAuth "DNS:localhost,IP:127.0.0.1"
   leaf client "$CN" clientAuth
+  leaf other other.lb.com clientAuth # signed by the same CA, but not on the allow-list
   cat server.crt server.key >server.pem # HAProxy wants both in one file
   openssl verify -CAfile ca.crt server.crt client.crt >/dev/null
 ) || die "could not mint certificates with openssl"
@@ -197,6 +198,7 @@ CA=$CERTS/ca.crt
 SRV_CRT=$CERTS/server.crt
 SRV_KEY=$CERTS/server.key
 CLIENT=(--cert "$CERTS/client.crt" --key "$CERTS/client.key" --ca "$CA" --server-name localhost)
+OTHER=(--cert "$CERTS/other.crt" --key "$CERTS/other.key" --ca "$CA" --server-name localhost)
 
 # ------------------------------------------------------------------------------------------
 # Ports. Upstreams: greeting +1..3, echo +11..13, sink +21..23, source +31..33 (plain TCP).
@@ -414,6 +416,20 @@ done
 say "targets up: $TARGETS"
 # Let the first health checks pass (lclb and HAProxy start their upstreams as UP anyway).
 sleep 1
+
+# The configurations are equivalent where it matters: each balancer lets the allowed CN
+# through and refuses a CN that the CA signed but the allow-list does not name.
+for target in $TARGETS; do
+  [[ $target == nohop ]] && continue # the no-hop server has no allow-list
+  port=$(frontend_port "$target" greeting)
+  ok_line=$(timeout 20 "$BENCH" handshakes --target "127.0.0.1:$port" --threads 1 --duration 0.3 "${CLIENT[@]}" | grep '^RESULT' || true)
+  no_line=$(timeout 20 "$BENCH" handshakes --target "127.0.0.1:$port" --threads 1 --duration 0.3 --timeout 2 "${OTHER[@]}" | grep '^RESULT' || true)
+  ok_v=$(awk '{for (i = 1; i <= NF; i++) if ($i ~ /^value=/) print substr($i, 7)}' <<<"$ok_line")
+  no_v=$(awk '{for (i = 1; i <= NF; i++) if ($i ~ /^value=/) print substr($i, 7)}' <<<"$no_line")
+  if [[ -z $ok_v || $ok_v == 0.0 ]]; then die "$target does not serve the allowed client $CN: $ok_line"; fi
+  if [[ -z $no_v || $no_v != 0.0 ]]; then die "$target serves other.lb.com, which is not on its allow-list: $no_line"; fi
+done
+say "allow-list check passed: every balancer serves $CN and refuses other.lb.com"
 
 # ------------------------------------------------------------------------------------------
 # One run: FIGURE TARGET ROUND. Appends RESULT lines to $RAW and "FIGURE TARGET ROUND VALUE
