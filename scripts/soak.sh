@@ -1,0 +1,163 @@
+#!/usr/bin/env bash
+# `make soak`: mixed good and bad traffic against one lclb for SOAK_SECONDS (default 600), then
+# a check that its memory, file descriptors and threads stayed flat.
+#
+#   scripts/soak.sh                 # 10 minutes
+#   SOAK_SECONDS=60 scripts/soak.sh # a short run
+#
+# Traffic, all on 127.0.0.1, all bounded in time:
+#   - good: scripts/load-test.sh rounds (parallel mTLS clients, each echoing a line);
+#   - refused: scripts/test-mtls-alt.sh rounds (other CA, expired, revoked, unknown CN);
+#   - hostile: sockets sending random bytes, and silent sockets left to hit the handshake deadline.
+# Every 10 s it samples lclb's RSS, fd count and thread count (/proc). After the traffic stops
+# and a short settle, fds and threads must be back to the idle figures taken before the traffic,
+# and RSS must not have grown by more than SOAK_RSS_SLACK_KIB (default 8192) between the end of
+# the first fifth of the run and the end. Exits 1 otherwise, or if lclb died or logged a panic.
+set -euo pipefail
+
+# shellcheck source=scripts/lib/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
+
+cd "$REPO_ROOT"
+SOAK_SECONDS=${SOAK_SECONDS:-600}
+SOAK_RSS_SLACK_KIB=${SOAK_RSS_SLACK_KIB:-8192}
+
+cargo build --release --locked --bin lclb --example upstream
+lclb="${CARGO_TARGET_DIR:-$REPO_ROOT/target}/release/lclb"
+upstream="${CARGO_TARGET_DIR:-$REPO_ROOT/target}/release/examples/upstream"
+
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/lclb-soak.XXXXXX")
+pids=()
+traffic=()
+# shellcheck disable=SC2317 # called by the trap
+cleanup() {
+  local pid
+  for pid in "${traffic[@]}" "${pids[@]}"; do
+    kill -TERM "$pid" 2>/dev/null || true
+  done
+  for pid in "${traffic[@]}" "${pids[@]}"; do
+    wait "$pid" 2>/dev/null || true
+  done
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+export CERTS_DIR="$tmp/certs"
+bash certs/generate_certs.sh >"$tmp/certs.log" 2>&1 || die "certs/generate_certs.sh failed"
+bash certs/generate_alt_certs.sh >>"$tmp/certs.log" 2>&1 || die "certs/generate_alt_certs.sh failed"
+
+ports=()
+while ((${#ports[@]} < 4)); do
+  p=$((20000 + RANDOM % 12000))
+  port_listening "$p" || [[ " ${ports[*]} " == *" $p "* ]] || ports+=("$p")
+done
+sed -e "s/127\.0\.0\.1:9443/127.0.0.1:${ports[0]}/" \
+  -e "s/127\.0\.0\.1:9001/127.0.0.1:${ports[1]}/" \
+  -e "s/127\.0\.0\.1:9002/127.0.0.1:${ports[2]}/" \
+  -e "s/127\.0\.0\.1:9003/127.0.0.1:${ports[3]}/" \
+  -e 's/^handshake_timeout = .*/handshake_timeout = "1s"/' \
+  lclb.example.toml >"$tmp/lclb.toml"
+grep -q '^handshake_timeout = "1s"' "$tmp/lclb.toml" || die "lclb.example.toml has no handshake_timeout"
+"$lclb" --check-config --config "$tmp/lclb.toml" >/dev/null
+
+for i in 1 2 3; do
+  "$upstream" --listen "127.0.0.1:${ports[$i]}" --name "web$i" 2>>"$tmp/upstreams.log" &
+  pids+=($!)
+done
+RUST_LOG=warn "$lclb" --config "$tmp/lclb.toml" 2>"$tmp/lclb.log" &
+lb_pid=$!
+pids+=("$lb_pid")
+wait_listening "${ports[0]}" 15 "$lb_pid" || die "lclb did not start"
+lb="127.0.0.1:${ports[0]}"
+
+sample() {
+  local rss threads fds
+  rss=$(awk '/^VmRSS:/ {print $2}' "/proc/$lb_pid/status")
+  threads=$(awk '/^Threads:/ {print $2}' "/proc/$lb_pid/status")
+  fds=$(find "/proc/$lb_pid/fd" -mindepth 1 -maxdepth 1 | wc -l)
+  echo "$rss $threads $fds"
+}
+
+# Warm up once, then take the idle figures.
+scripts/test-mtls.sh "$lb" >/dev/null 2>&1 || die "lclb does not serve the demo clients"
+sleep 2
+read -r idle_rss idle_threads idle_fds < <(sample)
+echo "soak: idle before traffic: rss ${idle_rss} KiB, ${idle_threads} threads, ${idle_fds} fds"
+
+end=$((SECONDS + SOAK_SECONDS))
+good() {
+  while ((SECONDS < end)); do
+    CLIENTS=4 CONNS=10 DEADLINE=60 scripts/load-test.sh -a "$lb" >/dev/null 2>&1 || true
+  done
+}
+refused() {
+  while ((SECONDS < end)); do
+    scripts/test-mtls-alt.sh "$lb" >/dev/null 2>&1 || true
+  done
+}
+hostile() {
+  local fd
+  while ((SECONDS < end)); do
+    for _ in 1 2 3 4 5; do
+      if exec {fd}<>"/dev/tcp/127.0.0.1/${ports[0]}"; then
+        head -c $((RANDOM % 2048 + 1)) /dev/urandom >&"$fd" 2>/dev/null || true
+        exec {fd}>&-
+      fi
+    done
+    # A silent one: connected, says nothing, closed after the handshake deadline has passed.
+    if exec {fd}<>"/dev/tcp/127.0.0.1/${ports[0]}"; then
+      sleep 1.5
+      exec {fd}>&-
+    fi
+  done
+}
+good &
+traffic+=($!)
+refused &
+traffic+=($!)
+hostile &
+traffic+=($!)
+
+marker_at=$((SOAK_SECONDS / 5))
+marker_rss=""
+printf 'soak: %6s %10s %8s %6s\n' "t(s)" "rss(KiB)" "threads" "fds"
+start=$SECONDS
+while ((SECONDS < end)); do
+  sleep 10
+  kill -0 "$lb_pid" 2>/dev/null || die "lclb died during the soak (see its log)"
+  read -r rss threads fds < <(sample)
+  printf 'soak: %6d %10d %8d %6d\n' $((SECONDS - start)) "$rss" "$threads" "$fds"
+  if [[ -z "$marker_rss" ]] && ((SECONDS - start >= marker_at)); then
+    marker_rss=$rss
+  fi
+done
+for pid in "${traffic[@]}"; do
+  wait "$pid" 2>/dev/null || true
+done
+traffic=()
+sleep 5
+read -r rss threads fds < <(sample)
+echo "soak: after traffic: rss ${rss} KiB, ${threads} threads, ${fds} fds"
+
+fail=0
+if ((threads > idle_threads)); then
+  echo "soak: FAIL threads ${threads} > ${idle_threads} before the traffic"
+  fail=1
+fi
+if ((fds > idle_fds)); then
+  echo "soak: FAIL fds ${fds} > ${idle_fds} before the traffic"
+  fail=1
+fi
+marker_rss=${marker_rss:-$idle_rss}
+if ((rss > marker_rss + SOAK_RSS_SLACK_KIB)); then
+  echo "soak: FAIL rss grew from ${marker_rss} to ${rss} KiB (slack ${SOAK_RSS_SLACK_KIB})"
+  fail=1
+fi
+if grep -q panicked "$tmp/lclb.log"; then
+  echo "soak: FAIL lclb logged a panic"
+  fail=1
+fi
+((fail == 0)) && echo "soak: flat: threads and fds back to idle, rss within ${SOAK_RSS_SLACK_KIB} KiB"
+exit "$fail"
