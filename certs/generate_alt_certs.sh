@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Certificates that lclb must NOT let through (or, for the revoked one, will not once it checks
-# CRLs), for scripts/test-mtls-alt.sh. Needs the real CA from generate_certs.sh and runs it first
+# Certificates that lclb must NOT let through, for scripts/test-mtls-alt.sh (the revoked one
+# only when the config names the CRL: `[tls] crls`, as lclb.example.toml does). Needs the real CA from generate_certs.sh and runs it first
 # if that CA is missing. Same settings: CERTS_DIR (default: this folder), KEY_TYPE, RSA_BITS, DAYS,
 # FORCE=1 to overwrite.
 #

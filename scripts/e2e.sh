@@ -8,8 +8,9 @@
 #   3. writes lclb.example.toml there with free ports substituted, and checks that
 #      `lclb --check-config` accepts it (exit 0) and refuses it with an unknown key (exit 1);
 #   4. starts three demo upstreams and lclb, waits until they listen;
-#   5. runs scripts/test-mtls.sh, scripts/test-mtls-alt.sh and a small scripts/load-test.sh
-#      (4 x 5) against it, and checks lclb's log for the refusals it should have logged;
+#   5. runs scripts/test-mtls.sh, scripts/test-mtls-alt.sh (CRL_ENFORCED=1: the example config
+#      names the CRL) and a small scripts/load-test.sh (4 x 5) against it, and checks lclb's log
+#      for the refusals it should have logged;
 #   6. stops lclb with SIGTERM and checks that it exits promptly.
 # Every process it started is stopped on exit, whatever happens. KEEP_TMP=1 keeps the folder.
 set -euo pipefail
@@ -198,16 +199,22 @@ run_script() {
 }
 check "scripts/test-mtls.sh: both clients served, client2 only in group web" \
   run_script scripts/test-mtls.sh "$lb"
-check "scripts/test-mtls-alt.sh: other-CA, expired, unknown-CN, no-cert clients refused" \
-  run_script scripts/test-mtls-alt.sh "$lb"
+check "scripts/test-mtls-alt.sh: other-CA, expired, unknown-CN, no-cert, revoked clients refused" \
+  run_script env CRL_ENFORCED=1 scripts/test-mtls-alt.sh "$lb"
 check "scripts/load-test.sh -c 4 -n 5: every connection served" \
   run_script env FAIL_ON_REFUSAL=1 scripts/load-test.sh -c 4 -n 5 -a "$lb"
 
 log_has() { grep -qE "$1" "$tmp/lclb.log"; }
+not_log_has() { ! grep -qE "$1" "$tmp/lclb.log"; }
 check "lclb logged client3.lb.com as unauthorized" \
   log_has 'refused conn=[0-9]+ client=client3\.lb\.com .*reason=unauthorized'
-check "lclb logged the TLS refusals (other CA, expired, no certificate)" \
-  test "$(grep -cE 'refused conn=[0-9]+ client=- .*reason=tls' "$tmp/lclb.log")" -ge 3
+check "lclb logged the TLS refusals (other CA, expired, no certificate, revoked)" \
+  test "$(grep -cE 'refused conn=[0-9]+ client=- .*reason=tls' "$tmp/lclb.log")" -ge 4
+check "lclb logged the revoked certificate as revoked" \
+  log_has 'refused conn=[0-9]+ client=- .*reason=tls.*revoked'
+check "lclb let client-revoked.lb.com reach no upstream" \
+  not_log_has 'client=client-revoked\.lb\.com .*upstream='
+
 check "lclb logged finished connections of both clients" \
   log_has 'conn=[0-9]+ client=client2\.lb\.com .*upstream=web[12] .*end='
 check "no panic in lclb's log" \

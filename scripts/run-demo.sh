@@ -49,6 +49,11 @@ if [[ ! -f certs/ca/ca.crt || ! -f certs/server/server.crt || ! -f certs/clients
   echo "no development certificates yet: making them (certs/generate_certs.sh)"
   bash certs/generate_certs.sh
 fi
+# lclb.example.toml names the CRL of certs/alt/ (and test-mtls-alt.sh uses those certificates).
+if [[ ! -f certs/alt/ca.crl.pem ]]; then
+  echo "making the CRL and the refusal-test certificates (certs/generate_alt_certs.sh)"
+  bash certs/generate_alt_certs.sh
+fi
 
 # Refuse to start over something already listening: the error would otherwise be buried in logs.
 for spec in $UPSTREAMS; do

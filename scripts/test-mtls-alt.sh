@@ -12,8 +12,9 @@
 #   - a client with no certificate at all.
 # A control call with the valid client1.lb.com must get through first, so that "refused" means
 # refused and not "lclb is down".
-# client-revoked.lb.com (revoked in certs/alt/ca.crl.pem) is reported on its own: lclb does not
-# check CRLs yet, so it gets through; that fails the run only with CRL_ENFORCED=1.
+# client-revoked.lb.com (revoked in certs/alt/ca.crl.pem) is reported on its own: lclb refuses
+# it only when its config names that CRL (`[tls] crls`, as lclb.example.toml does), so it
+# getting through fails the run only with CRL_ENFORCED=1.
 # Environment: LB_ADDR, CERTS_DIR (default: certs/ of the repository), CRL_ENFORCED,
 # MTLS_TIMEOUT (seconds per connection, default 10). Exits 1 if any client got through that
 # must not (or the control call failed), else 0.
@@ -106,7 +107,7 @@ case "$RESULT_STATUS" in
     if [[ "$CRL_ENFORCED" == 1 ]]; then
       fail "GOT THROUGH although revoked: served by $RESULT_DETAIL (CRL_ENFORCED=1)"
     else
-      echo "  note  got through (served by $RESULT_DETAIL): lclb does not check CRLs yet; CRL_ENFORCED=1 makes this a failure"
+      echo "  note  got through (served by $RESULT_DETAIL): the config names no CRL ([tls] crls); CRL_ENFORCED=1 makes this a failure"
     fi
     ;;
   *) fail "no verdict from lclb: $RESULT_DETAIL" ;;
