@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: help build test lint unit e2e run certs static docker-build docker-run docker-compose
+.PHONY: help build test lint unit e2e run certs static soak docker-build docker-run docker-compose
 help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
@@ -27,6 +27,9 @@ run: ## Build, make certs if none, run 3 demo upstreams + lclb (lclb.example.tom
 certs: ## Development certificates into certs/ (and certs/alt/ for the refusal tests); FORCE=1 redoes them
 	certs/generate_certs.sh
 	certs/generate_alt_certs.sh
+
+soak: ## 10 minutes of good, refused and hostile traffic; fails unless memory, fds and threads stay flat (SOAK_SECONDS)
+	scripts/soak.sh
 
 static: ## Static, stripped x86_64 musl build of lclb (installs the target and musl-tools if missing)
 	scripts/build-static.sh

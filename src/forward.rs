@@ -320,27 +320,30 @@ fn client_to_upstream(link: &Link) -> Result<(), EndReason> {
     let mut raw = vec![0u8; BUF_SIZE];
     let mut plain = Vec::with_capacity(BUF_SIZE);
     let mut out = Vec::new();
+    // Bytes in `raw` not yet given to rustls. The first pass has none: it forwards what rustls
+    // already holds, since a client's first data often arrives with its last handshake flight.
+    let mut n = 0;
     loop {
-        let n = match link.read(&link.client, &mut raw) {
-            Ok(n) => n,
-            Err(Idle(EndReason::ClientError(e))) => return Err(EndReason::ClientError(e)),
-            Err(Idle(reason)) => return Err(reason),
-        };
-        if link.is_aborted() {
-            return Ok(());
-        }
-        if n == 0 {
-            // FIN without close_notify: most clients half-close this way; treat it like
-            // close_notify rather than as an error.
-            let _ = link.upstream.shutdown(Shutdown::Write);
-            return Ok(());
-        }
         let mut closed = false;
         let mut failure = None;
         let ticket = {
             let mut sealer = link.tls.lock();
             let mut rd = &raw[..n];
-            while !rd.is_empty() && !closed {
+            loop {
+                match sealer.conn.reader().read_to_end(&mut plain) {
+                    Ok(_) => {
+                        closed = true;
+                        break;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => {
+                        failure = Some(EndReason::TlsError(e.to_string()));
+                        break;
+                    }
+                }
+                if rd.is_empty() {
+                    break;
+                }
                 if let Err(e) = sealer.conn.read_tls(&mut rd) {
                     failure = Some(EndReason::TlsError(e.to_string()));
                     break;
@@ -348,14 +351,6 @@ fn client_to_upstream(link: &Link) -> Result<(), EndReason> {
                 if let Err(e) = sealer.conn.process_new_packets() {
                     failure = Some(EndReason::TlsError(e.to_string()));
                     break;
-                }
-                match sealer.conn.reader().read_to_end(&mut plain) {
-                    Ok(_) => closed = true,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => {
-                        failure = Some(EndReason::TlsError(e.to_string()));
-                        break;
-                    }
                 }
             }
             // Alerts, key-update replies: whatever rustls wants to say goes out in order.
@@ -371,15 +366,30 @@ fn client_to_upstream(link: &Link) -> Result<(), EndReason> {
                 return Err(EndReason::UpstreamError(e.to_string()));
             }
             link.touch();
-            let n = plain.len() as u64;
-            link.to_upstream.fetch_add(n, Ordering::Relaxed);
-            link.stats.bytes_to_upstream.fetch_add(n, Ordering::Relaxed);
+            let sent = plain.len() as u64;
+            link.to_upstream.fetch_add(sent, Ordering::Relaxed);
+            link.stats
+                .bytes_to_upstream
+                .fetch_add(sent, Ordering::Relaxed);
             plain.clear();
         }
         if let Some(reason) = failure {
             return Err(reason);
         }
         if closed {
+            let _ = link.upstream.shutdown(Shutdown::Write);
+            return Ok(());
+        }
+        n = match link.read(&link.client, &mut raw) {
+            Ok(n) => n,
+            Err(Idle(reason)) => return Err(reason),
+        };
+        if link.is_aborted() {
+            return Ok(());
+        }
+        if n == 0 {
+            // FIN without close_notify: most clients half-close this way; treat it like
+            // close_notify rather than as an error.
             let _ = link.upstream.shutdown(Shutdown::Write);
             return Ok(());
         }

@@ -423,3 +423,25 @@ fn connections_on_an_upstream_marked_down_are_left_alone_by_default() {
     s.write_all(b"still here\n").unwrap();
     assert_eq!(read_line(&mut s).unwrap(), "still here");
 }
+
+#[test]
+fn data_sent_with_the_last_handshake_flight_is_forwarded() {
+    let pki = Pki::new("first-flight");
+    let web1 = Upstream::start("web1", Mode::Echo);
+    let lb = Lb::start(&two_groups(&pki, &[&web1]));
+    let cfg = pki.client_config(Some(&pki.client("client1.lb.com")));
+    for _ in 0..10 {
+        let sock = std::net::TcpStream::connect(lb.addr).unwrap();
+        sock.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let mut conn =
+            rustls::ClientConnection::new(cfg.clone(), "localhost".try_into().unwrap()).unwrap();
+        // Written before the handshake ends: rustls sends it right behind its Finished, so lclb
+        // reads both in one go and must forward what it already has, not wait for more. The
+        // client then sends nothing else until the echo comes back.
+        conn.writer().write_all(b"talks first\n").unwrap();
+        let mut s = rustls::StreamOwned::new(conn, sock);
+        assert_eq!(read_line(&mut s).unwrap(), "web1");
+        assert_eq!(read_line(&mut s).unwrap(), "talks first");
+    }
+}
