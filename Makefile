@@ -14,7 +14,7 @@ lint: ## Formatting and clippy checks
 	$(CARGO) clippy --all-targets --locked -- -D warnings
 
 unit: ## Unit and integration tests (cargo test)
-	$(CARGO) test --locked
+	$(CARGO) test --locked --all-targets
 
 test: lint unit e2e ## Everything CI checks: fmt, clippy, tests, end-to-end scripts
 
