@@ -57,7 +57,7 @@ sed -e "s/127\.0\.0\.1:9443/127.0.0.1:${ports[0]}/" \
   -e "s/127\.0\.0\.1:9001/127.0.0.1:${ports[1]}/" \
   -e "s/127\.0\.0\.1:9002/127.0.0.1:${ports[2]}/" \
   -e "s/127\.0\.0\.1:9003/127.0.0.1:${ports[3]}/" \
-  -e 's/^handshake_timeout = .*/handshake_timeout = "1s"/' \
+  -e 's/^handshake_timeout = .*/handshake_timeout = "1s"\nthread_keep_alive = "2s"/' \
   lclb.example.toml >"$tmp/lclb.toml"
 grep -q '^handshake_timeout = "1s"' "$tmp/lclb.toml" || die "lclb.example.toml has no handshake_timeout"
 "$lclb" --check-config --config "$tmp/lclb.toml" >/dev/null

@@ -18,8 +18,11 @@ use parking_lot::{Mutex, RwLock};
 use rustls::ServerConnection;
 
 use crate::config::{ClientLimits, Config};
-use crate::forward::{self, Aborter, EndReason, ForwardOptions, ForwardReport};
+use crate::forward::{
+    self, Aborter, Connected, EndReason, ForwardOptions, ForwardReport, COPY_THREAD_STACK,
+};
 use crate::health::Health;
+use crate::pool::ThreadPool;
 use crate::ratelimit::RateLimiter;
 use crate::stats::{Refusal, UpstreamStats};
 use crate::table::{ConnTable, UpstreamId};
@@ -71,6 +74,9 @@ pub struct BalancerOptions {
     pub client_limits: HashMap<String, ClientLimits>,
     /// Close an upstream's connections when it is marked DOWN. Default false.
     pub shutdown_sessions_on_down: bool,
+    /// How long an idle copy thread is kept for reuse (read when the balancer is built).
+    /// Default 30s.
+    pub thread_keep_alive: Duration,
 }
 
 impl Default for BalancerOptions {
@@ -84,6 +90,7 @@ impl Default for BalancerOptions {
             default_limits: ClientLimits::default(),
             client_limits: HashMap::new(),
             shutdown_sessions_on_down: false,
+            thread_keep_alive: crate::config::DEFAULT_THREAD_KEEP_ALIVE,
         }
     }
 }
@@ -103,6 +110,7 @@ impl BalancerOptions {
                 .map(|c| (c.cn.clone(), c.rate_limit))
                 .collect(),
             shutdown_sessions_on_down: config.health_check.shutdown_sessions_on_down,
+            thread_keep_alive: config.limits.thread_keep_alive,
         }
     }
 }
@@ -114,8 +122,6 @@ pub struct Client {
     pub tls: ServerConnection,
     /// The client's socket.
     pub sock: TcpStream,
-    /// Name for the upstream-to-client copy thread.
-    pub thread_name: String,
 }
 
 /// Why a client was not forwarded. The client has been sent close_notify and closed.
@@ -176,12 +182,12 @@ pub struct Sessions {
 }
 
 /// Removes a session from [`Sessions`] when its connection ends.
-struct Registered<'a> {
-    sessions: &'a Sessions,
+struct Registered {
+    sessions: Arc<Sessions>,
     key: Option<u64>,
 }
 
-impl Drop for Registered<'_> {
+impl Drop for Registered {
     fn drop(&mut self) {
         if let Some(key) = self.key {
             self.sessions.live.lock().remove(&key);
@@ -190,10 +196,13 @@ impl Drop for Registered<'_> {
 }
 
 impl Sessions {
-    fn register(&self, upstream: UpstreamId, aborter: Aborter) -> u64 {
-        let key = self.next.fetch_add(1, Ordering::Relaxed);
+    /// A key for a session about to start.
+    fn reserve(&self) -> u64 {
+        self.next.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn register(&self, key: u64, upstream: UpstreamId, aborter: Aborter) {
         self.live.lock().insert(key, (upstream, aborter));
-        key
     }
 
     /// Ends every session on `upstream`; returns how many.
@@ -239,18 +248,18 @@ struct ClientSlots {
 }
 
 /// One open connection of a client; dropping it gives the slot back.
-struct ClientSlot<'a> {
-    slots: &'a ClientSlots,
+struct ClientSlot {
+    slots: Arc<ClientSlots>,
     identity: Option<String>,
 }
 
 impl ClientSlots {
     /// Takes a slot for `identity` unless it already has `max` open (0 = no cap, and then
     /// nothing is tracked).
-    fn take<'a>(&'a self, identity: &str, max: u32) -> Option<ClientSlot<'a>> {
+    fn take(self: &Arc<Self>, identity: &str, max: u32) -> Option<ClientSlot> {
         if max == 0 {
             return Some(ClientSlot {
-                slots: self,
+                slots: Arc::clone(self),
                 identity: None,
             });
         }
@@ -261,13 +270,13 @@ impl ClientSlots {
         }
         *n += 1;
         Some(ClientSlot {
-            slots: self,
+            slots: Arc::clone(self),
             identity: Some(identity.to_string()),
         })
     }
 }
 
-impl Drop for ClientSlot<'_> {
+impl Drop for ClientSlot {
     fn drop(&mut self) {
         if let Some(identity) = &self.identity {
             let mut open = self.slots.open.lock();
@@ -312,7 +321,9 @@ pub struct Balancer {
     health: Arc<Health>,
     sessions: Arc<Sessions>,
     limiter: RateLimiter,
-    client_slots: ClientSlots,
+    client_slots: Arc<ClientSlots>,
+    /// Threads that copy upstream -> client, reused across connections.
+    copy_pool: ThreadPool,
     generation: RwLock<Arc<Generation>>,
 }
 
@@ -336,7 +347,8 @@ impl Balancer {
             health,
             sessions,
             limiter,
-            client_slots: ClientSlots::default(),
+            client_slots: Arc::default(),
+            copy_pool: ThreadPool::new("lclb-copy", COPY_THREAD_STACK, opts.thread_keep_alive),
             generation: RwLock::new(Arc::new(Generation {
                 all: Vec::new(),
                 current: Vec::new(),
@@ -446,16 +458,19 @@ impl Balancer {
         self.limiter.tracked_clients()
     }
 
-    /// Applies `client_id`'s rate limit and concurrent-connection cap, picks the least-loaded UP upstream among `allowed`,
-    /// connects to it (on failure, to the next least-loaded, up to `connect_retries` others),
-    /// and forwards until both sides are done. On refusal the client is sent close_notify and
-    /// closed before this returns, and no upstream has been touched for a rate-limited client.
+    /// Applies `client_id`'s rate limit and concurrent-connection cap, picks the least-loaded UP
+    /// upstream among `allowed`, connects to it (on failure, to the next least-loaded, up to
+    /// `connect_retries` others), and starts forwarding on two pooled threads, one per
+    /// direction; it returns once forwarding has started, and `on_end` gets the [`Session`]
+    /// when both sides are done. On refusal the client is sent close_notify and closed before
+    /// this returns, and no upstream has been touched for a rate-limited client.
     pub fn balance(
         &self,
         mut client: Client,
         client_id: &str,
         allowed: &[UpstreamId],
-    ) -> Result<Session, BalanceError> {
+        on_end: impl FnOnce(Session) + Send + 'static,
+    ) -> Result<(), BalanceError> {
         let generation = self.generation.read().clone();
         let opts = &generation.opts;
         let limits = opts
@@ -467,7 +482,7 @@ impl Balancer {
             tls::close_gracefully(&mut client.tls, &client.sock);
             return Err(BalanceError::RateLimited);
         }
-        let Some(_slot) = self.client_slots.take(client_id, limits.max_concurrent) else {
+        let Some(slot) = self.client_slots.take(client_id, limits.max_concurrent) else {
             tls::close_gracefully(&mut client.tls, &client.sock);
             return Err(BalanceError::TooManyConnections(limits.max_concurrent));
         };
@@ -508,28 +523,40 @@ impl Balancer {
             .connections_total
             .fetch_add(1, Ordering::Relaxed);
         let _ = upstream_sock.set_nodelay(true);
-        let mut registered = Registered {
-            sessions: &self.sessions,
-            key: None,
+        let key = self.sessions.reserve();
+        let registered = Registered {
+            sessions: Arc::clone(&self.sessions),
+            key: Some(key),
         };
-        let report = forward::forward(
-            client.tls,
-            client.sock,
-            upstream_sock,
-            upstream.stats.clone(),
+        let id = guard.id();
+        let sessions = &self.sessions;
+        let name = upstream.name.clone();
+        forward::forward(
+            Connected {
+                tls: client.tls,
+                client: client.sock,
+                upstream: upstream_sock,
+                stats: upstream.stats.clone(),
+            },
             ForwardOptions {
                 idle_timeout: opts.idle_timeout,
                 half_close_timeout: opts.half_close_timeout,
-                thread_name: client.thread_name,
             },
-            |aborter| registered.key = Some(self.sessions.register(guard.id(), aborter)),
+            &self.copy_pool,
+            |aborter| sessions.register(key, id, aborter),
+            Box::new(move |report| {
+                // The count, the client's slot and the registration go before the callback
+                // runs, so whatever it observes (a log line, a waiting test) is the final state.
+                drop(registered);
+                drop(guard);
+                drop(slot);
+                on_end(Session {
+                    upstream: name,
+                    report,
+                });
+            }),
         );
-        drop(registered);
-        drop(guard);
-        Ok(Session {
-            upstream: upstream.name.clone(),
-            report,
-        })
+        Ok(())
     }
 }
 

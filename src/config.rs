@@ -40,6 +40,8 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 pub const DEFAULT_HALF_CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default time connections in flight get to finish when the balancer stops.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default time an idle pooled thread waits for the next connection before it ends.
+pub const DEFAULT_THREAD_KEEP_ALIVE: Duration = Duration::from_secs(30);
 /// Default cap on handshakes in progress at once.
 pub const DEFAULT_MAX_HANDSHAKES: usize = 512;
 /// Default sustained new connections per second per client identity.
@@ -81,6 +83,7 @@ drain_timeout = "30s"                # on SIGTERM/SIGINT, time given to connecti
 max_handshakes = 512                 # handshakes in progress at once; more are closed at once
 per_ip_handshake_rate = 0            # new connections/s per source IP before TLS; 0 = off
 # per_ip_handshake_burst = 10        # default: twice the rate
+thread_keep_alive = "30s"            # idle threads kept this long for reuse (start-up only)
 
 [rate_limit]                         # per client identity (certificate CN), token bucket
 rate = 10.0                          # new connections per second, sustained
@@ -221,6 +224,7 @@ struct RawLimits {
     max_handshakes: Option<usize>,
     per_ip_handshake_rate: Option<f64>,
     per_ip_handshake_burst: Option<u32>,
+    thread_keep_alive: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -325,6 +329,9 @@ pub struct Limits {
     pub per_ip_handshake_rate: f64,
     /// Bucket size of the per-address limit. Default: twice the rate, at least 1.
     pub per_ip_handshake_burst: u32,
+    /// A connection thread with no work is kept this long for the next connection, then
+    /// ends. Default 30s. Read at start-up only.
+    pub thread_keep_alive: Duration,
 }
 
 impl Default for Limits {
@@ -339,6 +346,7 @@ impl Default for Limits {
             max_handshakes: DEFAULT_MAX_HANDSHAKES,
             per_ip_handshake_rate: 0.0,
             per_ip_handshake_burst: 1,
+            thread_keep_alive: DEFAULT_THREAD_KEEP_ALIVE,
         }
     }
 }
@@ -595,6 +603,11 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
         max_handshakes: l.max_handshakes.unwrap_or(DEFAULT_MAX_HANDSHAKES),
         per_ip_handshake_rate: l.per_ip_handshake_rate.unwrap_or(0.0),
         per_ip_handshake_burst: 0,
+        thread_keep_alive: duration(
+            "limits.thread_keep_alive",
+            l.thread_keep_alive,
+            DEFAULT_THREAD_KEEP_ALIVE,
+        )?,
     };
     if limits.max_connections == 0 {
         return Err(invalid("limits.max_connections", "must be at least 1"));

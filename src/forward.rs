@@ -31,17 +31,57 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 use rustls::ServerConnection;
 
+use crate::pool::ThreadPool;
 use crate::stats::UpstreamStats;
 
 /// Bytes read from a socket at once. A TLS record carries at most 16 KiB of plaintext; reading
 /// that much amortises syscalls without holding large idle buffers.
 const BUF_SIZE: usize = 16 * 1024 + 512;
 
+/// Read buffers not lent out at the moment, for the next connection with data to move.
+static SPARE: Mutex<Vec<Box<[u8]>>> = Mutex::new(Vec::new());
+/// Most spare buffers kept (8 MiB); more are freed.
+const MAX_SPARE: usize = 512;
+
+/// A read buffer held only while its socket has data. Connections that are open but quiet,
+/// often most of them, then cost no buffer at all; a busy one keeps its buffer between reads.
+struct Lent(Option<Box<[u8]>>);
+
+impl Lent {
+    fn is_held(&self) -> bool {
+        self.0.is_some()
+    }
+
+    fn get(&mut self) -> &mut [u8] {
+        self.0.get_or_insert_with(|| {
+            SPARE
+                .lock()
+                .pop()
+                .unwrap_or_else(|| vec![0u8; BUF_SIZE].into())
+        })
+    }
+
+    fn release(&mut self) {
+        if let Some(buf) = self.0.take() {
+            let mut spare = SPARE.lock();
+            if spare.len() < MAX_SPARE {
+                spare.push(buf);
+            }
+        }
+    }
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
 /// How long a clean close waits for its turn to write close_notify before cutting the link.
 const CLOSE_NOTIFY_WAIT: Duration = Duration::from_millis(200);
 
-/// Stack size for the upstream-to-client thread: it only copies through heap buffers and
-/// seals records, so a small stack lets thousands of connections fit.
+/// Stack size for the upstream-to-client threads: they only copy through heap buffers and
+/// seal records, so a small stack lets thousands of connections fit.
 pub const COPY_THREAD_STACK: usize = 128 * 1024;
 
 /// Timeouts and naming for one forwarded connection.
@@ -51,8 +91,6 @@ pub struct ForwardOptions {
     pub idle_timeout: Duration,
     /// Once one direction is done, the other may stay idle this long.
     pub half_close_timeout: Duration,
-    /// Name of the upstream-to-client thread (the calling thread does client-to-upstream).
-    pub thread_name: String,
 }
 
 /// How a forwarded connection ended.
@@ -223,11 +261,20 @@ impl Link {
         self.aborted.load(Ordering::SeqCst)
     }
 
-    /// Reads from `sock`, treating socket timeouts as a chance to check idleness across the
-    /// whole link rather than as errors. `Ok(0)` is EOF.
-    fn read(&self, mut sock: &TcpStream, buf: &mut [u8]) -> Result<usize, Idle> {
+    /// Reads from `sock` into a lent buffer, treating socket timeouts as a chance to check
+    /// idleness across the whole link rather than as errors. `Ok(0)` is EOF. Without a buffer
+    /// in hand, it first waits for data with a one-byte peek, so a quiet connection holds none.
+    fn read(&self, mut sock: &TcpStream, buf: &mut Lent) -> Result<usize, Idle> {
         loop {
-            match sock.read(buf) {
+            let waited = if buf.is_held() {
+                sock.read(buf.get())
+            } else {
+                match sock.peek(&mut [0u8; 1]) {
+                    Ok(_) => sock.read(buf.get()),
+                    Err(e) => Err(e),
+                }
+            };
+            match waited {
                 Ok(n) => {
                     if n > 0 {
                         self.touch();
@@ -317,8 +364,8 @@ struct Idle(EndReason);
 
 /// Copies client -> upstream until the client finishes sending. `Ok` is a clean finish.
 fn client_to_upstream(link: &Link) -> Result<(), EndReason> {
-    let mut raw = vec![0u8; BUF_SIZE];
-    let mut plain = Vec::with_capacity(BUF_SIZE);
+    let mut raw = Lent(None);
+    let mut plain = Vec::new();
     let mut out = Vec::new();
     // Bytes in `raw` not yet given to rustls. The first pass has none: it forwards what rustls
     // already holds, since a client's first data often arrives with its last handshake flight.
@@ -328,7 +375,10 @@ fn client_to_upstream(link: &Link) -> Result<(), EndReason> {
         let mut failure = None;
         let ticket = {
             let mut sealer = link.tls.lock();
-            let mut rd = &raw[..n];
+            let mut rd: &[u8] = match raw.0.as_deref() {
+                Some(buf) => &buf[..n],
+                None => &[],
+            };
             loop {
                 match sealer.conn.reader().read_to_end(&mut plain) {
                     Ok(_) => {
@@ -380,6 +430,12 @@ fn client_to_upstream(link: &Link) -> Result<(), EndReason> {
             let _ = link.upstream.shutdown(Shutdown::Write);
             return Ok(());
         }
+        if n < BUF_SIZE {
+            // A short read drained the socket: give the buffers back while waiting.
+            raw.release();
+            plain = Vec::new();
+            out = Vec::new();
+        }
         n = match link.read(&link.client, &mut raw) {
             Ok(n) => n,
             Err(Idle(reason)) => return Err(reason),
@@ -398,7 +454,7 @@ fn client_to_upstream(link: &Link) -> Result<(), EndReason> {
 
 /// Copies upstream -> client until the upstream finishes sending. `Ok` is a clean finish.
 fn upstream_to_client(link: &Link) -> Result<(), EndReason> {
-    let mut buf = vec![0u8; BUF_SIZE];
+    let mut buf = Lent(None);
     let mut out = Vec::new();
     loop {
         let n = match link.read(&link.upstream, &mut buf) {
@@ -413,7 +469,7 @@ fn upstream_to_client(link: &Link) -> Result<(), EndReason> {
             let mut sealer = link.tls.lock();
             if n == 0 {
                 sealer.conn.send_close_notify();
-            } else if let Err(e) = sealer.conn.writer().write_all(&buf[..n]) {
+            } else if let Err(e) = sealer.conn.writer().write_all(&buf.get()[..n]) {
                 // Cannot happen with the buffer limit lifted, but never lose bytes silently.
                 return Err(EndReason::TlsError(e.to_string()));
             }
@@ -432,6 +488,10 @@ fn upstream_to_client(link: &Link) -> Result<(), EndReason> {
         link.stats
             .bytes_to_client
             .fetch_add(n as u64, Ordering::Relaxed);
+        if n < BUF_SIZE {
+            buf.release();
+            out = Vec::new();
+        }
     }
 }
 
@@ -442,18 +502,6 @@ fn run_direction(link: &Link, f: fn(&Link) -> Result<(), EndReason>) {
         Ok(()) => link.mark_half_closed(),
         Err(reason @ (EndReason::IdleTimeout | EndReason::HalfCloseTimeout)) => link.close(reason),
         Err(reason) => link.abort(reason),
-    }
-}
-
-/// Aborts the link if the calling thread unwinds, so the other thread does not wait forever.
-struct AbortOnUnwind<'a>(&'a Link);
-
-impl Drop for AbortOnUnwind<'_> {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            self.0
-                .abort(EndReason::ClientError("connection thread panicked".into()));
-        }
     }
 }
 
@@ -476,18 +524,85 @@ impl fmt::Debug for Aborter {
     }
 }
 
-/// Forwards a TLS client (handshake complete) to a connected upstream until both directions are
-/// done, then closes both. The calling thread copies client -> upstream; one new thread copies
-/// upstream -> client. Blocks until both have ended. `on_start` receives a handle that can end
-/// the connection from elsewhere, before any byte is copied.
+/// A client and the upstream it was given, ready to be joined.
+#[derive(Debug)]
+pub struct Connected {
+    /// The client's TLS state, handshake complete.
+    pub tls: ServerConnection,
+    /// The client's socket.
+    pub client: TcpStream,
+    /// The connected upstream socket.
+    pub upstream: TcpStream,
+    /// The upstream's counters, updated as bytes move.
+    pub stats: Arc<UpstreamStats>,
+}
+
+/// Called once with the report when both directions of a forwarded connection have ended.
+pub type OnEnd = Box<dyn FnOnce(ForwardReport) + Send + 'static>;
+
+/// Runs `on_end` when the last of the two directions has ended, whether it returned or
+/// unwound, so the report (and whatever the callback releases) is never lost.
+struct Finisher {
+    link: Arc<Link>,
+    remaining: AtomicU64,
+    on_end: Mutex<Option<OnEnd>>,
+}
+
+impl Finisher {
+    fn direction_done(&self) {
+        if self.remaining.fetch_sub(1, Ordering::SeqCst) != 1 {
+            return;
+        }
+        let end = self
+            .link
+            .first_error
+            .lock()
+            .take()
+            .unwrap_or(EndReason::Completed);
+        let report = ForwardReport {
+            to_upstream: self.link.to_upstream.load(Ordering::Relaxed),
+            to_client: self.link.to_client.load(Ordering::Relaxed),
+            end,
+        };
+        if let Some(on_end) = self.on_end.lock().take() {
+            on_end(report);
+        }
+    }
+}
+
+/// Marks one direction done when its job ends or unwinds.
+struct DirectionDone(Arc<Finisher>);
+
+impl Drop for DirectionDone {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0
+                .link
+                .abort(EndReason::ClientError("copy thread panicked".into()));
+        }
+        self.0.direction_done();
+    }
+}
+
+/// Starts forwarding a TLS client (handshake complete) to a connected upstream and returns at
+/// once: two threads from `pool`, one per direction, copy until both directions are done, then
+/// both sockets close and `on_end` gets the report, from whichever thread finished last.
+/// `on_start` receives a handle that can end the connection from elsewhere, before any byte is
+/// copied. If no thread can be had, the connection is ended and `on_end` is called before this
+/// returns.
 pub fn forward(
-    mut conn: ServerConnection,
-    client: TcpStream,
-    upstream: TcpStream,
-    stats: Arc<UpstreamStats>,
+    connected: Connected,
     opts: ForwardOptions,
+    pool: &ThreadPool,
     on_start: impl FnOnce(Aborter),
-) -> ForwardReport {
+    on_end: OnEnd,
+) {
+    let Connected {
+        tls: mut conn,
+        client,
+        upstream,
+        stats,
+    } = connected;
     // Sealed records are drained after every write, so rustls' own cap only risks a short write.
     conn.set_buffer_limit(None);
     let first_wait = opts.idle_timeout.min(opts.half_close_timeout);
@@ -515,31 +630,22 @@ pub fn forward(
         opts,
     });
     on_start(Aborter(Arc::clone(&link)));
-
-    let other = Arc::clone(&link);
-    let spawned = std::thread::Builder::new()
-        .name(link.opts.thread_name.clone())
-        .stack_size(COPY_THREAD_STACK)
-        .spawn(move || run_direction(&other, upstream_to_client));
-    match spawned {
-        Ok(handle) => {
-            let guard = AbortOnUnwind(&link);
-            run_direction(&link, client_to_upstream);
-            if handle.join().is_err() {
-                link.abort(EndReason::UpstreamError("copy thread panicked".into()));
-            }
-            drop(guard);
+    let finisher = Arc::new(Finisher {
+        link: Arc::clone(&link),
+        remaining: AtomicU64::new(2),
+        on_end: Mutex::new(Some(on_end)),
+    });
+    for direction in [client_to_upstream, upstream_to_client] {
+        let done = DirectionDone(Arc::clone(&finisher));
+        let job_link = Arc::clone(&link);
+        let started = pool.execute(move || {
+            let _done = done;
+            run_direction(&job_link, direction);
+        });
+        if let Err(e) = started {
+            // The job (and its DirectionDone) was dropped unrun, which counted it as done; the
+            // other direction, if it started, ends at once on the abort.
+            link.abort(EndReason::Spawn(e.to_string()));
         }
-        Err(e) => link.abort(EndReason::Spawn(e.to_string())),
-    }
-    let end = link
-        .first_error
-        .lock()
-        .take()
-        .unwrap_or(EndReason::Completed);
-    ForwardReport {
-        to_upstream: link.to_upstream.load(Ordering::Relaxed),
-        to_client: link.to_client.load(Ordering::Relaxed),
-        end,
     }
 }

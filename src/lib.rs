@@ -37,6 +37,7 @@ pub mod config;
 pub mod forward;
 pub mod health;
 pub mod metrics;
+pub mod pool;
 pub mod ratelimit;
 pub mod server;
 pub mod stats;

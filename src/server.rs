@@ -3,8 +3,11 @@
 //!
 //! One thread accepts. Each accepted socket gets its own thread, which runs the TLS handshake
 //! under a deadline, reads the client's identity, checks authorization and hands the client to
-//! the [`Balancer`]; that same thread then copies client-to-upstream while a second one copies
-//! the other way. Refusals are counted (see [`Stats`]) and logged once each, with the reason.
+//! the [`Balancer`], which starts two copy threads, one per direction; the handshake thread is
+//! then free for the next connection. Threads come from pools ([`crate::pool`]) so none is
+//! created per connection in steady state, and the handshake's deep stack is not kept by a
+//! connection that is merely held open. Refusals are counted (see [`Stats`]) and logged once
+//! each, with the reason.
 //!
 //! A connection takes the current [`Runtime`] (TLS config, authorization) when it is accepted
 //! and keeps it: a reload swaps in a new one for later connections and never touches those in
@@ -26,11 +29,12 @@ use rustls::ServerConnection;
 
 use crate::access;
 use crate::authz::Authorizer;
-use crate::balancer::{Balancer, BalancerOptions, Client};
+use crate::balancer::{Balancer, BalancerOptions, Client, Session};
 use crate::config::RateLimit;
 use crate::config::{Config, ConfigError};
 use crate::forward::EndReason;
 use crate::health::{HealthChecker, ProbeSettings, TcpProbe};
+use crate::pool::ThreadPool;
 use crate::ratelimit::RateLimiter;
 use crate::stats::{Refusal, Stats};
 use crate::tls::{self, TlsContext};
@@ -102,6 +106,8 @@ pub struct Shared {
     health: Mutex<Option<HealthChecker>>,
     /// New connections per source address, checked before the handshake (when configured).
     per_ip: RateLimiter<IpAddr>,
+    /// Threads that run a connection's handshake and then its client -> upstream copy.
+    conn_pool: ThreadPool,
 }
 
 impl Shared {
@@ -260,6 +266,11 @@ impl Server {
             stats: Stats::default(),
             health: Mutex::new(None),
             per_ip: RateLimiter::default(),
+            conn_pool: ThreadPool::new(
+                "lclb-conn",
+                CONNECTION_THREAD_STACK,
+                runtime.config.limits.thread_keep_alive,
+            ),
             runtime: RwLock::new(Arc::new(runtime)),
         });
         shared
@@ -388,13 +399,9 @@ fn admit(shared: &Arc<Shared>, sock: TcpStream, peer: SocketAddr, id: u64) {
         );
     }
     let handshaking = Handshaking(shared.clone());
-    let spawned = std::thread::Builder::new()
-        .name(format!("lclb-conn-{id}"))
-        .stack_size(CONNECTION_THREAD_STACK)
-        .spawn(move || {
-            let shared = &active.0;
-            serve(shared, &runtime, sock, peer, id, accepted_at, handshaking);
-        });
+    let spawned = shared.conn_pool.execute(move || {
+        serve(active, &runtime, sock, peer, id, accepted_at, handshaking);
+    });
     if let Err(e) = spawned {
         // The closure (and with it the socket and both counts) was dropped.
         refuse(
@@ -436,9 +443,10 @@ impl Drop for Handshaking {
     }
 }
 
-/// Serves one accepted socket: handshake, identity, authorization, then the balancer.
+/// Serves one accepted socket: handshake, identity, authorization, then the balancer, which
+/// takes the connection (and `active`, its place in the count) to its two copy threads.
 fn serve(
-    shared: &Shared,
+    active: ActiveClient,
     rt: &Runtime,
     sock: TcpStream,
     peer: SocketAddr,
@@ -446,6 +454,7 @@ fn serve(
     accepted_at: Instant,
     handshaking: Handshaking,
 ) {
+    let shared = Arc::clone(&active.0);
     let stats = &shared.stats;
     let _ = sock.set_nodelay(true);
     let refuse = |reason: Refusal, client: &str, detail: &dyn fmt::Display| {
@@ -480,14 +489,15 @@ fn serve(
             &"no [[client]] entry for this identity",
         );
     };
-    let client = Client {
-        tls: conn,
-        sock,
-        thread_name: format!("lclb-conn-{id}-up"),
-    };
+    let client = Client { tls: conn, sock };
     let started = Instant::now();
-    match shared.balancer.balance(client, &cn, &allowed) {
-        Ok(session) => access::finished(id, &cn, peer, &session, started.elapsed()),
-        Err(e) => refuse(e.refusal(), &cn, &e),
+    let identity = cn.clone();
+    let on_end = move |session: Session| {
+        access::finished(id, &identity, peer, &session, started.elapsed());
+        // The connection no longer counts once its line is written.
+        drop(active);
+    };
+    if let Err(e) = shared.balancer.balance(client, &cn, &allowed, on_end) {
+        refuse(e.refusal(), &cn, &e);
     }
 }
