@@ -22,6 +22,9 @@
 #   BASE_PORT=19400   ports BASE_PORT+1 .. BASE_PORT+140 on 127.0.0.1 are used
 #   OUT_DIR=target/bench   where results-*.md, raw-*.txt and logs-*/ go
 #   SKIP_BUILD=1      do not run cargo build
+#   LCLB_BIN=PATH     benchmark this lclb binary instead of target/release/lclb (for example one
+#                     built from a clean export of a commit); BENCH_BIN likewise for lclb-bench;
+#                     LCLB_LABEL=TEXT says in the results where that binary comes from
 #   INSTALL=0         do not apt-get install missing haproxy / nginx / libnginx-mod-stream
 #   PROFILE=FIGURE    instead of the benchmark: run FIGURE (handshakes, up1, down1, ...) against
 #                     lclb under `perf record -g` and write perf-FIGURE.txt (needs linux-perf)
@@ -82,12 +85,12 @@ if ((${#need[@]})); then
   fi
 fi
 
-if [[ $SKIP_BUILD != 1 ]]; then
+if [[ $SKIP_BUILD != 1 && ( -z ${LCLB_BIN:-} || -z ${BENCH_BIN:-} ) ]]; then
   say "building release binaries"
   cargo build --release --locked --bins >&2
 fi
-LCLB=$ROOT/target/release/lclb
-BENCH=$ROOT/target/release/lclb-bench
+LCLB=${LCLB_BIN:-$ROOT/target/release/lclb}
+BENCH=${BENCH_BIN:-$ROOT/target/release/lclb-bench}
 [[ -x $LCLB && -x $BENCH ]] || die "$LCLB or $BENCH missing (cargo build --release)"
 
 # Enough descriptors for HOLD connections: a balancer holds two sockets per connection.
@@ -590,10 +593,15 @@ version() { "$@" 2>&1 | head -1; }
   echo "## lclb benchmark, $(date -u '+%Y-%m-%d %H:%M UTC')"
   echo
   echo "- machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), Linux $(uname -r)"
-  echo "- lclb $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?'), $(version rustc --version); $(version haproxy -v); $(version nginx -v); $(version openssl version)"
+  if [[ -n ${LCLB_BIN:-} ]]; then
+    lclb_desc="lclb binary $LCLB_BIN${LCLB_LABEL:+ ($LCLB_LABEL)}"
+  else
+    lclb_desc="lclb $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')"
+  fi
+  echo "- $lclb_desc, $(version rustc --version); $(version haproxy -v); $(version nginx -v); $(version openssl version)"
   echo "- settings: ROUNDS=$ROUNDS DURATION=${DURATION}s THREADS=$THREADS BYTES1=$BYTES1 BYTES8=$BYTES8 LAT_COUNT=$LAT_COUNT HOLD=$HOLD WORKERS=$WORKERS FIRST_WRITE_DELAY=${FIRST_WRITE_DELAY}ms; $ELAPSED s; load average $LOAD_START at the start, $LOAD_END at the end"
   echo "- client and upstreams (lclb-bench) run on the same cores as the balancer under test"
-  if [[ -n $(git -C "$ROOT" status --porcelain -- src Cargo.toml Cargo.lock 2>/dev/null) ]]; then
+  if [[ -z ${LCLB_BIN:-} && -n $(git -C "$ROOT" status --porcelain -- src Cargo.toml Cargo.lock 2>/dev/null) ]]; then
     echo "- lclb was built from a work tree with uncommitted changes under src/"
   fi
   echo
