@@ -3,12 +3,9 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
+use std::process::{Command, Output, Stdio};
 
 use support::*;
 
@@ -114,51 +111,6 @@ fn help_and_version_exit_zero_and_bad_arguments_exit_two() {
     assert_eq!(lclb(&["--bogus"]).status.code(), Some(2));
 }
 
-/// A running lclb process whose log lines arrive on a channel.
-struct Process {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Process {
-    fn start(config: &str) -> Process {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_lclb"))
-            .args(["--config", config])
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let (tx, lines) = mpsc::channel();
-        let err = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        Process { child, lines }
-    }
-
-    /// Waits for a log line containing `needle`; returns it.
-    fn wait_line(&self, needle: &str) -> Option<String> {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return Some(line),
-                Ok(_) => continue,
-                Err(_) => return None,
-            }
-        }
-        None
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn a_v1_client_certificate_is_refused_with_a_reason_that_says_so() {
     let pki = Pki::new("cli-v1");
@@ -229,7 +181,10 @@ fn a_v1_client_certificate_is_refused_with_a_reason_that_says_so() {
         .unwrap()
         .port();
     let config = good_config(&pki).replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
-    let lb = Process::start(&write_config(d, &config));
+    let lb = Process::start(
+        env!("CARGO_BIN_EXE_lclb"),
+        Path::new(&write_config(d, &config)),
+    );
     lb.wait_line("listening").expect("lclb starts");
 
     // rustls refuses to even present a v1 certificate, so the client here is openssl.
@@ -267,22 +222,12 @@ fn running_out_of_file_descriptors_is_survived_and_service_resumes() {
     config.push_str("[[client]]\ncn = \"client1.lb.com\"\ngroups = [\"web\"]\n");
     let path = write_config(&pki.dir, &config);
     // A hard limit of 40 fds: lclb cannot raise it, and 60 sockets exhaust it.
-    let mut child = Command::new("bash")
+    let mut command = Command::new("bash");
+    command
         .args(["-c", "ulimit -n 40 && exec \"$0\" --config \"$1\""])
         .arg(env!("CARGO_BIN_EXE_lclb"))
-        .arg(&path)
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, lines) = mpsc::channel();
-    let err = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(err).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let lb = Process { child, lines };
+        .arg(&path);
+    let lb = Process::spawn(command);
     lb.wait_line("listening").expect("lclb starts");
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let flood: Vec<_> = (0..60)

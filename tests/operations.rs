@@ -3,12 +3,9 @@
 mod support;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use lclb::metrics::MetricsServer;
 use lclb::stats::Refusal;
@@ -263,70 +260,6 @@ fn the_reloaded_rate_limit_applies_and_buckets_keep_their_state() {
     assert!(lb.wait_for(|st| st.refused(Refusal::RateLimited) == 2));
 }
 
-/// A running lclb process whose log lines arrive on a channel.
-struct Process {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Process {
-    fn start(config: &Path) -> Process {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_lclb"))
-            .arg("--config")
-            .arg(config)
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let (tx, lines) = mpsc::channel();
-        let err = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        Process { child, lines }
-    }
-
-    fn wait_line(&self, needle: &str) -> Option<String> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return Some(line),
-                Ok(_) => continue,
-                Err(_) => return None,
-            }
-        }
-        None
-    }
-
-    fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{name}"), &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    fn wait_exit(&mut self) -> Option<i32> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status.code();
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        None
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -346,7 +279,7 @@ fn sigterm_refuses_new_connections_lets_the_open_one_finish_then_exits_zero() {
         config_for(&pki, &[&web1], &[("client1.lb.com", "web")])
     );
     std::fs::write(&path, text).unwrap();
-    let mut lb = Process::start(&path);
+    let mut lb = Process::start(env!("CARGO_BIN_EXE_lclb"), &path);
     lb.wait_line("listening").expect("lclb starts");
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let cfg = pki.client_config(Some(&pki.client("client1.lb.com")));
@@ -380,7 +313,7 @@ fn sighup_reloads_and_json_logs_are_one_object_per_line() {
         config_for(&pki, &[&web1], &[("client1.lb.com", "web")])
     );
     std::fs::write(&path, &base).unwrap();
-    let lb = Process::start(&path);
+    let lb = Process::start(env!("CARGO_BIN_EXE_lclb"), &path);
     lb.wait_line("listening").expect("lclb starts");
     std::fs::write(&path, format!("log_format = \"json\"\n{base}")).unwrap();
     lb.signal("HUP");

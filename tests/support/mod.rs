@@ -6,7 +6,9 @@
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -405,4 +407,74 @@ pub fn read_all(stream: &mut TlsStream) -> io::Result<Vec<u8>> {
 /// Reads lines from a plain reader (used by tests that talk TCP directly).
 pub fn lines(r: impl Read) -> Vec<String> {
     BufReader::new(r).lines().map_while(Result::ok).collect()
+}
+
+/// A running lclb process whose log lines arrive on a channel.
+pub struct Process {
+    pub child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Process {
+    /// Runs the lclb binary (`bin`, the test's `env!("CARGO_BIN_EXE_lclb")`) on `config`.
+    pub fn start(bin: &str, config: &Path) -> Process {
+        let mut command = Command::new(bin);
+        command.arg("--config").arg(config);
+        Process::spawn(command)
+    }
+
+    /// Runs `command` with RUST_LOG=info, collecting its stderr lines.
+    pub fn spawn(mut command: Command) -> Process {
+        let mut child = command
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = mpsc::channel();
+        let err = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        Process { child, lines }
+    }
+
+    pub fn wait_line(&self, needle: &str) -> Option<String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return Some(line),
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
+        None
+    }
+
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    pub fn wait_exit(&mut self) -> Option<i32> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
