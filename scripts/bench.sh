@@ -264,7 +264,7 @@ haproxy_config() { # FILE MODE:PORT...
     cat <<EOF
 global
     nbthread $WORKERS
-    maxconn $((HOLD + 2000))
+    maxconn $(((HOLD + 2000) < (NOFILE - 100) / 2 ? HOLD + 2000 : (NOFILE - 100) / 2))
     ssl-default-bind-ciphersuites TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256
     ssl-default-bind-options ssl-min-ver TLSv1.3
 

@@ -596,15 +596,28 @@ pub fn hold(args: &Args) -> Result<(), String> {
     for mut s in streams {
         let _ = s.close_write();
     }
+    // Threads from a pool may outlive their connections, so stop waiting once the count has
+    // not moved for two seconds.
     let closed_at = Instant::now();
     let mut drained = false;
+    let mut threads_left = after.threads;
+    let mut last_change = Instant::now();
     while closed_at.elapsed() < drain_max {
         match procfs::usage(pid) {
             Ok(u) if u.threads <= before.threads + 2 => {
                 drained = true;
+                threads_left = u.threads;
                 break;
             }
-            Ok(_) => std::thread::sleep(Duration::from_millis(100)),
+            Ok(u) => {
+                if u.threads != threads_left {
+                    threads_left = u.threads;
+                    last_change = Instant::now();
+                } else if last_change.elapsed() > Duration::from_secs(2) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
             Err(_) => break,
         }
     }
@@ -623,9 +636,9 @@ pub fn hold(args: &Args) -> Result<(), String> {
         after.threads,
         per(new_threads),
         if drained {
-            "threads back to baseline"
+            "threads back to baseline".to_string()
         } else {
-            "threads NOT back to baseline"
+            format!("{threads_left} threads still there (a pool keeping idle threads?)")
         },
     );
     print_errors(&errors.lock().expect("errors"));
@@ -646,6 +659,7 @@ pub fn hold(args: &Args) -> Result<(), String> {
         ("kernel_kib_per_conn", format!("{:.1}", pte + kstack)),
         ("tcp_mem_kib_per_conn", tcp),
         ("drained", drained.to_string()),
+        ("threads_left", threads_left.to_string()),
     ]);
     Ok(())
 }
