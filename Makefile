@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: help build test lint unit e2e run certs static soak docker-build docker-run docker-compose
+.PHONY: help build test lint unit e2e run certs static soak bench docker-build docker-run docker-compose
 help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
@@ -30,6 +30,9 @@ certs: ## Development certificates into certs/ (and certs/alt/ for the refusal t
 
 soak: ## 10 minutes of good, refused and hostile traffic; fails unless memory, fds and threads stay flat (SOAK_SECONDS)
 	scripts/soak.sh
+
+bench: ## Benchmark lclb against HAProxy and NGINX on 127.0.0.1 (scripts/bench.sh; ROUNDS, DURATION, HOLD, ... see BENCHMARKS.md)
+	scripts/bench.sh
 
 static: ## Static, stripped x86_64 musl build of lclb (installs the target and musl-tools if missing)
 	scripts/build-static.sh
