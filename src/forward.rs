@@ -41,8 +41,8 @@ const BUF_SIZE: usize = 64 * 1024;
 
 /// Read buffers not lent out at the moment, for the next connection with data to move.
 static SPARE: Mutex<Vec<Box<[u8]>>> = Mutex::new(Vec::new());
-/// Most spare buffers kept (8 MiB); more are freed.
-const MAX_SPARE: usize = 512;
+/// Most spare buffers kept (8 MiB of 64 KiB buffers); more are freed.
+const MAX_SPARE: usize = 128;
 
 /// A read buffer held only while its socket has data. Connections that are open but quiet,
 /// often most of them, then cost no buffer at all; a busy one keeps its buffer between reads.
