@@ -248,6 +248,11 @@ fn describe_tls_error(e: &rustls::Error) -> String {
         ) => {
             format!("client certificate has expired ({e})")
         }
+        Error::InvalidCertificate(CertificateError::BadSignature) => {
+            "client certificate's signature does not verify against the configured CA (issued by \
+             another CA with the same name?)"
+                .into()
+        }
         Error::InvalidCertificate(CertificateError::Revoked) => {
             "client certificate has been revoked (listed in a configured CRL)".into()
         }
