@@ -17,6 +17,7 @@ set -euo pipefail
 
 # shellcheck source=scripts/lib/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
+help_if_asked "$@"
 
 cd "$REPO_ROOT"
 SOAK_SECONDS=${SOAK_SECONDS:-600}
@@ -102,7 +103,7 @@ hostile() {
   while ((SECONDS < end)); do
     for _ in 1 2 3 4 5; do
       if exec {fd}<>"/dev/tcp/127.0.0.1/${ports[0]}"; then
-        head -c $((RANDOM % 2048 + 1)) /dev/urandom >&"$fd" 2>/dev/null || true
+        { head -c $((RANDOM % 2048 + 1)) /dev/urandom 1>&"$fd"; } 2>/dev/null || true
         exec {fd}>&-
       fi
     done

@@ -19,12 +19,7 @@ set -euo pipefail
 # shellcheck source=scripts/lib/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 
-case "${1:-}" in
-  -h | --help)
-    sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
-    exit 0
-    ;;
-esac
+help_if_asked "$@"
 
 LB_ADDR=${1:-${LB_ADDR:-127.0.0.1:9443}}
 CERTS_DIR=${CERTS_DIR:-$REPO_ROOT/certs}

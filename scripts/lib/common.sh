@@ -13,6 +13,22 @@ die() {
   exit 1
 }
 
+# script_help SCRIPT: prints SCRIPT's opening comment (line 2 up to `set -euo`), its usage text.
+script_help() {
+  sed -n '2,/^set -euo/p' "$1" | sed '$d; s/^# \{0,1\}//'
+}
+
+# help_if_asked ARGS...: prints the calling script's usage and exits 0 if ARGS start with -h
+# or --help.
+help_if_asked() {
+  case "${1:-}" in
+    -h | --help)
+      script_help "$0"
+      exit 0
+      ;;
+  esac
+}
+
 # A write to a client that has already gone must not kill the script with SIGPIPE.
 trap '' PIPE
 
