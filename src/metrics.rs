@@ -23,185 +23,164 @@ const IO_TIMEOUT: Duration = Duration::from_secs(2);
 /// Largest request head read; a scrape request is a few hundred bytes.
 const MAX_REQUEST: usize = 8 * 1024;
 
+/// One metric family being written: its `# HELP`/`# TYPE` header goes out first, then each
+/// sample through [`Family::sample`].
+struct Family<'a> {
+    out: &'a mut String,
+    name: &'static str,
+}
+
+impl<'a> Family<'a> {
+    fn new(out: &'a mut String, name: &'static str, kind: &str, help: &str) -> Family<'a> {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        Family { out, name }
+    }
+
+    /// Writes `name{labels} value`; `labels` is the text inside the braces, empty for none.
+    fn sample(&mut self, labels: &str, value: impl std::fmt::Display) -> &mut Self {
+        if labels.is_empty() {
+            let _ = writeln!(self.out, "{} {value}", self.name);
+        } else {
+            let _ = writeln!(self.out, "{}{{{labels}}} {value}", self.name);
+        }
+        self
+    }
+}
+
+/// `upstream="NAME"`, the name escaped like a JSON string (backslash, quote, newline), which is
+/// what the exposition format asks of label values.
+fn upstream_label(name: &str) -> String {
+    let mut s = String::from("upstream=");
+    json_string(&mut s, name);
+    s
+}
+
 /// Renders every metric as Prometheus text.
 pub fn render(shared: &Shared) -> String {
     let stats = &shared.stats;
     let table = shared.balancer.table();
-    let upstreams = shared.balancer.upstreams();
+    let upstreams: Vec<_> = shared
+        .balancer
+        .upstreams()
+        .into_iter()
+        .map(|(id, u)| (id, upstream_label(&u.name), u))
+        .collect();
+    let load = |n: &std::sync::atomic::AtomicU64| n.load(Ordering::Relaxed);
     let mut out = String::with_capacity(4096);
-    section(
+
+    let version = format!("version=\"{}\"", env!("CARGO_PKG_VERSION"));
+    Family::new(
         &mut out,
         "lclb_build_info",
         "gauge",
         "Version of the running lclb.",
-    );
-    let _ = writeln!(
-        out,
-        "lclb_build_info{{version=\"{}\"}} 1",
-        env!("CARGO_PKG_VERSION")
-    );
+    )
+    .sample(&version, 1);
 
-    let label = |name: &str| {
-        // Label values are escaped like JSON strings (backslash, quote, newline).
-        let mut s = String::new();
-        json_string(&mut s, name);
-        s
-    };
-    section(
+    let mut f = Family::new(
         &mut out,
         "lclb_upstream_up",
         "gauge",
         "1 if the upstream is UP (eligible), 0 if DOWN.",
     );
-    for (id, u) in &upstreams {
-        let _ = writeln!(
-            out,
-            "lclb_upstream_up{{upstream={}}} {}",
-            label(&u.name),
-            u8::from(table.is_up(*id))
-        );
+    for (id, label, _) in &upstreams {
+        f.sample(label, u8::from(table.is_up(*id)));
     }
-    section(
+    let mut f = Family::new(
         &mut out,
         "lclb_upstream_connections_active",
         "gauge",
         "Connections being forwarded to the upstream now.",
     );
-    for (id, u) in &upstreams {
-        let _ = writeln!(
-            out,
-            "lclb_upstream_connections_active{{upstream={}}} {}",
-            label(&u.name),
-            table.active(*id)
-        );
+    for (id, label, _) in &upstreams {
+        f.sample(label, table.active(*id));
     }
-    section(
+    let mut f = Family::new(
         &mut out,
         "lclb_upstream_connections_total",
         "counter",
         "Connections forwarded to the upstream.",
     );
-    for (_, u) in &upstreams {
-        let n = u.stats.connections_total.load(Ordering::Relaxed);
-        let _ = writeln!(
-            out,
-            "lclb_upstream_connections_total{{upstream={}}} {n}",
-            label(&u.name)
-        );
+    for (_, label, u) in &upstreams {
+        f.sample(label, load(&u.stats.connections_total));
     }
-    section(
+    let mut f = Family::new(
         &mut out,
         "lclb_upstream_connect_failures_total",
         "counter",
         "Failed connects to the upstream while serving clients.",
     );
-    for (_, u) in &upstreams {
-        let n = u.stats.connect_failures.load(Ordering::Relaxed);
-        let _ = writeln!(
-            out,
-            "lclb_upstream_connect_failures_total{{upstream={}}} {n}",
-            label(&u.name)
-        );
+    for (_, label, u) in &upstreams {
+        f.sample(label, load(&u.stats.connect_failures));
     }
-    section(
+    let mut f = Family::new(
         &mut out,
         "lclb_bytes_total",
         "counter",
         "Plaintext bytes forwarded, per upstream and direction.",
     );
-    for (_, u) in &upstreams {
-        let up = u.stats.bytes_to_upstream.load(Ordering::Relaxed);
-        let down = u.stats.bytes_to_client.load(Ordering::Relaxed);
-        let l = label(&u.name);
-        let _ = writeln!(
-            out,
-            "lclb_bytes_total{{upstream={l},direction=\"client_to_upstream\"}} {up}"
-        );
-        let _ = writeln!(
-            out,
-            "lclb_bytes_total{{upstream={l},direction=\"upstream_to_client\"}} {down}"
+    for (_, label, u) in &upstreams {
+        f.sample(
+            &format!("{label},direction=\"client_to_upstream\""),
+            load(&u.stats.bytes_to_upstream),
+        )
+        .sample(
+            &format!("{label},direction=\"upstream_to_client\""),
+            load(&u.stats.bytes_to_client),
         );
     }
-    section(
+    Family::new(
         &mut out,
         "lclb_client_connections_active",
         "gauge",
         "Client connections open now, handshakes included.",
-    );
-    let _ = writeln!(
-        out,
-        "lclb_client_connections_active {}",
-        stats.active_clients.load(Ordering::Relaxed)
-    );
-    section(
+    )
+    .sample("", load(&stats.active_clients));
+    Family::new(
         &mut out,
         "lclb_connections_accepted_total",
         "counter",
         "Sockets accepted by the listener.",
-    );
-    let _ = writeln!(
-        out,
-        "lclb_connections_accepted_total {}",
-        stats.accepted.load(Ordering::Relaxed)
-    );
-    section(
+    )
+    .sample("", load(&stats.accepted));
+    let mut f = Family::new(
         &mut out,
         "lclb_rejected_connections_total",
         "counter",
         "Client connections refused, by reason.",
     );
     for reason in Refusal::ALL {
-        let _ = writeln!(
-            out,
-            "lclb_rejected_connections_total{{reason=\"{reason}\"}} {}",
-            stats.refused(reason)
-        );
+        f.sample(&format!("reason=\"{reason}\""), stats.refused(reason));
     }
-    section(
+    let (buckets, count, sum) = stats.handshakes.snapshot();
+    Family::new(
         &mut out,
         "lclb_handshake_seconds",
         "histogram",
         "Time from accept to a completed TLS handshake.",
     );
-    let (buckets, count, sum) = stats.handshakes.snapshot();
     for (bound, n) in buckets {
         let _ = writeln!(out, "lclb_handshake_seconds_bucket{{le=\"{bound}\"}} {n}");
     }
     let _ = writeln!(out, "lclb_handshake_seconds_bucket{{le=\"+Inf\"}} {count}");
     let _ = writeln!(out, "lclb_handshake_seconds_sum {sum}");
     let _ = writeln!(out, "lclb_handshake_seconds_count {count}");
-    section(
+    Family::new(
         &mut out,
         "lclb_config_reloads_total",
         "counter",
         "Config reloads, by result.",
-    );
-    let _ = writeln!(
-        out,
-        "lclb_config_reloads_total{{result=\"ok\"}} {}",
-        stats.reloads_ok.load(Ordering::Relaxed)
-    );
-    let _ = writeln!(
-        out,
-        "lclb_config_reloads_total{{result=\"error\"}} {}",
-        stats.reloads_failed.load(Ordering::Relaxed)
-    );
-    section(
+    )
+    .sample("result=\"ok\"", load(&stats.reloads_ok))
+    .sample("result=\"error\"", load(&stats.reloads_failed));
+    Family::new(
         &mut out,
         "lclb_rate_limited_clients_tracked",
         "gauge",
         "Client identities with a rate-limit bucket in memory.",
-    );
-    let _ = writeln!(
-        out,
-        "lclb_rate_limited_clients_tracked {}",
-        shared.balancer.tracked_clients()
-    );
+    )
+    .sample("", shared.balancer.tracked_clients());
     out
-}
-
-fn section(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
 
 /// The running metrics server; stopping it (or dropping it) ends its thread.
