@@ -5,8 +5,10 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
 
 use rustls::{ClientConnection, Connection};
 
@@ -541,11 +543,7 @@ pub fn hold(args: &Args) -> Result<(), String> {
         handles.push(std::thread::spawn(move || {
             for _ in 0..share {
                 if Instant::now() > open_deadline {
-                    *errors
-                        .lock()
-                        .expect("errors")
-                        .entry("--max-secs passed".into())
-                        .or_default() += 1;
+                    *errors.lock().entry("--max-secs passed".into()).or_default() += 1;
                     continue;
                 }
                 let opened = c.connect(Buffers::Small).and_then(|mut s| {
@@ -554,14 +552,8 @@ pub fn hold(args: &Args) -> Result<(), String> {
                     Ok(s)
                 });
                 match opened {
-                    Ok(s) => held.lock().expect("held").push(s),
-                    Err(e) => {
-                        *errors
-                            .lock()
-                            .expect("errors")
-                            .entry(error_kind(&e))
-                            .or_default() += 1
-                    }
+                    Ok(s) => held.lock().push(s),
+                    Err(e) => *errors.lock().entry(error_kind(&e)).or_default() += 1,
                 }
             }
         }));
@@ -574,7 +566,7 @@ pub fn hold(args: &Args) -> Result<(), String> {
     std::thread::sleep(settle);
     let after = procfs::usage(pid)?;
     let tcp_after = procfs::tcp_mem_kib();
-    let served = held.lock().expect("held").len() as u64;
+    let served = held.lock().len() as u64;
     let failures = n as u64 - served;
     let per = |kib: i64| {
         if served == 0 {
@@ -592,7 +584,7 @@ pub fn hold(args: &Args) -> Result<(), String> {
         _ => "-".into(),
     };
     // Close everything, then wait for the balancer to let go of its threads.
-    let streams = std::mem::take(&mut *held.lock().expect("held"));
+    let streams = std::mem::take(&mut *held.lock());
     for mut s in streams {
         let _ = s.close_write();
     }
@@ -641,7 +633,7 @@ pub fn hold(args: &Args) -> Result<(), String> {
             format!("{threads_left} threads still there (a pool keeping idle threads?)")
         },
     );
-    print_errors(&errors.lock().expect("errors"));
+    print_errors(&errors.lock());
     result(&[
         ("mode", "hold".into()),
         ("target", c.label.clone()),

@@ -162,7 +162,9 @@ fn serve(shared: &Shared, sock: TcpStream) -> std::io::Result<()> {
                 None => {
                     let mut head = Vec::with_capacity(8);
                     s.read_exact_into(8, &mut head)?;
-                    u64::from_be_bytes(head[..8].try_into().expect("8 bytes"))
+                    let mut size = [0u8; 8];
+                    size.copy_from_slice(&head[..8]);
+                    u64::from_be_bytes(size)
                 }
             };
             let chunk: Vec<u8> = (0..SOURCE_CHUNK).map(|i| (i % 251) as u8).collect();
