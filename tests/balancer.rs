@@ -127,13 +127,10 @@ fn held_connections_spread_evenly_over_the_upstreams() {
     let ups: Vec<Upstream> = (1..=3)
         .map(|i| Upstream::start(&format!("web{i}"), Mode::Echo))
         .collect();
-    let mut config = pki.tls_section();
-    config.push_str("[rate_limit]\nrate = 1000\nburst = 1000\n");
-    for u in &ups {
-        config.push_str(&u.entry("web"));
-    }
-    config.push_str("[[client]]\ncn = \"client1.lb.com\"\ngroups = [\"web\"]\n");
-    let lb = Lb::start(&config);
+    let lb = Lb::start(&pki.config(
+        "[rate_limit]\nrate = 1000\nburst = 1000\n",
+        &ups.iter().collect::<Vec<_>>(),
+    ));
     let cfg = pki.client_config(Some(&pki.client("client1.lb.com")));
     let mut held = Vec::new();
     let mut count = std::collections::BTreeMap::<String, usize>::new();
@@ -235,16 +232,12 @@ fn a_failed_connect_is_retried_on_another_upstream() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let mut config = pki.tls_section();
-    config.push_str("[rate_limit]\nrate = 1000\nburst = 1000\n");
     // Probes too slow to notice within the test: only the passive path can.
-    config.push_str("[health_check]\ninterval = \"1h\"\nfall = 100\n");
-    config.push_str(&format!(
-        "[[upstream]]\nname = \"dead\"\naddress = \"{dead}\"\ngroup = \"web\"\n"
-    ));
-    config.push_str(&web1.entry("web"));
-    config.push_str("[[client]]\ncn = \"client1.lb.com\"\ngroups = [\"web\"]\n");
-    let lb = Lb::start(&config);
+    let extra = format!(
+        "[rate_limit]\nrate = 1000\nburst = 1000\n[health_check]\ninterval = \"1h\"\nfall = 100\n\
+         [[upstream]]\nname = \"dead\"\naddress = \"{dead}\"\ngroup = \"web\"\n"
+    );
+    let lb = Lb::start(&pki.config(&extra, &[&web1]));
     let cfg = pki.client_config(Some(&pki.client("client1.lb.com")));
     for _ in 0..4 {
         assert_eq!(greeting(lb.addr, cfg.clone()).unwrap(), "web1");
@@ -259,13 +252,11 @@ fn when_every_connect_fails_the_client_is_refused_and_counted() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let mut config = pki.tls_section();
-    config.push_str("[health_check]\ninterval = \"1h\"\n");
-    config.push_str(&format!(
-        "[[upstream]]\nname = \"dead\"\naddress = \"{dead}\"\ngroup = \"web\"\n"
-    ));
-    config.push_str("[[client]]\ncn = \"client1.lb.com\"\ngroups = [\"web\"]\n");
-    let lb = Lb::start(&config);
+    let extra = format!(
+        "[health_check]\ninterval = \"1h\"\n\
+         [[upstream]]\nname = \"dead\"\naddress = \"{dead}\"\ngroup = \"web\"\n"
+    );
+    let lb = Lb::start(&pki.config(&extra, &[]));
     let mut s = connect(
         lb.addr,
         pki.client_config(Some(&pki.client("client1.lb.com"))),
@@ -281,13 +272,7 @@ fn a_stopped_upstream_is_avoided_and_rejoins_when_it_returns() {
     let web1 = Upstream::start("web1", Mode::Echo);
     let mut web2 = Upstream::start("web2", Mode::Echo);
     let web2_addr = web2.addr;
-    let mut config = pki.tls_section();
-    config.push_str("[rate_limit]\nrate = 1000\nburst = 1000\n");
-    config.push_str("[health_check]\ninterval = \"20ms\"\ntimeout = \"200ms\"\nrise = 2\nfall = 2\nconnect_retries = 0\n");
-    config.push_str(&web1.entry("web"));
-    config.push_str(&web2.entry("web"));
-    config.push_str("[[client]]\ncn = \"client1.lb.com\"\ngroups = [\"web\"]\n");
-    let lb = Lb::start(&config);
+    let lb = Lb::start(&pki.config("[rate_limit]\nrate = 1000\nburst = 1000\n[health_check]\ninterval = \"20ms\"\ntimeout = \"200ms\"\nrise = 2\nfall = 2\nconnect_retries = 0\n", &[&web1, &web2]));
     let cfg = pki.client_config(Some(&pki.client("client1.lb.com")));
 
     web2.stop();
@@ -322,13 +307,7 @@ fn with_no_upstream_up_clients_are_refused_and_served_again_when_one_returns() {
     let pki = Pki::new("nothingup");
     let mut web1 = Upstream::start("web1", Mode::Echo);
     let addr = web1.addr;
-    let mut config = pki.tls_section();
-    config.push_str("[rate_limit]\nrate = 1000\nburst = 1000\n");
-    config
-        .push_str("[health_check]\ninterval = \"20ms\"\ntimeout = \"200ms\"\nrise = 1\nfall = 1\n");
-    config.push_str(&web1.entry("web"));
-    config.push_str("[[client]]\ncn = \"client1.lb.com\"\ngroups = [\"web\"]\n");
-    let lb = Lb::start(&config);
+    let lb = Lb::start(&pki.config("[rate_limit]\nrate = 1000\nburst = 1000\n[health_check]\ninterval = \"20ms\"\ntimeout = \"200ms\"\nrise = 1\nfall = 1\n", &[&web1]));
     let cfg = pki.client_config(Some(&pki.client("client1.lb.com")));
     web1.stop();
     // Once the probes have marked it DOWN, refusals say no_upstream (not a connect failure).
@@ -360,12 +339,8 @@ fn an_upstream_reset_ends_the_client_connection_and_releases_its_count() {
             drop(sock);
         }
     });
-    let mut config = pki.tls_section();
-    config.push_str(&format!(
-        "[[upstream]]\nname = \"rst\"\naddress = \"{addr}\"\ngroup = \"web\"\n"
-    ));
-    config.push_str("[[client]]\ncn = \"client1.lb.com\"\ngroups = [\"web\"]\n");
-    let lb = Lb::start(&config);
+    let extra = format!("[[upstream]]\nname = \"rst\"\naddress = \"{addr}\"\ngroup = \"web\"\n");
+    let lb = Lb::start(&pki.config(&extra, &[]));
     let mut s = connect(
         lb.addr,
         pki.client_config(Some(&pki.client("client1.lb.com"))),
@@ -384,11 +359,7 @@ fn an_upstream_reset_ends_the_client_connection_and_releases_its_count() {
 fn connections_on_an_upstream_marked_down_are_closed_when_configured() {
     let pki = Pki::new("shutdown-sessions");
     let mut web1 = Upstream::start("web1", Mode::Echo);
-    let mut config = pki.tls_section();
-    config.push_str("[health_check]\ninterval = \"20ms\"\ntimeout = \"200ms\"\nfall = 1\nshutdown_sessions_on_down = true\n");
-    config.push_str(&web1.entry("web"));
-    config.push_str("[[client]]\ncn = \"client1.lb.com\"\ngroups = [\"web\"]\n");
-    let lb = Lb::start(&config);
+    let lb = Lb::start(&pki.config("[health_check]\ninterval = \"20ms\"\ntimeout = \"200ms\"\nfall = 1\nshutdown_sessions_on_down = true\n", &[&web1]));
     let mut s = connect(
         lb.addr,
         pki.client_config(Some(&pki.client("client1.lb.com"))),
@@ -407,11 +378,10 @@ fn connections_on_an_upstream_marked_down_are_closed_when_configured() {
 fn connections_on_an_upstream_marked_down_are_left_alone_by_default() {
     let pki = Pki::new("keep-sessions");
     let mut web1 = Upstream::start("web1", Mode::Echo);
-    let mut config = pki.tls_section();
-    config.push_str("[health_check]\ninterval = \"20ms\"\ntimeout = \"200ms\"\nfall = 1\n");
-    config.push_str(&web1.entry("web"));
-    config.push_str("[[client]]\ncn = \"client1.lb.com\"\ngroups = [\"web\"]\n");
-    let lb = Lb::start(&config);
+    let lb = Lb::start(&pki.config(
+        "[health_check]\ninterval = \"20ms\"\ntimeout = \"200ms\"\nfall = 1\n",
+        &[&web1],
+    ));
     let cfg = pki.client_config(Some(&pki.client("client1.lb.com")));
     let mut s = connect(lb.addr, cfg.clone()).unwrap();
     assert_eq!(read_line(&mut s).unwrap(), "web1");

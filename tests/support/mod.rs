@@ -143,6 +143,19 @@ impl Pki {
         )
     }
 
+    /// A whole config: this PKI's `[tls]`, then `extra` (sections such as `[limits]`, or more
+    /// `[[upstream]]` entries), `upstreams` all in group `web`, and `client1.lb.com` allowed
+    /// to `web`.
+    pub fn config(&self, extra: &str, upstreams: &[&Upstream]) -> String {
+        let mut config = self.tls_section();
+        config.push_str(extra);
+        for u in upstreams {
+            config.push_str(&u.entry("web"));
+        }
+        config.push_str("[[client]]\ncn = \"client1.lb.com\"\ngroups = [\"web\"]\n");
+        config
+    }
+
     /// A rustls client config trusting this PKI's CA, presenting `client` (or no certificate).
     pub fn client_config(&self, client: Option<&Issued>) -> Arc<ClientConfig> {
         let mut roots = RootCertStore::empty();
