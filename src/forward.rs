@@ -245,6 +245,10 @@ impl Link {
     /// within a moment, then both sockets are shut down as in [`Link::abort`].
     fn close(&self, reason: EndReason) {
         if !self.is_aborted() {
+            // This may run on the health or drain thread: a client that has stopped reading
+            // must not hold it for the whole idle timeout, so the write gets the same short
+            // bound as the wait for its turn.
+            let _ = self.client.set_write_timeout(Some(CLOSE_NOTIFY_WAIT));
             let mut out = Vec::new();
             let ticket = {
                 let mut sealer = self.tls.lock();
