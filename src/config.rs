@@ -58,6 +58,10 @@ pub const DEFAULT_RISE: u32 = 2;
 pub const DEFAULT_FALL: u32 = 3;
 /// Default number of other upstreams tried after a failed connect while serving a client.
 pub const DEFAULT_CONNECT_RETRIES: u32 = 2;
+/// Default cap on handshakes in progress at once from one source address (or IPv6 prefix).
+pub const DEFAULT_PER_IP_MAX_HANDSHAKES: usize = 32;
+/// Default length of the IPv6 prefix that groups source addresses for the per-address limits.
+pub const DEFAULT_PER_IP_IPV6_PREFIX: u8 = 64;
 /// A commented config with every key at its default (what `lclb --print-default-config`
 /// prints). The `[[upstream]]` and `[[client]]` entries are examples: they have no default.
 pub const DEFAULT_CONFIG: &str = r#"# lclb configuration. Durations: "250ms", "5s", "10m". Relative paths are taken
@@ -72,6 +76,8 @@ ca_cert = "certs/ca/ca.crt"          # client certificates must chain to this CA
 server_cert = "certs/server/server.crt"
 server_key = "certs/server/server.key.pem"   # PKCS#8, SEC1 or PKCS#1 PEM
 crls = []                            # PEM CRLs; a listed client certificate is refused
+crl_stale = "warn"                   # a CRL past its nextUpdate: "warn" (log, metric) or "refuse"
+truncation = "fin"                   # client EOF without close_notify: "fin" or "reset" upstream
 
 [limits]
 max_connections = 10000              # concurrent client connections, handshakes included
@@ -81,6 +87,8 @@ idle_timeout = "10m"                 # no byte either way for this long closes t
 half_close_timeout = "30s"           # one side finished, the other idle this long: closed
 drain_timeout = "30s"                # on SIGTERM/SIGINT, time given to connections in flight
 max_handshakes = 512                 # handshakes in progress at once; more are closed at once
+per_ip_max_handshakes = 32           # handshakes in progress at once per source address; 0 = off
+per_ip_ipv6_prefix = 64              # IPv6 sources are grouped by this prefix for per-IP limits
 per_ip_handshake_rate = 0            # new connections/s per source IP before TLS; 0 = off
 # per_ip_handshake_burst = 10        # default: twice the rate
 thread_keep_alive = "30s"            # idle threads kept this long for reuse (start-up only)
@@ -210,6 +218,8 @@ struct RawTls {
     server_cert: Option<PathBuf>,
     server_key: Option<PathBuf>,
     crls: Option<Vec<PathBuf>>,
+    crl_stale: Option<CrlStale>,
+    truncation: Option<Truncation>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -222,6 +232,8 @@ struct RawLimits {
     half_close_timeout: Option<String>,
     drain_timeout: Option<String>,
     max_handshakes: Option<usize>,
+    per_ip_max_handshakes: Option<usize>,
+    per_ip_ipv6_prefix: Option<u8>,
     per_ip_handshake_rate: Option<f64>,
     per_ip_handshake_burst: Option<u32>,
     thread_keep_alive: Option<String>,
@@ -304,6 +316,35 @@ pub struct TlsFiles {
     /// PEM certificate revocation lists; a client whose certificate is listed is refused.
     /// Default: none (no revocation checking).
     pub crls: Vec<PathBuf>,
+    /// What a CRL past its nextUpdate does. Default [`CrlStale::Warn`].
+    pub crl_stale: CrlStale,
+    /// What the upstream gets when a client ends without close_notify. Default
+    /// [`Truncation::Fin`].
+    pub truncation: Truncation,
+}
+
+/// `tls.crl_stale`: what lclb does while a configured CRL is past its nextUpdate.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CrlStale {
+    /// Keep using it: a log line at load and reload, and the nextUpdate metric. The default.
+    #[default]
+    Warn,
+    /// Refuse clients of that CRL's CA until a fresh CRL is loaded.
+    Refuse,
+}
+
+/// `tls.truncation`: what the upstream gets when the client's stream ends (TCP FIN) without a
+/// TLS close_notify, which a truncation attack also looks like.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Truncation {
+    /// A clean end of stream (FIN), logged as `client_truncated`. The default: most clients
+    /// close this way.
+    #[default]
+    Fin,
+    /// A reset: the upstream never mistakes a truncated stream for a complete one.
+    Reset,
 }
 
 /// The `[limits]` section: timeouts and capacity.
@@ -324,6 +365,13 @@ pub struct Limits {
     /// Cap on handshakes in progress at once; past it, new sockets are closed at once.
     /// Default 512.
     pub max_handshakes: usize,
+    /// Cap on handshakes in progress at once from one source address (IPv6: one prefix of
+    /// `per_ip_ipv6_prefix` bits), so one address cannot take every handshake slot. 0 turns
+    /// it off. Default 32.
+    pub per_ip_max_handshakes: usize,
+    /// IPv6 source addresses are grouped by this many leading bits for the per-address limits
+    /// (one host usually holds a whole /64). Default 64.
+    pub per_ip_ipv6_prefix: u8,
     /// New connections per second allowed from one source IP before its handshake (a token
     /// bucket per address). Default 0: no per-address limit.
     pub per_ip_handshake_rate: f64,
@@ -344,6 +392,8 @@ impl Default for Limits {
             half_close_timeout: DEFAULT_HALF_CLOSE_TIMEOUT,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             max_handshakes: DEFAULT_MAX_HANDSHAKES,
+            per_ip_max_handshakes: DEFAULT_PER_IP_MAX_HANDSHAKES,
+            per_ip_ipv6_prefix: DEFAULT_PER_IP_IPV6_PREFIX,
             per_ip_handshake_rate: 0.0,
             per_ip_handshake_burst: 1,
             thread_keep_alive: DEFAULT_THREAD_KEEP_ALIVE,
@@ -574,6 +624,8 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
             .into_iter()
             .map(|p| path(base, Some(p), ""))
             .collect(),
+        crl_stale: raw.tls.crl_stale.unwrap_or_default(),
+        truncation: raw.tls.truncation.unwrap_or_default(),
     };
 
     let l = raw.limits;
@@ -601,6 +653,10 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
             DEFAULT_DRAIN_TIMEOUT,
         )?,
         max_handshakes: l.max_handshakes.unwrap_or(DEFAULT_MAX_HANDSHAKES),
+        per_ip_max_handshakes: l
+            .per_ip_max_handshakes
+            .unwrap_or(DEFAULT_PER_IP_MAX_HANDSHAKES),
+        per_ip_ipv6_prefix: l.per_ip_ipv6_prefix.unwrap_or(DEFAULT_PER_IP_IPV6_PREFIX),
         per_ip_handshake_rate: l.per_ip_handshake_rate.unwrap_or(0.0),
         per_ip_handshake_burst: 0,
         thread_keep_alive: duration(
@@ -614,6 +670,12 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
     }
     if limits.max_handshakes == 0 {
         return Err(invalid("limits.max_handshakes", "must be at least 1"));
+    }
+    if !(1..=128).contains(&limits.per_ip_ipv6_prefix) {
+        return Err(invalid(
+            "limits.per_ip_ipv6_prefix",
+            "must be a prefix length from 1 to 128 (64 groups each /64)",
+        ));
     }
     if !limits.per_ip_handshake_rate.is_finite() || limits.per_ip_handshake_rate < 0.0 {
         return Err(invalid(

@@ -127,6 +127,9 @@ pub struct Stats {
     pub active_handshakes: AtomicU64,
     /// Completed handshake durations.
     pub handshakes: HandshakeHistogram,
+    /// Completed handshakes that resumed an earlier session (TLS 1.2 session id or TLS 1.3
+    /// ticket) instead of verifying a certificate afresh.
+    pub tls_resumptions: AtomicU64,
     /// Config reloads that took effect.
     pub reloads_ok: AtomicU64,
     /// Config reloads refused (the old config stayed).

@@ -79,6 +79,8 @@ pub fn server_from_files(cert: &str, key: &str, ca: &str) -> Result<Arc<ServerCo
         server_cert: PathBuf::from(cert),
         server_key: PathBuf::from(key),
         crls: Vec::new(),
+        crl_stale: lclb::config::CrlStale::default(),
+        truncation: lclb::config::Truncation::default(),
     };
     let ctx = lclb::tls::TlsContext::load(&files).map_err(|e| e.to_string())?;
     Ok(ctx.server_config)
