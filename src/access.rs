@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::balancer::Session;
+use crate::forward::ForwardReport;
 use crate::stats::Refusal;
 
 /// The `log` target of access lines.
@@ -113,20 +113,27 @@ fn line(fields: &[(&str, Value<'_>)]) -> String {
     out
 }
 
-/// Logs a connection that was forwarded and has ended.
-pub fn finished(id: u64, client: &str, peer: SocketAddr, session: &Session, took: Duration) {
+/// Logs a connection that was forwarded to `upstream` and has ended as `report` says.
+pub fn finished(
+    id: u64,
+    client: &str,
+    peer: SocketAddr,
+    upstream: &str,
+    report: &ForwardReport,
+    took: Duration,
+) {
     let peer = peer.to_string();
-    let end = session.report.end.to_string();
+    let end = report.end.to_string();
     let ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
     log::info!(target: TARGET, "{}", line(&[
         ("event", Value::Str("connection")),
         ("conn", Value::Num(id)),
         ("client", Value::Str(client)),
         ("peer", Value::Str(&peer)),
-        ("upstream", Value::Str(&session.upstream)),
+        ("upstream", Value::Str(upstream)),
         ("duration_ms", Value::Num(ms)),
-        ("bytes_to_upstream", Value::Num(session.report.to_upstream)),
-        ("bytes_to_client", Value::Num(session.report.to_client)),
+        ("bytes_to_upstream", Value::Num(report.to_upstream)),
+        ("bytes_to_client", Value::Num(report.to_client)),
         ("end", Value::Str(&end)),
     ]));
 }

@@ -1,27 +1,37 @@
-//! Authorization: which upstreams an identity may reach.
+//! Authorization: which upstreams an identity may reach, and under which limits.
 //!
-//! Deny by default: an identity with no `[[client]]` entry may reach nothing. The allowed set is
-//! computed once per config (groups resolved to upstream ids), so the per-connection check is one
-//! hash lookup. Who the client is (TLS, CN) is decided before this; which of the allowed
-//! upstreams is used is decided after, by the balancer.
+//! Deny by default: an identity with no `[[client]]` entry may reach nothing. Each entry's
+//! policy (allowed upstreams, with groups resolved to upstream ids, and its rate and
+//! concurrency limits) is computed once per config, so the per-connection check is one hash
+//! lookup. Who the client is (TLS, CN) is decided before this; applying the limits is
+//! admission's; which of the allowed upstreams is used is decided after, by the balancer.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::config::Config;
+use crate::config::{ClientLimits, Config};
 use crate::table::UpstreamId;
 
-/// Maps client identities to the upstreams they may reach.
+/// What one identity may do.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// The upstreams it may reach; never empty.
+    pub allowed: Arc<[UpstreamId]>,
+    /// Its rate and concurrency limits.
+    pub limits: ClientLimits,
+}
+
+/// Maps client identities to their policies.
 #[derive(Debug, Clone, Default)]
 pub struct Authorizer {
-    allowed: HashMap<String, Arc<[UpstreamId]>>,
+    policies: HashMap<String, Policy>,
 }
 
 impl Authorizer {
     /// Resolves every client's groups to the ids of the upstreams in those groups; `ids[i]` is
     /// the id of `config.upstreams[i]` (as [`crate::Balancer::update`] returns them).
     pub fn from_config(config: &Config, ids: &[UpstreamId]) -> Authorizer {
-        let allowed = config
+        let policies = config
             .clients
             .iter()
             .map(|client| {
@@ -32,18 +42,25 @@ impl Authorizer {
                     .filter(|(_, u)| client.groups.contains(&u.group))
                     .filter_map(|(i, _)| ids.get(i).copied())
                     .collect();
-                (client.cn.clone(), Arc::from(ids))
+                let policy = Policy {
+                    allowed: Arc::from(ids),
+                    limits: client.rate_limit,
+                };
+                (client.cn.clone(), policy)
             })
+            .filter(|(_, policy)| !policy.allowed.is_empty())
             .collect();
-        Authorizer { allowed }
+        Authorizer { policies }
+    }
+
+    /// The policy of `identity`, or `None` when it is not authorized at all.
+    pub fn policy(&self, identity: &str) -> Option<&Policy> {
+        self.policies.get(identity)
     }
 
     /// The upstreams `identity` may reach, or `None` when it is not authorized at all.
     pub fn allowed(&self, identity: &str) -> Option<Arc<[UpstreamId]>> {
-        self.allowed
-            .get(identity)
-            .filter(|ids| !ids.is_empty())
-            .cloned()
+        self.policy(identity).map(|p| p.allowed.clone())
     }
 }
 

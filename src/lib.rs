@@ -31,6 +31,7 @@
 #![warn(missing_docs)]
 
 pub mod access;
+pub mod admission;
 pub mod authz;
 pub mod balancer;
 pub mod config;
@@ -40,11 +41,12 @@ pub mod metrics;
 pub mod pool;
 pub mod ratelimit;
 pub mod server;
+pub mod sessions;
 pub mod stats;
 pub mod table;
 pub mod tls;
 
-pub use balancer::{BalanceError, Balancer, BalancerOptions, Client, Session, Upstream};
+pub use balancer::{BalanceError, Balancer, BalancerOptions, Client, Session, Unbalanced};
 pub use config::{Config, ConfigError};
 pub use server::{Server, ShutdownHandle, StartError};
-pub use table::UpstreamId;
+pub use table::{Upstream, UpstreamId};

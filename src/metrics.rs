@@ -58,12 +58,12 @@ fn upstream_label(name: &str) -> String {
 /// Renders every metric as Prometheus text.
 pub fn render(shared: &Shared) -> String {
     let stats = &shared.stats;
-    let table = shared.balancer.table();
     let upstreams: Vec<_> = shared
         .balancer
-        .upstreams()
+        .table()
+        .snapshot()
         .into_iter()
-        .map(|(id, u)| (id, upstream_label(&u.name), u))
+        .map(|u| (upstream_label(&u.name), u))
         .collect();
     let load = |n: &std::sync::atomic::AtomicU64| n.load(Ordering::Relaxed);
     let mut out = String::with_capacity(4096);
@@ -83,8 +83,8 @@ pub fn render(shared: &Shared) -> String {
         "gauge",
         "1 if the upstream is UP (eligible), 0 if DOWN.",
     );
-    for (id, label, _) in &upstreams {
-        f.sample(label, u8::from(table.is_up(*id)));
+    for (label, u) in &upstreams {
+        f.sample(label, u8::from(u.up));
     }
     let mut f = Family::new(
         &mut out,
@@ -92,8 +92,8 @@ pub fn render(shared: &Shared) -> String {
         "gauge",
         "Connections being forwarded to the upstream now.",
     );
-    for (id, label, _) in &upstreams {
-        f.sample(label, table.active(*id));
+    for (label, u) in &upstreams {
+        f.sample(label, u.active);
     }
     let mut f = Family::new(
         &mut out,
@@ -101,7 +101,7 @@ pub fn render(shared: &Shared) -> String {
         "counter",
         "Connections forwarded to the upstream.",
     );
-    for (_, label, u) in &upstreams {
+    for (label, u) in &upstreams {
         f.sample(label, load(&u.stats.connections_total));
     }
     let mut f = Family::new(
@@ -110,7 +110,7 @@ pub fn render(shared: &Shared) -> String {
         "counter",
         "Failed connects to the upstream while serving clients.",
     );
-    for (_, label, u) in &upstreams {
+    for (label, u) in &upstreams {
         f.sample(label, load(&u.stats.connect_failures));
     }
     let mut f = Family::new(
@@ -119,7 +119,7 @@ pub fn render(shared: &Shared) -> String {
         "counter",
         "Plaintext bytes forwarded, per upstream and direction.",
     );
-    for (_, label, u) in &upstreams {
+    for (label, u) in &upstreams {
         f.sample(
             &format!("{label},direction=\"client_to_upstream\""),
             load(&u.stats.bytes_to_upstream),
@@ -179,7 +179,14 @@ pub fn render(shared: &Shared) -> String {
         "gauge",
         "Client identities with a rate-limit bucket in memory.",
     )
-    .sample("", shared.balancer.tracked_clients());
+    .sample("", shared.admission.tracked_clients());
+    Family::new(
+        &mut out,
+        "lclb_ip_rate_untracked_total",
+        "counter",
+        "Connections admitted without a per-address rate bucket because the table was full.",
+    )
+    .sample("", shared.admission.ip_rate_untracked());
     out
 }
 

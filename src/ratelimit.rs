@@ -12,6 +12,7 @@
 use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::hash::Hash;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -74,6 +75,8 @@ pub const DEFAULT_MAX_KEYS: usize = 100_000;
 pub struct RateLimiter<K = String> {
     clock: Box<dyn Clock>,
     max_keys: usize,
+    /// Checks admitted without a bucket because the table was full.
+    untracked: AtomicU64,
     state: Mutex<State<K>>,
 }
 
@@ -102,6 +105,7 @@ impl<K: Hash + Eq> RateLimiter<K> {
         RateLimiter {
             clock,
             max_keys: max_keys.max(1),
+            untracked: AtomicU64::new(0),
             state: Mutex::new(State {
                 buckets: HashMap::new(),
                 checks: 0,
@@ -126,6 +130,7 @@ impl<K: Hash + Eq> RateLimiter<K> {
         if !state.buckets.contains_key(key) && state.buckets.len() >= self.max_keys {
             sweep(&mut state.buckets, now);
             if state.buckets.len() >= self.max_keys {
+                self.untracked.fetch_add(1, Ordering::Relaxed);
                 return true;
             }
         }
@@ -147,6 +152,11 @@ impl<K: Hash + Eq> RateLimiter<K> {
         }
     }
 
+    /// Checks admitted untracked because the table was full (fail-open), so far.
+    pub fn untracked_admissions(&self) -> u64 {
+        self.untracked.load(Ordering::Relaxed)
+    }
+
     /// How many keys currently have a bucket (for tests and metrics).
     pub fn tracked_clients(&self) -> usize {
         self.state.lock().buckets.len()
@@ -164,7 +174,6 @@ fn sweep<K>(buckets: &mut HashMap<K, Bucket>, now: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Arc;
 
     /// A clock that moves only when the test says so.
@@ -198,6 +207,7 @@ mod tests {
             "untracked: fail-open"
         );
         assert_eq!(l.tracked_clients(), 2);
+        assert_eq!(l.untracked_admissions(), 10, "each fail-open is counted");
         assert!(!l.try_acquire(&1, one), "tracked keys stay limited");
     }
 

@@ -1,24 +1,26 @@
 //! The server: the listener, the accept loop, each connection's path from accepted socket to
 //! balancer, configuration reloads, and the drain on stop.
 //!
-//! One thread accepts. Each accepted socket gets its own thread, which runs the TLS handshake
-//! under a deadline, reads the client's identity, checks authorization and hands the client to
-//! the [`Balancer`], which starts two copy threads, one per direction; the handshake thread is
-//! then free for the next connection. Threads come from pools ([`crate::pool`]) so none is
-//! created per connection in steady state, and the handshake's deep stack is not kept by a
-//! connection that is merely held open. Refusals are counted (see [`Stats`]) and logged once
-//! each, with the reason.
+//! One thread accepts. Each accepted socket passes admission's first gate
+//! ([`Admission::before_handshake`]) on the accept thread, then gets a thread from a pool, which
+//! runs the TLS handshake under a deadline, passes admission's second gate (peer check,
+//! identity, authorization, per-client limits) and hands the client to the [`Balancer`], which
+//! starts two copy threads, one per direction; the handshake thread is then free for the next
+//! connection. Threads come from pools ([`crate::pool`]) so none is created per connection in
+//! steady state, and the handshake's deep stack is not kept by a connection that is merely held
+//! open. Every refusal, whichever gate or the balancer produced it, goes through one function
+//! here ([`refuse`]): one counter, one access-log line.
 //!
 //! A connection takes the current [`Runtime`] (TLS config, authorization) when it is accepted
-//! and keeps it: a reload swaps in a new one for later connections and never touches those in
-//! flight. Stopping: [`ShutdownHandle::shutdown`] sets a flag and connects to the listener to
-//! wake the blocked `accept`; the accept loop then closes the listener (new connects are
-//! refused), waits up to `limits.drain_timeout` for connections in flight, closes what is
-//! left, stops the health thread and returns.
+//! and keeps it: a reload swaps in a new one for later connections in one step, and never
+//! touches those in flight. Stopping: [`ShutdownHandle::shutdown`] sets a flag and connects to
+//! the listener to wake the blocked `accept`; the accept loop then closes the listener (new
+//! connects are refused), waits up to `limits.drain_timeout` for connections in flight, closes
+//! what is left, stops the health thread and returns.
 
 use std::fmt;
 use std::io;
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -28,19 +30,18 @@ use parking_lot::{Mutex, RwLock};
 use rustls::ServerConnection;
 
 use crate::access;
+use crate::admission::{Admission, Handshaking, Refused};
 use crate::authz::Authorizer;
-use crate::balancer::{Balancer, BalancerOptions, Client, Session};
-use crate::config::RateLimit;
+use crate::balancer::{Balancer, BalancerOptions, Client, Session, Unbalanced};
 use crate::config::{Config, ConfigError};
 use crate::forward::EndReason;
 use crate::health::{HealthChecker, ProbeSettings, TcpProbe};
 use crate::pool::ThreadPool;
-use crate::ratelimit::RateLimiter;
 use crate::stats::{Refusal, Stats};
 use crate::tls::{self, TlsContext};
 
 /// Stack size of a connection thread: it runs the handshake (certificate verification,
-/// signatures) and then copies client-to-upstream. Small, so thousands of connections fit.
+/// signatures) and the routing. Small, so thousands of connections fit.
 pub const CONNECTION_THREAD_STACK: usize = 256 * 1024;
 
 /// Pause after `accept` fails for lack of resources (fds, memory), so the loop neither spins
@@ -102,12 +103,19 @@ pub struct Shared {
     /// The balancer (upstreams, counts, health, sessions).
     pub balancer: Balancer,
     /// The counters.
-    pub stats: Stats,
+    pub stats: Arc<Stats>,
+    /// The gates every connection passes, and the counts they keep.
+    pub admission: Arc<Admission>,
     health: Mutex<Option<HealthChecker>>,
-    /// New connections per source address, checked before the handshake (when configured).
-    per_ip: RateLimiter<IpAddr>,
-    /// Threads that run a connection's handshake and then its client -> upstream copy.
+    /// Threads that run a connection's handshake and routing.
     conn_pool: ThreadPool,
+}
+
+fn probe_settings(config: &Config) -> ProbeSettings {
+    ProbeSettings {
+        interval: config.health_check.interval,
+        timeout: config.health_check.timeout,
+    }
 }
 
 impl Shared {
@@ -116,35 +124,23 @@ impl Shared {
         self.runtime.read().clone()
     }
 
-    /// (Re)starts the health-check thread over the balancer's current upstreams.
-    fn restart_health(&self, config: &Config) -> io::Result<()> {
-        let mut slot = self.health.lock();
-        if let Some(mut old) = slot.take() {
-            old.stop();
-        }
-        self.balancer
-            .health()
-            .set_thresholds(config.health_check.rise, config.health_check.fall);
-        let targets = self
-            .balancer
-            .upstreams()
-            .into_iter()
-            .map(|(id, u)| (id, u.addrs.clone()))
-            .collect();
-        *slot = Some(HealthChecker::spawn(
-            self.balancer.health().clone(),
-            targets,
-            ProbeSettings {
-                interval: config.health_check.interval,
-                timeout: config.health_check.timeout,
-            },
+    fn start_health(&self, config: &Config) -> io::Result<()> {
+        let table = self.balancer.table();
+        table.set_thresholds(config.health_check.rise, config.health_check.fall);
+        let checker = HealthChecker::spawn(
+            Arc::clone(table),
+            probe_settings(config),
             Arc::new(TcpProbe),
-        )?);
+            Box::new(self.balancer.flip_handler()),
+        )?;
+        *self.health.lock() = Some(checker);
         Ok(())
     }
 
     fn stop_health(&self) {
-        if let Some(mut checker) = self.health.lock().take() {
+        // Out of the lock first: stopping waits for the thread's last probe.
+        let checker = self.health.lock().take();
+        if let Some(mut checker) = checker {
             checker.stop();
         }
     }
@@ -180,22 +176,26 @@ impl Shared {
         if config.metrics_listen != old.config.metrics_listen {
             log::warn!("reload: `metrics_listen` changed; it takes effect only after a restart");
         }
-        // Everything is valid: nothing below can fail except starting the health thread, and
-        // then the new upstreams are live but not probed, which is logged.
+        // Everything is valid; nothing below can fail. The table changes first (upstreams the
+        // new config dropped are never chosen again, new ones are UP and unreachable until the
+        // swap), then the authorization swaps in one step.
         let ids = self.balancer.update(
             Balancer::upstreams_from_config(&config),
             BalancerOptions::from_config(&config),
         );
         access::set_format(config.log_format);
+        let table = self.balancer.table();
+        table.set_thresholds(config.health_check.rise, config.health_check.fall);
+        let settings = probe_settings(&config);
         let runtime = Runtime {
             authz: Authorizer::from_config(&config, &ids),
             tls,
             config,
         };
-        if let Err(e) = self.restart_health(&runtime.config) {
-            log::error!("reload: cannot restart the health checker: {e}");
-        }
         *self.runtime.write() = Arc::new(runtime);
+        if let Some(checker) = &*self.health.lock() {
+            checker.set_settings(settings);
+        }
         Ok(())
     }
 }
@@ -250,22 +250,21 @@ impl Server {
             addr: config.listen,
             source,
         })?;
-        let balancer = Balancer::new(
-            Balancer::upstreams_from_config(&config),
-            BalancerOptions::from_config(&config),
-        );
-        let ids: Vec<_> = balancer.upstreams().into_iter().map(|(id, _)| id).collect();
+        let upstreams = Balancer::upstreams_from_config(&config);
+        let ids: Vec<_> = (0..upstreams.len()).map(crate::table::UpstreamId).collect();
+        let balancer = Balancer::new(upstreams, BalancerOptions::from_config(&config));
         access::set_format(config.log_format);
         let runtime = Runtime {
             authz: Authorizer::from_config(&config, &ids),
             tls,
             config,
         };
+        let stats = Arc::new(Stats::default());
         let shared = Arc::new(Shared {
             balancer,
-            stats: Stats::default(),
+            admission: Arc::new(Admission::new(stats.clone())),
+            stats,
             health: Mutex::new(None),
-            per_ip: RateLimiter::default(),
             conn_pool: ThreadPool::new(
                 "lclb-conn",
                 CONNECTION_THREAD_STACK,
@@ -274,7 +273,7 @@ impl Server {
             runtime: RwLock::new(Arc::new(runtime)),
         });
         shared
-            .restart_health(&shared.runtime().config)
+            .start_health(&shared.runtime().config)
             .map_err(StartError::Thread)?;
         Ok(Server {
             listener,
@@ -345,69 +344,56 @@ fn drain(shared: &Shared) {
         "lclb stopping: listener closed, draining {open} connection(s) for up to {}",
         humantime::format_duration(timeout)
     );
-    let deadline = Instant::now() + timeout;
-    while stats.active_clients.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let wait_until = |deadline: Option<Instant>| {
+        while stats.active_clients.load(Ordering::SeqCst) > 0
+            && deadline.is_none_or(|d| Instant::now() < d)
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_until(Instant::now().checked_add(timeout));
     let left = stats.active_clients.load(Ordering::SeqCst);
     if left > 0 {
-        let closed = shared.balancer.sessions().abort_all(EndReason::Shutdown);
+        let closed = shared.balancer.sessions().close_all(EndReason::Shutdown);
         log::warn!("drain timeout: closing {closed} connection(s) still open");
-        // Aborted links end within moments; handshakes end at their own deadline.
-        let grace = Instant::now() + Duration::from_secs(2);
-        while stats.active_clients.load(Ordering::SeqCst) > 0 && Instant::now() < grace {
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        // Closed links end within moments; handshakes end at their own deadline.
+        wait_until(Instant::now().checked_add(Duration::from_secs(2)));
     }
     shared.stop_health();
     log::info!("lclb stopped");
 }
 
+/// Counts and logs a refused connection: the one place every refusal ends up.
+fn refuse(shared: &Shared, id: u64, peer: SocketAddr, refused: &Refused) {
+    shared.stats.refuse(refused.reason);
+    let client = refused.client.as_deref().unwrap_or("-");
+    access::refused(id, client, peer, refused.reason, &refused.detail);
+}
+
+/// The first gate, on the accept thread: a refused socket is closed at once (dropped) rather
+/// than given a thread or left in the kernel's backlog.
 fn admit(shared: &Arc<Shared>, sock: TcpStream, peer: SocketAddr, id: u64) {
     let accepted_at = Instant::now();
-    let stats = &shared.stats;
-    stats.accepted.fetch_add(1, Ordering::Relaxed);
-    // Every refusal here happens before a thread or a handshake is spent on the socket, which
-    // is closed at once (dropped) rather than left in the kernel's backlog.
-    let refuse = |reason: Refusal, detail: &dyn fmt::Display| {
-        stats.refuse(reason);
-        access::refused(id, "-", peer, reason, detail);
-    };
+    shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
     let runtime = shared.runtime();
-    let limits = &runtime.config.limits;
-    if limits.per_ip_handshake_rate > 0.0 {
-        let rate = RateLimit {
-            rate: limits.per_ip_handshake_rate,
-            burst: limits.per_ip_handshake_burst,
-        };
-        if !shared.per_ip.try_acquire(&peer.ip(), rate) {
-            return refuse(Refusal::RateLimited, &"per_ip_handshake_rate exceeded");
-        }
-    }
-    let max = limits.max_connections as u64;
-    if stats.active_clients.fetch_add(1, Ordering::SeqCst) >= max {
-        stats.active_clients.fetch_sub(1, Ordering::SeqCst);
-        return refuse(Refusal::Capacity, &format_args!("{max} connections open"));
-    }
-    let active = ActiveClient(shared.clone());
-    let max = limits.max_handshakes as u64;
-    if stats.active_handshakes.fetch_add(1, Ordering::SeqCst) >= max {
-        stats.active_handshakes.fetch_sub(1, Ordering::SeqCst);
-        return refuse(
-            Refusal::Capacity,
-            &format_args!("{max} handshakes in progress"),
-        );
-    }
-    let handshaking = Handshaking(shared.clone());
+    let entry = match shared
+        .admission
+        .before_handshake(peer.ip(), &runtime.config.limits)
+    {
+        Ok(entry) => entry,
+        Err(refused) => return refuse(shared, id, peer, &refused),
+    };
+    let job_shared = Arc::clone(shared);
     let spawned = shared.conn_pool.execute(move || {
-        serve(active, &runtime, sock, peer, id, accepted_at, handshaking);
+        serve(&job_shared, &runtime, sock, peer, id, accepted_at, entry);
     });
     if let Err(e) = spawned {
-        // The closure (and with it the socket and both counts) was dropped.
-        refuse(
+        // The closure (and with it the socket and the counts it held) was dropped.
+        let refused = Refused::new(
             Refusal::Capacity,
-            &format_args!("cannot start a thread: {e}"),
+            format_args!("cannot start a thread: {e}"),
         );
+        refuse(shared, id, peer, &refused);
         std::thread::sleep(ACCEPT_BACKOFF);
     }
 }
@@ -422,82 +408,61 @@ fn accept_failed(e: &io::Error) {
     }
 }
 
-/// Holds one unit of `active_clients` for the life of a connection thread.
-struct ActiveClient(Arc<Shared>);
-
-impl Drop for ActiveClient {
-    fn drop(&mut self) {
-        self.0.stats.active_clients.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-/// Holds one unit of `active_handshakes` until the handshake ends.
-struct Handshaking(Arc<Shared>);
-
-impl Drop for Handshaking {
-    fn drop(&mut self) {
-        self.0
-            .stats
-            .active_handshakes
-            .fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-/// Serves one accepted socket: handshake, identity, authorization, then the balancer, which
-/// takes the connection (and `active`, its place in the count) to its two copy threads.
+/// Serves one admitted socket: handshake, the second gate, then the balancer, which takes the
+/// connection (and its permit, which holds its counts) to its two copy threads.
 fn serve(
-    active: ActiveClient,
+    shared: &Arc<Shared>,
     rt: &Runtime,
     sock: TcpStream,
     peer: SocketAddr,
     id: u64,
     accepted_at: Instant,
-    handshaking: Handshaking,
+    entry: Handshaking,
 ) {
-    let shared = Arc::clone(&active.0);
-    let stats = &shared.stats;
     let _ = sock.set_nodelay(true);
-    let refuse = |reason: Refusal, client: &str, detail: &dyn fmt::Display| {
-        stats.refuse(reason);
-        access::refused(id, client, peer, reason, detail);
-    };
+    let tls_refusal = |e: &dyn fmt::Display| Refused::new(Refusal::Tls, e);
     let mut conn = match ServerConnection::new(rt.tls.server_config.clone()) {
         Ok(c) => c,
-        Err(e) => return refuse(Refusal::Tls, "-", &e),
+        Err(e) => return refuse(shared, id, peer, &tls_refusal(&e)),
     };
-    let deadline = accepted_at + rt.config.limits.handshake_timeout;
-    let handshake = tls::handshake(&mut conn, &sock, deadline);
-    drop(handshaking);
-    if let Err(e) = handshake {
-        return refuse(Refusal::Tls, "-", &e);
+    let deadline = accepted_at
+        .checked_add(rt.config.limits.handshake_timeout)
+        .unwrap_or(accepted_at);
+    if let Err(e) = tls::handshake(&mut conn, &sock, deadline) {
+        return refuse(shared, id, peer, &tls_refusal(&e));
     }
-    stats.handshakes.observe(accepted_at.elapsed());
+    shared.stats.handshakes.observe(accepted_at.elapsed());
     // Refusals below send close_notify; do not let a client that stopped reading hold us.
     let _ = sock.set_write_timeout(Some(Duration::from_secs(1)));
-    let cn = match tls::peer_identity(&conn) {
-        Ok(cn) => cn,
-        Err(e) => {
+    let permit = match shared
+        .admission
+        .after_handshake(entry, &conn, &rt.tls, &rt.authz)
+    {
+        Ok(permit) => permit,
+        Err(refused) => {
             tls::close_gracefully(&mut conn, &sock);
-            return refuse(Refusal::Tls, "-", &e);
+            return refuse(shared, id, peer, &refused);
         }
-    };
-    let Some(allowed) = rt.authz.allowed(&cn) else {
-        tls::close_gracefully(&mut conn, &sock);
-        return refuse(
-            Refusal::Unauthorized,
-            &cn,
-            &"no [[client]] entry for this identity",
-        );
     };
     let client = Client { tls: conn, sock };
     let started = Instant::now();
-    let identity = cn.clone();
+    let (identity, allowed) = (permit.identity.clone(), permit.allowed.clone());
     let on_end = move |session: Session| {
-        access::finished(id, &identity, peer, &session, started.elapsed());
+        let took = started.elapsed();
+        access::finished(
+            id,
+            &permit.identity,
+            peer,
+            &session.upstream,
+            &session.report,
+            took,
+        );
         // The connection no longer counts once its line is written.
-        drop(active);
+        drop(permit);
     };
-    if let Err(e) = shared.balancer.balance(client, &cn, &allowed, on_end) {
-        refuse(e.refusal(), &cn, &e);
+    if let Err(failed) = shared.balancer.balance(client, &identity, &allowed, on_end) {
+        let Unbalanced { mut client, error } = *failed;
+        tls::close_gracefully(&mut client.tls, &client.sock);
+        refuse(shared, id, peer, &Refused::from(error).of(&identity));
     }
 }

@@ -7,49 +7,60 @@
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Why a client connection was refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum Refusal {
+/// Declares [`Refusal`] and its [`Refusal::ALL`] list from one table, so that a new reason is
+/// one line here and every counter array sized from the list grows with it at compile time.
+macro_rules! refusals {
+    ($($(#[doc = $doc:literal])* $variant:ident => $name:literal,)*) => {
+        /// Why a client connection was refused. The names are the `reason` label of
+        /// `lclb_rejected_connections_total` and the `reason` word of the access log.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        #[non_exhaustive]
+        pub enum Refusal {
+            $($(#[doc = $doc])* $variant,)*
+        }
+
+        impl Refusal {
+            /// Every reason, in a fixed order (the order of the counters).
+            pub const ALL: [Refusal; [$($name),*].len()] = [$(Refusal::$variant),*];
+
+            /// The reason's name in logs and metrics labels.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Refusal::$variant => $name,)*
+                }
+            }
+        }
+    };
+}
+
+refusals! {
+    /// The balancer was at `limits.max_connections` (or what the thread limit allows), had
+    /// `limits.max_handshakes` handshakes in progress, or could not get a thread.
+    Capacity => "capacity",
+    /// The source address (or IPv6 prefix) already had `limits.per_ip_max_handshakes`
+    /// handshakes in progress.
+    IpHandshakes => "ip_handshakes",
+    /// The source address (or IPv6 prefix) exceeded `limits.per_ip_handshake_rate`.
+    IpRateLimited => "ip_rate_limited",
     /// The TLS handshake failed or timed out (bad, missing, expired or untrusted certificate,
-    /// protocol error, silence).
-    Tls,
+    /// protocol error, silence), or a resumed session no longer verifies.
+    Tls => "tls",
     /// The verified identity may reach no upstream.
-    Unauthorized,
+    Unauthorized => "unauthorized",
     /// The identity exceeded its connection rate.
-    RateLimited,
+    RateLimited => "rate_limited",
+    /// The identity already had `max_concurrent` connections open.
+    ConcurrencyLimited => "concurrency_limited",
     /// No allowed upstream was UP.
-    NoUpstream,
+    NoUpstream => "no_upstream",
     /// Every connect attempt to an allowed upstream failed.
-    UpstreamConnect,
-    /// The balancer was at `limits.max_connections`, or could not start a thread.
-    Capacity,
+    UpstreamConnect => "upstream_connect",
 }
 
 impl Refusal {
-    /// Every reason, in a fixed order (the order of the counters).
-    pub const ALL: [Refusal; 6] = [
-        Refusal::Tls,
-        Refusal::Unauthorized,
-        Refusal::RateLimited,
-        Refusal::NoUpstream,
-        Refusal::UpstreamConnect,
-        Refusal::Capacity,
-    ];
-
-    /// The reason's name in logs and metrics labels.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Refusal::Tls => "tls",
-            Refusal::Unauthorized => "unauthorized",
-            Refusal::RateLimited => "rate_limited",
-            Refusal::NoUpstream => "no_upstream",
-            Refusal::UpstreamConnect => "upstream_connect",
-            Refusal::Capacity => "capacity",
-        }
-    }
-
+    /// The reason's place in [`Refusal::ALL`] (and in counter arrays sized from it).
     fn index(self) -> usize {
+        // Declaration order is the order of ALL: the macro writes both from one list.
         self as usize
     }
 }
@@ -134,7 +145,7 @@ pub struct Stats {
     pub reloads_ok: AtomicU64,
     /// Config reloads refused (the old config stayed).
     pub reloads_failed: AtomicU64,
-    refused: [AtomicU64; 6],
+    refused: [AtomicU64; Refusal::ALL.len()],
 }
 
 impl Stats {

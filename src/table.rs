@@ -1,42 +1,131 @@
-//! The least-connection table: active connection counts per upstream, and the choice of the
-//! least-loaded one.
+//! The upstream table: one record per upstream (name, addresses, weight, slow start, health
+//! state, active count, counters), and the least-connection choice over them.
 //!
-//! One `parking_lot` mutex guards the counts, the health flags and the tie-breaking cursor, so
-//! that a choice and the count it takes are one atomic step: two connections arriving together
-//! cannot both see the same upstream as emptiest. The lock is held for a scan of the allowed
-//! upstreams and nothing else; never across I/O.
+//! One `parking_lot` mutex guards every record and the tie-breaking clock, so that a choice and
+//! the count it takes are one atomic step: two connections arriving together cannot both see
+//! the same upstream as emptiest. The lock is held for a scan of the allowed upstreams, a flip
+//! of a health flag, or a copy of a few fields; never across I/O.
 //!
-//! A count is taken by [`ConnTable::acquire`] and released when the returned [`ConnGuard`] drops,
-//! on every path: normal end, error, or a panic unwinding the connection's thread.
+//! Health lives here too: the rise/fall state machine ([`UpstreamTable::observe`]) updates the
+//! same record the choice reads, so the UP flag exists once. Who produces the checks (the
+//! prober thread, a failed connect) and what a flip sets off (closing sessions) is decided by
+//! the callers.
+//!
+//! Records are never removed, so an [`UpstreamId`] held by a connection in flight stays valid
+//! across reloads; an upstream that a reload dropped is marked retired and is never chosen or
+//! probed again (unless a later reload brings its name back).
+//!
+//! A count is taken by [`UpstreamTable::acquire`] and released when the returned [`ConnGuard`]
+//! drops, on every path: normal end, error, or a panic unwinding the connection's thread.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-/// Index of an upstream in the config's upstream list (and in this table).
+use crate::config::{DEFAULT_FALL, DEFAULT_RISE};
+use crate::stats::UpstreamStats;
+
+/// Index of an upstream's record in the table; stable for the life of the process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct UpstreamId(pub usize);
 
-#[derive(Debug, Clone, Copy)]
-struct Slot {
-    active: u64,
+/// What a configuration says of one upstream: the input of [`UpstreamTable::update`].
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    /// Unique name, used in logs and metrics, and what identifies it across reloads.
+    pub name: String,
+    /// Addresses tried in order on connect.
+    pub addrs: Vec<SocketAddr>,
+    /// Relative capacity for the least-connection choice; 0 is taken as 1.
+    pub weight: u32,
+    /// After coming back UP, the time over which its weight ramps up to full (zero: at once).
+    pub slow_start: Duration,
+}
+
+impl Upstream {
+    /// An upstream with weight 1 at one address.
+    pub fn new(name: impl Into<String>, addr: SocketAddr) -> Upstream {
+        Upstream {
+            name: name.into(),
+            addrs: vec![addr],
+            weight: 1,
+            slow_start: Duration::ZERO,
+        }
+    }
+}
+
+/// What a connection needs of the upstream it was given: copied out of the record under the
+/// lock, used outside it.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The upstream's name.
+    pub name: Arc<str>,
+    /// Its addresses, tried in order.
+    pub addrs: Arc<[SocketAddr]>,
+    /// Its counters.
+    pub stats: Arc<UpstreamStats>,
+}
+
+/// One upstream as metrics and tests see it at a moment.
+#[derive(Debug, Clone)]
+pub struct UpstreamView {
+    /// Its id.
+    pub id: UpstreamId,
+    /// Its name.
+    pub name: Arc<str>,
+    /// Whether it is UP.
+    pub up: bool,
+    /// Connections being forwarded to it now.
+    pub active: u64,
+    /// Its counters.
+    pub stats: Arc<UpstreamStats>,
+}
+
+#[derive(Debug)]
+struct Record {
+    name: Arc<str>,
+    addrs: Arc<[SocketAddr]>,
     weight: u32,
-    up: bool,
-    /// When this slot was last chosen (a tick of `Inner::picks`); ties go to the oldest, so
-    /// they rotate whatever mix of clients and allowed sets the choices come from.
-    last_pick: u64,
     /// Ramp time after coming back UP (zero: none).
     slow_start: Duration,
-    /// When the slot last came back UP, while its ramp is running.
+    /// When the record last came back UP, while its ramp is running.
     up_since: Option<Instant>,
+    up: bool,
+    /// Consecutive checks that disagreed with `up`.
+    streak: u32,
+    active: u64,
+    /// When this record was last chosen (a tick of `Inner::picks`); ties go to the oldest, so
+    /// they rotate whatever mix of clients and allowed sets the choices come from.
+    last_pick: u64,
+    /// Whether the running configuration has this upstream; a retired one only serves the
+    /// connections it already has.
+    configured: bool,
+    stats: Arc<UpstreamStats>,
 }
 
 /// Weight scale: effective weights are in thousandths, so a ramp can start at a tenth of a
 /// weight of 1 without fractions.
 const SCALE: u64 = 1000;
 
-impl Slot {
+impl Record {
+    fn new(spec: Upstream) -> Record {
+        Record {
+            name: spec.name.into(),
+            addrs: spec.addrs.into(),
+            weight: spec.weight.max(1),
+            slow_start: spec.slow_start,
+            up_since: None,
+            up: true,
+            streak: 0,
+            active: 0,
+            last_pick: 0,
+            configured: true,
+            stats: Arc::default(),
+        }
+    }
+
     /// The weight the choice uses now, in thousandths: during slow start it ramps linearly
     /// from a tenth to the full weight.
     fn effective_weight(&mut self, now: Instant) -> u64 {
@@ -52,25 +141,35 @@ impl Slot {
         let fraction = elapsed.as_secs_f64() / self.slow_start.as_secs_f64();
         ((full as f64) * (0.1 + 0.9 * fraction)).max(1.0) as u64
     }
+
+    fn target(&self) -> Target {
+        Target {
+            name: self.name.clone(),
+            addrs: self.addrs.clone(),
+            stats: self.stats.clone(),
+        }
+    }
 }
 
 #[derive(Debug)]
 struct Inner {
-    slots: Vec<Slot>,
-    /// Choices made so far: the clock of `Slot::last_pick`.
+    records: Vec<Record>,
+    /// Choices made so far: the clock of `Record::last_pick`.
     picks: u64,
+    rise: u32,
+    fall: u32,
 }
 
-/// Active connection counts and health of every upstream.
+/// Every upstream's record.
 #[derive(Debug)]
-pub struct ConnTable {
+pub struct UpstreamTable {
     inner: Mutex<Inner>,
 }
 
 /// A count held on one upstream; dropping it releases the count.
 #[derive(Debug)]
 pub struct ConnGuard {
-    table: Arc<ConnTable>,
+    table: Arc<UpstreamTable>,
     id: UpstreamId,
 }
 
@@ -84,11 +183,24 @@ impl ConnGuard {
 impl Drop for ConnGuard {
     fn drop(&mut self) {
         let mut inner = self.table.inner.lock();
-        let slot = &mut inner.slots[self.id.0];
-        // A guard is only made by acquire, which incremented this very slot, and the slot list
-        // never shrinks, so the count is at least one here.
-        slot.active = slot.active.saturating_sub(1);
+        // A guard is only made by acquire, which incremented this very record, and records
+        // are never removed, so the index is valid and the count at least one.
+        if let Some(r) = inner.records.get_mut(self.id.0) {
+            r.active = r.active.saturating_sub(1);
+        }
     }
+}
+
+/// A health flip: what [`UpstreamTable::observe`] reports when a check changed an upstream's
+/// state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Flip {
+    /// The upstream.
+    pub id: UpstreamId,
+    /// Its name, for logs.
+    pub name: Arc<str>,
+    /// Its new state: true is UP.
+    pub up: bool,
 }
 
 /// A candidate during a choice: its id, load and effective weight.
@@ -105,49 +217,84 @@ fn lighter(a: &Candidate, b: &Candidate) -> bool {
     u128::from(a.active) * u128::from(b.weight) < u128::from(b.active) * u128::from(a.weight)
 }
 
-impl ConnTable {
-    /// A table for upstreams with the given weights (ids are the indices), all UP, no
-    /// connections. A zero weight is treated as 1.
-    pub fn new(weights: &[u32]) -> Arc<ConnTable> {
-        let slots = weights
-            .iter()
-            .map(|&w| Slot {
-                active: 0,
-                weight: w.max(1),
-                up: true,
-                last_pick: 0,
-                slow_start: Duration::ZERO,
-                up_since: None,
-            })
-            .collect();
-        Arc::new(ConnTable {
-            inner: Mutex::new(Inner { slots, picks: 0 }),
+impl UpstreamTable {
+    /// A table of `upstreams` (ids are their indices), all UP, no connections, with the
+    /// default health thresholds (rise 2, fall 3).
+    pub fn new(upstreams: Vec<Upstream>) -> Arc<UpstreamTable> {
+        Arc::new(UpstreamTable {
+            inner: Mutex::new(Inner {
+                records: upstreams.into_iter().map(Record::new).collect(),
+                picks: 0,
+                rise: DEFAULT_RISE,
+                fall: DEFAULT_FALL,
+            }),
         })
     }
 
-    /// Picks the UP upstream among `allowed`, minus `exclude`, with the lowest active/weight and
-    /// takes a count on it. Ties go to the tied upstream chosen least recently, so sequential
-    /// short connections spread over all tied upstreams. `None` when no candidate is UP.
+    /// Replaces the configured set. An upstream whose name is already known keeps its id,
+    /// counts, health and counters (its addresses, weight and slow start are updated); a new
+    /// name gets a new record, UP; a known name missing from `upstreams` is retired: never
+    /// chosen again, while its connections in flight go on. Returns the ids of `upstreams`, in
+    /// order. One lock: no choice sees half of an update.
+    pub fn update(&self, upstreams: Vec<Upstream>) -> Vec<UpstreamId> {
+        let mut inner = self.inner.lock();
+        for r in &mut inner.records {
+            r.configured = false;
+        }
+        let mut ids = Vec::with_capacity(upstreams.len());
+        for spec in upstreams {
+            let found = inner.records.iter().position(|r| *r.name == *spec.name);
+            let id = match found {
+                Some(i) => {
+                    let r = &mut inner.records[i];
+                    r.addrs = spec.addrs.into();
+                    r.weight = spec.weight.max(1);
+                    r.slow_start = spec.slow_start;
+                    r.configured = true;
+                    i
+                }
+                None => {
+                    inner.records.push(Record::new(spec));
+                    inner.records.len() - 1
+                }
+            };
+            ids.push(UpstreamId(id));
+        }
+        ids
+    }
+
+    /// Sets the consecutive successes (`rise`) and failures (`fall`) that flip an upstream;
+    /// zero is taken as 1.
+    pub fn set_thresholds(&self, rise: u32, fall: u32) {
+        let mut inner = self.inner.lock();
+        inner.rise = rise.max(1);
+        inner.fall = fall.max(1);
+    }
+
+    /// Picks the UP, configured upstream among `allowed`, minus `exclude`, with the lowest
+    /// active/weight and takes a count on it. Ties go to the tied upstream chosen least
+    /// recently, so sequential short connections spread over all tied upstreams. `None` when
+    /// no candidate is UP.
     pub fn acquire(
         self: &Arc<Self>,
         allowed: &[UpstreamId],
         exclude: &[UpstreamId],
-    ) -> Option<ConnGuard> {
+    ) -> Option<(ConnGuard, Target)> {
         let now = Instant::now();
         let mut inner = self.inner.lock();
         let mut best: Option<Candidate> = None;
         for &id in allowed {
-            let Some(slot) = inner.slots.get_mut(id.0) else {
+            let Some(r) = inner.records.get_mut(id.0) else {
                 continue;
             };
-            if !slot.up || exclude.contains(&id) {
+            if !r.up || !r.configured || exclude.contains(&id) {
                 continue;
             }
             let c = Candidate {
                 id,
-                active: slot.active,
-                weight: slot.effective_weight(now),
-                last_pick: slot.last_pick,
+                active: r.active,
+                weight: r.effective_weight(now),
+                last_pick: r.last_pick,
             };
             let better = best
                 .is_none_or(|b| lighter(&c, &b) || (!lighter(&b, &c) && c.last_pick < b.last_pick));
@@ -158,72 +305,113 @@ impl ConnTable {
         let id = best?.id;
         inner.picks += 1;
         let tick = inner.picks;
-        let slot = &mut inner.slots[id.0];
-        slot.active += 1;
-        slot.last_pick = tick;
-        Some(ConnGuard {
-            table: Arc::clone(self),
-            id,
-        })
+        let r = &mut inner.records[id.0];
+        r.active += 1;
+        r.last_pick = tick;
+        let target = r.target();
+        Some((
+            ConnGuard {
+                table: Arc::clone(self),
+                id,
+            },
+            target,
+        ))
     }
 
-    /// Marks an upstream UP or DOWN; returns whether that changed its state. Coming back UP
-    /// starts its slow-start ramp, if it has one.
-    pub fn set_up(&self, id: UpstreamId, up: bool) -> bool {
-        let mut inner = self.inner.lock();
-        match inner.slots.get_mut(id.0) {
-            Some(slot) if slot.up != up => {
-                slot.up = up;
-                slot.up_since = (up && !slot.slow_start.is_zero()).then(Instant::now);
-                true
+    /// Records one health check of `id`: `ok` or a failure described by `detail`. Returns the
+    /// flip when this check changed the upstream's state (after `rise` consecutive successes
+    /// or `fall` consecutive failures), and logs it once; the caller acts on it outside the
+    /// lock.
+    pub fn observe(&self, id: UpstreamId, ok: bool, detail: &str) -> Option<Flip> {
+        let (name, needed) = {
+            let mut inner = self.inner.lock();
+            let (rise, fall) = (inner.rise, inner.fall);
+            let r = inner.records.get_mut(id.0)?;
+            if ok == r.up {
+                r.streak = 0;
+                return None;
             }
-            _ => false,
+            r.streak += 1;
+            let needed = if r.up { fall } else { rise };
+            if r.streak < needed {
+                return None;
+            }
+            r.up = ok;
+            r.streak = 0;
+            r.up_since = (ok && !r.slow_start.is_zero()).then(Instant::now);
+            (r.name.clone(), needed)
+        };
+        if ok {
+            log::info!("upstream {name} is UP ({needed}/{needed} checks succeeded)");
+        } else {
+            log::warn!("upstream {name} is DOWN: {detail} ({needed}/{needed} checks failed)");
+        }
+        Some(Flip { id, name, up: ok })
+    }
+
+    /// The configured upstreams' ids and addresses: what the prober checks.
+    pub fn probe_targets(&self) -> Vec<(UpstreamId, Arc<[SocketAddr]>)> {
+        let inner = self.inner.lock();
+        inner
+            .records
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.configured)
+            .map(|(i, r)| (UpstreamId(i), r.addrs.clone()))
+            .collect()
+    }
+
+    /// The configured upstreams as they are now, in record order.
+    pub fn snapshot(&self) -> Vec<UpstreamView> {
+        let inner = self.inner.lock();
+        inner
+            .records
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.configured)
+            .map(|(i, r)| UpstreamView {
+                id: UpstreamId(i),
+                name: r.name.clone(),
+                up: r.up,
+                active: r.active,
+                stats: r.stats.clone(),
+            })
+            .collect()
+    }
+
+    /// The name of an upstream, for logs.
+    pub fn name(&self, id: UpstreamId) -> Arc<str> {
+        let inner = self.inner.lock();
+        match inner.records.get(id.0) {
+            Some(r) => r.name.clone(),
+            None => format!("#{}", id.0).into(),
         }
     }
 
-    /// Sets the time over which an upstream's weight ramps up after it comes back UP.
-    pub fn set_slow_start(&self, id: UpstreamId, ramp: Duration) {
-        if let Some(slot) = self.inner.lock().slots.get_mut(id.0) {
-            slot.slow_start = ramp;
-        }
-    }
-
-    /// Adds an upstream (UP, no connections) and returns its id. Slots are never removed, so
-    /// the ids held by connections in flight stay valid across config reloads.
-    pub fn add(&self, weight: u32, slow_start: Duration) -> UpstreamId {
-        let mut inner = self.inner.lock();
-        inner.slots.push(Slot {
-            active: 0,
-            weight: weight.max(1),
-            up: true,
-            last_pick: 0,
-            slow_start,
-            up_since: None,
-        });
-        UpstreamId(inner.slots.len() - 1)
-    }
-
-    /// Changes an upstream's weight and slow-start ramp (a reload), keeping its counts.
-    pub fn reconfigure(&self, id: UpstreamId, weight: u32, slow_start: Duration) {
-        if let Some(slot) = self.inner.lock().slots.get_mut(id.0) {
-            slot.weight = weight.max(1);
-            slot.slow_start = slow_start;
-        }
-    }
-
-    /// Whether an upstream is UP (eligible for new connections).
+    /// Whether an upstream is UP (eligible for new connections, if configured).
     pub fn is_up(&self, id: UpstreamId) -> bool {
-        self.inner.lock().slots.get(id.0).is_some_and(|s| s.up)
+        self.inner.lock().records.get(id.0).is_some_and(|r| r.up)
     }
 
     /// Active connections on an upstream.
     pub fn active(&self, id: UpstreamId) -> u64 {
-        self.inner.lock().slots.get(id.0).map_or(0, |s| s.active)
+        self.inner.lock().records.get(id.0).map_or(0, |r| r.active)
     }
 
-    /// Active connections across all upstreams.
+    /// Active connections across all upstreams, retired ones included.
     pub fn total_active(&self) -> u64 {
-        self.inner.lock().slots.iter().map(|s| s.active).sum()
+        self.inner.lock().records.iter().map(|r| r.active).sum()
+    }
+
+    /// Connections ever forwarded, across all upstreams (health probes excluded).
+    pub fn total_forwarded(&self) -> u64 {
+        use std::sync::atomic::Ordering;
+        let inner = self.inner.lock();
+        inner
+            .records
+            .iter()
+            .map(|r| r.stats.connections_total.load(Ordering::Relaxed))
+            .sum()
     }
 }
 
@@ -231,27 +419,49 @@ impl ConnTable {
 mod tests {
     use super::*;
 
+    fn table(weights: &[u32]) -> Arc<UpstreamTable> {
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        UpstreamTable::new(
+            weights
+                .iter()
+                .enumerate()
+                .map(|(i, &w)| Upstream {
+                    weight: w,
+                    ..Upstream::new(format!("u{i}"), addr)
+                })
+                .collect(),
+        )
+    }
+
     fn ids(n: usize) -> Vec<UpstreamId> {
         (0..n).map(UpstreamId).collect()
     }
 
+    fn pick(t: &Arc<UpstreamTable>, allowed: &[UpstreamId], exclude: &[UpstreamId]) -> ConnGuard {
+        t.acquire(allowed, exclude).unwrap().0
+    }
+
+    /// Flips an upstream by hand (thresholds of 1).
+    fn set_up(t: &UpstreamTable, id: UpstreamId, up: bool) -> bool {
+        t.set_thresholds(1, 1);
+        t.observe(id, up, "test").is_some()
+    }
+
     #[test]
     fn it_picks_the_upstream_with_the_fewest_active_connections() {
-        let t = ConnTable::new(&[1, 1, 1]);
+        let t = table(&[1, 1, 1]);
         let all = ids(3);
-        let _a = t.acquire(&[UpstreamId(0)], &[]).unwrap();
-        let _b = t.acquire(&[UpstreamId(0)], &[]).unwrap();
-        let _c = t.acquire(&[UpstreamId(2)], &[]).unwrap();
-        assert_eq!(t.acquire(&all, &[]).unwrap().id(), UpstreamId(1));
+        let _a = pick(&t, &[UpstreamId(0)], &[]);
+        let _b = pick(&t, &[UpstreamId(0)], &[]);
+        let _c = pick(&t, &[UpstreamId(2)], &[]);
+        assert_eq!(pick(&t, &all, &[]).id(), UpstreamId(1));
     }
 
     #[test]
     fn ties_rotate_so_sequential_connections_spread_over_all_upstreams() {
-        let t = ConnTable::new(&[1, 1, 1]);
+        let t = table(&[1, 1, 1]);
         let all = ids(3);
-        let picked: Vec<usize> = (0..6)
-            .map(|_| t.acquire(&all, &[]).unwrap().id().0)
-            .collect();
+        let picked: Vec<usize> = (0..6).map(|_| pick(&t, &all, &[]).id().0).collect();
         for u in 0..3 {
             assert_eq!(picked.iter().filter(|&&p| p == u).count(), 2, "{picked:?}");
         }
@@ -259,11 +469,11 @@ mod tests {
 
     #[test]
     fn interleaved_clients_with_different_allowed_sets_still_spread_the_picks_evenly() {
-        let t = ConnTable::new(&[1, 1, 1]);
+        let t = table(&[1, 1, 1]);
         let mut picks = [0; 3];
         for _ in 0..6 {
-            picks[t.acquire(&ids(3), &[]).unwrap().id().0] += 1;
-            picks[t.acquire(&[UpstreamId(2)], &[]).unwrap().id().0] += 1;
+            picks[pick(&t, &ids(3), &[]).id().0] += 1;
+            picks[pick(&t, &[UpstreamId(2)], &[]).id().0] += 1;
         }
         // Upstream 2 takes every pick of the narrow client; the broad client's picks go to the
         // upstreams picked less recently, which is as even as this mix allows.
@@ -272,9 +482,9 @@ mod tests {
 
     #[test]
     fn held_connections_fill_every_upstream_evenly() {
-        let t = ConnTable::new(&[1, 1, 1]);
+        let t = table(&[1, 1, 1]);
         let all = ids(3);
-        let held: Vec<ConnGuard> = (0..30).map(|_| t.acquire(&all, &[]).unwrap()).collect();
+        let held: Vec<ConnGuard> = (0..30).map(|_| pick(&t, &all, &[])).collect();
         for u in all {
             assert_eq!(t.active(u), 10);
         }
@@ -284,23 +494,29 @@ mod tests {
 
     #[test]
     fn weights_scale_the_share_of_connections() {
-        let t = ConnTable::new(&[3, 1]);
+        let t = table(&[3, 1]);
         let all = ids(2);
-        let _held: Vec<ConnGuard> = (0..40).map(|_| t.acquire(&all, &[]).unwrap()).collect();
+        let _held: Vec<ConnGuard> = (0..40).map(|_| pick(&t, &all, &[])).collect();
         assert_eq!(t.active(UpstreamId(0)), 30);
         assert_eq!(t.active(UpstreamId(1)), 10);
     }
 
     #[test]
     fn a_recovered_upstream_in_slow_start_takes_a_small_share_at_first() {
-        let t = ConnTable::new(&[1, 1]);
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let t = UpstreamTable::new(vec![
+            Upstream::new("u0", addr),
+            Upstream {
+                slow_start: Duration::from_secs(3600),
+                ..Upstream::new("u1", addr)
+            },
+        ]);
         let all = ids(2);
-        t.set_slow_start(UpstreamId(1), Duration::from_secs(3600));
-        t.set_up(UpstreamId(1), false);
-        let mut held: Vec<ConnGuard> = (0..20).map(|_| t.acquire(&all, &[]).unwrap()).collect();
+        set_up(&t, UpstreamId(1), false);
+        let mut held: Vec<ConnGuard> = (0..20).map(|_| pick(&t, &all, &[])).collect();
         assert_eq!(t.active(UpstreamId(0)), 20);
-        t.set_up(UpstreamId(1), true);
-        held.extend((0..22).map(|_| t.acquire(&all, &[]).unwrap()));
+        set_up(&t, UpstreamId(1), true);
+        held.extend((0..22).map(|_| pick(&t, &all, &[])));
         // At a tenth of its weight, the empty upstream fills to a tenth of the other's load
         // instead of taking all 22 new connections.
         let recovered = t.active(UpstreamId(1));
@@ -312,45 +528,42 @@ mod tests {
 
     #[test]
     fn without_slow_start_a_recovered_upstream_takes_the_new_connections() {
-        let t = ConnTable::new(&[1, 1]);
+        let t = table(&[1, 1]);
         let all = ids(2);
-        t.set_up(UpstreamId(1), false);
-        let mut held: Vec<ConnGuard> = (0..20).map(|_| t.acquire(&all, &[]).unwrap()).collect();
-        t.set_up(UpstreamId(1), true);
-        held.extend((0..20).map(|_| t.acquire(&all, &[]).unwrap()));
+        set_up(&t, UpstreamId(1), false);
+        let mut held: Vec<ConnGuard> = (0..20).map(|_| pick(&t, &all, &[])).collect();
+        set_up(&t, UpstreamId(1), true);
+        held.extend((0..20).map(|_| pick(&t, &all, &[])));
         assert_eq!(t.active(UpstreamId(1)), 20);
     }
 
     #[test]
     fn only_allowed_upstreams_are_chosen() {
-        let t = ConnTable::new(&[1, 1, 1]);
+        let t = table(&[1, 1, 1]);
         for _ in 0..10 {
-            assert_eq!(
-                t.acquire(&[UpstreamId(2)], &[]).unwrap().id(),
-                UpstreamId(2)
-            );
+            assert_eq!(pick(&t, &[UpstreamId(2)], &[]).id(), UpstreamId(2));
         }
     }
 
     #[test]
     fn down_and_excluded_upstreams_are_skipped() {
-        let t = ConnTable::new(&[1, 1, 1]);
+        let t = table(&[1, 1, 1]);
         let all = ids(3);
-        assert!(t.set_up(UpstreamId(0), false));
-        assert!(!t.set_up(UpstreamId(0), false), "no change the second time");
+        assert!(set_up(&t, UpstreamId(0), false));
+        assert!(
+            !set_up(&t, UpstreamId(0), false),
+            "no change the second time"
+        );
         for _ in 0..10 {
-            assert_eq!(
-                t.acquire(&all, &[UpstreamId(1)]).unwrap().id(),
-                UpstreamId(2)
-            );
+            assert_eq!(pick(&t, &all, &[UpstreamId(1)]).id(), UpstreamId(2));
         }
-        t.set_up(UpstreamId(2), false);
+        set_up(&t, UpstreamId(2), false);
         assert!(t.acquire(&all, &[UpstreamId(1)]).is_none());
     }
 
     #[test]
     fn nothing_allowed_means_nothing_chosen() {
-        let t = ConnTable::new(&[1]);
+        let t = table(&[1]);
         assert!(t.acquire(&[], &[]).is_none());
         assert!(
             t.acquire(&[UpstreamId(7)], &[]).is_none(),
@@ -359,11 +572,82 @@ mod tests {
     }
 
     #[test]
+    fn an_upstream_dropped_by_an_update_is_never_chosen_but_keeps_its_connections() {
+        let t = table(&[1, 1]);
+        let held = pick(&t, &[UpstreamId(1)], &[]);
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let ids = t.update(vec![Upstream::new("u0", addr), Upstream::new("u2", addr)]);
+        assert_eq!(ids, vec![UpstreamId(0), UpstreamId(2)], "u0 keeps its id");
+        // A connection that still holds the old allowed set asks for u1: it gets nothing.
+        assert!(t.acquire(&[UpstreamId(1)], &[]).is_none());
+        assert_eq!(t.active(UpstreamId(1)), 1);
+        assert_eq!(
+            t.probe_targets()
+                .iter()
+                .map(|(id, _)| *id)
+                .collect::<Vec<_>>(),
+            ids,
+            "a retired upstream is not probed"
+        );
+        drop(held);
+        assert_eq!(t.total_active(), 0);
+        let back = t.update(vec![Upstream::new("u1", addr)]);
+        assert_eq!(
+            back,
+            vec![UpstreamId(1)],
+            "a name that comes back keeps its id"
+        );
+        assert_eq!(pick(&t, &back, &[]).id(), UpstreamId(1));
+    }
+
+    #[test]
+    fn an_upstream_goes_down_only_after_fall_consecutive_failures() {
+        let t = table(&[1]);
+        t.set_thresholds(2, 3);
+        let id = UpstreamId(0);
+        assert_eq!(t.observe(id, false, "x"), None);
+        assert_eq!(t.observe(id, false, "x"), None);
+        assert_eq!(t.observe(id, true, ""), None, "a success resets the streak");
+        assert_eq!(t.observe(id, false, "x"), None);
+        assert_eq!(t.observe(id, false, "x"), None);
+        assert!(t.is_up(id));
+        let flip = t.observe(id, false, "x").unwrap();
+        assert_eq!((flip.id, &*flip.name, flip.up), (id, "u0", false));
+        assert!(!t.is_up(id));
+        assert!(
+            t.acquire(&[id], &[]).is_none(),
+            "a DOWN upstream is not chosen"
+        );
+    }
+
+    #[test]
+    fn a_down_upstream_comes_back_after_rise_consecutive_successes() {
+        let t = table(&[1]);
+        t.set_thresholds(2, 1);
+        let id = UpstreamId(0);
+        assert!(t.observe(id, false, "x").is_some_and(|f| !f.up));
+        assert_eq!(t.observe(id, true, ""), None);
+        assert_eq!(
+            t.observe(id, false, "x"),
+            None,
+            "a failure resets the streak"
+        );
+        assert_eq!(t.observe(id, true, ""), None);
+        assert!(t.observe(id, true, "").is_some_and(|f| f.up));
+        assert!(t.is_up(id));
+    }
+
+    #[test]
+    fn an_unknown_upstream_is_ignored() {
+        assert_eq!(table(&[1]).observe(UpstreamId(5), false, "x"), None);
+    }
+
+    #[test]
     fn a_panicking_thread_still_releases_its_count() {
-        let t = ConnTable::new(&[1]);
+        let t = table(&[1]);
         let t2 = t.clone();
         let r = std::thread::spawn(move || {
-            let _g = t2.acquire(&[UpstreamId(0)], &[]).unwrap();
+            let _g = pick(&t2, &[UpstreamId(0)], &[]);
             panic!("connection thread dies");
         })
         .join();
@@ -377,15 +661,15 @@ mod tests {
 
     #[test]
     fn counts_stay_exact_under_many_threads() {
-        let t = ConnTable::new(&[1, 2, 3, 4]);
+        let t = table(&[1, 2, 3, 4]);
         let all = ids(4);
         let threads: Vec<_> = (0..8)
             .map(|_| {
                 let (t, all) = (t.clone(), all.clone());
                 std::thread::spawn(move || {
                     for _ in 0..2000 {
-                        let g = t.acquire(&all, &[]).unwrap();
-                        let h = t.acquire(&all, &[g.id()]).unwrap();
+                        let g = pick(&t, &all, &[]);
+                        let h = pick(&t, &all, &[g.id()]);
                         assert_ne!(g.id(), h.id());
                     }
                 })

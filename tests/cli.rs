@@ -217,7 +217,7 @@ fn running_out_of_file_descriptors_is_survived_and_service_resumes() {
         .unwrap()
         .port();
     let mut config = format!("listen = \"127.0.0.1:{port}\"\n{}", pki.tls_section());
-    config.push_str("[limits]\nhandshake_timeout = \"1s\"\n");
+    config.push_str("[limits]\nhandshake_timeout = \"1s\"\nper_ip_max_handshakes = 0\n");
     config.push_str(&web1.entry("web"));
     config.push_str("[[client]]\ncn = \"client1.lb.com\"\ngroups = [\"web\"]\n");
     let path = write_config(&pki.dir, &config);

@@ -325,18 +325,13 @@ impl Lb {
     }
 
     /// The least-connection table.
-    pub fn table(&self) -> &lclb::table::ConnTable {
+    pub fn table(&self) -> &lclb::table::UpstreamTable {
         self.shared.balancer.table()
     }
 
     /// Connections the balancer has opened to upstreams for clients (health probes excluded).
     pub fn forwarded(&self) -> u64 {
-        self.shared
-            .balancer
-            .upstreams()
-            .iter()
-            .map(|(_, u)| u.stats.connections_total.load(Ordering::SeqCst))
-            .sum()
+        self.shared.balancer.table().total_forwarded()
     }
 
     /// Waits until `what` holds; false after 10 s.

@@ -1,0 +1,537 @@
+//! Admission: every decision to let a client connection in, or to refuse it and say why.
+//!
+//! A connection passes two gates. Before its handshake, when only its source address is known
+//! ([`Admission::before_handshake`]): the per-address rate, the per-address cap on handshakes in
+//! progress, the cap on open connections and the cap on handshakes in progress. After its
+//! handshake ([`Admission::after_handshake`]): the peer check of the TLS context (a resumed
+//! session verified again, stale CRLs), the identity, its authorization, its rate and its cap
+//! on concurrent connections. Each gate returns either a permit, which holds an RAII guard for
+//! every count it took (so every path, a panic included, gives the counts back), or a typed
+//! [`Refused`]. This module only decides; the server turns every refusal into one counter and
+//! one log line, and the balancer only picks, connects and forwards.
+//!
+//! Source addresses are grouped before they are counted: an IPv4-mapped IPv6 address is its
+//! IPv4 address, and an IPv6 address counts as its `per_ip_ipv6_prefix` (a /64 by default),
+//! since one host usually holds a whole /64.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{IpAddr, Ipv6Addr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use rustls::ServerConnection;
+
+use crate::authz::Authorizer;
+use crate::balancer::BalanceError;
+use crate::config::{Limits, RateLimit};
+use crate::ratelimit::RateLimiter;
+use crate::stats::{Refusal, Stats};
+use crate::table::UpstreamId;
+use crate::tls::{self, TlsContext};
+
+/// A refused connection: the reason (its counter and log word) and what exactly happened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    /// The reason.
+    pub reason: Refusal,
+    /// Words for the log line: which limit, which certificate problem.
+    pub detail: String,
+    /// The client's identity, when the refusal came after it was known.
+    pub client: Option<String>,
+}
+
+impl Refused {
+    /// A refusal for `reason`, described by `detail`.
+    pub fn new(reason: Refusal, detail: impl fmt::Display) -> Refused {
+        Refused {
+            reason,
+            detail: detail.to_string(),
+            client: None,
+        }
+    }
+
+    /// The same refusal, naming the client it refused.
+    pub fn of(mut self, client: &str) -> Refused {
+        self.client = Some(client.to_string());
+        self
+    }
+}
+
+impl From<BalanceError> for Refused {
+    fn from(e: BalanceError) -> Refused {
+        let reason = match e {
+            BalanceError::NoUpstream => Refusal::NoUpstream,
+            BalanceError::UpstreamConnect(_) => Refusal::UpstreamConnect,
+        };
+        Refused::new(reason, e)
+    }
+}
+
+impl fmt::Display for Refused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.reason, self.detail)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+/// The key a source address is counted under: itself for IPv4 (IPv4-mapped IPv6 included), its
+/// first `v6_prefix` bits for IPv6.
+pub fn address_key(ip: IpAddr, v6_prefix: u8) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let bits = u32::from(v6_prefix.min(128));
+                let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
+                IpAddr::V6(Ipv6Addr::from(u128::from(v6) & mask))
+            }
+        },
+    }
+}
+
+/// Counts and buckets shared by every connection.
+pub struct Admission {
+    stats: Arc<Stats>,
+    /// Handshakes in progress per address key, when `per_ip_max_handshakes` is set. A key is
+    /// removed when its count drops to zero, so the map holds at most `max_handshakes` keys.
+    ip_handshakes: Mutex<HashMap<IpAddr, u32>>,
+    ip_rate: RateLimiter<IpAddr>,
+    client_rate: RateLimiter<String>,
+    /// Connections open per identity, for `max_concurrent` (HAProxy's `sc_conn_cur`).
+    client_open: Mutex<HashMap<String, u32>>,
+    /// Open connections the process's thread limit leaves room for (`usize::MAX`: no limit).
+    thread_cap: AtomicUsize,
+}
+
+impl fmt::Debug for Admission {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Admission")
+            .field("thread_cap", &self.thread_cap.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Admission {
+    /// Admission counting into `stats` (its open-connection and handshake gauges).
+    pub fn new(stats: Arc<Stats>) -> Admission {
+        Admission::with_client_limiter(stats, RateLimiter::default())
+    }
+
+    /// As [`Admission::new`], with a given per-identity rate limiter (tests inject a clock).
+    pub fn with_client_limiter(stats: Arc<Stats>, client_rate: RateLimiter<String>) -> Admission {
+        Admission {
+            stats,
+            ip_handshakes: Mutex::new(HashMap::new()),
+            ip_rate: RateLimiter::default(),
+            client_rate,
+            client_open: Mutex::new(HashMap::new()),
+            thread_cap: AtomicUsize::new(usize::MAX),
+        }
+    }
+
+    /// Caps open connections at what the thread limit leaves room for, on top of
+    /// `limits.max_connections`.
+    pub fn set_thread_cap(&self, cap: usize) {
+        self.thread_cap.store(cap.max(1), Ordering::Relaxed);
+    }
+
+    /// The gate before the handshake, for a socket from `ip`.
+    pub fn before_handshake(
+        self: &Arc<Self>,
+        ip: IpAddr,
+        limits: &Limits,
+    ) -> Result<Handshaking, Refused> {
+        let key = address_key(ip, limits.per_ip_ipv6_prefix);
+        if limits.per_ip_handshake_rate > 0.0 {
+            let rate = RateLimit {
+                rate: limits.per_ip_handshake_rate,
+                burst: limits.per_ip_handshake_burst,
+            };
+            if !self.ip_rate.try_acquire(&key, rate) {
+                return Err(Refused::new(
+                    Refusal::IpRateLimited,
+                    format_args!("{key} exceeded per_ip_handshake_rate"),
+                ));
+            }
+        }
+        let ip_slot = if limits.per_ip_max_handshakes > 0 {
+            let max = limits.per_ip_max_handshakes as u32;
+            let mut open = self.ip_handshakes.lock();
+            let n = open.entry(key).or_insert(0);
+            if *n >= max {
+                return Err(Refused::new(
+                    Refusal::IpHandshakes,
+                    format_args!("{key} has {max} handshakes in progress (per_ip_max_handshakes)"),
+                ));
+            }
+            *n += 1;
+            Some(IpSlot {
+                admission: Arc::clone(self),
+                key,
+            })
+        } else {
+            None
+        };
+        let max = limits
+            .max_connections
+            .min(self.thread_cap.load(Ordering::Relaxed)) as u64;
+        if self.stats.active_clients.fetch_add(1, Ordering::SeqCst) >= max {
+            self.stats.active_clients.fetch_sub(1, Ordering::SeqCst);
+            return Err(Refused::new(
+                Refusal::Capacity,
+                format_args!("{max} connections open"),
+            ));
+        }
+        let open = Open(Arc::clone(&self.stats));
+        let max = limits.max_handshakes as u64;
+        if self.stats.active_handshakes.fetch_add(1, Ordering::SeqCst) >= max {
+            self.stats.active_handshakes.fetch_sub(1, Ordering::SeqCst);
+            return Err(Refused::new(
+                Refusal::Capacity,
+                format_args!("{max} handshakes in progress"),
+            ));
+        }
+        Ok(Handshaking {
+            open,
+            handshake: Some(InHandshake {
+                stats: Arc::clone(&self.stats),
+                _ip: ip_slot,
+            }),
+        })
+    }
+
+    /// The gate after a completed handshake: the TLS context's peer check, the identity, its
+    /// authorization, its rate and its concurrency cap. The caller sends close_notify on a
+    /// refusal (the handshake is done, so the client is owed a clean close).
+    pub fn after_handshake(
+        self: &Arc<Self>,
+        mut entry: Handshaking,
+        conn: &ServerConnection,
+        tls_context: &TlsContext,
+        authz: &Authorizer,
+    ) -> Result<Permit, Refused> {
+        entry.handshake_done();
+        if conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+            self.stats.tls_resumptions.fetch_add(1, Ordering::Relaxed);
+        }
+        tls_context
+            .check_peer(conn)
+            .map_err(|e| Refused::new(Refusal::Tls, e))?;
+        let identity = tls::peer_identity(conn).map_err(|e| Refused::new(Refusal::Tls, e))?;
+        let Some(policy) = authz.policy(&identity) else {
+            return Err(Refused::new(
+                Refusal::Unauthorized,
+                "no [[client]] entry for this identity",
+            )
+            .of(&identity));
+        };
+        if !self
+            .client_rate
+            .try_acquire(identity.as_str(), policy.limits.rate)
+        {
+            return Err(Refused::new(Refusal::RateLimited, "rate limit exceeded").of(&identity));
+        }
+        let client_slot = self
+            .take_client_slot(&identity, policy.limits.max_concurrent)
+            .map_err(|r| r.of(&identity))?;
+        Ok(Permit {
+            identity,
+            allowed: policy.allowed.clone(),
+            _open: entry.open,
+            _client: client_slot,
+        })
+    }
+
+    fn take_client_slot(
+        self: &Arc<Self>,
+        identity: &str,
+        max: u32,
+    ) -> Result<Option<ClientSlot>, Refused> {
+        if max == 0 {
+            return Ok(None);
+        }
+        let mut open = self.client_open.lock();
+        let n = open.entry(identity.to_string()).or_insert(0);
+        if *n >= max {
+            return Err(Refused::new(
+                Refusal::ConcurrencyLimited,
+                format_args!("client already has {max} connections open (max_concurrent)"),
+            ));
+        }
+        *n += 1;
+        Ok(Some(ClientSlot {
+            admission: Arc::clone(self),
+            identity: identity.to_string(),
+        }))
+    }
+
+    /// Identities with a rate-limit bucket in memory now.
+    pub fn tracked_clients(&self) -> usize {
+        self.client_rate.tracked_clients()
+    }
+
+    /// Connections admitted without a per-address rate bucket because the bucket table was
+    /// full (it fails open, so that a flood of sources cannot lock new ones out).
+    pub fn ip_rate_untracked(&self) -> u64 {
+        self.ip_rate.untracked_admissions()
+    }
+}
+
+/// What a socket holds from the first gate until its handshake ends: its place among the open
+/// connections and, while it handshakes, its handshake slots.
+#[derive(Debug)]
+pub struct Handshaking {
+    open: Open,
+    handshake: Option<InHandshake>,
+}
+
+impl Handshaking {
+    /// Gives back the handshake slots (global and per address); the connection stays counted
+    /// as open.
+    pub fn handshake_done(&mut self) {
+        self.handshake = None;
+    }
+}
+
+/// What an admitted connection holds for as long as it lives; dropping it gives every count
+/// back.
+#[derive(Debug)]
+pub struct Permit {
+    /// The verified identity.
+    pub identity: String,
+    /// The upstreams it may reach.
+    pub allowed: Arc<[UpstreamId]>,
+    _open: Open,
+    _client: Option<ClientSlot>,
+}
+
+/// One unit of `active_clients`.
+#[derive(Debug)]
+struct Open(Arc<Stats>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.active_clients.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// One unit of `active_handshakes`, and of the address's handshakes if they are capped.
+#[derive(Debug)]
+struct InHandshake {
+    stats: Arc<Stats>,
+    _ip: Option<IpSlot>,
+}
+
+impl Drop for InHandshake {
+    fn drop(&mut self) {
+        self.stats.active_handshakes.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+struct IpSlot {
+    admission: Arc<Admission>,
+    key: IpAddr,
+}
+
+impl fmt::Debug for IpSlot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("IpSlot").field(&self.key).finish()
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut open = self.admission.ip_handshakes.lock();
+        if let Some(n) = open.get_mut(&self.key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.key);
+            }
+        }
+    }
+}
+
+struct ClientSlot {
+    admission: Arc<Admission>,
+    identity: String,
+}
+
+impl fmt::Debug for ClientSlot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("ClientSlot").field(&self.identity).finish()
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut open = self.admission.client_open.lock();
+        if let Some(n) = open.get_mut(&self.identity) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.identity);
+            }
+        }
+    }
+}
+
+/// Handshakes in progress per address key; for tests.
+#[cfg(test)]
+impl Admission {
+    fn ip_handshakes_of(&self, key: IpAddr) -> u32 {
+        self.ip_handshakes.lock().get(&key).copied().unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn admission() -> (Arc<Admission>, Arc<Stats>) {
+        let stats = Arc::new(Stats::default());
+        (Arc::new(Admission::new(stats.clone())), stats)
+    }
+
+    #[test]
+    fn ipv6_sources_are_grouped_by_their_prefix_and_mapped_ipv4_is_unmapped() {
+        assert_eq!(
+            address_key(ip("2001:db8:1:2:aaaa::1"), 64),
+            ip("2001:db8:1:2::")
+        );
+        assert_eq!(
+            address_key(ip("2001:db8:1:2:aaaa::1"), 48),
+            ip("2001:db8:1::")
+        );
+        assert_eq!(address_key(ip("2001:db8::1"), 128), ip("2001:db8::1"));
+        assert_eq!(address_key(ip("::ffff:192.0.2.7"), 64), ip("192.0.2.7"));
+        assert_ne!(
+            address_key(ip("::ffff:192.0.2.7"), 64),
+            address_key(ip("::ffff:192.0.2.8"), 64),
+            "IPv4 clients of a dual-stack listener do not share one /64"
+        );
+        assert_eq!(address_key(ip("192.0.2.7"), 1), ip("192.0.2.7"));
+    }
+
+    #[test]
+    fn one_address_cannot_take_more_than_its_handshake_slots() {
+        let (a, stats) = admission();
+        let limits = Limits {
+            per_ip_max_handshakes: 3,
+            ..Limits::default()
+        };
+        let held: Vec<_> = (0..3)
+            .map(|_| a.before_handshake(ip("10.0.0.1"), &limits).unwrap())
+            .collect();
+        let refused = a.before_handshake(ip("10.0.0.1"), &limits).unwrap_err();
+        assert_eq!(refused.reason, Refusal::IpHandshakes);
+        assert!(
+            a.before_handshake(ip("10.0.0.2"), &limits).is_ok(),
+            "another address is served"
+        );
+        assert_eq!(stats.active_handshakes.load(Ordering::SeqCst), 3);
+        drop(held);
+        assert_eq!(a.ip_handshakes_of(ip("10.0.0.1")), 0);
+        assert_eq!(stats.active_clients.load(Ordering::SeqCst), 0);
+        assert!(a.ip_handshakes.lock().is_empty(), "no key is left behind");
+    }
+
+    #[test]
+    fn a_finished_handshake_frees_its_address_slot_but_stays_open() {
+        let (a, stats) = admission();
+        let limits = Limits {
+            per_ip_max_handshakes: 1,
+            ..Limits::default()
+        };
+        let mut first = a.before_handshake(ip("10.0.0.1"), &limits).unwrap();
+        first.handshake_done();
+        let _second = a.before_handshake(ip("10.0.0.1"), &limits).unwrap();
+        assert_eq!(stats.active_clients.load(Ordering::SeqCst), 2);
+        assert_eq!(stats.active_handshakes.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn zero_turns_the_per_address_handshake_cap_off() {
+        let (a, _) = admission();
+        let limits = Limits {
+            per_ip_max_handshakes: 0,
+            ..Limits::default()
+        };
+        let _held: Vec<_> = (0..100)
+            .map(|_| a.before_handshake(ip("10.0.0.1"), &limits).unwrap())
+            .collect();
+        assert!(a.ip_handshakes.lock().is_empty(), "nothing is tracked");
+    }
+
+    #[test]
+    fn the_connection_and_handshake_caps_refuse_as_capacity_and_give_back_every_count() {
+        let (a, stats) = admission();
+        let limits = Limits {
+            max_connections: 2,
+            per_ip_max_handshakes: 10,
+            ..Limits::default()
+        };
+        let _held: Vec<_> = (0..2)
+            .map(|_| a.before_handshake(ip("10.0.0.1"), &limits).unwrap())
+            .collect();
+        let refused = a.before_handshake(ip("10.0.0.1"), &limits).unwrap_err();
+        assert_eq!(refused.reason, Refusal::Capacity);
+        assert_eq!(stats.active_clients.load(Ordering::SeqCst), 2);
+        assert_eq!(
+            a.ip_handshakes_of(ip("10.0.0.1")),
+            2,
+            "the refused socket's slot was given back"
+        );
+        a.set_thread_cap(1);
+        let limits = Limits {
+            max_connections: 100,
+            ..limits
+        };
+        assert_eq!(
+            a.before_handshake(ip("10.0.0.3"), &limits)
+                .unwrap_err()
+                .reason,
+            Refusal::Capacity,
+            "the thread cap binds below max_connections"
+        );
+    }
+
+    #[test]
+    fn the_per_address_rate_refuses_as_ip_rate_limited_keyed_by_prefix() {
+        let (a, _) = admission();
+        let limits = Limits {
+            per_ip_handshake_rate: 0.001,
+            per_ip_handshake_burst: 2,
+            ..Limits::default()
+        };
+        assert!(a.before_handshake(ip("2001:db8::1"), &limits).is_ok());
+        assert!(a.before_handshake(ip("2001:db8::2"), &limits).is_ok());
+        let refused = a.before_handshake(ip("2001:db8::3"), &limits).unwrap_err();
+        assert_eq!(refused.reason, Refusal::IpRateLimited);
+        assert!(a.before_handshake(ip("2001:db8:0:1::1"), &limits).is_ok());
+    }
+
+    #[test]
+    fn a_client_slot_is_capped_and_given_back() {
+        let (a, _) = admission();
+        let one = a.take_client_slot("c", 1).unwrap();
+        assert!(one.is_some());
+        assert_eq!(
+            a.take_client_slot("c", 1).unwrap_err().reason,
+            Refusal::ConcurrencyLimited
+        );
+        assert!(a.take_client_slot("other", 1).unwrap().is_some());
+        drop(one);
+        assert!(a.take_client_slot("c", 1).unwrap().is_some());
+        assert!(
+            a.take_client_slot("c", 0).unwrap().is_none(),
+            "0: no cap, not tracked"
+        );
+    }
+}
