@@ -40,6 +40,7 @@ pub mod health;
 pub mod metrics;
 pub mod pool;
 pub mod ratelimit;
+pub mod refusal_log;
 pub mod server;
 pub mod sessions;
 pub mod stats;

@@ -37,6 +37,7 @@ use crate::config::{Config, ConfigError};
 use crate::forward::EndReason;
 use crate::health::{HealthChecker, ProbeSettings, TcpProbe};
 use crate::pool::ThreadPool;
+use crate::refusal_log;
 use crate::stats::{Refusal, Stats};
 use crate::tls::{self, TlsContext};
 
@@ -366,8 +367,13 @@ fn drain(shared: &Shared) {
 /// Counts and logs a refused connection: the one place every refusal ends up.
 fn refuse(shared: &Shared, id: u64, peer: SocketAddr, refused: &Refused) {
     shared.stats.refuse(refused.reason);
-    let client = refused.client.as_deref().unwrap_or("-");
-    access::refused(id, client, peer, refused.reason, &refused.detail);
+    refusal_log::record(
+        id,
+        refused.client.as_deref(),
+        peer,
+        refused.reason,
+        &refused.detail,
+    );
 }
 
 /// The first gate, on the accept thread: a refused socket is closed at once (dropped) rather
