@@ -1,0 +1,283 @@
+//! Tests of the config path end to end, text to [`Config`]: the documented defaults, each
+//! section's refusals (asserting the key named), and property tests that no input panics.
+
+use super::*;
+
+const MINIMAL: &str = r#"
+[[upstream]]
+name = "web1"
+address = "127.0.0.1:9001"
+group = "web"
+
+[[client]]
+cn = "client1.lb.com"
+groups = ["web"]
+"#;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(text, Path::new("/etc/lclb"))
+}
+
+fn err(text: &str) -> String {
+    parse(text)
+        .expect_err("config should be refused")
+        .to_string()
+}
+
+#[test]
+fn a_minimal_config_gets_the_documented_defaults() {
+    let c = parse(MINIMAL).unwrap();
+    assert_eq!(c.listen, "0.0.0.0:9443".parse().unwrap());
+    assert_eq!(c.metrics_listen, None);
+    assert_eq!(c.tls.ca_cert, PathBuf::from("/etc/lclb/certs/ca/ca.crt"));
+    assert_eq!(
+        c.tls.server_key,
+        PathBuf::from("/etc/lclb/certs/server/server.key.pem")
+    );
+    assert_eq!(c.limits, Limits::default());
+    assert_eq!(
+        c.rate_limit.rate,
+        RateLimit {
+            rate: 10.0,
+            burst: 20
+        }
+    );
+    assert_eq!(c.health_check, HealthCheck::default());
+    assert_eq!(c.upstreams[0].weight, 1);
+    assert_eq!(c.clients[0].rate_limit, c.rate_limit);
+}
+
+#[test]
+fn the_documented_example_parses_with_every_key() {
+    let text = r#"
+listen = "127.0.0.1:9443"
+metrics_listen = "127.0.0.1:9100"
+log_format = "json"
+[tls]
+ca_cert = "/x/ca.crt"
+server_cert = "s.crt"
+server_key = "s.key"
+crls = ["revoked.crl"]
+[limits]
+max_connections = 5
+handshake_timeout = "250ms"
+connect_timeout = "1s"
+idle_timeout = "10m"
+half_close_timeout = "3s"
+drain_timeout = "30s"
+max_handshakes = 64
+per_ip_handshake_rate = 5
+[rate_limit]
+rate = 10
+burst = 20
+max_concurrent = 3
+[health_check]
+interval = "2s"
+timeout = "1s"
+rise = 2
+fall = 3
+connect_retries = 1
+shutdown_sessions_on_down = true
+[[upstream]]
+name = "web1"
+address = "127.0.0.1:9001"
+group = "web"
+weight = 3
+slow_start = "10s"
+[[client]]
+cn = "client1.lb.com"
+groups = ["web"]
+rate = 100.5
+burst = 100
+max_concurrent = 4
+"#;
+    let c = parse(text).unwrap();
+    assert_eq!(c.tls.ca_cert, PathBuf::from("/x/ca.crt"));
+    assert_eq!(c.log_format, LogFormat::Json);
+    assert_eq!(c.tls.server_cert, PathBuf::from("/etc/lclb/s.crt"));
+    assert_eq!(c.limits.handshake_timeout, Duration::from_millis(250));
+    assert_eq!(c.limits.idle_timeout, Duration::from_secs(600));
+    assert_eq!(c.rate_limit.rate.rate, 10.0);
+    assert_eq!(c.health_check.connect_retries, 1);
+    assert_eq!(c.upstreams[0].weight, 3);
+    assert_eq!(
+        c.clients[0].rate_limit.rate,
+        RateLimit {
+            rate: 100.5,
+            burst: 100
+        }
+    );
+    assert_eq!(c.clients[0].rate_limit.max_concurrent, 4);
+    assert_eq!(c.tls.crls, [PathBuf::from("/etc/lclb/revoked.crl")]);
+    assert_eq!(c.limits.max_handshakes, 64);
+    assert_eq!(c.limits.per_ip_handshake_rate, 5.0);
+    assert_eq!(c.limits.per_ip_handshake_burst, 10);
+}
+
+#[test]
+fn the_printed_default_config_parses_to_the_defaults() {
+    let c = parse(DEFAULT_CONFIG).unwrap();
+    let d = parse(MINIMAL).unwrap();
+    assert_eq!(c.listen, d.listen);
+    assert_eq!(c.limits, d.limits);
+    assert_eq!(c.rate_limit, d.rate_limit);
+    assert_eq!(c.health_check, d.health_check);
+    assert_eq!(c.tls, d.tls);
+    assert_eq!(c.log_format, d.log_format);
+}
+
+#[test]
+fn a_per_client_override_keeps_the_default_for_the_key_it_omits() {
+    let c = parse(&format!("{MINIMAL}rate = 2\n")).unwrap();
+    assert_eq!(
+        c.clients[0].rate_limit.rate,
+        RateLimit {
+            rate: 2.0,
+            burst: 20
+        }
+    );
+}
+
+#[test]
+fn an_unknown_key_is_named() {
+    let e = err(&format!("[limits]\nidle_timout = \"5s\"\n{MINIMAL}"));
+    assert!(e.contains("idle_timout"), "{e}");
+}
+
+#[test]
+fn a_bad_duration_names_its_key_and_shows_the_syntax() {
+    let e = err(&format!(
+        "[limits]\nidle_timeout = \"5 parsecs\"\n{MINIMAL}"
+    ));
+    assert!(e.contains("limits.idle_timeout"), "{e}");
+    assert!(e.contains("\"5s\""), "{e}");
+}
+
+#[test]
+fn a_bad_listen_address_is_named() {
+    let e = err(&format!("listen = \"nowhere\"\n{MINIMAL}"));
+    assert!(e.contains("`listen`"), "{e}");
+}
+
+#[test]
+fn an_upstream_address_without_port_is_refused() {
+    let e = err("[[upstream]]\nname=\"a\"\naddress=\"127.0.0.1\"\ngroup=\"g\"\n");
+    assert!(e.contains("upstream[0].address"), "{e}");
+    assert!(e.contains("no port"), "{e}");
+}
+
+#[test]
+fn a_host_name_address_is_resolved() {
+    let c = parse("[[upstream]]\nname=\"a\"\naddress=\"localhost:80\"\ngroup=\"g\"\n").unwrap();
+    assert!(!c.upstreams[0].addrs.is_empty());
+    assert!(c.upstreams[0].addrs.iter().all(|a| a.ip().is_loopback()));
+}
+
+#[test]
+fn duplicate_upstream_names_are_refused() {
+    let e = err(&format!(
+        "{MINIMAL}[[upstream]]\nname = \"web1\"\naddress = \"127.0.0.1:9002\"\ngroup = \"web\"\n"
+    ));
+    assert!(e.contains("upstream[1].name"), "{e}");
+    assert!(e.contains("twice"), "{e}");
+}
+
+#[test]
+fn a_client_naming_an_unknown_group_is_refused_with_the_known_ones() {
+    let e = err(&format!(
+        "{MINIMAL}[[client]]\ncn = \"c2\"\ngroups = [\"api\"]\n"
+    ));
+    assert!(e.contains("client[1].groups"), "{e}");
+    assert!(e.contains("\"api\""), "{e}");
+    assert!(e.contains("web"), "{e}");
+}
+
+#[test]
+fn a_duplicate_client_is_refused() {
+    let e = err(&format!(
+        "{MINIMAL}[[client]]\ncn = \"client1.lb.com\"\ngroups = [\"web\"]\n"
+    ));
+    assert!(e.contains("client[1].cn"), "{e}");
+}
+
+#[test]
+fn no_upstream_at_all_is_refused() {
+    let e = err("listen = \"127.0.0.1:1\"\n");
+    assert!(e.contains("[[upstream]]"), "{e}");
+}
+
+#[test]
+fn zero_and_negative_limits_are_refused() {
+    assert!(err(&format!("[rate_limit]\nrate = 0\n{MINIMAL}")).contains("rate_limit.rate"));
+    assert!(err(&format!("[rate_limit]\nrate = -1.5\n{MINIMAL}")).contains("rate_limit.rate"));
+    assert!(err(&format!("[rate_limit]\nburst = 0\n{MINIMAL}")).contains("rate_limit.burst"));
+    assert!(err(&format!("[health_check]\nfall = 0\n{MINIMAL}")).contains("health_check.fall"));
+    assert!(
+        err(&format!("[limits]\nconnect_timeout = \"0s\"\n{MINIMAL}"))
+            .contains("limits.connect_timeout")
+    );
+    let weight = MINIMAL.replace("group = \"web\"\n", "group = \"web\"\nweight = 0\n");
+    assert!(err(&weight).contains("upstream[0].weight"));
+}
+
+#[test]
+fn an_unknown_log_format_is_refused_by_key() {
+    let e = err(&format!("log_format = \"xml\"\n{MINIMAL}"));
+    assert!(e.contains("log_format") || e.contains("xml"), "{e}");
+}
+
+#[test]
+fn a_wrong_type_is_a_parse_error_naming_the_key() {
+    let e = err(&format!("[rate_limit]\nburst = \"lots\"\n{MINIMAL}"));
+    assert!(e.contains("burst"), "{e}");
+}
+
+#[test]
+fn a_missing_file_is_named() {
+    let e = Config::load(Path::new("/nonexistent/lclb.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("/nonexistent/lclb.toml"), "{e}");
+}
+
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Pieces of real config text, so generated inputs reach validation, not only the
+    /// TOML parser.
+    fn fragment() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("[[upstream]]\n".to_string()),
+            Just("[[client]]\n".to_string()),
+            Just("[limits]\n".to_string()),
+            Just("[rate_limit]\n".to_string()),
+            Just("[health_check]\n".to_string()),
+            Just("[tls]\n".to_string()),
+            "(name|address|group|cn|listen|rate|burst|weight|interval|fall|rise|idle_timeout|slow_start) = \"[a-z0-9.:]{0,12}\"\n",
+            "(rate|burst|weight|fall|rise|max_connections|max_concurrent|connect_retries) = -?[0-9]{1,12}(\\.[0-9])?\n",
+            "groups = \\[(\"[a-z]{0,4}\", ?){0,3}\\]\n",
+            "[ -~\n]{0,40}",
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(500))]
+
+        #[test]
+        fn arbitrary_text_is_an_error_or_a_config_never_a_panic(text in "\\PC{0,400}") {
+            let _ = Config::parse(&text, Path::new("/etc/lclb"));
+        }
+
+        #[test]
+        fn config_shaped_text_is_an_error_or_a_config_never_a_panic(
+            parts in proptest::collection::vec(fragment(), 0..24)
+        ) {
+            let text: String = parts.concat();
+            if let Ok(c) = Config::parse(&text, Path::new("/etc/lclb")) {
+                prop_assert!(!c.upstreams.is_empty());
+                prop_assert!(c.rate_limit.rate.burst >= 1);
+            }
+        }
+    }
+}

@@ -1,0 +1,375 @@
+//! Stage two: the raw file checked and typed into a [`Config`], one function per section. Each
+//! function applies its section's defaults, parses its durations and addresses, and refuses a
+//! value it cannot use with an error naming the key (`limits.idle_timeout`, `upstream[2].weight`)
+//! and, where there is one, the fix. Cross-section rules (a client naming a group no upstream
+//! has) take what the earlier sections produced as arguments.
+
+use std::collections::{BTreeSet, HashSet};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::raw::{RawClient, RawConfig, RawHealth, RawLimits, RawRateLimit, RawTls, RawUpstream};
+use super::*;
+
+/// Checks and types the whole file; relative paths are resolved against `base`.
+pub(super) fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
+    let (listen, metrics_listen) = listeners(raw.listen, raw.metrics_listen)?;
+    let tls = tls(raw.tls, base)?;
+    let limits = limits(raw.limits)?;
+    let rate_limit = rate_limit_section(raw.rate_limit)?;
+    let health_check = health_check(raw.health_check)?;
+    let upstreams = upstreams(&raw.upstream)?;
+    let groups: BTreeSet<&str> = upstreams.iter().map(|u| u.group.as_str()).collect();
+    let clients = clients(&raw.client, &groups, rate_limit)?;
+    Ok(Config {
+        listen,
+        metrics_listen,
+        log_format: raw.log_format.unwrap_or_default(),
+        tls,
+        limits,
+        rate_limit,
+        health_check,
+        upstreams,
+        clients,
+    })
+}
+
+/// `listen` and `metrics_listen`.
+fn listeners(
+    listen: Option<String>,
+    metrics_listen: Option<String>,
+) -> Result<(SocketAddr, Option<SocketAddr>), ConfigError> {
+    let listen = socket_addr("listen", listen.as_deref().unwrap_or(DEFAULT_LISTEN))?;
+    let metrics_listen = match metrics_listen.as_deref() {
+        Some(text) => Some(socket_addr("metrics_listen", text)?),
+        None => None,
+    };
+    Ok((listen, metrics_listen))
+}
+
+/// The `[tls]` section: file paths made absolute, and the two policies.
+fn tls(raw: RawTls, base: &Path) -> Result<TlsFiles, ConfigError> {
+    Ok(TlsFiles {
+        ca_cert: path(base, raw.ca_cert, DEFAULT_CA_CERT),
+        server_cert: path(base, raw.server_cert, DEFAULT_SERVER_CERT),
+        server_key: path(base, raw.server_key, DEFAULT_SERVER_KEY),
+        crls: raw
+            .crls
+            .unwrap_or_default()
+            .into_iter()
+            .map(|p| path(base, Some(p), ""))
+            .collect(),
+        crl_stale: raw.crl_stale.unwrap_or_default(),
+        truncation: raw.truncation.unwrap_or_default(),
+    })
+}
+
+/// The `[limits]` section.
+fn limits(l: RawLimits) -> Result<Limits, ConfigError> {
+    let (per_ip_handshake_rate, per_ip_handshake_burst) =
+        per_ip_handshake_rate(l.per_ip_handshake_rate, l.per_ip_handshake_burst)?;
+    Ok(Limits {
+        max_connections: at_least_one(
+            "limits.max_connections",
+            l.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+        )?,
+        handshake_timeout: duration(
+            "limits.handshake_timeout",
+            l.handshake_timeout,
+            DEFAULT_HANDSHAKE_TIMEOUT,
+        )?,
+        connect_timeout: duration(
+            "limits.connect_timeout",
+            l.connect_timeout,
+            DEFAULT_CONNECT_TIMEOUT,
+        )?,
+        idle_timeout: duration("limits.idle_timeout", l.idle_timeout, DEFAULT_IDLE_TIMEOUT)?,
+        half_close_timeout: duration(
+            "limits.half_close_timeout",
+            l.half_close_timeout,
+            DEFAULT_HALF_CLOSE_TIMEOUT,
+        )?,
+        drain_timeout: duration(
+            "limits.drain_timeout",
+            l.drain_timeout,
+            DEFAULT_DRAIN_TIMEOUT,
+        )?,
+        max_handshakes: at_least_one(
+            "limits.max_handshakes",
+            l.max_handshakes.unwrap_or(DEFAULT_MAX_HANDSHAKES),
+        )?,
+        per_ip_max_handshakes: l
+            .per_ip_max_handshakes
+            .unwrap_or(DEFAULT_PER_IP_MAX_HANDSHAKES),
+        per_ip_ipv6_prefix: ipv6_prefix(l.per_ip_ipv6_prefix)?,
+        per_ip_handshake_rate,
+        per_ip_handshake_burst,
+        thread_keep_alive: duration(
+            "limits.thread_keep_alive",
+            l.thread_keep_alive,
+            DEFAULT_THREAD_KEEP_ALIVE,
+        )?,
+    })
+}
+
+fn at_least_one(key: &str, n: usize) -> Result<usize, ConfigError> {
+    if n == 0 {
+        return Err(invalid(key, "must be at least 1"));
+    }
+    Ok(n)
+}
+
+fn ipv6_prefix(value: Option<u8>) -> Result<u8, ConfigError> {
+    let prefix = value.unwrap_or(DEFAULT_PER_IP_IPV6_PREFIX);
+    if !(1..=128).contains(&prefix) {
+        return Err(invalid(
+            "limits.per_ip_ipv6_prefix",
+            "must be a prefix length from 1 to 128 (64 groups each /64)",
+        ));
+    }
+    Ok(prefix)
+}
+
+/// `limits.per_ip_handshake_rate` and its burst, which defaults to twice the rate.
+fn per_ip_handshake_rate(rate: Option<f64>, burst: Option<u32>) -> Result<(f64, u32), ConfigError> {
+    let rate = rate.unwrap_or(0.0);
+    if !rate.is_finite() || rate < 0.0 {
+        return Err(invalid(
+            "limits.per_ip_handshake_rate",
+            "must be a number of connections per second, or 0 for no limit",
+        ));
+    }
+    let burst = match burst {
+        Some(0) => {
+            return Err(invalid(
+                "limits.per_ip_handshake_burst",
+                "must be at least 1",
+            ));
+        }
+        Some(b) => b,
+        None => (rate * 2.0).ceil().clamp(1.0, f64::from(u32::MAX)) as u32,
+    };
+    Ok((rate, burst))
+}
+
+/// The `[rate_limit]` section: the limits of every client without an override.
+fn rate_limit_section(raw: RawRateLimit) -> Result<ClientLimits, ConfigError> {
+    Ok(ClientLimits {
+        rate: rate_limit("rate_limit", raw.rate, raw.burst, RateLimit::default())?,
+        max_concurrent: raw.max_concurrent.unwrap_or(0),
+    })
+}
+
+/// The `[health_check]` section.
+fn health_check(h: RawHealth) -> Result<HealthCheck, ConfigError> {
+    let health_check = HealthCheck {
+        interval: duration("health_check.interval", h.interval, DEFAULT_HEALTH_INTERVAL)?,
+        timeout: duration("health_check.timeout", h.timeout, DEFAULT_HEALTH_TIMEOUT)?,
+        rise: h.rise.unwrap_or(DEFAULT_RISE),
+        fall: h.fall.unwrap_or(DEFAULT_FALL),
+        connect_retries: h.connect_retries.unwrap_or(DEFAULT_CONNECT_RETRIES),
+        shutdown_sessions_on_down: h.shutdown_sessions_on_down.unwrap_or(false),
+    };
+    if health_check.rise == 0 {
+        return Err(invalid("health_check.rise", "must be at least 1"));
+    }
+    if health_check.fall == 0 {
+        return Err(invalid("health_check.fall", "must be at least 1"));
+    }
+    Ok(health_check)
+}
+
+/// The `[[upstream]]` entries: at least one, unique names, addresses resolved.
+fn upstreams(raw: &[RawUpstream]) -> Result<Vec<UpstreamConfig>, ConfigError> {
+    if raw.is_empty() {
+        return Err(invalid(
+            "upstream",
+            "no [[upstream]] is configured; add at least one with name, address and group",
+        ));
+    }
+    let mut names = HashSet::new();
+    let mut upstreams = Vec::with_capacity(raw.len());
+    for (i, u) in raw.iter().enumerate() {
+        let key = format!("upstream[{i}]");
+        if u.name.trim().is_empty() {
+            return Err(invalid(format!("{key}.name"), "must not be empty"));
+        }
+        if !names.insert(u.name.as_str()) {
+            return Err(invalid(
+                format!("{key}.name"),
+                format!(
+                    "upstream name {:?} is used twice; names must be unique",
+                    u.name
+                ),
+            ));
+        }
+        if u.group.trim().is_empty() {
+            return Err(invalid(format!("{key}.group"), "must not be empty"));
+        }
+        let weight = u.weight.unwrap_or(1);
+        if weight == 0 {
+            return Err(invalid(
+                format!("{key}.weight"),
+                "must be at least 1; remove the upstream to take it out of service",
+            ));
+        }
+        upstreams.push(UpstreamConfig {
+            name: u.name.clone(),
+            address: u.address.clone(),
+            addrs: resolve(&format!("{key}.address"), &u.address)?,
+            group: u.group.clone(),
+            weight,
+            slow_start: duration(
+                &format!("{key}.slow_start"),
+                u.slow_start.clone(),
+                Duration::ZERO,
+            )?,
+        });
+    }
+    Ok(upstreams)
+}
+
+/// The `[[client]]` entries: unique CNs, each naming only `groups` some upstream has, with the
+/// `[rate_limit]` defaults under their overrides.
+fn clients(
+    raw: &[RawClient],
+    groups: &BTreeSet<&str>,
+    default: ClientLimits,
+) -> Result<Vec<ClientConfig>, ConfigError> {
+    let mut cns = HashSet::new();
+    let mut clients = Vec::with_capacity(raw.len());
+    for (i, c) in raw.iter().enumerate() {
+        let key = format!("client[{i}]");
+        if c.cn.is_empty() {
+            return Err(invalid(format!("{key}.cn"), "must not be empty"));
+        }
+        if !cns.insert(c.cn.as_str()) {
+            return Err(invalid(
+                format!("{key}.cn"),
+                format!(
+                    "client {:?} is listed twice; merge its groups into one entry",
+                    c.cn
+                ),
+            ));
+        }
+        if c.groups.is_empty() {
+            return Err(invalid(
+                format!("{key}.groups"),
+                format!(
+                    "client {:?} has no groups; remove the entry to deny it",
+                    c.cn
+                ),
+            ));
+        }
+        if let Some(g) = c.groups.iter().find(|g| !groups.contains(g.as_str())) {
+            let known: Vec<&str> = groups.iter().copied().collect();
+            return Err(invalid(
+                format!("{key}.groups"),
+                format!(
+                    "client {:?} names group {g:?}, which no upstream has (groups: {})",
+                    c.cn,
+                    known.join(", ")
+                ),
+            ));
+        }
+        clients.push(ClientConfig {
+            cn: c.cn.clone(),
+            groups: c.groups.clone(),
+            rate_limit: ClientLimits {
+                rate: rate_limit(&key, c.rate, c.burst, default.rate)?,
+                max_concurrent: c.max_concurrent.unwrap_or(default.max_concurrent),
+            },
+        });
+    }
+    Ok(clients)
+}
+
+fn duration(key: &str, value: Option<String>, default: Duration) -> Result<Duration, ConfigError> {
+    let Some(text) = value else {
+        return Ok(default);
+    };
+    let d = humantime::parse_duration(text.trim()).map_err(|e| {
+        invalid(
+            key,
+            format!("{text:?} is not a duration ({e}); write it like \"250ms\", \"5s\" or \"10m\""),
+        )
+    })?;
+    if d.is_zero() {
+        return Err(invalid(key, "must be greater than zero"));
+    }
+    Ok(d)
+}
+
+fn socket_addr(key: &str, text: &str) -> Result<SocketAddr, ConfigError> {
+    text.parse().map_err(|_| {
+        invalid(
+            key,
+            format!("{text:?} is not an IP address and port, such as \"0.0.0.0:9443\""),
+        )
+    })
+}
+
+fn resolve(key: &str, text: &str) -> Result<Vec<SocketAddr>, ConfigError> {
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(vec![addr]);
+    }
+    if !text.contains(':') {
+        return Err(invalid(
+            key,
+            format!("{text:?} has no port; write it as host:port"),
+        ));
+    }
+    let addrs: Vec<SocketAddr> = text
+        .to_socket_addrs()
+        .map_err(|e| invalid(key, format!("cannot resolve {text:?}: {e}")))?
+        .collect();
+    if addrs.is_empty() {
+        return Err(invalid(key, format!("{text:?} resolved to no address")));
+    }
+    Ok(addrs)
+}
+
+fn rate_limit(
+    key: &str,
+    rate: Option<f64>,
+    burst: Option<u32>,
+    base: RateLimit,
+) -> Result<RateLimit, ConfigError> {
+    let limit = RateLimit {
+        rate: rate.unwrap_or(base.rate),
+        burst: burst.unwrap_or(base.burst),
+    };
+    if !limit.rate.is_finite() || limit.rate <= 0.0 {
+        return Err(invalid(
+            format!("{key}.rate"),
+            format!(
+                "{} is not a positive number of connections per second",
+                limit.rate
+            ),
+        ));
+    }
+    if limit.burst == 0 {
+        return Err(invalid(
+            format!("{key}.burst"),
+            "must be at least 1, or no connection could ever be admitted",
+        ));
+    }
+    Ok(limit)
+}
+
+fn path(base: &Path, value: Option<PathBuf>, default: &str) -> PathBuf {
+    let p = value.unwrap_or_else(|| PathBuf::from(default));
+    if p.is_absolute() {
+        p
+    } else {
+        base.join(p)
+    }
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
