@@ -20,8 +20,6 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::access::LogFormat;
-
 mod defaults;
 mod raw;
 #[cfg(test)]
@@ -108,6 +106,17 @@ pub struct Config {
     pub upstreams: Vec<UpstreamConfig>,
     /// The clients allowed in, in file order; any other identity is refused.
     pub clients: Vec<ClientConfig>,
+}
+
+/// `log_format`: how log lines (access lines and every other) are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// `key=value` text, for people. The default.
+    #[default]
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
 }
 
 /// The TLS files named by the `[tls]` section, made absolute against the config file's folder.
