@@ -167,15 +167,19 @@ pub enum Truncation {
 pub struct Limits {
     /// Cap on concurrent client connections, handshakes included. Default 10000.
     pub max_connections: usize,
-    /// Deadline from accept to a completed handshake. Default 5s.
+    /// Deadline from accept to a completed handshake. Default 5s, at most 5m
+    /// ([`MAX_HANDSHAKE_TIMEOUT`]).
     pub handshake_timeout: Duration,
-    /// Bound on one TCP connect to an upstream. Default 2s.
+    /// Bound on one TCP connect to an upstream. Default 2s, at most 1m ([`MAX_CONNECT_TIMEOUT`]).
     pub connect_timeout: Duration,
-    /// A connection with no bytes either way for this long is closed. Default 10m.
+    /// A connection with no bytes either way for this long is closed. Default 10m, at most 24h
+    /// ([`MAX_IDLE_TIMEOUT`]).
     pub idle_timeout: Duration,
-    /// A half-closed connection idle for this long is closed. Default 30s.
+    /// A half-closed connection idle for this long is closed. Default 30s, at most 24h
+    /// ([`MAX_HALF_CLOSE_TIMEOUT`]).
     pub half_close_timeout: Duration,
-    /// Time connections in flight get to finish when the balancer stops. Default 30s.
+    /// Time connections in flight get to finish when the balancer stops. Default 30s, at most 1h
+    /// ([`MAX_DRAIN_TIMEOUT`]).
     pub drain_timeout: Duration,
     /// Cap on handshakes in progress at once; past it, new sockets are closed at once.
     /// Default 512.
@@ -193,7 +197,7 @@ pub struct Limits {
     /// Bucket size of the per-address limit. Default: twice the rate, at least 1.
     pub per_ip_handshake_burst: u32,
     /// A connection thread with no work is kept this long for the next connection, then
-    /// ends. Default 30s. Read at start-up only.
+    /// ends. Default 30s, at most 1h ([`MAX_THREAD_KEEP_ALIVE`]). Read at start-up only.
     pub thread_keep_alive: Duration,
 }
 
@@ -246,9 +250,11 @@ pub struct ClientLimits {
 /// The `[health_check]` section.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct HealthCheck {
-    /// Time between probes of one upstream. Default 2s.
+    /// Time between probes of one upstream. Default 2s, at most 1h ([`MAX_HEALTH_INTERVAL`]).
     pub interval: Duration,
-    /// Bound on one probe's TCP connect. Default 1s.
+    /// Bound on one probe's TCP connect. Default 1s, at most 1m ([`MAX_HEALTH_TIMEOUT`]). It may
+    /// exceed `interval`: rounds never overlap, the next starts `interval` after this one's
+    /// slowest probe ends.
     pub timeout: Duration,
     /// Consecutive successes that bring a DOWN upstream UP. Default 2.
     pub rise: u32,
@@ -288,7 +294,8 @@ pub struct UpstreamConfig {
     /// Relative capacity: the least-connection choice compares active/weight. Default 1.
     pub weight: u32,
     /// After the upstream comes back UP, its weight ramps from a tenth to full over this time,
-    /// so it is not flooded with every new connection at once. Default zero: no ramp.
+    /// so it is not flooded with every new connection at once. Default zero: no ramp. At most
+    /// 1h ([`MAX_SLOW_START`]).
     pub slow_start: Duration,
 }
 

@@ -206,6 +206,90 @@ fn no_upstream_at_all_is_refused() {
     assert!(e.contains("[[upstream]]"), "{e}");
 }
 
+/// Every duration key, as (section header or "" for the upstream entry, key path, maximum as
+/// documented). Written out rather than taken from the constants, so a test notices a maximum
+/// that drifts from its documentation.
+const DURATION_MAXIMA: &[(&str, &str, &str)] = &[
+    ("[limits]", "limits.handshake_timeout", "5m"),
+    ("[limits]", "limits.connect_timeout", "1m"),
+    ("[limits]", "limits.idle_timeout", "24h"),
+    ("[limits]", "limits.half_close_timeout", "24h"),
+    ("[limits]", "limits.drain_timeout", "1h"),
+    ("[limits]", "limits.thread_keep_alive", "1h"),
+    ("[health_check]", "health_check.interval", "1h"),
+    ("[health_check]", "health_check.timeout", "1m"),
+    ("", "upstream[0].slow_start", "1h"),
+];
+
+/// MINIMAL with `key` (a path from DURATION_MAXIMA) set to `value`, written as a TOML string.
+fn with_duration(section: &str, key: &str, value: &str) -> String {
+    let name = key.rsplit('.').next().unwrap_or(key);
+    let line = format!("{name} = {}\n", toml::Value::String(value.to_string()));
+    if section.is_empty() {
+        MINIMAL.replace("group = \"web\"\n", &format!("group = \"web\"\n{line}"))
+    } else {
+        format!("{section}\n{line}{MINIMAL}")
+    }
+}
+
+/// The duration `key` took in `c`.
+fn duration_of(c: &Config, key: &str) -> Duration {
+    match key {
+        "limits.handshake_timeout" => c.limits.handshake_timeout,
+        "limits.connect_timeout" => c.limits.connect_timeout,
+        "limits.idle_timeout" => c.limits.idle_timeout,
+        "limits.half_close_timeout" => c.limits.half_close_timeout,
+        "limits.drain_timeout" => c.limits.drain_timeout,
+        "limits.thread_keep_alive" => c.limits.thread_keep_alive,
+        "health_check.interval" => c.health_check.interval,
+        "health_check.timeout" => c.health_check.timeout,
+        "upstream[0].slow_start" => c.upstreams[0].slow_start,
+        other => panic!("no duration key {other}"),
+    }
+}
+
+#[test]
+fn every_duration_key_takes_its_maximum_and_refuses_one_millisecond_more() {
+    for &(section, key, max) in DURATION_MAXIMA {
+        let max_d = humantime::parse_duration(max).unwrap();
+        let c = parse(&with_duration(section, key, max))
+            .unwrap_or_else(|e| panic!("{key} = {max} should be accepted: {e}"));
+        assert_eq!(duration_of(&c, key), max_d, "{key}");
+
+        let over = format!("{max} 1ms");
+        let e = err(&with_duration(section, key, &over));
+        assert_eq!(
+            e,
+            format!(
+                "config key `{key}`: \"{over}\" is more than the maximum of {max}; \
+                 set it to at most \"{max}\""
+            )
+        );
+    }
+}
+
+#[test]
+fn a_duration_of_three_hundred_billion_years_is_refused_for_every_key() {
+    for &(section, key, max) in DURATION_MAXIMA {
+        let e = err(&with_duration(section, key, "300000000000y"));
+        assert!(e.contains(&format!("`{key}`")), "{e}");
+        assert!(e.contains("\"300000000000y\""), "{e}");
+        assert!(e.contains(&format!("maximum of {max}")), "{e}");
+    }
+}
+
+#[test]
+fn the_default_config_documents_the_maximum_of_every_duration_key() {
+    for &(_, key, max) in DURATION_MAXIMA {
+        let name = key.rsplit('.').next().unwrap_or(key);
+        let line = DEFAULT_CONFIG
+            .lines()
+            .find(|l| l.trim_start_matches("# ").starts_with(&format!("{name} =")))
+            .unwrap_or_else(|| panic!("DEFAULT_CONFIG has no {name} line"));
+        assert!(line.ends_with(&format!("at most {max}")), "{line}");
+    }
+}
+
 #[test]
 fn zero_and_negative_limits_are_refused() {
     assert!(err(&format!("[rate_limit]\nrate = 0\n{MINIMAL}")).contains("rate_limit.rate"));
@@ -277,6 +361,22 @@ mod fuzz {
             if let Ok(c) = Config::parse(&text, Path::new("/etc/lclb")) {
                 prop_assert!(!c.upstreams.is_empty());
                 prop_assert!(c.rate_limit.rate.burst >= 1);
+            }
+        }
+
+        #[test]
+        fn any_duration_text_is_an_error_or_within_its_maximum_never_a_panic(
+            which in 0..DURATION_MAXIMA.len(),
+            text in prop_oneof![
+                "[0-9]{1,25}(\\.[0-9]{1,4})? ?(ns|us|ms|s|sec|m|min|h|hr|d|day|w|M|month|y|year|years)?( [0-9]{1,20}(ms|s|h|d|y))?",
+                "\\PC{0,30}",
+            ],
+        ) {
+            let (section, key, max) = DURATION_MAXIMA[which];
+            if let Ok(c) = Config::parse(&with_duration(section, key, &text), Path::new("/etc/lclb")) {
+                let d = duration_of(&c, key);
+                prop_assert!(d <= humantime::parse_duration(max).unwrap(), "{key} = {text:?} gave {d:?}");
+                prop_assert!(std::time::Instant::now().checked_add(d).is_some());
             }
         }
     }

@@ -78,22 +78,31 @@ fn limits(l: RawLimits) -> Result<Limits, ConfigError> {
             "limits.handshake_timeout",
             l.handshake_timeout,
             DEFAULT_HANDSHAKE_TIMEOUT,
+            MAX_HANDSHAKE_TIMEOUT,
         )?,
         connect_timeout: duration(
             "limits.connect_timeout",
             l.connect_timeout,
             DEFAULT_CONNECT_TIMEOUT,
+            MAX_CONNECT_TIMEOUT,
         )?,
-        idle_timeout: duration("limits.idle_timeout", l.idle_timeout, DEFAULT_IDLE_TIMEOUT)?,
+        idle_timeout: duration(
+            "limits.idle_timeout",
+            l.idle_timeout,
+            DEFAULT_IDLE_TIMEOUT,
+            MAX_IDLE_TIMEOUT,
+        )?,
         half_close_timeout: duration(
             "limits.half_close_timeout",
             l.half_close_timeout,
             DEFAULT_HALF_CLOSE_TIMEOUT,
+            MAX_HALF_CLOSE_TIMEOUT,
         )?,
         drain_timeout: duration(
             "limits.drain_timeout",
             l.drain_timeout,
             DEFAULT_DRAIN_TIMEOUT,
+            MAX_DRAIN_TIMEOUT,
         )?,
         max_handshakes: at_least_one(
             "limits.max_handshakes",
@@ -109,6 +118,7 @@ fn limits(l: RawLimits) -> Result<Limits, ConfigError> {
             "limits.thread_keep_alive",
             l.thread_keep_alive,
             DEFAULT_THREAD_KEEP_ALIVE,
+            MAX_THREAD_KEEP_ALIVE,
         )?,
     })
 }
@@ -164,8 +174,18 @@ fn rate_limit_section(raw: RawRateLimit) -> Result<ClientLimits, ConfigError> {
 /// The `[health_check]` section.
 fn health_check(h: RawHealth) -> Result<HealthCheck, ConfigError> {
     let health_check = HealthCheck {
-        interval: duration("health_check.interval", h.interval, DEFAULT_HEALTH_INTERVAL)?,
-        timeout: duration("health_check.timeout", h.timeout, DEFAULT_HEALTH_TIMEOUT)?,
+        interval: duration(
+            "health_check.interval",
+            h.interval,
+            DEFAULT_HEALTH_INTERVAL,
+            MAX_HEALTH_INTERVAL,
+        )?,
+        timeout: duration(
+            "health_check.timeout",
+            h.timeout,
+            DEFAULT_HEALTH_TIMEOUT,
+            MAX_HEALTH_TIMEOUT,
+        )?,
         rise: h.rise.unwrap_or(DEFAULT_RISE),
         fall: h.fall.unwrap_or(DEFAULT_FALL),
         connect_retries: h.connect_retries.unwrap_or(DEFAULT_CONNECT_RETRIES),
@@ -224,6 +244,7 @@ fn upstreams(raw: &[RawUpstream]) -> Result<Vec<UpstreamConfig>, ConfigError> {
                 &format!("{key}.slow_start"),
                 u.slow_start.clone(),
                 Duration::ZERO,
+                MAX_SLOW_START,
             )?,
         });
     }
@@ -285,7 +306,13 @@ fn clients(
     Ok(clients)
 }
 
-fn duration(key: &str, value: Option<String>, default: Duration) -> Result<Duration, ConfigError> {
+/// A duration key: `default` when absent, otherwise more than zero and at most `max`.
+fn duration(
+    key: &str,
+    value: Option<String>,
+    default: Duration,
+    max: Duration,
+) -> Result<Duration, ConfigError> {
     let Some(text) = value else {
         return Ok(default);
     };
@@ -298,7 +325,28 @@ fn duration(key: &str, value: Option<String>, default: Duration) -> Result<Durat
     if d.is_zero() {
         return Err(invalid(key, "must be greater than zero"));
     }
+    if d > max {
+        let max = short(max);
+        return Err(invalid(
+            key,
+            format!("{text:?} is more than the maximum of {max}; set it to at most \"{max}\""),
+        ));
+    }
     Ok(d)
+}
+
+/// `d` as an operator would write it ("5m", "24h"); the maxima are whole minutes or hours.
+fn short(d: Duration) -> String {
+    let secs = d.as_secs();
+    if d.subsec_nanos() != 0 || secs == 0 {
+        humantime::format_duration(d).to_string()
+    } else if secs % 3600 == 0 {
+        format!("{}h", secs / 3600)
+    } else if secs % 60 == 0 {
+        format!("{}m", secs / 60)
+    } else {
+        format!("{secs}s")
+    }
 }
 
 fn socket_addr(key: &str, text: &str) -> Result<SocketAddr, ConfigError> {
