@@ -58,6 +58,8 @@ ca_cert = "/x/ca.crt"
 server_cert = "s.crt"
 server_key = "s.key"
 crls = ["revoked.crl"]
+crl_stale = "refuse"
+truncation = "reset"
 [limits]
 max_connections = 5
 handshake_timeout = "250ms"
@@ -66,6 +68,8 @@ idle_timeout = "10m"
 half_close_timeout = "3s"
 drain_timeout = "30s"
 max_handshakes = 64
+per_ip_max_handshakes = 0
+per_ip_ipv6_prefix = 56
 per_ip_handshake_rate = 5
 [rate_limit]
 rate = 10
@@ -112,6 +116,10 @@ max_concurrent = 4
     assert_eq!(c.limits.max_handshakes, 64);
     assert_eq!(c.limits.per_ip_handshake_rate, 5.0);
     assert_eq!(c.limits.per_ip_handshake_burst, 10);
+    assert_eq!(c.limits.per_ip_max_handshakes, 0);
+    assert_eq!(c.limits.per_ip_ipv6_prefix, 56);
+    assert_eq!(c.tls.crl_stale, CrlStale::Refuse);
+    assert_eq!(c.tls.truncation, Truncation::Reset);
 }
 
 #[test]
@@ -124,6 +132,66 @@ fn the_printed_default_config_parses_to_the_defaults() {
     assert_eq!(c.health_check, d.health_check);
     assert_eq!(c.tls, d.tls);
     assert_eq!(c.log_format, d.log_format);
+}
+
+#[test]
+fn the_per_ip_and_tls_policy_keys_default_to_the_documented_values() {
+    let c = parse(MINIMAL).unwrap();
+    assert_eq!(c.limits.per_ip_max_handshakes, 32);
+    assert_eq!(c.limits.per_ip_ipv6_prefix, 64);
+    assert_eq!(c.tls.crl_stale, CrlStale::Warn);
+    assert_eq!(c.tls.truncation, Truncation::Fin);
+}
+
+#[test]
+fn the_printed_default_config_spells_out_the_per_ip_and_tls_policy_keys() {
+    let table: toml::Table = toml::from_str(DEFAULT_CONFIG).unwrap();
+    let limits = table["limits"].as_table().unwrap();
+    assert_eq!(limits["per_ip_max_handshakes"].as_integer(), Some(32));
+    assert_eq!(limits["per_ip_ipv6_prefix"].as_integer(), Some(64));
+    let tls = table["tls"].as_table().unwrap();
+    assert_eq!(tls["crl_stale"].as_str(), Some("warn"));
+    assert_eq!(tls["truncation"].as_str(), Some("fin"));
+}
+
+#[test]
+fn an_ipv6_prefix_outside_1_to_128_is_refused_naming_the_key_and_value() {
+    for (value, shown) in [("0", "0 is not"), ("129", "129 is not")] {
+        let e = err(&format!(
+            "[limits]\nper_ip_ipv6_prefix = {value}\n{MINIMAL}"
+        ));
+        assert!(
+            e.starts_with("config key `limits.per_ip_ipv6_prefix`: "),
+            "{e}"
+        );
+        assert!(e.contains(shown) && e.contains("1 to 128"), "{e}");
+    }
+    for prefix in [1, 128] {
+        let c = parse(&format!(
+            "[limits]\nper_ip_ipv6_prefix = {prefix}\n{MINIMAL}"
+        ))
+        .unwrap();
+        assert_eq!(c.limits.per_ip_ipv6_prefix, prefix);
+    }
+    // Past u8 the TOML stage refuses it, still showing the key.
+    let e = err(&format!("[limits]\nper_ip_ipv6_prefix = 300\n{MINIMAL}"));
+    assert!(e.contains("per_ip_ipv6_prefix = 300"), "{e}");
+}
+
+#[test]
+fn a_negative_per_ip_max_handshakes_is_refused_showing_the_key() {
+    let e = err(&format!("[limits]\nper_ip_max_handshakes = -1\n{MINIMAL}"));
+    assert!(e.contains("per_ip_max_handshakes = -1"), "{e}");
+}
+
+#[test]
+fn an_unknown_crl_stale_or_truncation_policy_is_refused_with_the_choices() {
+    let e = err(&format!("[tls]\ncrl_stale = \"ignore\"\n{MINIMAL}"));
+    assert!(e.contains("crl_stale = \"ignore\""), "{e}");
+    assert!(e.contains("`warn`") && e.contains("`refuse`"), "{e}");
+    let e = err(&format!("[tls]\ntruncation = \"close\"\n{MINIMAL}"));
+    assert!(e.contains("truncation = \"close\""), "{e}");
+    assert!(e.contains("`fin`") && e.contains("`reset`"), "{e}");
 }
 
 #[test]

@@ -135,7 +135,9 @@ fn ipv6_prefix(value: Option<u8>) -> Result<u8, ConfigError> {
     if !(1..=128).contains(&prefix) {
         return Err(invalid(
             "limits.per_ip_ipv6_prefix",
-            "must be a prefix length from 1 to 128 (64 groups each /64)",
+            format!(
+                "{prefix} is not a prefix length from 1 to 128 (the default 64 groups each /64)"
+            ),
         ));
     }
     Ok(prefix)
