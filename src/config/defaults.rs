@@ -102,7 +102,7 @@ max_handshakes = 512                 # handshakes in progress at once; more are 
 per_ip_max_handshakes = 32           # handshakes in progress at once per source address; 0 = off
 per_ip_ipv6_prefix = 64              # IPv6 sources are grouped by this prefix for per-IP limits
 per_ip_handshake_rate = 0            # new connections/s per source IP before TLS; 0 = off
-# per_ip_handshake_burst = 10        # default: twice the rate
+# per_ip_handshake_burst = 10        # default: twice the rate; set only with a rate
 thread_keep_alive = "30s"            # idle threads kept for reuse (start-up only); at most 1h
 
 [rate_limit]                         # per client identity (certificate CN), token bucket

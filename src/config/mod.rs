@@ -90,7 +90,8 @@ impl std::error::Error for ConfigError {}
 pub struct Config {
     /// Where clients connect. Default `0.0.0.0:9443`.
     pub listen: SocketAddr,
-    /// Where Prometheus metrics are served, if anywhere. Default: not served.
+    /// Where Prometheus metrics are served, if anywhere; never on `listen`'s port. Default: not
+    /// served.
     pub metrics_listen: Option<SocketAddr>,
     /// How log lines are written: `"text"` (default) or `"json"`.
     pub log_format: LogFormat,
@@ -194,7 +195,8 @@ pub struct Limits {
     /// New connections per second allowed from one source IP before its handshake (a token
     /// bucket per address). Default 0: no per-address limit.
     pub per_ip_handshake_rate: f64,
-    /// Bucket size of the per-address limit. Default: twice the rate, at least 1.
+    /// Bucket size of the per-address limit. Default: twice the rate, at least 1. Setting it
+    /// while `per_ip_handshake_rate` is 0 is an error (it would limit nothing).
     pub per_ip_handshake_burst: u32,
     /// A connection thread with no work is kept this long for the next connection, then
     /// ends. Default 30s, at most 1h ([`MAX_THREAD_KEEP_ALIVE`]). Read at start-up only.

@@ -195,6 +195,74 @@ fn an_unknown_crl_stale_or_truncation_policy_is_refused_with_the_choices() {
 }
 
 #[test]
+fn metrics_listen_on_the_listen_port_is_refused_with_the_fix() {
+    let e = err(&format!(
+        "listen = \"0.0.0.0:9443\"\nmetrics_listen = \"127.0.0.1:9443\"\n{MINIMAL}"
+    ));
+    assert_eq!(
+        e,
+        "config key `metrics_listen`: 127.0.0.1:9443 takes the port of listen (0.0.0.0:9443); \
+         give metrics_listen another port or drop it"
+    );
+    let e = err(&format!(
+        "listen = \"127.0.0.1:9443\"\nmetrics_listen = \"127.0.0.1:9443\"\n{MINIMAL}"
+    ));
+    assert!(e.starts_with("config key `metrics_listen`: "), "{e}");
+}
+
+#[test]
+fn metrics_listen_on_another_port_or_address_or_port_zero_is_accepted() {
+    for (listen, metrics) in [
+        ("0.0.0.0:9443", "127.0.0.1:9100"),
+        ("127.0.0.1:9443", "127.0.0.2:9443"),
+        ("127.0.0.1:0", "127.0.0.1:0"),
+    ] {
+        let c = parse(&format!(
+            "listen = \"{listen}\"\nmetrics_listen = \"{metrics}\"\n{MINIMAL}"
+        ))
+        .unwrap_or_else(|e| panic!("{listen} and {metrics}: {e}"));
+        assert_eq!(c.metrics_listen, Some(metrics.parse().unwrap()));
+    }
+}
+
+#[test]
+fn a_per_ip_burst_without_a_per_ip_rate_is_refused_with_the_fix() {
+    let e = err(&format!("[limits]\nper_ip_handshake_burst = 5\n{MINIMAL}"));
+    assert_eq!(
+        e,
+        "config key `limits.per_ip_handshake_burst`: has no effect while \
+         limits.per_ip_handshake_rate is 0 (off); drop per_ip_handshake_burst or set \
+         per_ip_handshake_rate"
+    );
+}
+
+#[test]
+fn an_empty_tls_path_is_refused_naming_the_key() {
+    let e = err(&format!("[tls]\nca_cert = \"\"\n{MINIMAL}"));
+    assert_eq!(
+        e,
+        "config key `tls.ca_cert`: must not be empty; drop the key for the default certs/ca/ca.crt"
+    );
+    let e = err(&format!("[tls]\ncrls = [\"a.crl\", \"\"]\n{MINIMAL}"));
+    assert_eq!(
+        e,
+        "config key `tls.crls[1]`: must not be empty; remove it from the list"
+    );
+}
+
+#[test]
+fn a_health_timeout_longer_than_the_interval_is_accepted() {
+    // Rounds never overlap (the next starts `interval` after the slowest probe ends), so fast
+    // probing with a tolerant timeout is a valid setting, not a mistake.
+    let c = parse(&format!(
+        "[health_check]\ninterval = \"20ms\"\ntimeout = \"200ms\"\n{MINIMAL}"
+    ))
+    .unwrap();
+    assert_eq!(c.health_check.interval, Duration::from_millis(20));
+    assert_eq!(c.health_check.timeout, Duration::from_millis(200));
+}
+
+#[test]
 fn a_per_client_override_keeps_the_default_for_the_key_it_omits() {
     let c = parse(&format!("{MINIMAL}rate = 2\n")).unwrap();
     assert_eq!(

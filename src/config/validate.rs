@@ -35,31 +35,58 @@ pub(super) fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErro
     })
 }
 
-/// `listen` and `metrics_listen`.
+/// `listen` and `metrics_listen`, which must not claim the same port.
 fn listeners(
     listen: Option<String>,
     metrics_listen: Option<String>,
 ) -> Result<(SocketAddr, Option<SocketAddr>), ConfigError> {
     let listen = socket_addr("listen", listen.as_deref().unwrap_or(DEFAULT_LISTEN))?;
-    let metrics_listen = match metrics_listen.as_deref() {
-        Some(text) => Some(socket_addr("metrics_listen", text)?),
-        None => None,
+    let Some(text) = metrics_listen else {
+        return Ok((listen, None));
     };
-    Ok((listen, metrics_listen))
+    let metrics = socket_addr("metrics_listen", &text)?;
+    // Caught here so --check-config reports it; otherwise the second bind fails at start-up.
+    // Port 0 is a fresh port for each bind, and an unspecified address overlaps every other.
+    let overlap = listen.ip() == metrics.ip()
+        || listen.ip().is_unspecified()
+        || metrics.ip().is_unspecified();
+    if listen.port() != 0 && listen.port() == metrics.port() && overlap {
+        return Err(invalid(
+            "metrics_listen",
+            format!(
+                "{metrics} takes the port of listen ({listen}); give metrics_listen another \
+                 port or drop it"
+            ),
+        ));
+    }
+    Ok((listen, Some(metrics)))
 }
 
 /// The `[tls]` section: file paths made absolute, and the two policies.
 fn tls(raw: RawTls, base: &Path) -> Result<TlsFiles, ConfigError> {
+    let or_default = |key: &str, value: Option<PathBuf>, default: &str| {
+        let p = value.unwrap_or_else(|| PathBuf::from(default));
+        file(
+            base,
+            key,
+            p,
+            &format!("drop the key for the default {default}"),
+        )
+    };
+    let mut crls = Vec::new();
+    for (i, p) in raw.crls.unwrap_or_default().into_iter().enumerate() {
+        crls.push(file(
+            base,
+            &format!("tls.crls[{i}]"),
+            p,
+            "remove it from the list",
+        )?);
+    }
     Ok(TlsFiles {
-        ca_cert: path(base, raw.ca_cert, DEFAULT_CA_CERT),
-        server_cert: path(base, raw.server_cert, DEFAULT_SERVER_CERT),
-        server_key: path(base, raw.server_key, DEFAULT_SERVER_KEY),
-        crls: raw
-            .crls
-            .unwrap_or_default()
-            .into_iter()
-            .map(|p| path(base, Some(p), ""))
-            .collect(),
+        ca_cert: or_default("tls.ca_cert", raw.ca_cert, DEFAULT_CA_CERT)?,
+        server_cert: or_default("tls.server_cert", raw.server_cert, DEFAULT_SERVER_CERT)?,
+        server_key: or_default("tls.server_key", raw.server_key, DEFAULT_SERVER_KEY)?,
+        crls,
         crl_stale: raw.crl_stale.unwrap_or_default(),
         truncation: raw.truncation.unwrap_or_default(),
     })
@@ -157,6 +184,14 @@ fn per_ip_handshake_rate(rate: Option<f64>, burst: Option<u32>) -> Result<(f64, 
             return Err(invalid(
                 "limits.per_ip_handshake_burst",
                 "must be at least 1",
+            ));
+        }
+        // A burst without a rate limits nothing, which is not what whoever wrote it meant.
+        Some(_) if rate == 0.0 => {
+            return Err(invalid(
+                "limits.per_ip_handshake_burst",
+                "has no effect while limits.per_ip_handshake_rate is 0 (off); drop \
+                 per_ip_handshake_burst or set per_ip_handshake_rate",
             ));
         }
         Some(b) => b,
@@ -408,13 +443,13 @@ fn rate_limit(
     Ok(limit)
 }
 
-fn path(base: &Path, value: Option<PathBuf>, default: &str) -> PathBuf {
-    let p = value.unwrap_or_else(|| PathBuf::from(default));
-    if p.is_absolute() {
-        p
-    } else {
-        base.join(p)
+/// A file key's path made absolute against `base`. An empty one would name `base` itself and
+/// fail later as "is a directory", so it is refused here with `fix`.
+fn file(base: &Path, key: &str, p: PathBuf, fix: &str) -> Result<PathBuf, ConfigError> {
+    if p.as_os_str().is_empty() {
+        return Err(invalid(key, format!("must not be empty; {fix}")));
     }
+    Ok(if p.is_absolute() { p } else { base.join(p) })
 }
 
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
