@@ -2,13 +2,13 @@
 //!
 //! Config flows in two stages. The raw form (`raw.rs`) mirrors the TOML file exactly (serde with
 //! `deny_unknown_fields`, so a misspelt key is an error, not a silently ignored line). It is then
-//! validated (`validate.rs`, one function per section) into [`Config`]: durations parsed and
-//! bounded, addresses resolved, paths made absolute, names checked for duplicates and
-//! cross-references (a client naming a group no upstream has). Every error names the key or file
-//! at fault. The defaults, the maxima and the commented default file live in `defaults.rs`. This
-//! module owns the typed form and its error; it does not read certificates (the `tls` module
-//! loads the files named here, so `lclb --check-config` covers both), and it imports no other
-//! lclb module: it is the bottom of the module graph.
+//! validated (`validate.rs`, one function per section, over the value parsers of `values.rs`)
+//! into [`Config`]: durations parsed and bounded, addresses resolved, paths made absolute, names
+//! checked for duplicates and cross-references (a client naming a group no upstream has). Every
+//! error names the key or file at fault. The defaults, the maxima and the commented default file
+//! live in `defaults.rs`. This file owns the typed form and its error. The module does not read
+//! certificates (the `tls` module loads the files named here, so `lclb --check-config` covers
+//! both), and it imports no other lclb module: it is the bottom of the module graph.
 //!
 //! A `Config` can be built again from the same file at any time (nothing in it refers to running
 //! state), which is what a reload needs.
@@ -25,6 +25,7 @@ mod raw;
 #[cfg(test)]
 mod tests;
 mod validate;
+mod values;
 
 pub use defaults::*;
 
