@@ -10,24 +10,12 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
-use serde::Deserialize;
-
+use crate::config::LogFormat;
 use crate::forward::ForwardReport;
 use crate::stats::Refusal;
 
 /// The `log` target of access lines.
 pub const TARGET: &str = "lclb::access";
-
-/// How log lines are written.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// `key=value` text, for people. The default.
-    #[default]
-    Text,
-    /// One JSON object per line, for log shippers.
-    Json,
-}
 
 static FORMAT: AtomicU8 = AtomicU8::new(0);
 

@@ -4,7 +4,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use lclb::access::{self, LogFormat};
+use lclb::access;
+use lclb::config::LogFormat;
 use lclb::metrics::MetricsServer;
 use lclb::{Config, Server};
 

@@ -1,0 +1,350 @@
+//! The configuration file: what an operator writes, and the validated form the balancer runs on.
+//!
+//! Config flows in two stages. The raw form (`raw.rs`) mirrors the TOML file exactly (serde with
+//! `deny_unknown_fields`, so a misspelt key is an error, not a silently ignored line). It is then
+//! validated (`validate.rs`, one function per section, over the value parsers of `values.rs`)
+//! into [`Config`]: durations parsed and bounded, addresses resolved, paths made absolute, names
+//! checked for duplicates and cross-references (a client naming a group no upstream has). Every
+//! error names the key or file at fault. The defaults, the maxima and the commented default file
+//! live in `defaults.rs`. This file owns the typed form and its error. The module does not read
+//! certificates (the `tls` module loads the files named here, so `lclb --check-config` covers
+//! both), and it imports no other lclb module: it is the bottom of the module graph.
+//!
+//! A `Config` can be built again from the same file at any time (nothing in it refers to running
+//! state), which is what a reload needs.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+mod defaults;
+mod raw;
+#[cfg(test)]
+mod tests;
+mod validate;
+mod values;
+
+pub use defaults::*;
+
+/// A configuration that cannot be used, naming the file or key at fault.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The config file itself could not be read.
+    Read {
+        /// The config file.
+        path: PathBuf,
+        /// Why reading failed.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, or a key is unknown or has the wrong type.
+    Parse {
+        /// The config file.
+        path: PathBuf,
+        /// The parser's message, which names the key, line and column.
+        message: String,
+    },
+    /// A value is well-formed TOML but not acceptable.
+    Invalid {
+        /// The key at fault, as a path (`limits.idle_timeout`, `upstream[2].address`).
+        key: String,
+        /// What is wrong and, where it helps, how to fix it.
+        message: String,
+    },
+    /// A file named by the config (certificate, key, CA, CRL) is missing or unusable.
+    File {
+        /// The key that names the file (`tls.server_key`).
+        key: String,
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::Read { path, source } => {
+                write!(f, "cannot read config file {}: {source}", path.display())
+            }
+            ConfigError::Parse { path, message } => {
+                write!(f, "config file {}: {}", path.display(), message.trim_end())
+            }
+            ConfigError::Invalid { key, message } => write!(f, "config key `{key}`: {message}"),
+            ConfigError::File { key, path, message } => {
+                write!(f, "{} (from `{key}`): {message}", path.display())
+            }
+        }
+    }
+}
+
+// Display already includes the underlying cause, so no `source()`: printing the chain would
+// repeat it.
+impl std::error::Error for ConfigError {}
+
+/// The validated configuration the balancer runs on.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where clients connect. Default `0.0.0.0:9443`.
+    pub listen: SocketAddr,
+    /// Where Prometheus metrics are served, if anywhere; never on `listen`'s port. Default: not
+    /// served.
+    pub metrics_listen: Option<SocketAddr>,
+    /// How log lines are written: `"text"` (default) or `"json"`.
+    pub log_format: LogFormat,
+    /// Certificate, key and CA files.
+    pub tls: TlsFiles,
+    /// Timeouts and capacity.
+    pub limits: Limits,
+    /// The limits of clients that have no override.
+    pub rate_limit: ClientLimits,
+    /// Health checking of upstreams.
+    pub health_check: HealthCheck,
+    /// The upstreams, in file order.
+    pub upstreams: Vec<UpstreamConfig>,
+    /// The clients allowed in, in file order; any other identity is refused.
+    pub clients: Vec<ClientConfig>,
+}
+
+/// `log_format`: how log lines (access lines and every other) are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// `key=value` text, for people. The default.
+    #[default]
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// The TLS files named by the `[tls]` section, made absolute against the config file's folder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// PEM CA certificate(s) that client certificates must chain to. Default `certs/ca/ca.crt`.
+    pub ca_cert: PathBuf,
+    /// PEM server certificate chain, leaf first. Default `certs/server/server.crt`.
+    pub server_cert: PathBuf,
+    /// PEM server private key. Default `certs/server/server.key.pem`.
+    pub server_key: PathBuf,
+    /// PEM certificate revocation lists; a client whose certificate is listed is refused.
+    /// Default: none (no revocation checking).
+    pub crls: Vec<PathBuf>,
+    /// What a CRL past its nextUpdate does. Default [`CrlStale::Warn`].
+    pub crl_stale: CrlStale,
+    /// What the upstream gets when a client ends without close_notify. Default
+    /// [`Truncation::Fin`].
+    pub truncation: Truncation,
+}
+
+/// `tls.crl_stale`: what lclb does while a configured CRL is past its nextUpdate.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CrlStale {
+    /// Keep using it: a log line at load and reload, and the nextUpdate metric. The default.
+    #[default]
+    Warn,
+    /// Refuse clients of that CRL's CA until a fresh CRL is loaded.
+    Refuse,
+}
+
+/// `tls.truncation`: what the upstream gets when the client's stream ends (TCP FIN) without a
+/// TLS close_notify, which a truncation attack also looks like.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Truncation {
+    /// A clean end of stream (FIN), logged as `client_truncated`. The default: most clients
+    /// close this way.
+    #[default]
+    Fin,
+    /// A reset: the upstream never mistakes a truncated stream for a complete one.
+    Reset,
+}
+
+/// The `[limits]` section: timeouts and capacity.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    /// Cap on concurrent client connections, handshakes included. Default 10000.
+    pub max_connections: usize,
+    /// Deadline from accept to a completed handshake. Default 5s, at most 5m
+    /// ([`MAX_HANDSHAKE_TIMEOUT`]).
+    pub handshake_timeout: Duration,
+    /// Bound on one TCP connect to an upstream. Default 2s, at most 1m ([`MAX_CONNECT_TIMEOUT`]).
+    pub connect_timeout: Duration,
+    /// A connection with no bytes either way for this long is closed. Default 10m, at most 24h
+    /// ([`MAX_IDLE_TIMEOUT`]).
+    pub idle_timeout: Duration,
+    /// A half-closed connection idle for this long is closed. Default 30s, at most 24h
+    /// ([`MAX_HALF_CLOSE_TIMEOUT`]).
+    pub half_close_timeout: Duration,
+    /// Time connections in flight get to finish when the balancer stops. Default 30s, at most 1h
+    /// ([`MAX_DRAIN_TIMEOUT`]).
+    pub drain_timeout: Duration,
+    /// Cap on handshakes in progress at once; past it, new sockets are closed at once.
+    /// Default 512.
+    pub max_handshakes: usize,
+    /// Cap on handshakes in progress at once from one source address (IPv6: one prefix of
+    /// `per_ip_ipv6_prefix` bits), so one address cannot take every handshake slot. 0 turns
+    /// it off. Default 32.
+    pub per_ip_max_handshakes: usize,
+    /// IPv6 source addresses are grouped by this many leading bits for the per-address limits
+    /// (one host usually holds a whole /64). Default 64.
+    pub per_ip_ipv6_prefix: u8,
+    /// New connections per second allowed from one source IP before its handshake (a token
+    /// bucket per address). Default 0: no per-address limit.
+    pub per_ip_handshake_rate: f64,
+    /// Bucket size of the per-address limit. Default: twice the rate, at least 1. Setting it
+    /// while `per_ip_handshake_rate` is 0 is an error (it would limit nothing).
+    pub per_ip_handshake_burst: u32,
+    /// A connection thread with no work is kept this long for the next connection, then
+    /// ends. Default 30s, at most 1h ([`MAX_THREAD_KEEP_ALIVE`]). Read at start-up only.
+    pub thread_keep_alive: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            half_close_timeout: DEFAULT_HALF_CLOSE_TIMEOUT,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            max_handshakes: DEFAULT_MAX_HANDSHAKES,
+            per_ip_max_handshakes: DEFAULT_PER_IP_MAX_HANDSHAKES,
+            per_ip_ipv6_prefix: DEFAULT_PER_IP_IPV6_PREFIX,
+            per_ip_handshake_rate: 0.0,
+            per_ip_handshake_burst: 1,
+            thread_keep_alive: DEFAULT_THREAD_KEEP_ALIVE,
+        }
+    }
+}
+
+/// A token bucket's shape: `rate` new connections per second sustained, `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateLimit {
+    /// Tokens added per second. Default 10.
+    pub rate: f64,
+    /// Bucket size: connections allowed at once after a quiet period. Default 20.
+    pub burst: u32,
+}
+
+impl Default for RateLimit {
+    fn default() -> Self {
+        RateLimit {
+            rate: DEFAULT_RATE,
+            burst: DEFAULT_BURST,
+        }
+    }
+}
+
+/// What one client identity may do: its rate limit and its cap on concurrent connections.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct ClientLimits {
+    /// New connections per second and burst.
+    pub rate: RateLimit,
+    /// Connections open at once; 0 means no cap. Default 0.
+    pub max_concurrent: u32,
+}
+
+/// The `[health_check]` section.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HealthCheck {
+    /// Time between probes of one upstream. Default 2s, at most 1h ([`MAX_HEALTH_INTERVAL`]).
+    pub interval: Duration,
+    /// Bound on one probe's TCP connect. Default 1s, at most 1m ([`MAX_HEALTH_TIMEOUT`]). It may
+    /// exceed `interval`: rounds never overlap, the next starts `interval` after this one's
+    /// slowest probe ends.
+    pub timeout: Duration,
+    /// Consecutive successes that bring a DOWN upstream UP. Default 2.
+    pub rise: u32,
+    /// Consecutive failures that take an UP upstream DOWN. Default 3.
+    pub fall: u32,
+    /// Other upstreams tried after a failed connect while serving a client. Default 2.
+    pub connect_retries: u32,
+    /// Close an upstream's connections in flight when it is marked DOWN (HAProxy's
+    /// `on-marked-down shutdown-sessions`). Default false: they are left alone.
+    pub shutdown_sessions_on_down: bool,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        HealthCheck {
+            interval: DEFAULT_HEALTH_INTERVAL,
+            timeout: DEFAULT_HEALTH_TIMEOUT,
+            rise: DEFAULT_RISE,
+            fall: DEFAULT_FALL,
+            connect_retries: DEFAULT_CONNECT_RETRIES,
+            shutdown_sessions_on_down: false,
+        }
+    }
+}
+
+/// One `[[upstream]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamConfig {
+    /// Unique name, used in logs and metrics.
+    pub name: String,
+    /// The address as written (`host:port`).
+    pub address: String,
+    /// What `address` resolved to when the config was loaded; connects try these in order.
+    pub addrs: Vec<SocketAddr>,
+    /// The group clients are authorized to.
+    pub group: String,
+    /// Relative capacity: the least-connection choice compares active/weight. Default 1.
+    pub weight: u32,
+    /// After the upstream comes back UP, its weight ramps from a tenth to full over this time,
+    /// so it is not flooded with every new connection at once. Default zero: no ramp. At most
+    /// 1h ([`MAX_SLOW_START`]).
+    pub slow_start: Duration,
+}
+
+/// One `[[client]]` entry: an identity that may connect, and where to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientConfig {
+    /// The certificate subject CN that identifies the client.
+    pub cn: String,
+    /// Upstream groups this client may reach.
+    pub groups: Vec<String>,
+    /// This client's limits: the `[rate_limit]` defaults with this entry's overrides applied.
+    pub rate_limit: ClientLimits,
+}
+
+impl Config {
+    /// Reads and validates the config file at `path`. Relative paths inside it are taken
+    /// relative to the folder that holds it.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or_else(|| Path::new("."));
+        Config::parse(&text, base).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_path_buf(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Validates config text; relative file paths are resolved against `base`.
+    pub fn parse(text: &str, base: &Path) -> Result<Config, ConfigError> {
+        let raw: raw::RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("<text>"),
+            message: e.to_string(),
+        })?;
+        validate::validate(raw, base)
+    }
+
+    /// The client entry for an identity, if that identity is allowed in at all.
+    pub fn client(&self, cn: &str) -> Option<&ClientConfig> {
+        self.clients.iter().find(|c| c.cn == cn)
+    }
+}

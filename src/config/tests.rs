@@ -1,0 +1,519 @@
+//! Tests of the config path end to end, text to [`Config`]: the documented defaults, each
+//! section's refusals (asserting the key named), and property tests that no input panics.
+
+use super::*;
+
+const MINIMAL: &str = r#"
+[[upstream]]
+name = "web1"
+address = "127.0.0.1:9001"
+group = "web"
+
+[[client]]
+cn = "client1.lb.com"
+groups = ["web"]
+"#;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(text, Path::new("/etc/lclb"))
+}
+
+fn err(text: &str) -> String {
+    parse(text)
+        .expect_err("config should be refused")
+        .to_string()
+}
+
+#[test]
+fn a_minimal_config_gets_the_documented_defaults() {
+    let c = parse(MINIMAL).unwrap();
+    assert_eq!(c.listen, "0.0.0.0:9443".parse().unwrap());
+    assert_eq!(c.metrics_listen, None);
+    assert_eq!(c.tls.ca_cert, PathBuf::from("/etc/lclb/certs/ca/ca.crt"));
+    assert_eq!(
+        c.tls.server_key,
+        PathBuf::from("/etc/lclb/certs/server/server.key.pem")
+    );
+    assert_eq!(c.limits, Limits::default());
+    assert_eq!(
+        c.rate_limit.rate,
+        RateLimit {
+            rate: 10.0,
+            burst: 20
+        }
+    );
+    assert_eq!(c.health_check, HealthCheck::default());
+    assert_eq!(c.upstreams[0].weight, 1);
+    assert_eq!(c.clients[0].rate_limit, c.rate_limit);
+}
+
+#[test]
+fn the_documented_example_parses_with_every_key() {
+    let text = r#"
+listen = "127.0.0.1:9443"
+metrics_listen = "127.0.0.1:9100"
+log_format = "json"
+[tls]
+ca_cert = "/x/ca.crt"
+server_cert = "s.crt"
+server_key = "s.key"
+crls = ["revoked.crl"]
+crl_stale = "refuse"
+truncation = "reset"
+[limits]
+max_connections = 5
+handshake_timeout = "250ms"
+connect_timeout = "1s"
+idle_timeout = "10m"
+half_close_timeout = "3s"
+drain_timeout = "30s"
+max_handshakes = 64
+per_ip_max_handshakes = 0
+per_ip_ipv6_prefix = 56
+per_ip_handshake_rate = 5
+[rate_limit]
+rate = 10
+burst = 20
+max_concurrent = 3
+[health_check]
+interval = "2s"
+timeout = "1s"
+rise = 2
+fall = 3
+connect_retries = 1
+shutdown_sessions_on_down = true
+[[upstream]]
+name = "web1"
+address = "127.0.0.1:9001"
+group = "web"
+weight = 3
+slow_start = "10s"
+[[client]]
+cn = "client1.lb.com"
+groups = ["web"]
+rate = 100.5
+burst = 100
+max_concurrent = 4
+"#;
+    let c = parse(text).unwrap();
+    assert_eq!(c.tls.ca_cert, PathBuf::from("/x/ca.crt"));
+    assert_eq!(c.log_format, LogFormat::Json);
+    assert_eq!(c.tls.server_cert, PathBuf::from("/etc/lclb/s.crt"));
+    assert_eq!(c.limits.handshake_timeout, Duration::from_millis(250));
+    assert_eq!(c.limits.idle_timeout, Duration::from_secs(600));
+    assert_eq!(c.rate_limit.rate.rate, 10.0);
+    assert_eq!(c.health_check.connect_retries, 1);
+    assert_eq!(c.upstreams[0].weight, 3);
+    assert_eq!(
+        c.clients[0].rate_limit.rate,
+        RateLimit {
+            rate: 100.5,
+            burst: 100
+        }
+    );
+    assert_eq!(c.clients[0].rate_limit.max_concurrent, 4);
+    assert_eq!(c.tls.crls, [PathBuf::from("/etc/lclb/revoked.crl")]);
+    assert_eq!(c.limits.max_handshakes, 64);
+    assert_eq!(c.limits.per_ip_handshake_rate, 5.0);
+    assert_eq!(c.limits.per_ip_handshake_burst, 10);
+    assert_eq!(c.limits.per_ip_max_handshakes, 0);
+    assert_eq!(c.limits.per_ip_ipv6_prefix, 56);
+    assert_eq!(c.tls.crl_stale, CrlStale::Refuse);
+    assert_eq!(c.tls.truncation, Truncation::Reset);
+}
+
+#[test]
+fn the_printed_default_config_parses_to_the_defaults() {
+    let c = parse(DEFAULT_CONFIG).unwrap();
+    let d = parse(MINIMAL).unwrap();
+    assert_eq!(c.listen, d.listen);
+    assert_eq!(c.limits, d.limits);
+    assert_eq!(c.rate_limit, d.rate_limit);
+    assert_eq!(c.health_check, d.health_check);
+    assert_eq!(c.tls, d.tls);
+    assert_eq!(c.log_format, d.log_format);
+}
+
+#[test]
+fn the_per_ip_and_tls_policy_keys_default_to_the_documented_values() {
+    let c = parse(MINIMAL).unwrap();
+    assert_eq!(c.limits.per_ip_max_handshakes, 32);
+    assert_eq!(c.limits.per_ip_ipv6_prefix, 64);
+    assert_eq!(c.tls.crl_stale, CrlStale::Warn);
+    assert_eq!(c.tls.truncation, Truncation::Fin);
+}
+
+#[test]
+fn the_printed_default_config_spells_out_the_per_ip_and_tls_policy_keys() {
+    let table: toml::Table = toml::from_str(DEFAULT_CONFIG).unwrap();
+    let limits = table["limits"].as_table().unwrap();
+    assert_eq!(limits["per_ip_max_handshakes"].as_integer(), Some(32));
+    assert_eq!(limits["per_ip_ipv6_prefix"].as_integer(), Some(64));
+    let tls = table["tls"].as_table().unwrap();
+    assert_eq!(tls["crl_stale"].as_str(), Some("warn"));
+    assert_eq!(tls["truncation"].as_str(), Some("fin"));
+}
+
+#[test]
+fn an_ipv6_prefix_outside_1_to_128_is_refused_naming_the_key_and_value() {
+    for (value, shown) in [("0", "0 is not"), ("129", "129 is not")] {
+        let e = err(&format!(
+            "[limits]\nper_ip_ipv6_prefix = {value}\n{MINIMAL}"
+        ));
+        assert!(
+            e.starts_with("config key `limits.per_ip_ipv6_prefix`: "),
+            "{e}"
+        );
+        assert!(e.contains(shown) && e.contains("1 to 128"), "{e}");
+    }
+    for prefix in [1, 128] {
+        let c = parse(&format!(
+            "[limits]\nper_ip_ipv6_prefix = {prefix}\n{MINIMAL}"
+        ))
+        .unwrap();
+        assert_eq!(c.limits.per_ip_ipv6_prefix, prefix);
+    }
+    // Past u8 the TOML stage refuses it, still showing the key.
+    let e = err(&format!("[limits]\nper_ip_ipv6_prefix = 300\n{MINIMAL}"));
+    assert!(e.contains("per_ip_ipv6_prefix = 300"), "{e}");
+}
+
+#[test]
+fn a_negative_per_ip_max_handshakes_is_refused_showing_the_key() {
+    let e = err(&format!("[limits]\nper_ip_max_handshakes = -1\n{MINIMAL}"));
+    assert!(e.contains("per_ip_max_handshakes = -1"), "{e}");
+}
+
+#[test]
+fn an_unknown_crl_stale_or_truncation_policy_is_refused_with_the_choices() {
+    let e = err(&format!("[tls]\ncrl_stale = \"ignore\"\n{MINIMAL}"));
+    assert!(e.contains("crl_stale = \"ignore\""), "{e}");
+    assert!(e.contains("`warn`") && e.contains("`refuse`"), "{e}");
+    let e = err(&format!("[tls]\ntruncation = \"close\"\n{MINIMAL}"));
+    assert!(e.contains("truncation = \"close\""), "{e}");
+    assert!(e.contains("`fin`") && e.contains("`reset`"), "{e}");
+}
+
+#[test]
+fn metrics_listen_on_the_listen_port_is_refused_with_the_fix() {
+    let e = err(&format!(
+        "listen = \"0.0.0.0:9443\"\nmetrics_listen = \"127.0.0.1:9443\"\n{MINIMAL}"
+    ));
+    assert_eq!(
+        e,
+        "config key `metrics_listen`: 127.0.0.1:9443 takes the port of listen (0.0.0.0:9443); \
+         give metrics_listen another port or drop it"
+    );
+    let e = err(&format!(
+        "listen = \"127.0.0.1:9443\"\nmetrics_listen = \"127.0.0.1:9443\"\n{MINIMAL}"
+    ));
+    assert!(e.starts_with("config key `metrics_listen`: "), "{e}");
+}
+
+#[test]
+fn metrics_listen_on_another_port_or_address_or_port_zero_is_accepted() {
+    for (listen, metrics) in [
+        ("0.0.0.0:9443", "127.0.0.1:9100"),
+        ("127.0.0.1:9443", "127.0.0.2:9443"),
+        ("127.0.0.1:0", "127.0.0.1:0"),
+    ] {
+        let c = parse(&format!(
+            "listen = \"{listen}\"\nmetrics_listen = \"{metrics}\"\n{MINIMAL}"
+        ))
+        .unwrap_or_else(|e| panic!("{listen} and {metrics}: {e}"));
+        assert_eq!(c.metrics_listen, Some(metrics.parse().unwrap()));
+    }
+}
+
+#[test]
+fn a_per_ip_burst_without_a_per_ip_rate_is_refused_with_the_fix() {
+    let e = err(&format!("[limits]\nper_ip_handshake_burst = 5\n{MINIMAL}"));
+    assert_eq!(
+        e,
+        "config key `limits.per_ip_handshake_burst`: has no effect while \
+         limits.per_ip_handshake_rate is 0 (off); drop per_ip_handshake_burst or set \
+         per_ip_handshake_rate"
+    );
+}
+
+#[test]
+fn an_empty_tls_path_is_refused_naming_the_key() {
+    let e = err(&format!("[tls]\nca_cert = \"\"\n{MINIMAL}"));
+    assert_eq!(
+        e,
+        "config key `tls.ca_cert`: must not be empty; drop the key for the default certs/ca/ca.crt"
+    );
+    let e = err(&format!("[tls]\ncrls = [\"a.crl\", \"\"]\n{MINIMAL}"));
+    assert_eq!(
+        e,
+        "config key `tls.crls[1]`: must not be empty; remove it from the list"
+    );
+}
+
+#[test]
+fn a_health_timeout_longer_than_the_interval_is_accepted() {
+    // Rounds never overlap (the next starts `interval` after the slowest probe ends), so fast
+    // probing with a tolerant timeout is a valid setting, not a mistake.
+    let c = parse(&format!(
+        "[health_check]\ninterval = \"20ms\"\ntimeout = \"200ms\"\n{MINIMAL}"
+    ))
+    .unwrap();
+    assert_eq!(c.health_check.interval, Duration::from_millis(20));
+    assert_eq!(c.health_check.timeout, Duration::from_millis(200));
+}
+
+#[test]
+fn a_per_client_override_keeps_the_default_for_the_key_it_omits() {
+    let c = parse(&format!("{MINIMAL}rate = 2\n")).unwrap();
+    assert_eq!(
+        c.clients[0].rate_limit.rate,
+        RateLimit {
+            rate: 2.0,
+            burst: 20
+        }
+    );
+}
+
+#[test]
+fn an_unknown_key_is_named() {
+    let e = err(&format!("[limits]\nidle_timout = \"5s\"\n{MINIMAL}"));
+    assert!(e.contains("idle_timout"), "{e}");
+}
+
+#[test]
+fn a_bad_duration_names_its_key_and_shows_the_syntax() {
+    let e = err(&format!(
+        "[limits]\nidle_timeout = \"5 parsecs\"\n{MINIMAL}"
+    ));
+    assert!(e.contains("limits.idle_timeout"), "{e}");
+    assert!(e.contains("\"5s\""), "{e}");
+}
+
+#[test]
+fn a_bad_listen_address_is_named() {
+    let e = err(&format!("listen = \"nowhere\"\n{MINIMAL}"));
+    assert!(e.contains("`listen`"), "{e}");
+}
+
+#[test]
+fn an_upstream_address_without_port_is_refused() {
+    let e = err("[[upstream]]\nname=\"a\"\naddress=\"127.0.0.1\"\ngroup=\"g\"\n");
+    assert!(e.contains("upstream[0].address"), "{e}");
+    assert!(e.contains("no port"), "{e}");
+}
+
+#[test]
+fn a_host_name_address_is_resolved() {
+    let c = parse("[[upstream]]\nname=\"a\"\naddress=\"localhost:80\"\ngroup=\"g\"\n").unwrap();
+    assert!(!c.upstreams[0].addrs.is_empty());
+    assert!(c.upstreams[0].addrs.iter().all(|a| a.ip().is_loopback()));
+}
+
+#[test]
+fn duplicate_upstream_names_are_refused() {
+    let e = err(&format!(
+        "{MINIMAL}[[upstream]]\nname = \"web1\"\naddress = \"127.0.0.1:9002\"\ngroup = \"web\"\n"
+    ));
+    assert!(e.contains("upstream[1].name"), "{e}");
+    assert!(e.contains("twice"), "{e}");
+}
+
+#[test]
+fn a_client_naming_an_unknown_group_is_refused_with_the_known_ones() {
+    let e = err(&format!(
+        "{MINIMAL}[[client]]\ncn = \"c2\"\ngroups = [\"api\"]\n"
+    ));
+    assert!(e.contains("client[1].groups"), "{e}");
+    assert!(e.contains("\"api\""), "{e}");
+    assert!(e.contains("web"), "{e}");
+}
+
+#[test]
+fn a_duplicate_client_is_refused() {
+    let e = err(&format!(
+        "{MINIMAL}[[client]]\ncn = \"client1.lb.com\"\ngroups = [\"web\"]\n"
+    ));
+    assert!(e.contains("client[1].cn"), "{e}");
+}
+
+#[test]
+fn no_upstream_at_all_is_refused() {
+    let e = err("listen = \"127.0.0.1:1\"\n");
+    assert!(e.contains("[[upstream]]"), "{e}");
+}
+
+/// Every duration key, as (section header or "" for the upstream entry, key path, maximum as
+/// documented). Written out rather than taken from the constants, so a test notices a maximum
+/// that drifts from its documentation.
+const DURATION_MAXIMA: &[(&str, &str, &str)] = &[
+    ("[limits]", "limits.handshake_timeout", "5m"),
+    ("[limits]", "limits.connect_timeout", "1m"),
+    ("[limits]", "limits.idle_timeout", "24h"),
+    ("[limits]", "limits.half_close_timeout", "24h"),
+    ("[limits]", "limits.drain_timeout", "1h"),
+    ("[limits]", "limits.thread_keep_alive", "1h"),
+    ("[health_check]", "health_check.interval", "1h"),
+    ("[health_check]", "health_check.timeout", "1m"),
+    ("", "upstream[0].slow_start", "1h"),
+];
+
+/// MINIMAL with `key` (a path from DURATION_MAXIMA) set to `value`, written as a TOML string.
+fn with_duration(section: &str, key: &str, value: &str) -> String {
+    let name = key.rsplit('.').next().unwrap_or(key);
+    let line = format!("{name} = {}\n", toml::Value::String(value.to_string()));
+    if section.is_empty() {
+        MINIMAL.replace("group = \"web\"\n", &format!("group = \"web\"\n{line}"))
+    } else {
+        format!("{section}\n{line}{MINIMAL}")
+    }
+}
+
+/// The duration `key` took in `c`.
+fn duration_of(c: &Config, key: &str) -> Duration {
+    match key {
+        "limits.handshake_timeout" => c.limits.handshake_timeout,
+        "limits.connect_timeout" => c.limits.connect_timeout,
+        "limits.idle_timeout" => c.limits.idle_timeout,
+        "limits.half_close_timeout" => c.limits.half_close_timeout,
+        "limits.drain_timeout" => c.limits.drain_timeout,
+        "limits.thread_keep_alive" => c.limits.thread_keep_alive,
+        "health_check.interval" => c.health_check.interval,
+        "health_check.timeout" => c.health_check.timeout,
+        "upstream[0].slow_start" => c.upstreams[0].slow_start,
+        other => panic!("no duration key {other}"),
+    }
+}
+
+#[test]
+fn every_duration_key_takes_its_maximum_and_refuses_one_millisecond_more() {
+    for &(section, key, max) in DURATION_MAXIMA {
+        let max_d = humantime::parse_duration(max).unwrap();
+        let c = parse(&with_duration(section, key, max))
+            .unwrap_or_else(|e| panic!("{key} = {max} should be accepted: {e}"));
+        assert_eq!(duration_of(&c, key), max_d, "{key}");
+
+        let over = format!("{max} 1ms");
+        let e = err(&with_duration(section, key, &over));
+        assert_eq!(
+            e,
+            format!(
+                "config key `{key}`: \"{over}\" is more than the maximum of {max}; \
+                 set it to at most \"{max}\""
+            )
+        );
+    }
+}
+
+#[test]
+fn a_duration_of_three_hundred_billion_years_is_refused_for_every_key() {
+    for &(section, key, max) in DURATION_MAXIMA {
+        let e = err(&with_duration(section, key, "300000000000y"));
+        assert!(e.contains(&format!("`{key}`")), "{e}");
+        assert!(e.contains("\"300000000000y\""), "{e}");
+        assert!(e.contains(&format!("maximum of {max}")), "{e}");
+    }
+}
+
+#[test]
+fn the_default_config_documents_the_maximum_of_every_duration_key() {
+    for &(_, key, max) in DURATION_MAXIMA {
+        let name = key.rsplit('.').next().unwrap_or(key);
+        let line = DEFAULT_CONFIG
+            .lines()
+            .find(|l| l.trim_start_matches("# ").starts_with(&format!("{name} =")))
+            .unwrap_or_else(|| panic!("DEFAULT_CONFIG has no {name} line"));
+        assert!(line.ends_with(&format!("at most {max}")), "{line}");
+    }
+}
+
+#[test]
+fn zero_and_negative_limits_are_refused() {
+    assert!(err(&format!("[rate_limit]\nrate = 0\n{MINIMAL}")).contains("rate_limit.rate"));
+    assert!(err(&format!("[rate_limit]\nrate = -1.5\n{MINIMAL}")).contains("rate_limit.rate"));
+    assert!(err(&format!("[rate_limit]\nburst = 0\n{MINIMAL}")).contains("rate_limit.burst"));
+    assert!(err(&format!("[health_check]\nfall = 0\n{MINIMAL}")).contains("health_check.fall"));
+    assert!(
+        err(&format!("[limits]\nconnect_timeout = \"0s\"\n{MINIMAL}"))
+            .contains("limits.connect_timeout")
+    );
+    let weight = MINIMAL.replace("group = \"web\"\n", "group = \"web\"\nweight = 0\n");
+    assert!(err(&weight).contains("upstream[0].weight"));
+}
+
+#[test]
+fn an_unknown_log_format_is_refused_by_key() {
+    let e = err(&format!("log_format = \"xml\"\n{MINIMAL}"));
+    assert!(e.contains("log_format") || e.contains("xml"), "{e}");
+}
+
+#[test]
+fn a_wrong_type_is_a_parse_error_naming_the_key() {
+    let e = err(&format!("[rate_limit]\nburst = \"lots\"\n{MINIMAL}"));
+    assert!(e.contains("burst"), "{e}");
+}
+
+#[test]
+fn a_missing_file_is_named() {
+    let e = Config::load(Path::new("/nonexistent/lclb.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("/nonexistent/lclb.toml"), "{e}");
+}
+
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Pieces of real config text, so generated inputs reach validation, not only the
+    /// TOML parser.
+    fn fragment() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("[[upstream]]\n".to_string()),
+            Just("[[client]]\n".to_string()),
+            Just("[limits]\n".to_string()),
+            Just("[rate_limit]\n".to_string()),
+            Just("[health_check]\n".to_string()),
+            Just("[tls]\n".to_string()),
+            "(name|address|group|cn|listen|rate|burst|weight|interval|fall|rise|idle_timeout|slow_start) = \"[a-z0-9.:]{0,12}\"\n",
+            "(rate|burst|weight|fall|rise|max_connections|max_concurrent|connect_retries) = -?[0-9]{1,12}(\\.[0-9])?\n",
+            "groups = \\[(\"[a-z]{0,4}\", ?){0,3}\\]\n",
+            "[ -~\n]{0,40}",
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(500))]
+
+        #[test]
+        fn arbitrary_text_is_an_error_or_a_config_never_a_panic(text in "\\PC{0,400}") {
+            let _ = Config::parse(&text, Path::new("/etc/lclb"));
+        }
+
+        #[test]
+        fn config_shaped_text_is_an_error_or_a_config_never_a_panic(
+            parts in proptest::collection::vec(fragment(), 0..24)
+        ) {
+            let text: String = parts.concat();
+            if let Ok(c) = Config::parse(&text, Path::new("/etc/lclb")) {
+                prop_assert!(!c.upstreams.is_empty());
+                prop_assert!(c.rate_limit.rate.burst >= 1);
+            }
+        }
+
+        #[test]
+        fn any_duration_text_is_an_error_or_within_its_maximum_never_a_panic(
+            which in 0..DURATION_MAXIMA.len(),
+            text in prop_oneof![
+                "[0-9]{1,25}(\\.[0-9]{1,4})? ?(ns|us|ms|s|sec|m|min|h|hr|d|day|w|M|month|y|year|years)?( [0-9]{1,20}(ms|s|h|d|y))?",
+                "\\PC{0,30}",
+            ],
+        ) {
+            let (section, key, max) = DURATION_MAXIMA[which];
+            if let Ok(c) = Config::parse(&with_duration(section, key, &text), Path::new("/etc/lclb")) {
+                let d = duration_of(&c, key);
+                prop_assert!(d <= humantime::parse_duration(max).unwrap(), "{key} = {text:?} gave {d:?}");
+                prop_assert!(std::time::Instant::now().checked_add(d).is_some());
+            }
+        }
+    }
+}

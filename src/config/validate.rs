@@ -1,0 +1,345 @@
+//! Stage two: the raw file checked and typed into a [`Config`], one function per section. Each
+//! function applies its section's defaults, parses its durations and addresses, and refuses a
+//! value it cannot use with an error naming the key (`limits.idle_timeout`, `upstream[2].weight`)
+//! and, where there is one, the fix. Cross-section rules (a client naming a group no upstream
+//! has) take what the earlier sections produced as arguments.
+
+use std::collections::{BTreeSet, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::raw::{RawClient, RawConfig, RawHealth, RawLimits, RawRateLimit, RawTls, RawUpstream};
+use super::values::{duration, file, invalid, rate_limit, resolve, socket_addr};
+use super::*;
+
+/// Checks and types the whole file; relative paths are resolved against `base`.
+pub(super) fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
+    let (listen, metrics_listen) = listeners(raw.listen, raw.metrics_listen)?;
+    let tls = tls(raw.tls, base)?;
+    let limits = limits(raw.limits)?;
+    let rate_limit = rate_limit_section(raw.rate_limit)?;
+    let health_check = health_check(raw.health_check)?;
+    let upstreams = upstreams(&raw.upstream)?;
+    let groups: BTreeSet<&str> = upstreams.iter().map(|u| u.group.as_str()).collect();
+    let clients = clients(&raw.client, &groups, rate_limit)?;
+    Ok(Config {
+        listen,
+        metrics_listen,
+        log_format: raw.log_format.unwrap_or_default(),
+        tls,
+        limits,
+        rate_limit,
+        health_check,
+        upstreams,
+        clients,
+    })
+}
+
+/// `listen` and `metrics_listen`, which must not claim the same port.
+fn listeners(
+    listen: Option<String>,
+    metrics_listen: Option<String>,
+) -> Result<(SocketAddr, Option<SocketAddr>), ConfigError> {
+    let listen = socket_addr("listen", listen.as_deref().unwrap_or(DEFAULT_LISTEN))?;
+    let Some(text) = metrics_listen else {
+        return Ok((listen, None));
+    };
+    let metrics = socket_addr("metrics_listen", &text)?;
+    // Caught here so --check-config reports it; otherwise the second bind fails at start-up.
+    // Port 0 is a fresh port for each bind, and an unspecified address overlaps every other.
+    let overlap = listen.ip() == metrics.ip()
+        || listen.ip().is_unspecified()
+        || metrics.ip().is_unspecified();
+    if listen.port() != 0 && listen.port() == metrics.port() && overlap {
+        return Err(invalid(
+            "metrics_listen",
+            format!(
+                "{metrics} takes the port of listen ({listen}); give metrics_listen another \
+                 port or drop it"
+            ),
+        ));
+    }
+    Ok((listen, Some(metrics)))
+}
+
+/// The `[tls]` section: file paths made absolute, and the two policies.
+fn tls(raw: RawTls, base: &Path) -> Result<TlsFiles, ConfigError> {
+    let or_default = |key: &str, value: Option<PathBuf>, default: &str| {
+        let p = value.unwrap_or_else(|| PathBuf::from(default));
+        file(
+            base,
+            key,
+            p,
+            &format!("drop the key for the default {default}"),
+        )
+    };
+    let mut crls = Vec::new();
+    for (i, p) in raw.crls.unwrap_or_default().into_iter().enumerate() {
+        crls.push(file(
+            base,
+            &format!("tls.crls[{i}]"),
+            p,
+            "remove it from the list",
+        )?);
+    }
+    Ok(TlsFiles {
+        ca_cert: or_default("tls.ca_cert", raw.ca_cert, DEFAULT_CA_CERT)?,
+        server_cert: or_default("tls.server_cert", raw.server_cert, DEFAULT_SERVER_CERT)?,
+        server_key: or_default("tls.server_key", raw.server_key, DEFAULT_SERVER_KEY)?,
+        crls,
+        crl_stale: raw.crl_stale.unwrap_or_default(),
+        truncation: raw.truncation.unwrap_or_default(),
+    })
+}
+
+/// The `[limits]` section.
+fn limits(l: RawLimits) -> Result<Limits, ConfigError> {
+    let (per_ip_handshake_rate, per_ip_handshake_burst) =
+        per_ip_handshake_rate(l.per_ip_handshake_rate, l.per_ip_handshake_burst)?;
+    Ok(Limits {
+        max_connections: at_least_one(
+            "limits.max_connections",
+            l.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+        )?,
+        handshake_timeout: duration(
+            "limits.handshake_timeout",
+            l.handshake_timeout,
+            DEFAULT_HANDSHAKE_TIMEOUT,
+            MAX_HANDSHAKE_TIMEOUT,
+        )?,
+        connect_timeout: duration(
+            "limits.connect_timeout",
+            l.connect_timeout,
+            DEFAULT_CONNECT_TIMEOUT,
+            MAX_CONNECT_TIMEOUT,
+        )?,
+        idle_timeout: duration(
+            "limits.idle_timeout",
+            l.idle_timeout,
+            DEFAULT_IDLE_TIMEOUT,
+            MAX_IDLE_TIMEOUT,
+        )?,
+        half_close_timeout: duration(
+            "limits.half_close_timeout",
+            l.half_close_timeout,
+            DEFAULT_HALF_CLOSE_TIMEOUT,
+            MAX_HALF_CLOSE_TIMEOUT,
+        )?,
+        drain_timeout: duration(
+            "limits.drain_timeout",
+            l.drain_timeout,
+            DEFAULT_DRAIN_TIMEOUT,
+            MAX_DRAIN_TIMEOUT,
+        )?,
+        max_handshakes: at_least_one(
+            "limits.max_handshakes",
+            l.max_handshakes.unwrap_or(DEFAULT_MAX_HANDSHAKES),
+        )?,
+        per_ip_max_handshakes: l
+            .per_ip_max_handshakes
+            .unwrap_or(DEFAULT_PER_IP_MAX_HANDSHAKES),
+        per_ip_ipv6_prefix: ipv6_prefix(l.per_ip_ipv6_prefix)?,
+        per_ip_handshake_rate,
+        per_ip_handshake_burst,
+        thread_keep_alive: duration(
+            "limits.thread_keep_alive",
+            l.thread_keep_alive,
+            DEFAULT_THREAD_KEEP_ALIVE,
+            MAX_THREAD_KEEP_ALIVE,
+        )?,
+    })
+}
+
+fn at_least_one(key: &str, n: usize) -> Result<usize, ConfigError> {
+    if n == 0 {
+        return Err(invalid(key, "must be at least 1"));
+    }
+    Ok(n)
+}
+
+fn ipv6_prefix(value: Option<u8>) -> Result<u8, ConfigError> {
+    let prefix = value.unwrap_or(DEFAULT_PER_IP_IPV6_PREFIX);
+    if !(1..=128).contains(&prefix) {
+        return Err(invalid(
+            "limits.per_ip_ipv6_prefix",
+            format!(
+                "{prefix} is not a prefix length from 1 to 128 (the default 64 groups each /64)"
+            ),
+        ));
+    }
+    Ok(prefix)
+}
+
+/// `limits.per_ip_handshake_rate` and its burst, which defaults to twice the rate.
+fn per_ip_handshake_rate(rate: Option<f64>, burst: Option<u32>) -> Result<(f64, u32), ConfigError> {
+    let rate = rate.unwrap_or(0.0);
+    if !rate.is_finite() || rate < 0.0 {
+        return Err(invalid(
+            "limits.per_ip_handshake_rate",
+            "must be a number of connections per second, or 0 for no limit",
+        ));
+    }
+    let burst = match burst {
+        Some(0) => {
+            return Err(invalid(
+                "limits.per_ip_handshake_burst",
+                "must be at least 1",
+            ));
+        }
+        // A burst without a rate limits nothing, which is not what whoever wrote it meant.
+        Some(_) if rate == 0.0 => {
+            return Err(invalid(
+                "limits.per_ip_handshake_burst",
+                "has no effect while limits.per_ip_handshake_rate is 0 (off); drop \
+                 per_ip_handshake_burst or set per_ip_handshake_rate",
+            ));
+        }
+        Some(b) => b,
+        None => (rate * 2.0).ceil().clamp(1.0, f64::from(u32::MAX)) as u32,
+    };
+    Ok((rate, burst))
+}
+
+/// The `[rate_limit]` section: the limits of every client without an override.
+fn rate_limit_section(raw: RawRateLimit) -> Result<ClientLimits, ConfigError> {
+    Ok(ClientLimits {
+        rate: rate_limit("rate_limit", raw.rate, raw.burst, RateLimit::default())?,
+        max_concurrent: raw.max_concurrent.unwrap_or(0),
+    })
+}
+
+/// The `[health_check]` section.
+fn health_check(h: RawHealth) -> Result<HealthCheck, ConfigError> {
+    let health_check = HealthCheck {
+        interval: duration(
+            "health_check.interval",
+            h.interval,
+            DEFAULT_HEALTH_INTERVAL,
+            MAX_HEALTH_INTERVAL,
+        )?,
+        timeout: duration(
+            "health_check.timeout",
+            h.timeout,
+            DEFAULT_HEALTH_TIMEOUT,
+            MAX_HEALTH_TIMEOUT,
+        )?,
+        rise: h.rise.unwrap_or(DEFAULT_RISE),
+        fall: h.fall.unwrap_or(DEFAULT_FALL),
+        connect_retries: h.connect_retries.unwrap_or(DEFAULT_CONNECT_RETRIES),
+        shutdown_sessions_on_down: h.shutdown_sessions_on_down.unwrap_or(false),
+    };
+    if health_check.rise == 0 {
+        return Err(invalid("health_check.rise", "must be at least 1"));
+    }
+    if health_check.fall == 0 {
+        return Err(invalid("health_check.fall", "must be at least 1"));
+    }
+    Ok(health_check)
+}
+
+/// The `[[upstream]]` entries: at least one, unique names, addresses resolved.
+fn upstreams(raw: &[RawUpstream]) -> Result<Vec<UpstreamConfig>, ConfigError> {
+    if raw.is_empty() {
+        return Err(invalid(
+            "upstream",
+            "no [[upstream]] is configured; add at least one with name, address and group",
+        ));
+    }
+    let mut names = HashSet::new();
+    let mut upstreams = Vec::with_capacity(raw.len());
+    for (i, u) in raw.iter().enumerate() {
+        let key = format!("upstream[{i}]");
+        if u.name.trim().is_empty() {
+            return Err(invalid(format!("{key}.name"), "must not be empty"));
+        }
+        if !names.insert(u.name.as_str()) {
+            return Err(invalid(
+                format!("{key}.name"),
+                format!(
+                    "upstream name {:?} is used twice; names must be unique",
+                    u.name
+                ),
+            ));
+        }
+        if u.group.trim().is_empty() {
+            return Err(invalid(format!("{key}.group"), "must not be empty"));
+        }
+        let weight = u.weight.unwrap_or(1);
+        if weight == 0 {
+            return Err(invalid(
+                format!("{key}.weight"),
+                "must be at least 1; remove the upstream to take it out of service",
+            ));
+        }
+        upstreams.push(UpstreamConfig {
+            name: u.name.clone(),
+            address: u.address.clone(),
+            addrs: resolve(&format!("{key}.address"), &u.address)?,
+            group: u.group.clone(),
+            weight,
+            slow_start: duration(
+                &format!("{key}.slow_start"),
+                u.slow_start.clone(),
+                Duration::ZERO,
+                MAX_SLOW_START,
+            )?,
+        });
+    }
+    Ok(upstreams)
+}
+
+/// The `[[client]]` entries: unique CNs, each naming only `groups` some upstream has, with the
+/// `[rate_limit]` defaults under their overrides.
+fn clients(
+    raw: &[RawClient],
+    groups: &BTreeSet<&str>,
+    default: ClientLimits,
+) -> Result<Vec<ClientConfig>, ConfigError> {
+    let mut cns = HashSet::new();
+    let mut clients = Vec::with_capacity(raw.len());
+    for (i, c) in raw.iter().enumerate() {
+        let key = format!("client[{i}]");
+        if c.cn.is_empty() {
+            return Err(invalid(format!("{key}.cn"), "must not be empty"));
+        }
+        if !cns.insert(c.cn.as_str()) {
+            return Err(invalid(
+                format!("{key}.cn"),
+                format!(
+                    "client {:?} is listed twice; merge its groups into one entry",
+                    c.cn
+                ),
+            ));
+        }
+        if c.groups.is_empty() {
+            return Err(invalid(
+                format!("{key}.groups"),
+                format!(
+                    "client {:?} has no groups; remove the entry to deny it",
+                    c.cn
+                ),
+            ));
+        }
+        if let Some(g) = c.groups.iter().find(|g| !groups.contains(g.as_str())) {
+            let known: Vec<&str> = groups.iter().copied().collect();
+            return Err(invalid(
+                format!("{key}.groups"),
+                format!(
+                    "client {:?} names group {g:?}, which no upstream has (groups: {})",
+                    c.cn,
+                    known.join(", ")
+                ),
+            ));
+        }
+        clients.push(ClientConfig {
+            cn: c.cn.clone(),
+            groups: c.groups.clone(),
+            rate_limit: ClientLimits {
+                rate: rate_limit(&key, c.rate, c.burst, default.rate)?,
+                max_concurrent: c.max_concurrent.unwrap_or(default.max_concurrent),
+            },
+        });
+    }
+    Ok(clients)
+}
