@@ -42,6 +42,7 @@ pub mod ratelimit;
 pub mod server;
 pub mod stats;
 pub mod table;
+pub mod threads;
 pub mod tls;
 
 pub use balancer::{BalanceError, Balancer, BalancerOptions, Client, Session, Upstream};

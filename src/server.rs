@@ -108,6 +108,9 @@ pub struct Shared {
     per_ip: RateLimiter<IpAddr>,
     /// Threads that run a connection's handshake and then its client -> upstream copy.
     conn_pool: ThreadPool,
+    /// Connections the thread limit leaves room for, read once at start-up and kept across
+    /// reloads (see [`crate::threads`]); `usize::MAX` when there is none.
+    thread_cap: usize,
 }
 
 impl Shared {
@@ -271,6 +274,7 @@ impl Server {
                 CONNECTION_THREAD_STACK,
                 runtime.config.limits.thread_keep_alive,
             ),
+            thread_cap: crate::threads::startup_cap(runtime.config.limits.max_connections),
             runtime: RwLock::new(Arc::new(runtime)),
         });
         shared
@@ -384,7 +388,7 @@ fn admit(shared: &Arc<Shared>, sock: TcpStream, peer: SocketAddr, id: u64) {
             return refuse(Refusal::RateLimited, &"per_ip_handshake_rate exceeded");
         }
     }
-    let max = limits.max_connections as u64;
+    let max = limits.max_connections.min(shared.thread_cap) as u64;
     if stats.active_clients.fetch_add(1, Ordering::SeqCst) >= max {
         stats.active_clients.fetch_sub(1, Ordering::SeqCst);
         return refuse(Refusal::Capacity, &format_args!("{max} connections open"));
