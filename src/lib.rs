@@ -45,6 +45,7 @@ pub mod server;
 pub mod sessions;
 pub mod stats;
 pub mod table;
+pub mod threads;
 pub mod tls;
 
 pub use balancer::{BalanceError, Balancer, BalancerOptions, Client, Session, Unbalanced};

@@ -2,26 +2,51 @@
 //! synchronous HTTP server on `metrics_listen`.
 //!
 //! Everything rendered is read from atomics and the connection table at scrape time; nothing
-//! here adds work to the connection path. The server is one thread that answers one request
-//! per connection, each read bounded by a short timeout so a stalled scraper cannot hold it
-//! for long. Anything but `GET /metrics` gets 404 (or 405 for other methods).
+//! here adds work to the connection path.
+//!
+//! Serving: one thread (`lclb-metrics`) accepts; each request then gets a short-lived thread of
+//! its own (`lclb-metrics-rq`), which ends with the request. One request per connection. A
+//! request has [`REQUEST_DEADLINE`] (2 s) from accept for sending its head and reading the
+//! answer together: every read and write is bounded by what is left of it, so a client that
+//! trickles a byte at a time is cut at the deadline like a silent one. At most
+//! [`MAX_IN_FLIGHT`] (8) requests are served at once. When another arrives, the oldest request
+//! still sending its head after [`STALLED_AFTER`] is cut to make room (a scraper sends its head
+//! at once, so that one is stalled or trickling); if there is none, the newcomer gets `503`
+//! from the accept thread in one non-blocking write and is closed. So a stalled or malicious
+//! client holds one slot for at most the deadline and never makes another scrape wait.
+//! `GET /metrics` gets the metrics, any other path 404, any other method 405 with `Allow: GET`.
 
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
 
 use crate::access::json_string;
 use crate::server::{Shared, StartError};
 use crate::stats::Refusal;
 
-/// Bound on reading one request and writing its answer.
-const IO_TIMEOUT: Duration = Duration::from_secs(2);
+/// Time a request has, from accept, to send its head and read its answer; then it is cut.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(2);
+/// Requests served at once, each on its own thread.
+pub const MAX_IN_FLIGHT: usize = 8;
+/// A request still sending its head this long after accept may be cut when all
+/// [`MAX_IN_FLIGHT`] slots are taken and another request arrives. A scraper sends its head in
+/// one segment right after connecting; only a stalled or trickling client is this slow.
+pub const STALLED_AFTER: Duration = Duration::from_millis(100);
 /// Largest request head read; a scrape request is a few hundred bytes.
 const MAX_REQUEST: usize = 8 * 1024;
+/// Stack of a request thread: it renders into a heap `String`, so little is needed.
+const REQUEST_THREAD_STACK: usize = 256 * 1024;
+/// Pause after `accept` fails (out of fds, say), so the loop does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+/// The answer when every slot is busy; small enough for one non-blocking write.
+const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n\
+Content-Length: 5\r\nRetry-After: 1\r\nConnection: close\r\n\r\nbusy\n";
 
 /// One metric family being written: its `# HELP`/`# TYPE` header goes out first, then each
 /// sample through [`Family::sample`].
@@ -190,16 +215,18 @@ pub fn render(shared: &Shared) -> String {
     out
 }
 
-/// The running metrics server; stopping it (or dropping it) ends its thread.
+/// The running metrics server; stopping it (or dropping it) ends its accept thread.
 #[derive(Debug)]
 pub struct MetricsServer {
     addr: SocketAddr,
     stopping: Arc<AtomicBool>,
+    slots: Arc<Slots>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl MetricsServer {
-    /// Binds `addr` and serves `shared`'s metrics on it from a new thread.
+    /// Binds `addr` and serves `shared`'s metrics on it: an accept thread, and a thread per
+    /// request for at most [`MAX_IN_FLIGHT`] requests at once.
     pub fn spawn(addr: SocketAddr, shared: Arc<Shared>) -> Result<MetricsServer, StartError> {
         let bind_error = |source| StartError::Bind {
             key: "metrics_listen",
@@ -209,26 +236,17 @@ impl MetricsServer {
         let listener = TcpListener::bind(addr).map_err(bind_error)?;
         let addr = listener.local_addr().map_err(bind_error)?;
         let stopping = Arc::new(AtomicBool::new(false));
-        let flag = stopping.clone();
+        let slots = Arc::new(Slots::default());
+        let (flag, table) = (stopping.clone(), slots.clone());
         let thread = std::thread::Builder::new()
             .name("lclb-metrics".into())
-            .spawn(move || {
-                for conn in listener.incoming() {
-                    if flag.load(Ordering::SeqCst) {
-                        break;
-                    }
-                    if let Ok(conn) = conn {
-                        if let Err(e) = answer(conn, &shared) {
-                            log::debug!("metrics request failed: {e}");
-                        }
-                    }
-                }
-            })
+            .spawn(move || accept_loop(&listener, &flag, &table, &shared))
             .map_err(StartError::Thread)?;
         log::info!("metrics on http://{addr}/metrics");
         Ok(MetricsServer {
             addr,
             stopping,
+            slots,
             thread: Some(thread),
         })
     }
@@ -238,13 +256,16 @@ impl MetricsServer {
         self.addr
     }
 
-    /// Stops the thread and waits for it.
+    /// Stops accepting, waits for the accept thread and cuts requests still sending their
+    /// head; a request writing its answer ends by its deadline.
     pub fn stop(&mut self) {
         self.stopping.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect_timeout(&crate::server::wake_address(self.addr), IO_TIMEOUT);
+        let _ =
+            TcpStream::connect_timeout(&crate::server::wake_address(self.addr), REQUEST_DEADLINE);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+        self.slots.cut_all();
     }
 }
 
@@ -254,58 +275,329 @@ impl Drop for MetricsServer {
     }
 }
 
-fn answer(mut conn: TcpStream, shared: &Shared) -> io::Result<()> {
-    conn.set_read_timeout(Some(IO_TIMEOUT))?;
-    conn.set_write_timeout(Some(IO_TIMEOUT))?;
-    let mut head = Vec::with_capacity(1024);
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
-        let n = conn.read(&mut buf)?;
-        if n == 0 {
+fn accept_loop(
+    listener: &TcpListener,
+    stopping: &AtomicBool,
+    slots: &Arc<Slots>,
+    shared: &Arc<Shared>,
+) {
+    loop {
+        let accepted = listener.accept();
+        if stopping.load(Ordering::SeqCst) {
             break;
         }
-        head.extend_from_slice(&buf[..n]);
-        if head.len() > MAX_REQUEST {
-            return respond(
-                &mut conn,
-                "431 Request Header Fields Too Large",
-                "text/plain",
-                "request too large\n",
-            );
+        let conn = match accepted {
+            Ok((conn, _)) => conn,
+            Err(e) => {
+                log::debug!("metrics: accept failed: {e}");
+                std::thread::sleep(ACCEPT_BACKOFF);
+                continue;
+            }
+        };
+        let deadline = Deadline::after(REQUEST_DEADLINE);
+        let Some(slot) = slots.take(&conn) else {
+            refuse_busy(conn);
+            continue;
+        };
+        let shared = shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name("lclb-metrics-rq".into())
+            .stack_size(REQUEST_THREAD_STACK)
+            .spawn(move || {
+                let mut conn = conn;
+                if let Err(e) = answer(&mut conn, &shared, deadline, &slot) {
+                    log::debug!("metrics request failed: {e}");
+                }
+                close_quietly(&mut conn);
+                // The slot is free only once the socket is closed.
+                drop(conn);
+                drop(slot);
+            });
+        if let Err(e) = spawned {
+            // The closure, with the socket and the slot, was dropped: the client sees a close.
+            log::warn!("metrics: cannot start a request thread: {e}; request closed");
         }
     }
+}
+
+/// When a request must be done: [`REQUEST_DEADLINE`] after accept.
+#[derive(Debug, Clone, Copy)]
+struct Deadline(Option<Instant>);
+
+impl Deadline {
+    fn after(d: Duration) -> Deadline {
+        // None only if the clock is at the end of its range; the request is then cut at once.
+        Deadline(Instant::now().checked_add(d))
+    }
+
+    /// What is left, as a socket timeout (never zero, which would mean "no timeout").
+    fn left(self) -> io::Result<Duration> {
+        self.0
+            .and_then(|at| at.checked_duration_since(Instant::now()))
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| io::Error::new(io::ErrorKind::TimedOut, "request deadline passed"))
+    }
+}
+
+/// The requests being served, at most [`MAX_IN_FLIGHT`].
+#[derive(Debug, Default)]
+struct Slots {
+    table: Mutex<SlotTable>,
+}
+
+#[derive(Debug, Default)]
+struct SlotTable {
+    next_id: u64,
+    taken: Vec<Slot>,
+}
+
+#[derive(Debug)]
+struct Slot {
+    id: u64,
+    accepted_at: Instant,
+    /// A second handle on the socket while the head is being read, through which the request
+    /// can be cut (shut down) from the accept thread; `None` once the head is in.
+    reading: Option<TcpStream>,
+}
+
+impl Slots {
+    /// A slot for the request on `conn`, just accepted, or `None` if all are busy. When all
+    /// are taken, the oldest request still sending its head after [`STALLED_AFTER`] is cut and
+    /// its slot given to this one.
+    fn take(self: &Arc<Self>, conn: &TcpStream) -> Option<SlotGuard> {
+        let now = Instant::now();
+        // Without a second handle (out of fds) the request cannot be cut early; its deadline
+        // still holds.
+        let handle = conn.try_clone().ok();
+        let mut t = self.table.lock();
+        let mut evicted = None;
+        if t.taken.len() >= MAX_IN_FLIGHT {
+            let stalled = t
+                .taken
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| {
+                    s.reading.is_some()
+                        && now.saturating_duration_since(s.accepted_at) >= STALLED_AFTER
+                })
+                .min_by_key(|(_, s)| s.accepted_at)
+                .map(|(i, _)| i);
+            let Some(i) = stalled else {
+                drop(t);
+                return None;
+            };
+            evicted = t.taken.swap_remove(i).reading;
+        }
+        let id = t.next_id;
+        t.next_id += 1;
+        t.taken.push(Slot {
+            id,
+            accepted_at: now,
+            reading: handle,
+        });
+        drop(t);
+        if let Some(sock) = evicted {
+            log::debug!("metrics: all {MAX_IN_FLIGHT} slots busy; cutting a stalled request");
+            // Wakes its thread's blocked read; that thread closes the socket and ends.
+            let _ = sock.shutdown(Shutdown::Both);
+        }
+        Some(SlotGuard {
+            slots: self.clone(),
+            id,
+        })
+    }
+
+    /// Cuts every request still sending its head (on stop).
+    fn cut_all(&self) {
+        let handles: Vec<TcpStream> = self
+            .table
+            .lock()
+            .taken
+            .iter_mut()
+            .filter_map(|s| s.reading.take())
+            .collect();
+        for sock in handles {
+            let _ = sock.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Takes the cutting handle out of slot `id`, and frees the slot too if `free`. The
+    /// caller drops the handle after the lock is released.
+    fn release(&self, id: u64, free: bool) -> Option<TcpStream> {
+        let mut t = self.table.lock();
+        let i = t.taken.iter().position(|s| s.id == id)?;
+        if free {
+            t.taken.swap_remove(i).reading
+        } else {
+            t.taken[i].reading.take()
+        }
+    }
+}
+
+/// One request's hold on a slot; dropping it frees the slot (unless the request was cut and
+/// its slot already given away).
+struct SlotGuard {
+    slots: Arc<Slots>,
+    id: u64,
+}
+
+impl SlotGuard {
+    /// The head is in: from now on the request is answered, not cut to make room.
+    fn head_read(&self) {
+        drop(self.slots.release(self.id, false));
+    }
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        drop(self.slots.release(self.id, true));
+    }
+}
+
+/// Answers a request no slot was found for, without waiting on the client.
+fn refuse_busy(mut conn: TcpStream) {
+    // A fresh socket's send buffer takes these hundred bytes whole; a client that cannot take
+    // them is not worth waiting for.
+    if conn.set_nonblocking(true).is_ok() {
+        let _ = conn.write(BUSY);
+    }
+    close_quietly(&mut conn);
+}
+
+/// Ends the connection with a FIN rather than a reset: closing a socket with unread input
+/// makes the kernel send RST, which can destroy an answer the client has not read yet. Only
+/// what has already arrived is read, without waiting.
+fn close_quietly(conn: &mut TcpStream) {
+    let _ = conn.shutdown(Shutdown::Write);
+    if conn.set_nonblocking(true).is_ok() {
+        let mut buf = [0u8; 1024];
+        let mut drained = 0;
+        while drained < MAX_REQUEST {
+            match conn.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => drained += n,
+            }
+        }
+    }
+}
+
+/// What reading a request head gave.
+enum Head {
+    /// The head, up to and including its blank line, or all that came before the client
+    /// finished sending.
+    Complete(Vec<u8>),
+    /// More than [`MAX_REQUEST`] bytes without the end of a head.
+    TooLarge,
+}
+
+fn read_head(conn: &mut TcpStream, deadline: Deadline) -> io::Result<Head> {
+    let mut head = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    loop {
+        conn.set_read_timeout(Some(deadline.left()?))?;
+        let n = conn.read(&mut buf)?;
+        if n == 0 {
+            // A request line must end with a newline; anything shorter is no request (and is
+            // what a request cut to make room reads).
+            if !head.contains(&b'\n') {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "closed before the request line ended",
+                ));
+            }
+            return Ok(Head::Complete(head));
+        }
+        // Only the new bytes, and the three before them, can complete the blank line.
+        let from = head.len().saturating_sub(3);
+        head.extend_from_slice(&buf[..n]);
+        let tail = &head[from..];
+        if tail.windows(4).any(|w| w == b"\r\n\r\n") || tail.windows(2).any(|w| w == b"\n\n") {
+            return Ok(Head::Complete(head));
+        }
+        if head.len() > MAX_REQUEST {
+            return Ok(Head::TooLarge);
+        }
+    }
+}
+
+fn answer(
+    conn: &mut TcpStream,
+    shared: &Shared,
+    deadline: Deadline,
+    slot: &SlotGuard,
+) -> io::Result<()> {
+    let head = read_head(conn, deadline)?;
+    slot.head_read();
+    let head = match head {
+        Head::Complete(head) => head,
+        Head::TooLarge => {
+            return respond(
+                conn,
+                deadline,
+                "431 Request Header Fields Too Large",
+                "",
+                "request too large\n",
+            )
+        }
+    };
     let text = String::from_utf8_lossy(&head);
     let mut parts = text.lines().next().unwrap_or("").split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let path = path.split('?').next().unwrap_or("");
     match (method, path) {
         ("GET", "/metrics") => respond(
-            &mut conn,
+            conn,
+            deadline,
             "200 OK",
-            "text/plain; version=0.0.4; charset=utf-8",
+            "Content-Type: text/plain; version=0.0.4; charset=utf-8\r\n",
             &render(shared),
         ),
         ("GET", _) => respond(
-            &mut conn,
+            conn,
+            deadline,
             "404 Not Found",
-            "text/plain",
+            "",
             "not found; try /metrics\n",
         ),
         _ => respond(
-            &mut conn,
+            conn,
+            deadline,
             "405 Method Not Allowed",
-            "text/plain",
+            "Allow: GET\r\n",
             "only GET\n",
         ),
     }
 }
 
-fn respond(conn: &mut TcpStream, status: &str, content_type: &str, body: &str) -> io::Result<()> {
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+/// Writes a whole answer by `deadline`. `headers` are extra header lines, each ending in
+/// CRLF; the content type is `text/plain` unless they name one.
+fn respond(
+    conn: &mut TcpStream,
+    deadline: Deadline,
+    status: &str,
+    headers: &str,
+    body: &str,
+) -> io::Result<()> {
+    let content_type = if headers.starts_with("Content-Type:") {
+        ""
+    } else {
+        "Content-Type: text/plain\r\n"
+    };
+    let mut out = format!(
+        "HTTP/1.1 {status}\r\n{content_type}{headers}Content-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
-    conn.write_all(head.as_bytes())?;
-    conn.write_all(body.as_bytes())?;
-    conn.flush()
+    out.push_str(body);
+    let mut data = out.as_bytes();
+    while !data.is_empty() {
+        // Each write gets what is left of the deadline, so a slow reader cannot stretch it.
+        conn.set_write_timeout(Some(deadline.left()?))?;
+        match conn.write(data) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }

@@ -39,6 +39,7 @@ use crate::health::{HealthChecker, ProbeSettings, TcpProbe};
 use crate::pool::ThreadPool;
 use crate::refusal_log;
 use crate::stats::{Refusal, Stats};
+use crate::threads;
 use crate::tls::{self, TlsContext};
 
 /// Stack size of a connection thread: it runs the handshake (certificate verification,
@@ -261,9 +262,13 @@ impl Server {
             config,
         };
         let stats = Arc::new(Stats::default());
+        let admission = Admission::new(stats.clone());
+        // Read once: the limits on threads are the process's, not the config's, so a reload
+        // keeps the cap (see crate::threads).
+        admission.set_thread_cap(threads::startup_cap(runtime.config.limits.max_connections));
         let shared = Arc::new(Shared {
             balancer,
-            admission: Arc::new(Admission::new(stats.clone())),
+            admission: Arc::new(admission),
             stats,
             health: Mutex::new(None),
             conn_pool: ThreadPool::new(
