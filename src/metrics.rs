@@ -167,6 +167,13 @@ pub fn render(shared: &Shared) -> String {
     let _ = writeln!(out, "lclb_handshake_seconds_count {count}");
     Family::new(
         &mut out,
+        "lclb_tls_resumptions_total",
+        "counter",
+        "Completed handshakes that resumed an earlier TLS session.",
+    )
+    .sample("", load(&stats.tls_resumptions));
+    Family::new(
+        &mut out,
         "lclb_config_reloads_total",
         "counter",
         "Config reloads, by result.",

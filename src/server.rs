@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
-use rustls::ServerConnection;
+use rustls::{HandshakeKind, ServerConnection};
 
 use crate::access;
 use crate::authz::Authorizer;
@@ -37,7 +37,7 @@ use crate::health::{HealthChecker, ProbeSettings, TcpProbe};
 use crate::pool::ThreadPool;
 use crate::ratelimit::RateLimiter;
 use crate::stats::{Refusal, Stats};
-use crate::tls::{self, TlsContext};
+use crate::tls::{self, SessionCache, TlsContext};
 
 /// Stack size of a connection thread: it runs the handshake (certificate verification,
 /// signatures) and then copies client-to-upstream. Small, so thousands of connections fit.
@@ -108,6 +108,8 @@ pub struct Shared {
     per_ip: RateLimiter<IpAddr>,
     /// Threads that run a connection's handshake and then its client -> upstream copy.
     conn_pool: ThreadPool,
+    /// TLS sessions, kept across reloads so that clients keep resuming.
+    sessions: SessionCache,
 }
 
 impl Shared {
@@ -169,7 +171,7 @@ impl Shared {
 
     fn try_reload(&self, path: &Path) -> Result<(), StartError> {
         let config = Config::load(path)?;
-        let tls = TlsContext::load(&config.tls)?;
+        let tls = TlsContext::load_with(&config.tls, &self.sessions)?;
         let old = self.runtime();
         if config.listen != old.config.listen {
             log::warn!(
@@ -239,7 +241,8 @@ pub(crate) fn wake_address(mut addr: SocketAddr) -> SocketAddr {
 impl Server {
     /// Loads the TLS files, binds the listen address and starts the health checker.
     pub fn bind(config: Config) -> Result<Server, StartError> {
-        let tls = TlsContext::load(&config.tls)?;
+        let sessions = SessionCache::default();
+        let tls = TlsContext::load_with(&config.tls, &sessions)?;
         let listener = TcpListener::bind(config.listen).map_err(|source| StartError::Bind {
             key: "listen",
             addr: config.listen,
@@ -272,6 +275,7 @@ impl Server {
                 runtime.config.limits.thread_keep_alive,
             ),
             runtime: RwLock::new(Arc::new(runtime)),
+            sessions,
         });
         shared
             .restart_health(&shared.runtime().config)
@@ -472,6 +476,9 @@ fn serve(
         return refuse(Refusal::Tls, "-", &e);
     }
     stats.handshakes.observe(accepted_at.elapsed());
+    if conn.handshake_kind() == Some(HandshakeKind::Resumed) {
+        stats.tls_resumptions.fetch_add(1, Ordering::Relaxed);
+    }
     // Refusals below send close_notify; do not let a client that stopped reading hold us.
     let _ = sock.set_write_timeout(Some(Duration::from_secs(1)));
     let cn = match tls::peer_identity(&conn) {
@@ -481,6 +488,10 @@ fn serve(
             return refuse(Refusal::Tls, "-", &e);
         }
     };
+    if let Err(e) = rt.tls.check_peer(&conn) {
+        tls::close_gracefully(&mut conn, &sock);
+        return refuse(Refusal::Tls, &cn, &e);
+    }
     let Some(allowed) = rt.authz.allowed(&cn) else {
         tls::close_gracefully(&mut conn, &sock);
         return refuse(

@@ -2,12 +2,28 @@
 //!
 //! This module owns everything between a connected socket and a verified client name: loading
 //! the server certificate, key and CA from PEM files into a rustls `ServerConfig` that requires a
-//! client certificate chaining to the CA; running the handshake under a deadline; and reading
-//! the identity (the one subject CN) out of the verified client certificate. It does not decide
-//! what an identity may do (that is `authz`).
+//! client certificate chaining to the CA; running the handshake under a deadline; checking, after
+//! the handshake, what rustls does not check itself ([`TlsContext::check_peer`]); and reading the
+//! identity (the one subject CN) out of the verified client certificate. It does not decide what
+//! an identity may do (that is `authz`).
 //!
 //! PEM files are read with the `PemObject` reader of `rustls-pki-types` (re-exported by rustls),
 //! the maintained successor of `rustls-pemfile`.
+//!
+//! # Resumption
+//!
+//! Resumed handshakes skip the certificate exchange and most of the public-key work, so they
+//! are kept. rustls 0.23 resumes statefully by default: TLS 1.2 session ids and TLS 1.3 tickets
+//! are both keys into `ServerConfig::session_storage` (the `ticketer` is off; a TLS 1.3 ticket
+//! is an opaque id, used once: the server takes it out of the store when it is presented). The
+//! stored session carries the client's certificate chain from the full handshake, and rustls
+//! does not call the client verifier again when it resumes one. lclb therefore re-verifies the
+//! chain of every resumed session itself, at the current time, with the verifier of the
+//! *current* [`TlsContext`] (current CA and CRLs): the one [`SessionCache`] is shared by every
+//! context the server loads, so sessions survive reloads, and a session from before a reload
+//! must meet the reloaded rules. A session that fails is refused after its handshake (the
+//! client reads close_notify). rustls has no hook to decline a resumption and fall back to a
+//! full handshake, which is what Go's server does instead.
 
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -18,10 +34,11 @@ use std::time::Instant;
 
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
-use rustls::server::WebPkiClientVerifier;
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, UnixTime};
+use rustls::server::danger::ClientCertVerifier;
+use rustls::server::{ServerSessionMemoryCache, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
-use rustls::{RootCertStore, ServerConfig, ServerConnection};
+use rustls::{HandshakeKind, RootCertStore, ServerConfig, ServerConnection};
 
 use crate::config::{ConfigError, TlsFiles};
 
@@ -97,11 +114,54 @@ fn load_certs(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, Co
     Ok(certs)
 }
 
+/// Sessions the server's TLS session cache holds by default.
+///
+/// 10,000 is the default `limits.max_connections`: that many clients can each come back and
+/// resume. An entry holds the client's certificate chain (half a KiB for one ECDSA certificate,
+/// 3 KiB for an RSA chain), so a full cache costs 5 to 30 MiB. Larger is not free: rustls'
+/// cache finds a presented TLS 1.3 ticket's place in its eviction queue by a linear scan under
+/// one mutex (measured 20 us per resumption at 10,000 entries, 68 us at 20,000).
+pub const SESSION_CACHE_ENTRIES: usize = 10_000;
+
+/// TLS 1.3 tickets sent after each handshake: one, not rustls' default two. Each is used once
+/// and each resumption brings a new one, so one per connection is enough for a client that
+/// reconnects; a second would halve how many handshakes back the cache reaches.
+const TLS13_TICKETS: usize = 1;
+
+/// The server side of TLS session resumption: TLS 1.2 sessions and TLS 1.3 tickets, shared by
+/// every [`TlsContext`] a server loads so that clients keep resuming across reloads.
+///
+/// Cloning shares the one cache. Default: [`SESSION_CACHE_ENTRIES`] sessions; the oldest are
+/// dropped first.
+#[derive(Clone)]
+pub struct SessionCache(Arc<ServerSessionMemoryCache>);
+
+impl SessionCache {
+    /// A cache of at most `entries` sessions.
+    pub fn new(entries: usize) -> SessionCache {
+        SessionCache(ServerSessionMemoryCache::new(entries))
+    }
+}
+
+impl Default for SessionCache {
+    fn default() -> Self {
+        SessionCache::new(SESSION_CACHE_ENTRIES)
+    }
+}
+
+impl fmt::Debug for SessionCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SessionCache").finish_non_exhaustive()
+    }
+}
+
 /// The loaded TLS material: everything a handshake needs, checked for consistency.
 #[derive(Clone)]
 pub struct TlsContext {
     /// The rustls server configuration, shared by every connection.
     pub server_config: Arc<ServerConfig>,
+    /// The client verifier inside `server_config`, kept to re-verify resumed sessions.
+    verifier: Arc<dyn ClientCertVerifier>,
 }
 
 impl fmt::Debug for TlsContext {
@@ -111,10 +171,17 @@ impl fmt::Debug for TlsContext {
 }
 
 impl TlsContext {
-    /// Loads the CA, server certificate chain and key named in `files`, checks that the key
-    /// matches the certificate, and builds a server config that requires a client certificate
-    /// chaining to the CA. TLS 1.2 and 1.3 only.
+    /// [`TlsContext::load_with`] and a session cache of its own: for checking files, or for a
+    /// server that never reloads. A server that reloads shares one [`SessionCache`] instead.
     pub fn load(files: &TlsFiles) -> Result<TlsContext, ConfigError> {
+        TlsContext::load_with(files, &SessionCache::default())
+    }
+
+    /// Loads the CA, CRLs, server certificate chain and key named in `files`, checks that the
+    /// key matches the certificate, and builds a server config that requires a client
+    /// certificate chaining to the CA and resumes sessions from `sessions`. TLS 1.2 and 1.3
+    /// only.
+    pub fn load_with(files: &TlsFiles, sessions: &SessionCache) -> Result<TlsContext, ConfigError> {
         let provider = provider();
 
         let ca = load_certs("tls.ca_cert", &files.ca_cert)?;
@@ -197,16 +264,70 @@ impl TlsContext {
         let mut config = ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
             .map_err(|e| file_error("tls", &files.server_cert, format!("{e}")))?
-            .with_client_cert_verifier(verifier)
+            .with_client_cert_verifier(verifier.clone())
             .with_single_cert(chain, key)
             .map_err(|e| file_error("tls.server_key", &files.server_key, format!("{e}")))?;
         // Client-initiated renegotiation does not exist in rustls; nothing else to switch off.
         config.ignore_client_order = true;
+        config.session_storage = sessions.0.clone();
+        config.send_tls13_tickets = TLS13_TICKETS;
         Ok(TlsContext {
             server_config: Arc::new(config),
+            verifier,
         })
     }
+
+    /// Checks, after a completed handshake and before any upstream is touched, what rustls
+    /// does not: that a resumed session's certificate chain still verifies now against this
+    /// context's CA and CRLs.
+    pub fn check_peer(&self, conn: &ServerConnection) -> Result<(), PeerError> {
+        let resumed = conn.handshake_kind() == Some(HandshakeKind::Resumed);
+        self.check_chain(conn.peer_certificates(), resumed, UnixTime::now())
+    }
+
+    fn check_chain(
+        &self,
+        chain: Option<&[CertificateDer<'_>]>,
+        resumed: bool,
+        now: UnixTime,
+    ) -> Result<(), PeerError> {
+        let Some((end_entity, intermediates)) = chain.and_then(|c| c.split_first()) else {
+            return Err(PeerError::NoCertificate);
+        };
+        if resumed {
+            self.verifier
+                .verify_client_cert(end_entity, intermediates, now)
+                .map_err(PeerError::Resumed)?;
+        }
+        Ok(())
+    }
 }
+
+/// Why a client that completed its handshake is refused by [`TlsContext::check_peer`].
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum PeerError {
+    /// The connection has no client certificate (cannot happen once the verifier required one).
+    NoCertificate,
+    /// The session was resumed and its certificate chain no longer verifies: it expired, was
+    /// revoked, or its CA is no longer trusted since the session began.
+    Resumed(rustls::Error),
+}
+
+impl fmt::Display for PeerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PeerError::NoCertificate => f.write_str("client presented no certificate"),
+            PeerError::Resumed(e) => write!(
+                f,
+                "resumed session refused, its certificate no longer verifies: {}",
+                describe_tls_error(e)
+            ),
+        }
+    }
+}
+
+impl std::error::Error for PeerError {}
 
 /// Why a handshake did not produce a usable client.
 #[derive(Debug)]
@@ -497,6 +618,102 @@ mod tests {
             client_identity(&empty),
             Err(IdentityError::Malformed(_))
         ));
+    }
+
+    mod after_handshake {
+        use super::super::*;
+        use rcgen::{
+            date_time_ymd, BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose,
+            IsCa, KeyPair, KeyUsagePurpose,
+        };
+
+        struct Ca {
+            cert: rcgen::Certificate,
+            key: KeyPair,
+        }
+
+        fn ca(cn: &str) -> Ca {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.distinguished_name.push(DnType::CommonName, cn);
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+            let cert = params.self_signed(&key).unwrap();
+            Ca { cert, key }
+        }
+
+        fn client_of(ca: &Ca, not_after: (i32, u8, u8)) -> (CertificateDer<'static>, KeyPair) {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params
+                .distinguished_name
+                .push(DnType::CommonName, "client1.lb.com");
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            params.not_before = date_time_ymd(2020, 1, 1);
+            params.not_after = date_time_ymd(not_after.0, not_after.1, not_after.2);
+            let cert = params.signed_by(&key, &ca.cert, &ca.key).unwrap();
+            (cert.der().clone(), key)
+        }
+
+        fn at(secs: u64) -> UnixTime {
+            UnixTime::since_unix_epoch(std::time::Duration::from_secs(secs))
+        }
+
+        /// 2021-01-01T00:00:00Z.
+        const NEW_YEAR_2021: i64 = 1_609_459_200;
+
+        /// A context trusting `ca`, from files in a fresh folder.
+        fn context_trusting(ca: &Ca, name: &str) -> TlsContext {
+            let dir = std::env::temp_dir().join(format!("lclb-tls-{name}-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let server_key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+            let server = params.signed_by(&server_key, &ca.cert, &ca.key).unwrap();
+            std::fs::write(dir.join("ca.crt"), ca.cert.pem()).unwrap();
+            std::fs::write(dir.join("server.crt"), server.pem()).unwrap();
+            std::fs::write(dir.join("server.key"), server_key.serialize_pem()).unwrap();
+            let files = TlsFiles {
+                ca_cert: dir.join("ca.crt"),
+                server_cert: dir.join("server.crt"),
+                server_key: dir.join("server.key"),
+                crls: Vec::new(),
+                crl_stale: Default::default(),
+                truncation: Default::default(),
+            };
+            let ctx = TlsContext::load(&files).unwrap();
+            let _ = std::fs::remove_dir_all(&dir);
+            ctx
+        }
+
+        #[test]
+        fn only_a_resumed_session_is_verified_again() {
+            let a = ca("ca-a.lb.com");
+            let ctx = context_trusting(&a, "resumed");
+            let (expired, _) = client_of(&a, (2021, 1, 1));
+            let chain = [expired];
+            // A full handshake was just verified by rustls; nothing to redo.
+            assert!(ctx
+                .check_chain(Some(&chain), false, UnixTime::now())
+                .is_ok());
+            match ctx.check_chain(Some(&chain), true, UnixTime::now()) {
+                Err(PeerError::Resumed(rustls::Error::InvalidCertificate(e))) => assert!(
+                    matches!(
+                        e,
+                        rustls::CertificateError::Expired
+                            | rustls::CertificateError::ExpiredContext { .. }
+                    ),
+                    "{e:?}"
+                ),
+                other => panic!("expected an expired certificate, got {other:?}"),
+            }
+            let before = at(NEW_YEAR_2021 as u64 - 60);
+            assert!(ctx.check_chain(Some(&chain), true, before).is_ok());
+            assert!(matches!(
+                ctx.check_chain(None, true, UnixTime::now()),
+                Err(PeerError::NoCertificate)
+            ));
+        }
     }
 
     mod fuzz {

@@ -491,3 +491,26 @@ impl Drop for Process {
         let _ = self.child.wait();
     }
 }
+
+/// A rustls client config trusting `pki`'s CA and presenting `client`, speaking only
+/// `version`. Its resumption store is its own and shared by every connection made with it.
+pub fn client_config_for(
+    pki: &Pki,
+    client: &Issued,
+    version: &'static rustls::SupportedProtocolVersion,
+) -> Arc<ClientConfig> {
+    let mut roots = RootCertStore::empty();
+    roots.add(pki.ca.cert.der().clone()).unwrap();
+    let mut config = ClientConfig::builder_with_protocol_versions(&[version])
+        .with_root_certificates(roots)
+        .with_client_auth_cert(client.chain(), client.key_der())
+        .unwrap();
+    config.resumption = rustls::client::Resumption::in_memory_sessions(64);
+    Arc::new(config)
+}
+
+/// The TLS error inside an I/O error from a rustls stream, if that is what it is.
+pub fn tls_error(e: &io::Error) -> Option<&rustls::Error> {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+}
