@@ -24,6 +24,12 @@
 //! must meet the reloaded rules. A session that fails is refused after its handshake (the
 //! client reads close_notify). rustls has no hook to decline a resumption and fall back to a
 //! full handshake, which is what Go's server does instead.
+//!
+//! # CRLs
+//!
+//! Revocation is checked for the client's own certificate only, against the CRLs whose issuer
+//! issued it. A client whose CA has no CRL here is not refused for that: `tls.crls` lists the
+//! CAs whose revocations are enforced, and a CA left out is not one of them.
 
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -155,6 +161,19 @@ impl fmt::Debug for SessionCache {
     }
 }
 
+/// The issuer of `der`, the CRL numbered `index` in `file`: its distinguished name as DER
+/// (compared byte for byte with a CA's subject, as webpki matches names) and as text.
+fn crl_issuer(file: &Path, index: usize, der: &[u8]) -> Result<(Vec<u8>, String), ConfigError> {
+    let (_, crl) = x509_parser::parse_x509_crl(der).map_err(|e| {
+        file_error(
+            "tls.crls",
+            file,
+            format!("CRL #{index} does not parse: {e}"),
+        )
+    })?;
+    Ok((crl.issuer().as_raw().to_vec(), crl.issuer().to_string()))
+}
+
 /// The loaded TLS material: everything a handshake needs, checked for consistency.
 #[derive(Clone)]
 pub struct TlsContext {
@@ -180,11 +199,16 @@ impl TlsContext {
     /// Loads the CA, CRLs, server certificate chain and key named in `files`, checks that the
     /// key matches the certificate, and builds a server config that requires a client
     /// certificate chaining to the CA and resumes sessions from `sessions`. TLS 1.2 and 1.3
-    /// only.
+    /// only. Logs a warning for each CRL whose issuer is not one of the CAs.
     pub fn load_with(files: &TlsFiles, sessions: &SessionCache) -> Result<TlsContext, ConfigError> {
         let provider = provider();
 
         let ca = load_certs("tls.ca_cert", &files.ca_cert)?;
+        let ca_subjects: Vec<Vec<u8>> = ca
+            .iter()
+            .filter_map(|c| x509_parser::parse_x509_certificate(c).ok())
+            .map(|(_, c)| c.subject().as_raw().to_vec())
+            .collect();
         let mut roots = RootCertStore::empty();
         for (i, cert) in ca.into_iter().enumerate() {
             roots.add(cert).map_err(|e| {
@@ -196,13 +220,16 @@ impl TlsContext {
             })?;
         }
         let mut crls = Vec::new();
+        let mut issuers = Vec::new();
         for path in &files.crls {
             let pem = read_file("tls.crls", path)?;
             let before = crls.len();
-            for crl in CertificateRevocationListDer::pem_slice_iter(&pem) {
-                crls.push(
-                    crl.map_err(|e| file_error("tls.crls", path, format!("not valid PEM: {e}")))?,
-                );
+            for (i, crl) in CertificateRevocationListDer::pem_slice_iter(&pem).enumerate() {
+                let crl =
+                    crl.map_err(|e| file_error("tls.crls", path, format!("not valid PEM: {e}")))?;
+                let (issuer, name) = crl_issuer(path, i, &crl)?;
+                issuers.push((path, issuer, name));
+                crls.push(crl);
             }
             if crls.len() == before {
                 return Err(file_error(
@@ -212,12 +239,29 @@ impl TlsContext {
                 ));
             }
         }
+        for (path, issuer, issuer_name) in &issuers {
+            if !ca_subjects.contains(issuer) {
+                // Not an error: the CRL may be an intermediate CA's. But a CRL of the wrong
+                // CA enforces nothing, and nothing else would say so.
+                log::warn!(
+                    "CRL in {} is issued by {}, which is not a CA in {}: it applies only to \
+                     client certificates issued by an intermediate CA of that name",
+                    path.display(),
+                    issuer_name,
+                    files.ca_cert.display()
+                );
+            }
+        }
         let mut builder =
             WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
         if !crls.is_empty() {
             // Intermediate CAs rarely have CRLs of their own; what operators revoke is client
-            // certificates. A client whose issuer has no CRL here is refused (status unknown).
-            builder = builder.with_crls(crls).only_check_end_entity_revocation();
+            // certificates. A client whose issuer has no CRL here is let through (see the
+            // module doc): each listed CRL enforces its own CA's revocations, no more.
+            builder = builder
+                .with_crls(crls)
+                .only_check_end_entity_revocation()
+                .allow_unknown_revocation_status();
         }
         let verifier = builder.build().map_err(|e| {
             let key = if files.crls.is_empty() {
