@@ -95,6 +95,13 @@ pub struct Runtime {
     authz: Authorizer,
 }
 
+impl Runtime {
+    /// The TLS material new connections are served with.
+    pub fn tls(&self) -> &TlsContext {
+        &self.tls
+    }
+}
+
 /// State shared by the accept loop, connection threads, the reloader and the metrics server.
 #[derive(Debug)]
 pub struct Shared {

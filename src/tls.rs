@@ -29,12 +29,16 @@
 //!
 //! Revocation is checked for the client's own certificate only, against the CRLs whose issuer
 //! issued it. A client whose CA has no CRL here is not refused for that: `tls.crls` lists the
-//! CAs whose revocations are enforced, and a CA left out is not one of them.
+//! CAs whose revocations are enforced, and a CA left out is not one of them. lclb reads each
+//! CRL's issuer and nextUpdate itself (webpki ignores nextUpdate): a CRL past it is logged at
+//! load, exposed as a metric, and with `tls.crl_stale = "refuse"` the clients of its CA are
+//! refused while it stays stale, checked at each handshake since a CRL ages while lclb runs.
 
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -46,7 +50,7 @@ use rustls::server::{ServerSessionMemoryCache, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{HandshakeKind, RootCertStore, ServerConfig, ServerConnection};
 
-use crate::config::{ConfigError, TlsFiles};
+use crate::config::{ConfigError, CrlStale, TlsFiles};
 
 /// The crypto provider lclb runs on: aws-lc-rs, restricted to TLS 1.3 suites and the TLS 1.2
 /// ECDHE AEAD suites.
@@ -161,17 +165,100 @@ impl fmt::Debug for SessionCache {
     }
 }
 
-/// The issuer of `der`, the CRL numbered `index` in `file`: its distinguished name as DER
-/// (compared byte for byte with a CA's subject, as webpki matches names) and as text.
-fn crl_issuer(file: &Path, index: usize, der: &[u8]) -> Result<(Vec<u8>, String), ConfigError> {
-    let (_, crl) = x509_parser::parse_x509_crl(der).map_err(|e| {
-        file_error(
-            "tls.crls",
-            file,
-            format!("CRL #{index} does not parse: {e}"),
+/// One CRL from `tls.crls`, as lclb reads it itself: which file, whose CA issued it, and until
+/// when it is current.
+pub struct CrlInfo {
+    file: PathBuf,
+    /// The issuer's distinguished name as DER, compared byte for byte with a certificate's
+    /// issuer, as webpki matches CRLs to certificates.
+    issuer: Vec<u8>,
+    issuer_name: String,
+    next_update: Option<i64>,
+    /// Set once the CRL has been reported stale, so that a CRL going stale while lclb runs is
+    /// logged once, not at every handshake.
+    reported_stale: AtomicBool,
+}
+
+impl fmt::Debug for CrlInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CrlInfo")
+            .field("file", &self.file)
+            .field("issuer", &self.issuer_name)
+            .field("next_update", &self.next_update)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CrlInfo {
+    /// Reads the issuer and nextUpdate of `der`, the CRL numbered `index` in `file`.
+    fn parse(file: &Path, index: usize, der: &[u8]) -> Result<CrlInfo, ConfigError> {
+        let (_, crl) = x509_parser::parse_x509_crl(der).map_err(|e| {
+            file_error(
+                "tls.crls",
+                file,
+                format!("CRL #{index} does not parse: {e}"),
+            )
+        })?;
+        Ok(CrlInfo {
+            file: file.to_path_buf(),
+            issuer: crl.issuer().as_raw().to_vec(),
+            issuer_name: crl.issuer().to_string(),
+            next_update: crl.next_update().map(|t| t.timestamp()),
+            reported_stale: AtomicBool::new(false),
+        })
+    }
+
+    /// The file the CRL was read from.
+    pub fn file(&self) -> &Path {
+        &self.file
+    }
+
+    /// The issuer's distinguished name, as text (`CN=ca.lb.com`).
+    pub fn issuer(&self) -> &str {
+        &self.issuer_name
+    }
+
+    /// The CRL's nextUpdate in Unix seconds; `None` if the CRL has none (it never goes stale).
+    pub fn next_update(&self) -> Option<i64> {
+        self.next_update
+    }
+
+    /// True if `now` is past the CRL's nextUpdate.
+    pub fn is_stale(&self, now: UnixTime) -> bool {
+        let now = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
+        self.next_update.is_some_and(|next| now > next)
+    }
+
+    fn describe_stale(&self, policy: CrlStale) -> String {
+        let next = self.next_update.map_or_else(|| "-".into(), unix_date);
+        let consequence = match policy {
+            CrlStale::Warn => {
+                "still used, since tls.crl_stale = \"warn\"; install a fresh CRL and reload"
+            }
+            CrlStale::Refuse => {
+                "clients whose certificate this CA issued are refused until a fresh CRL is \
+                 loaded (tls.crl_stale = \"refuse\")"
+            }
+        };
+        format!(
+            "CRL in {} (issuer {}) is past its nextUpdate {next}: {consequence}",
+            self.file.display(),
+            self.issuer_name
         )
-    })?;
-    Ok((crl.issuer().as_raw().to_vec(), crl.issuer().to_string()))
+    }
+}
+
+/// `secs` as an RFC 3339 UTC date, or as Unix seconds where that cannot be written.
+fn unix_date(secs: i64) -> String {
+    // humantime panics on dates before 1970 or after 9999.
+    const LAST: u64 = 253_402_300_799;
+    match u64::try_from(secs) {
+        Ok(s) if s <= LAST => humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(s),
+        )
+        .to_string(),
+        _ => format!("unix time {secs}"),
+    }
 }
 
 /// The loaded TLS material: everything a handshake needs, checked for consistency.
@@ -181,11 +268,16 @@ pub struct TlsContext {
     pub server_config: Arc<ServerConfig>,
     /// The client verifier inside `server_config`, kept to re-verify resumed sessions.
     verifier: Arc<dyn ClientCertVerifier>,
+    crls: Arc<[CrlInfo]>,
+    crl_stale: CrlStale,
 }
 
 impl fmt::Debug for TlsContext {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TlsContext").finish_non_exhaustive()
+        f.debug_struct("TlsContext")
+            .field("crls", &self.crls)
+            .field("crl_stale", &self.crl_stale)
+            .finish_non_exhaustive()
     }
 }
 
@@ -199,7 +291,7 @@ impl TlsContext {
     /// Loads the CA, CRLs, server certificate chain and key named in `files`, checks that the
     /// key matches the certificate, and builds a server config that requires a client
     /// certificate chaining to the CA and resumes sessions from `sessions`. TLS 1.2 and 1.3
-    /// only. Logs a warning for each CRL whose issuer is not one of the CAs.
+    /// only. Logs a warning for each CRL already past its nextUpdate.
     pub fn load_with(files: &TlsFiles, sessions: &SessionCache) -> Result<TlsContext, ConfigError> {
         let provider = provider();
 
@@ -220,15 +312,14 @@ impl TlsContext {
             })?;
         }
         let mut crls = Vec::new();
-        let mut issuers = Vec::new();
+        let mut infos = Vec::new();
         for path in &files.crls {
             let pem = read_file("tls.crls", path)?;
             let before = crls.len();
             for (i, crl) in CertificateRevocationListDer::pem_slice_iter(&pem).enumerate() {
                 let crl =
                     crl.map_err(|e| file_error("tls.crls", path, format!("not valid PEM: {e}")))?;
-                let (issuer, name) = crl_issuer(path, i, &crl)?;
-                issuers.push((path, issuer, name));
+                infos.push(CrlInfo::parse(path, i, &crl)?);
                 crls.push(crl);
             }
             if crls.len() == before {
@@ -239,15 +330,20 @@ impl TlsContext {
                 ));
             }
         }
-        for (path, issuer, issuer_name) in &issuers {
-            if !ca_subjects.contains(issuer) {
+        let now = UnixTime::now();
+        for crl in &infos {
+            if crl.is_stale(now) {
+                crl.reported_stale.store(true, Ordering::Relaxed);
+                log::warn!("{}", crl.describe_stale(files.crl_stale));
+            }
+            if !ca_subjects.contains(&crl.issuer) {
                 // Not an error: the CRL may be an intermediate CA's. But a CRL of the wrong
                 // CA enforces nothing, and nothing else would say so.
                 log::warn!(
                     "CRL in {} is issued by {}, which is not a CA in {}: it applies only to \
                      client certificates issued by an intermediate CA of that name",
-                    path.display(),
-                    issuer_name,
+                    crl.file.display(),
+                    crl.issuer_name,
                     files.ca_cert.display()
                 );
             }
@@ -318,12 +414,26 @@ impl TlsContext {
         Ok(TlsContext {
             server_config: Arc::new(config),
             verifier,
+            crls: infos.into(),
+            crl_stale: files.crl_stale,
         })
+    }
+
+    /// The CRLs loaded from `tls.crls`, in file order.
+    pub fn crls(&self) -> &[CrlInfo] {
+        &self.crls
+    }
+
+    /// For each `tls.crls` file whose CRLs have a nextUpdate, the earliest one (Unix seconds):
+    /// when the file goes stale. What the `lclb_crl_next_update_timestamp_seconds` metric shows.
+    pub fn crl_next_updates(&self) -> Vec<(&Path, i64)> {
+        next_updates_by_file(&self.crls)
     }
 
     /// Checks, after a completed handshake and before any upstream is touched, what rustls
     /// does not: that a resumed session's certificate chain still verifies now against this
-    /// context's CA and CRLs.
+    /// context's CA and CRLs, and (every session, with `tls.crl_stale = "refuse"`) that the CRL
+    /// of the certificate's issuer is not past its nextUpdate.
     pub fn check_peer(&self, conn: &ServerConnection) -> Result<(), PeerError> {
         let resumed = conn.handshake_kind() == Some(HandshakeKind::Resumed);
         self.check_chain(conn.peer_certificates(), resumed, UnixTime::now())
@@ -343,8 +453,57 @@ impl TlsContext {
                 .verify_client_cert(end_entity, intermediates, now)
                 .map_err(PeerError::Resumed)?;
         }
-        Ok(())
+        check_crl_freshness(&self.crls, self.crl_stale, end_entity, now)
     }
+}
+
+/// Refuses `end_entity` if `policy` is [`CrlStale::Refuse`] and a CRL of its issuer is stale at
+/// `now`. Logs each CRL the first time it is seen stale, whatever the policy.
+fn check_crl_freshness(
+    crls: &[CrlInfo],
+    policy: CrlStale,
+    end_entity: &CertificateDer<'_>,
+    now: UnixTime,
+) -> Result<(), PeerError> {
+    let mut stale = crls.iter().filter(|c| c.is_stale(now)).peekable();
+    // The common case costs a comparison per CRL and no parsing.
+    if stale.peek().is_none() {
+        return Ok(());
+    }
+    for crl in stale.clone() {
+        if !crl.reported_stale.swap(true, Ordering::Relaxed) {
+            log::warn!("{}", crl.describe_stale(policy));
+        }
+    }
+    if policy == CrlStale::Warn {
+        return Ok(());
+    }
+    let (_, cert) = x509_parser::parse_x509_certificate(end_entity)
+        .map_err(|e| PeerError::Malformed(e.to_string()))?;
+    let issuer = cert.issuer().as_raw();
+    match stale.find(|crl| crl.issuer == issuer) {
+        Some(crl) => Err(PeerError::StaleCrl {
+            file: crl.file.clone(),
+            issuer: crl.issuer_name.clone(),
+            next_update: crl.next_update.unwrap_or_default(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// For each file, the earliest nextUpdate of its CRLs; files without one are left out.
+fn next_updates_by_file(crls: &[CrlInfo]) -> Vec<(&Path, i64)> {
+    let mut out: Vec<(&Path, i64)> = Vec::new();
+    for crl in crls {
+        let Some(next) = crl.next_update else {
+            continue;
+        };
+        match out.iter_mut().find(|(file, _)| *file == crl.file.as_path()) {
+            Some((_, earliest)) => *earliest = (*earliest).min(next),
+            None => out.push((&crl.file, next)),
+        }
+    }
+    out
 }
 
 /// Why a client that completed its handshake is refused by [`TlsContext::check_peer`].
@@ -353,19 +512,43 @@ impl TlsContext {
 pub enum PeerError {
     /// The connection has no client certificate (cannot happen once the verifier required one).
     NoCertificate,
+    /// The certificate does not parse (cannot happen once rustls verified it).
+    Malformed(String),
     /// The session was resumed and its certificate chain no longer verifies: it expired, was
     /// revoked, or its CA is no longer trusted since the session began.
     Resumed(rustls::Error),
+    /// `tls.crl_stale = "refuse"` and the CRL of the certificate's issuer is past its
+    /// nextUpdate.
+    StaleCrl {
+        /// The `tls.crls` file holding that CRL.
+        file: PathBuf,
+        /// The issuer's name (`CN=ca.lb.com`).
+        issuer: String,
+        /// The CRL's nextUpdate, Unix seconds.
+        next_update: i64,
+    },
 }
 
 impl fmt::Display for PeerError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             PeerError::NoCertificate => f.write_str("client presented no certificate"),
+            PeerError::Malformed(e) => write!(f, "client certificate does not parse: {e}"),
             PeerError::Resumed(e) => write!(
                 f,
                 "resumed session refused, its certificate no longer verifies: {}",
                 describe_tls_error(e)
+            ),
+            PeerError::StaleCrl {
+                file,
+                issuer,
+                next_update,
+            } => write!(
+                f,
+                "the CRL of the client certificate's issuer ({issuer}) in {} is past its \
+                 nextUpdate {} and tls.crl_stale = \"refuse\": install a fresh CRL and reload",
+                file.display(),
+                unix_date(*next_update)
             ),
         }
     }
@@ -667,8 +850,9 @@ mod tests {
     mod after_handshake {
         use super::super::*;
         use rcgen::{
-            date_time_ymd, BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose,
-            IsCa, KeyPair, KeyUsagePurpose,
+            date_time_ymd, BasicConstraints, CertificateParams, CertificateRevocationListParams,
+            DnType, ExtendedKeyUsagePurpose, IsCa, KeyIdMethod, KeyPair, KeyUsagePurpose,
+            SerialNumber,
         };
 
         struct Ca {
@@ -699,12 +883,135 @@ mod tests {
             (cert.der().clone(), key)
         }
 
+        /// A CRL of `ca`, revoking nothing, current until `next` (year, month, day).
+        fn crl_of(ca: &Ca, next: (i32, u8, u8)) -> Vec<u8> {
+            CertificateRevocationListParams {
+                this_update: date_time_ymd(2019, 1, 1),
+                next_update: date_time_ymd(next.0, next.1, next.2),
+                crl_number: SerialNumber::from(1u64),
+                issuing_distribution_point: None,
+                revoked_certs: Vec::new(),
+                key_identifier_method: KeyIdMethod::Sha256,
+            }
+            .signed_by(&ca.cert, &ca.key)
+            .unwrap()
+            .der()
+            .to_vec()
+        }
+
         fn at(secs: u64) -> UnixTime {
             UnixTime::since_unix_epoch(std::time::Duration::from_secs(secs))
         }
 
         /// 2021-01-01T00:00:00Z.
         const NEW_YEAR_2021: i64 = 1_609_459_200;
+
+        #[test]
+        fn a_crl_gives_its_issuer_and_next_update() {
+            let a = ca("ca-a.lb.com");
+            let info = CrlInfo::parse(Path::new("a.crl"), 0, &crl_of(&a, (2021, 1, 1))).unwrap();
+            assert_eq!(info.file(), Path::new("a.crl"));
+            assert_eq!(info.issuer(), "CN=ca-a.lb.com");
+            assert_eq!(info.next_update(), Some(NEW_YEAR_2021));
+        }
+
+        #[test]
+        fn a_crl_is_stale_only_after_its_next_update() {
+            let a = ca("ca-a.lb.com");
+            let info = CrlInfo::parse(Path::new("a.crl"), 0, &crl_of(&a, (2021, 1, 1))).unwrap();
+            let next = NEW_YEAR_2021 as u64;
+            assert!(!info.is_stale(at(next - 1)));
+            assert!(!info.is_stale(at(next)), "current up to nextUpdate itself");
+            assert!(info.is_stale(at(next + 1)));
+            assert!(info.is_stale(UnixTime::now()));
+        }
+
+        #[test]
+        fn a_crl_that_does_not_parse_names_its_file_and_key() {
+            let e = CrlInfo::parse(Path::new("/etc/lclb/bad.crl"), 2, &[0x30, 0x03, 1, 2, 3])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("tls.crls"), "{e}");
+            assert!(e.contains("/etc/lclb/bad.crl"), "{e}");
+            assert!(e.contains("CRL #2 does not parse"), "{e}");
+        }
+
+        #[test]
+        fn refuse_refuses_only_clients_of_the_stale_crls_issuer() {
+            let (a, b) = (ca("ca-a.lb.com"), ca("ca-b.lb.com"));
+            let crls = [
+                CrlInfo::parse(Path::new("a.crl"), 0, &crl_of(&a, (2021, 1, 1))).unwrap(),
+                CrlInfo::parse(Path::new("b.crl"), 0, &crl_of(&b, (2035, 1, 1))).unwrap(),
+            ];
+            let (of_a, _) = client_of(&a, (2040, 1, 1));
+            let (of_b, _) = client_of(&b, (2040, 1, 1));
+            let now = UnixTime::now();
+            match check_crl_freshness(&crls, CrlStale::Refuse, &of_a, now) {
+                Err(PeerError::StaleCrl {
+                    file,
+                    issuer,
+                    next_update,
+                }) => {
+                    assert_eq!(file, Path::new("a.crl"));
+                    assert_eq!(issuer, "CN=ca-a.lb.com");
+                    assert_eq!(next_update, NEW_YEAR_2021);
+                }
+                other => panic!("expected StaleCrl, got {other:?}"),
+            }
+            assert!(check_crl_freshness(&crls, CrlStale::Refuse, &of_b, now).is_ok());
+            let before = at(NEW_YEAR_2021 as u64 - 60);
+            assert!(
+                check_crl_freshness(&crls, CrlStale::Refuse, &of_a, before).is_ok(),
+                "not refused while the CRL is current"
+            );
+        }
+
+        #[test]
+        fn warn_serves_the_client_and_marks_the_crl_reported() {
+            let a = ca("ca-a.lb.com");
+            let crls = [CrlInfo::parse(Path::new("a.crl"), 0, &crl_of(&a, (2021, 1, 1))).unwrap()];
+            let (of_a, _) = client_of(&a, (2040, 1, 1));
+            assert!(check_crl_freshness(&crls, CrlStale::Warn, &of_a, UnixTime::now()).is_ok());
+            assert!(crls[0].reported_stale.load(Ordering::Relaxed));
+        }
+
+        #[test]
+        fn each_file_shows_its_earliest_next_update() {
+            let (a, b) = (ca("ca-a.lb.com"), ca("ca-b.lb.com"));
+            let crls = [
+                CrlInfo::parse(Path::new("both.crl"), 0, &crl_of(&a, (2035, 1, 1))).unwrap(),
+                CrlInfo::parse(Path::new("both.crl"), 1, &crl_of(&b, (2021, 1, 1))).unwrap(),
+                CrlInfo::parse(Path::new("a.crl"), 0, &crl_of(&a, (2021, 1, 2))).unwrap(),
+            ];
+            assert_eq!(
+                next_updates_by_file(&crls),
+                [
+                    (Path::new("both.crl"), NEW_YEAR_2021),
+                    (Path::new("a.crl"), NEW_YEAR_2021 + 86_400)
+                ]
+            );
+        }
+
+        #[test]
+        fn dates_outside_what_rfc_3339_can_write_do_not_panic() {
+            assert_eq!(unix_date(NEW_YEAR_2021), "2021-01-01T00:00:00Z");
+            assert_eq!(unix_date(-1), "unix time -1");
+            assert_eq!(unix_date(i64::MAX), format!("unix time {}", i64::MAX));
+        }
+
+        #[test]
+        fn the_stale_crl_refusal_says_which_file_and_what_to_do() {
+            let e = PeerError::StaleCrl {
+                file: PathBuf::from("/etc/lclb/ca.crl.pem"),
+                issuer: "CN=ca.lb.com".into(),
+                next_update: NEW_YEAR_2021,
+            }
+            .to_string();
+            assert!(e.contains("/etc/lclb/ca.crl.pem"), "{e}");
+            assert!(e.contains("CN=ca.lb.com"), "{e}");
+            assert!(e.contains("2021-01-01T00:00:00Z"), "{e}");
+            assert!(e.contains("install a fresh CRL"), "{e}");
+        }
 
         /// A context trusting `ca`, from files in a fresh folder.
         fn context_trusting(ca: &Ca, name: &str) -> TlsContext {
@@ -722,7 +1029,7 @@ mod tests {
                 server_cert: dir.join("server.crt"),
                 server_key: dir.join("server.key"),
                 crls: Vec::new(),
-                crl_stale: Default::default(),
+                crl_stale: CrlStale::Warn,
                 truncation: Default::default(),
             };
             let ctx = TlsContext::load(&files).unwrap();
