@@ -604,6 +604,11 @@ fn describe_tls_error(e: &rustls::Error) -> String {
         Error::InvalidCertificate(CertificateError::Revoked) => {
             "client certificate has been revoked (listed in a configured CRL)".into()
         }
+        Error::InvalidCertificate(
+            CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. },
+        ) => "client certificate's extendedKeyUsage does not include clientAuth (a certificate \
+              with no extendedKeyUsage at all is accepted)"
+            .into(),
         Error::InvalidCertificate(CertificateError::UnknownRevocationStatus) => {
             "client certificate's revocation status is unknown: no configured CRL is from its issuer"
                 .into()
@@ -845,6 +850,12 @@ mod tests {
             client_identity(&empty),
             Err(IdentityError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn a_certificate_not_for_client_auth_is_explained_as_such() {
+        let e = rustls::Error::InvalidCertificate(rustls::CertificateError::InvalidPurpose);
+        assert!(describe_tls_error(&e).contains("does not include clientAuth"));
     }
 
     mod after_handshake {

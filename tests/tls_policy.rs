@@ -1,5 +1,5 @@
-//! What a client certificate must be: revocation is checked against its own CA's CRL, if one
-//! is configured.
+//! What a client certificate must be: its extendedKeyUsage, if it has one, must allow client
+//! authentication; and revocation is checked against its own CA's CRL, if one is configured.
 
 mod support;
 
@@ -7,6 +7,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use lclb::stats::Refusal;
+use rcgen::ExtendedKeyUsagePurpose;
+use rustls::version::{TLS12, TLS13};
 use rustls::{AlertDescription, ClientConfig};
 use support::*;
 
@@ -20,6 +22,48 @@ fn refusal_seen_by_client(addr: SocketAddr, config: Arc<ClientConfig>) -> rustls
     tls_error(&e)
         .cloned()
         .unwrap_or_else(|| panic!("not a TLS error: {e}"))
+}
+
+#[test]
+fn a_client_certificate_without_extended_key_usage_is_served() {
+    let pki = Pki::new("no-eku");
+    let web1 = Upstream::start("web1", Mode::Echo);
+    let lb = Lb::start(&pki.config("", &[&web1]));
+    let mut params = client_params(dn("client1.lb.com"));
+    params.extended_key_usages = Vec::new();
+    let client = pki.ca.issue(params);
+    let (_, parsed) = x509_parser::parse_x509_certificate(client.cert.der()).unwrap();
+    assert!(
+        parsed.extended_key_usage().unwrap().is_none(),
+        "the certificate has no extendedKeyUsage extension"
+    );
+    for version in [&TLS12, &TLS13] {
+        assert_eq!(
+            greeting(lb.addr, client_config_for(&pki, &client, version)).unwrap(),
+            "web1",
+            "{version:?}"
+        );
+    }
+    assert_eq!(lb.stats().refused(Refusal::Tls), 0);
+}
+
+#[test]
+fn a_client_certificate_for_server_auth_only_is_refused_with_unsupported_certificate() {
+    let pki = Pki::new("server-auth-eku");
+    let web1 = Upstream::start("web1", Mode::Echo);
+    let lb = Lb::start(&pki.config("", &[&web1]));
+    let mut params = client_params(dn("client1.lb.com"));
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let client = pki.ca.issue(params);
+    for version in [&TLS12, &TLS13] {
+        assert_eq!(
+            refusal_seen_by_client(lb.addr, client_config_for(&pki, &client, version)),
+            rustls::Error::AlertReceived(AlertDescription::UnsupportedCertificate),
+            "{version:?}"
+        );
+    }
+    assert!(lb.wait_for(|st| st.refused(Refusal::Tls) == 2));
+    assert_eq!(lb.forwarded(), 0);
 }
 
 #[test]
