@@ -218,10 +218,10 @@ impl Admission {
         if conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
             self.stats.tls_resumptions.fetch_add(1, Ordering::Relaxed);
         }
+        let identity = tls::peer_identity(conn).map_err(|e| Refused::new(Refusal::Tls, e))?;
         tls_context
             .check_peer(conn)
-            .map_err(|e| Refused::new(Refusal::Tls, e))?;
-        let identity = tls::peer_identity(conn).map_err(|e| Refused::new(Refusal::Tls, e))?;
+            .map_err(|e| Refused::new(Refusal::Tls, e).of(&identity))?;
         let Some(policy) = authz.policy(&identity) else {
             return Err(Refused::new(
                 Refusal::Unauthorized,

@@ -192,6 +192,24 @@ pub fn render(shared: &Shared) -> String {
     let _ = writeln!(out, "lclb_handshake_seconds_count {count}");
     Family::new(
         &mut out,
+        "lclb_tls_resumptions_total",
+        "counter",
+        "Completed handshakes that resumed an earlier TLS session.",
+    )
+    .sample("", load(&stats.tls_resumptions));
+    let mut f = Family::new(
+        &mut out,
+        "lclb_crl_next_update_timestamp_seconds",
+        "gauge",
+        "Earliest nextUpdate of the CRLs in each tls.crls file (Unix time); stale once past.",
+    );
+    for (file, next) in shared.runtime().tls().crl_next_updates() {
+        let mut label = String::from("file=");
+        json_string(&mut label, &file.display().to_string());
+        f.sample(&label, next);
+    }
+    Family::new(
+        &mut out,
         "lclb_config_reloads_total",
         "counter",
         "Config reloads, by result.",

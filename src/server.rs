@@ -40,7 +40,7 @@ use crate::pool::ThreadPool;
 use crate::refusal_log;
 use crate::stats::{Refusal, Stats};
 use crate::threads;
-use crate::tls::{self, TlsContext};
+use crate::tls::{self, SessionCache, TlsContext};
 
 /// Stack size of a connection thread: it runs the handshake (certificate verification,
 /// signatures) and the routing. Small, so thousands of connections fit.
@@ -98,6 +98,13 @@ pub struct Runtime {
     authz: Authorizer,
 }
 
+impl Runtime {
+    /// The TLS material new connections are served with.
+    pub fn tls(&self) -> &TlsContext {
+        &self.tls
+    }
+}
+
 /// State shared by the accept loop, connection threads, the reloader and the metrics server.
 #[derive(Debug)]
 pub struct Shared {
@@ -111,6 +118,8 @@ pub struct Shared {
     health: Mutex<Option<HealthChecker>>,
     /// Threads that run a connection's handshake and routing.
     conn_pool: ThreadPool,
+    /// TLS sessions, kept across reloads so that clients keep resuming.
+    tls_sessions: SessionCache,
 }
 
 fn probe_settings(config: &Config) -> ProbeSettings {
@@ -167,7 +176,7 @@ impl Shared {
 
     fn try_reload(&self, path: &Path) -> Result<(), StartError> {
         let config = Config::load(path)?;
-        let tls = TlsContext::load(&config.tls)?;
+        let tls = TlsContext::load_with(&config.tls, &self.tls_sessions)?;
         let old = self.runtime();
         if config.listen != old.config.listen {
             log::warn!(
@@ -241,7 +250,8 @@ pub(crate) fn wake_address(mut addr: SocketAddr) -> SocketAddr {
 impl Server {
     /// Loads the TLS files, binds the listen address and starts the health checker.
     pub fn bind(config: Config) -> Result<Server, StartError> {
-        let tls = TlsContext::load(&config.tls)?;
+        let tls_sessions = SessionCache::default();
+        let tls = TlsContext::load_with(&config.tls, &tls_sessions)?;
         let listener = TcpListener::bind(config.listen).map_err(|source| StartError::Bind {
             key: "listen",
             addr: config.listen,
@@ -277,6 +287,7 @@ impl Server {
                 runtime.config.limits.thread_keep_alive,
             ),
             runtime: RwLock::new(Arc::new(runtime)),
+            tls_sessions,
         });
         shared
             .start_health(&shared.runtime().config)

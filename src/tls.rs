@@ -2,28 +2,55 @@
 //!
 //! This module owns everything between a connected socket and a verified client name: loading
 //! the server certificate, key and CA from PEM files into a rustls `ServerConfig` that requires a
-//! client certificate chaining to the CA; running the handshake under a deadline; and reading
-//! the identity (the one subject CN) out of the verified client certificate. It does not decide
-//! what an identity may do (that is `authz`).
+//! client certificate chaining to the CA; running the handshake under a deadline; checking, after
+//! the handshake, what rustls does not check itself ([`TlsContext::check_peer`]); and reading the
+//! identity (the one subject CN) out of the verified client certificate. It does not decide what
+//! an identity may do (that is `authz`).
 //!
 //! PEM files are read with the `PemObject` reader of `rustls-pki-types` (re-exported by rustls),
 //! the maintained successor of `rustls-pemfile`.
+//!
+//! # Resumption
+//!
+//! Resumed handshakes skip the certificate exchange and most of the public-key work, so they
+//! are kept. rustls 0.23 resumes statefully by default: TLS 1.2 session ids and TLS 1.3 tickets
+//! are both keys into `ServerConfig::session_storage` (the `ticketer` is off; a TLS 1.3 ticket
+//! is an opaque id, used once: the server takes it out of the store when it is presented). The
+//! stored session carries the client's certificate chain from the full handshake, and rustls
+//! does not call the client verifier again when it resumes one. lclb therefore re-verifies the
+//! chain of every resumed session itself, at the current time, with the verifier of the
+//! *current* [`TlsContext`] (current CA and CRLs): the one [`SessionCache`] is shared by every
+//! context the server loads, so sessions survive reloads, and a session from before a reload
+//! must meet the reloaded rules. A session that fails is refused after its handshake (the
+//! client reads close_notify). rustls has no hook to decline a resumption and fall back to a
+//! full handshake, which is what Go's server does instead.
+//!
+//! # CRLs
+//!
+//! Revocation is checked for the client's own certificate only, against the CRLs whose issuer
+//! issued it. A client whose CA has no CRL here is not refused for that: `tls.crls` lists the
+//! CAs whose revocations are enforced, and a CA left out is not one of them. lclb reads each
+//! CRL's issuer and nextUpdate itself (webpki ignores nextUpdate): a CRL past it is logged at
+//! load, exposed as a metric, and with `tls.crl_stale = "refuse"` the clients of its CA are
+//! refused while it stays stale, checked at each handshake since a CRL ages while lclb runs.
 
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
-use rustls::server::WebPkiClientVerifier;
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, UnixTime};
+use rustls::server::danger::ClientCertVerifier;
+use rustls::server::{ServerSessionMemoryCache, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
-use rustls::{RootCertStore, ServerConfig, ServerConnection};
+use rustls::{HandshakeKind, RootCertStore, ServerConfig, ServerConnection};
 
-use crate::config::{ConfigError, TlsFiles};
+use crate::config::{ConfigError, CrlStale, TlsFiles};
 
 /// The crypto provider lclb runs on: aws-lc-rs, restricted to TLS 1.3 suites and the TLS 1.2
 /// ECDHE AEAD suites.
@@ -97,27 +124,183 @@ fn load_certs(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, Co
     Ok(certs)
 }
 
+/// Sessions the server's TLS session cache holds by default.
+///
+/// 10,000 is the default `limits.max_connections`: that many clients can each come back and
+/// resume. An entry holds the client's certificate chain (half a KiB for one ECDSA certificate,
+/// 3 KiB for an RSA chain), so a full cache costs 5 to 30 MiB. Larger is not free: rustls'
+/// cache finds a presented TLS 1.3 ticket's place in its eviction queue by a linear scan under
+/// one mutex (measured 20 us per resumption at 10,000 entries, 68 us at 20,000).
+pub const SESSION_CACHE_ENTRIES: usize = 10_000;
+
+/// TLS 1.3 tickets sent after each handshake: one, not rustls' default two. Each is used once
+/// and each resumption brings a new one, so one per connection is enough for a client that
+/// reconnects; a second would halve how many handshakes back the cache reaches.
+const TLS13_TICKETS: usize = 1;
+
+/// The server side of TLS session resumption: TLS 1.2 sessions and TLS 1.3 tickets, shared by
+/// every [`TlsContext`] a server loads so that clients keep resuming across reloads.
+///
+/// Cloning shares the one cache. Default: [`SESSION_CACHE_ENTRIES`] sessions; the oldest are
+/// dropped first.
+#[derive(Clone)]
+pub struct SessionCache(Arc<ServerSessionMemoryCache>);
+
+impl SessionCache {
+    /// A cache of at most `entries` sessions.
+    pub fn new(entries: usize) -> SessionCache {
+        SessionCache(ServerSessionMemoryCache::new(entries))
+    }
+}
+
+impl Default for SessionCache {
+    fn default() -> Self {
+        SessionCache::new(SESSION_CACHE_ENTRIES)
+    }
+}
+
+impl fmt::Debug for SessionCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SessionCache").finish_non_exhaustive()
+    }
+}
+
+/// One CRL from `tls.crls`, as lclb reads it itself: which file, whose CA issued it, and until
+/// when it is current.
+pub struct CrlInfo {
+    file: PathBuf,
+    /// The issuer's distinguished name as DER, compared byte for byte with a certificate's
+    /// issuer, as webpki matches CRLs to certificates.
+    issuer: Vec<u8>,
+    issuer_name: String,
+    next_update: Option<i64>,
+    /// Set once the CRL has been reported stale, so that a CRL going stale while lclb runs is
+    /// logged once, not at every handshake.
+    reported_stale: AtomicBool,
+}
+
+impl fmt::Debug for CrlInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CrlInfo")
+            .field("file", &self.file)
+            .field("issuer", &self.issuer_name)
+            .field("next_update", &self.next_update)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CrlInfo {
+    /// Reads the issuer and nextUpdate of `der`, the CRL numbered `index` in `file`.
+    fn parse(file: &Path, index: usize, der: &[u8]) -> Result<CrlInfo, ConfigError> {
+        let (_, crl) = x509_parser::parse_x509_crl(der).map_err(|e| {
+            file_error(
+                "tls.crls",
+                file,
+                format!("CRL #{index} does not parse: {e}"),
+            )
+        })?;
+        Ok(CrlInfo {
+            file: file.to_path_buf(),
+            issuer: crl.issuer().as_raw().to_vec(),
+            issuer_name: crl.issuer().to_string(),
+            next_update: crl.next_update().map(|t| t.timestamp()),
+            reported_stale: AtomicBool::new(false),
+        })
+    }
+
+    /// The file the CRL was read from.
+    pub fn file(&self) -> &Path {
+        &self.file
+    }
+
+    /// The issuer's distinguished name, as text (`CN=ca.lb.com`).
+    pub fn issuer(&self) -> &str {
+        &self.issuer_name
+    }
+
+    /// The CRL's nextUpdate in Unix seconds; `None` if the CRL has none (it never goes stale).
+    pub fn next_update(&self) -> Option<i64> {
+        self.next_update
+    }
+
+    /// True if `now` is past the CRL's nextUpdate.
+    pub fn is_stale(&self, now: UnixTime) -> bool {
+        let now = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
+        self.next_update.is_some_and(|next| now > next)
+    }
+
+    fn describe_stale(&self, policy: CrlStale) -> String {
+        let next = self.next_update.map_or_else(|| "-".into(), unix_date);
+        let consequence = match policy {
+            CrlStale::Warn => {
+                "still used, since tls.crl_stale = \"warn\"; install a fresh CRL and reload"
+            }
+            CrlStale::Refuse => {
+                "clients whose certificate this CA issued are refused until a fresh CRL is \
+                 loaded (tls.crl_stale = \"refuse\")"
+            }
+        };
+        format!(
+            "CRL in {} (issuer {}) is past its nextUpdate {next}: {consequence}",
+            self.file.display(),
+            self.issuer_name
+        )
+    }
+}
+
+/// `secs` as an RFC 3339 UTC date, or as Unix seconds where that cannot be written.
+fn unix_date(secs: i64) -> String {
+    // humantime panics on dates before 1970 or after 9999.
+    const LAST: u64 = 253_402_300_799;
+    match u64::try_from(secs) {
+        Ok(s) if s <= LAST => humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(s),
+        )
+        .to_string(),
+        _ => format!("unix time {secs}"),
+    }
+}
+
 /// The loaded TLS material: everything a handshake needs, checked for consistency.
 #[derive(Clone)]
 pub struct TlsContext {
     /// The rustls server configuration, shared by every connection.
     pub server_config: Arc<ServerConfig>,
+    /// The client verifier inside `server_config`, kept to re-verify resumed sessions.
+    verifier: Arc<dyn ClientCertVerifier>,
+    crls: Arc<[CrlInfo]>,
+    crl_stale: CrlStale,
 }
 
 impl fmt::Debug for TlsContext {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TlsContext").finish_non_exhaustive()
+        f.debug_struct("TlsContext")
+            .field("crls", &self.crls)
+            .field("crl_stale", &self.crl_stale)
+            .finish_non_exhaustive()
     }
 }
 
 impl TlsContext {
-    /// Loads the CA, server certificate chain and key named in `files`, checks that the key
-    /// matches the certificate, and builds a server config that requires a client certificate
-    /// chaining to the CA. TLS 1.2 and 1.3 only.
+    /// [`TlsContext::load_with`] and a session cache of its own: for checking files, or for a
+    /// server that never reloads. A server that reloads shares one [`SessionCache`] instead.
     pub fn load(files: &TlsFiles) -> Result<TlsContext, ConfigError> {
+        TlsContext::load_with(files, &SessionCache::default())
+    }
+
+    /// Loads the CA, CRLs, server certificate chain and key named in `files`, checks that the
+    /// key matches the certificate, and builds a server config that requires a client
+    /// certificate chaining to the CA and resumes sessions from `sessions`. TLS 1.2 and 1.3
+    /// only. Logs a warning for each CRL already past its nextUpdate.
+    pub fn load_with(files: &TlsFiles, sessions: &SessionCache) -> Result<TlsContext, ConfigError> {
         let provider = provider();
 
         let ca = load_certs("tls.ca_cert", &files.ca_cert)?;
+        let ca_subjects: Vec<Vec<u8>> = ca
+            .iter()
+            .filter_map(|c| x509_parser::parse_x509_certificate(c).ok())
+            .map(|(_, c)| c.subject().as_raw().to_vec())
+            .collect();
         let mut roots = RootCertStore::empty();
         for (i, cert) in ca.into_iter().enumerate() {
             roots.add(cert).map_err(|e| {
@@ -129,13 +312,15 @@ impl TlsContext {
             })?;
         }
         let mut crls = Vec::new();
+        let mut infos = Vec::new();
         for path in &files.crls {
             let pem = read_file("tls.crls", path)?;
             let before = crls.len();
-            for crl in CertificateRevocationListDer::pem_slice_iter(&pem) {
-                crls.push(
-                    crl.map_err(|e| file_error("tls.crls", path, format!("not valid PEM: {e}")))?,
-                );
+            for (i, crl) in CertificateRevocationListDer::pem_slice_iter(&pem).enumerate() {
+                let crl =
+                    crl.map_err(|e| file_error("tls.crls", path, format!("not valid PEM: {e}")))?;
+                infos.push(CrlInfo::parse(path, i, &crl)?);
+                crls.push(crl);
             }
             if crls.len() == before {
                 return Err(file_error(
@@ -145,12 +330,34 @@ impl TlsContext {
                 ));
             }
         }
+        let now = UnixTime::now();
+        for crl in &infos {
+            if crl.is_stale(now) {
+                crl.reported_stale.store(true, Ordering::Relaxed);
+                log::warn!("{}", crl.describe_stale(files.crl_stale));
+            }
+            if !ca_subjects.contains(&crl.issuer) {
+                // Not an error: the CRL may be an intermediate CA's. But a CRL of the wrong
+                // CA enforces nothing, and nothing else would say so.
+                log::warn!(
+                    "CRL in {} is issued by {}, which is not a CA in {}: it applies only to \
+                     client certificates issued by an intermediate CA of that name",
+                    crl.file.display(),
+                    crl.issuer_name,
+                    files.ca_cert.display()
+                );
+            }
+        }
         let mut builder =
             WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
         if !crls.is_empty() {
             // Intermediate CAs rarely have CRLs of their own; what operators revoke is client
-            // certificates. A client whose issuer has no CRL here is refused (status unknown).
-            builder = builder.with_crls(crls).only_check_end_entity_revocation();
+            // certificates. A client whose issuer has no CRL here is let through (see the
+            // module doc): each listed CRL enforces its own CA's revocations, no more.
+            builder = builder
+                .with_crls(crls)
+                .only_check_end_entity_revocation()
+                .allow_unknown_revocation_status();
         }
         let verifier = builder.build().map_err(|e| {
             let key = if files.crls.is_empty() {
@@ -197,24 +404,157 @@ impl TlsContext {
         let mut config = ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
             .map_err(|e| file_error("tls", &files.server_cert, format!("{e}")))?
-            .with_client_cert_verifier(verifier)
+            .with_client_cert_verifier(verifier.clone())
             .with_single_cert(chain, key)
             .map_err(|e| file_error("tls.server_key", &files.server_key, format!("{e}")))?;
         // Client-initiated renegotiation does not exist in rustls; nothing else to switch off.
         config.ignore_client_order = true;
+        config.session_storage = sessions.0.clone();
+        config.send_tls13_tickets = TLS13_TICKETS;
         Ok(TlsContext {
             server_config: Arc::new(config),
+            verifier,
+            crls: infos.into(),
+            crl_stale: files.crl_stale,
         })
+    }
+
+    /// The CRLs loaded from `tls.crls`, in file order.
+    pub fn crls(&self) -> &[CrlInfo] {
+        &self.crls
+    }
+
+    /// For each `tls.crls` file whose CRLs have a nextUpdate, the earliest one (Unix seconds):
+    /// when the file goes stale. What the `lclb_crl_next_update_timestamp_seconds` metric shows.
+    pub fn crl_next_updates(&self) -> Vec<(&Path, i64)> {
+        next_updates_by_file(&self.crls)
+    }
+
+    /// Checks, after a completed handshake and before any upstream is touched, what rustls
+    /// does not: that a resumed session's certificate chain still verifies now against this
+    /// context's CA and CRLs, and (every session, with `tls.crl_stale = "refuse"`) that the CRL
+    /// of the certificate's issuer is not past its nextUpdate.
+    pub fn check_peer(&self, conn: &ServerConnection) -> Result<(), PeerError> {
+        let resumed = conn.handshake_kind() == Some(HandshakeKind::Resumed);
+        self.check_chain(conn.peer_certificates(), resumed, UnixTime::now())
+    }
+
+    fn check_chain(
+        &self,
+        chain: Option<&[CertificateDer<'_>]>,
+        resumed: bool,
+        now: UnixTime,
+    ) -> Result<(), PeerError> {
+        let Some((end_entity, intermediates)) = chain.and_then(|c| c.split_first()) else {
+            return Err(PeerError::NoCertificate);
+        };
+        if resumed {
+            self.verifier
+                .verify_client_cert(end_entity, intermediates, now)
+                .map_err(PeerError::Resumed)?;
+        }
+        check_crl_freshness(&self.crls, self.crl_stale, end_entity, now)
     }
 }
 
-impl TlsContext {
-    /// Checks a connection whose handshake completed against this context, before it is
-    /// admitted. Nothing is checked beyond the handshake yet.
-    pub fn check_peer(&self, _conn: &ServerConnection) -> Result<(), String> {
-        Ok(())
+/// Refuses `end_entity` if `policy` is [`CrlStale::Refuse`] and a CRL of its issuer is stale at
+/// `now`. Logs each CRL the first time it is seen stale, whatever the policy.
+fn check_crl_freshness(
+    crls: &[CrlInfo],
+    policy: CrlStale,
+    end_entity: &CertificateDer<'_>,
+    now: UnixTime,
+) -> Result<(), PeerError> {
+    let mut stale = crls.iter().filter(|c| c.is_stale(now)).peekable();
+    // The common case costs a comparison per CRL and no parsing.
+    if stale.peek().is_none() {
+        return Ok(());
+    }
+    for crl in stale.clone() {
+        if !crl.reported_stale.swap(true, Ordering::Relaxed) {
+            log::warn!("{}", crl.describe_stale(policy));
+        }
+    }
+    if policy == CrlStale::Warn {
+        return Ok(());
+    }
+    let (_, cert) = x509_parser::parse_x509_certificate(end_entity)
+        .map_err(|e| PeerError::Malformed(e.to_string()))?;
+    let issuer = cert.issuer().as_raw();
+    match stale.find(|crl| crl.issuer == issuer) {
+        Some(crl) => Err(PeerError::StaleCrl {
+            file: crl.file.clone(),
+            issuer: crl.issuer_name.clone(),
+            next_update: crl.next_update.unwrap_or_default(),
+        }),
+        None => Ok(()),
     }
 }
+
+/// For each file, the earliest nextUpdate of its CRLs; files without one are left out.
+fn next_updates_by_file(crls: &[CrlInfo]) -> Vec<(&Path, i64)> {
+    let mut out: Vec<(&Path, i64)> = Vec::new();
+    for crl in crls {
+        let Some(next) = crl.next_update else {
+            continue;
+        };
+        match out.iter_mut().find(|(file, _)| *file == crl.file.as_path()) {
+            Some((_, earliest)) => *earliest = (*earliest).min(next),
+            None => out.push((&crl.file, next)),
+        }
+    }
+    out
+}
+
+/// Why a client that completed its handshake is refused by [`TlsContext::check_peer`].
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum PeerError {
+    /// The connection has no client certificate (cannot happen once the verifier required one).
+    NoCertificate,
+    /// The certificate does not parse (cannot happen once rustls verified it).
+    Malformed(String),
+    /// The session was resumed and its certificate chain no longer verifies: it expired, was
+    /// revoked, or its CA is no longer trusted since the session began.
+    Resumed(rustls::Error),
+    /// `tls.crl_stale = "refuse"` and the CRL of the certificate's issuer is past its
+    /// nextUpdate.
+    StaleCrl {
+        /// The `tls.crls` file holding that CRL.
+        file: PathBuf,
+        /// The issuer's name (`CN=ca.lb.com`).
+        issuer: String,
+        /// The CRL's nextUpdate, Unix seconds.
+        next_update: i64,
+    },
+}
+
+impl fmt::Display for PeerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PeerError::NoCertificate => f.write_str("client presented no certificate"),
+            PeerError::Malformed(e) => write!(f, "client certificate does not parse: {e}"),
+            PeerError::Resumed(e) => write!(
+                f,
+                "resumed session refused, its certificate no longer verifies: {}",
+                describe_tls_error(e)
+            ),
+            PeerError::StaleCrl {
+                file,
+                issuer,
+                next_update,
+            } => write!(
+                f,
+                "the CRL of the client certificate's issuer ({issuer}) in {} is past its \
+                 nextUpdate {} and tls.crl_stale = \"refuse\": install a fresh CRL and reload",
+                file.display(),
+                unix_date(*next_update)
+            ),
+        }
+    }
+}
+
+impl std::error::Error for PeerError {}
 
 /// Why a handshake did not produce a usable client.
 #[derive(Debug)]
@@ -264,6 +604,11 @@ fn describe_tls_error(e: &rustls::Error) -> String {
         Error::InvalidCertificate(CertificateError::Revoked) => {
             "client certificate has been revoked (listed in a configured CRL)".into()
         }
+        Error::InvalidCertificate(
+            CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. },
+        ) => "client certificate's extendedKeyUsage does not include clientAuth (a certificate \
+              with no extendedKeyUsage at all is accepted)"
+            .into(),
         Error::InvalidCertificate(CertificateError::UnknownRevocationStatus) => {
             "client certificate's revocation status is unknown: no configured CRL is from its issuer"
                 .into()
@@ -505,6 +850,232 @@ mod tests {
             client_identity(&empty),
             Err(IdentityError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn a_certificate_not_for_client_auth_is_explained_as_such() {
+        let e = rustls::Error::InvalidCertificate(rustls::CertificateError::InvalidPurpose);
+        assert!(describe_tls_error(&e).contains("does not include clientAuth"));
+    }
+
+    mod after_handshake {
+        use super::super::*;
+        use rcgen::{
+            date_time_ymd, BasicConstraints, CertificateParams, CertificateRevocationListParams,
+            DnType, ExtendedKeyUsagePurpose, IsCa, KeyIdMethod, KeyPair, KeyUsagePurpose,
+            SerialNumber,
+        };
+
+        struct Ca {
+            cert: rcgen::Certificate,
+            key: KeyPair,
+        }
+
+        fn ca(cn: &str) -> Ca {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.distinguished_name.push(DnType::CommonName, cn);
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+            let cert = params.self_signed(&key).unwrap();
+            Ca { cert, key }
+        }
+
+        fn client_of(ca: &Ca, not_after: (i32, u8, u8)) -> (CertificateDer<'static>, KeyPair) {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params
+                .distinguished_name
+                .push(DnType::CommonName, "client1.lb.com");
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            params.not_before = date_time_ymd(2020, 1, 1);
+            params.not_after = date_time_ymd(not_after.0, not_after.1, not_after.2);
+            let cert = params.signed_by(&key, &ca.cert, &ca.key).unwrap();
+            (cert.der().clone(), key)
+        }
+
+        /// A CRL of `ca`, revoking nothing, current until `next` (year, month, day).
+        fn crl_of(ca: &Ca, next: (i32, u8, u8)) -> Vec<u8> {
+            CertificateRevocationListParams {
+                this_update: date_time_ymd(2019, 1, 1),
+                next_update: date_time_ymd(next.0, next.1, next.2),
+                crl_number: SerialNumber::from(1u64),
+                issuing_distribution_point: None,
+                revoked_certs: Vec::new(),
+                key_identifier_method: KeyIdMethod::Sha256,
+            }
+            .signed_by(&ca.cert, &ca.key)
+            .unwrap()
+            .der()
+            .to_vec()
+        }
+
+        fn at(secs: u64) -> UnixTime {
+            UnixTime::since_unix_epoch(std::time::Duration::from_secs(secs))
+        }
+
+        /// 2021-01-01T00:00:00Z.
+        const NEW_YEAR_2021: i64 = 1_609_459_200;
+
+        #[test]
+        fn a_crl_gives_its_issuer_and_next_update() {
+            let a = ca("ca-a.lb.com");
+            let info = CrlInfo::parse(Path::new("a.crl"), 0, &crl_of(&a, (2021, 1, 1))).unwrap();
+            assert_eq!(info.file(), Path::new("a.crl"));
+            assert_eq!(info.issuer(), "CN=ca-a.lb.com");
+            assert_eq!(info.next_update(), Some(NEW_YEAR_2021));
+        }
+
+        #[test]
+        fn a_crl_is_stale_only_after_its_next_update() {
+            let a = ca("ca-a.lb.com");
+            let info = CrlInfo::parse(Path::new("a.crl"), 0, &crl_of(&a, (2021, 1, 1))).unwrap();
+            let next = NEW_YEAR_2021 as u64;
+            assert!(!info.is_stale(at(next - 1)));
+            assert!(!info.is_stale(at(next)), "current up to nextUpdate itself");
+            assert!(info.is_stale(at(next + 1)));
+            assert!(info.is_stale(UnixTime::now()));
+        }
+
+        #[test]
+        fn a_crl_that_does_not_parse_names_its_file_and_key() {
+            let e = CrlInfo::parse(Path::new("/etc/lclb/bad.crl"), 2, &[0x30, 0x03, 1, 2, 3])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("tls.crls"), "{e}");
+            assert!(e.contains("/etc/lclb/bad.crl"), "{e}");
+            assert!(e.contains("CRL #2 does not parse"), "{e}");
+        }
+
+        #[test]
+        fn refuse_refuses_only_clients_of_the_stale_crls_issuer() {
+            let (a, b) = (ca("ca-a.lb.com"), ca("ca-b.lb.com"));
+            let crls = [
+                CrlInfo::parse(Path::new("a.crl"), 0, &crl_of(&a, (2021, 1, 1))).unwrap(),
+                CrlInfo::parse(Path::new("b.crl"), 0, &crl_of(&b, (2035, 1, 1))).unwrap(),
+            ];
+            let (of_a, _) = client_of(&a, (2040, 1, 1));
+            let (of_b, _) = client_of(&b, (2040, 1, 1));
+            let now = UnixTime::now();
+            match check_crl_freshness(&crls, CrlStale::Refuse, &of_a, now) {
+                Err(PeerError::StaleCrl {
+                    file,
+                    issuer,
+                    next_update,
+                }) => {
+                    assert_eq!(file, Path::new("a.crl"));
+                    assert_eq!(issuer, "CN=ca-a.lb.com");
+                    assert_eq!(next_update, NEW_YEAR_2021);
+                }
+                other => panic!("expected StaleCrl, got {other:?}"),
+            }
+            assert!(check_crl_freshness(&crls, CrlStale::Refuse, &of_b, now).is_ok());
+            let before = at(NEW_YEAR_2021 as u64 - 60);
+            assert!(
+                check_crl_freshness(&crls, CrlStale::Refuse, &of_a, before).is_ok(),
+                "not refused while the CRL is current"
+            );
+        }
+
+        #[test]
+        fn warn_serves_the_client_and_marks_the_crl_reported() {
+            let a = ca("ca-a.lb.com");
+            let crls = [CrlInfo::parse(Path::new("a.crl"), 0, &crl_of(&a, (2021, 1, 1))).unwrap()];
+            let (of_a, _) = client_of(&a, (2040, 1, 1));
+            assert!(check_crl_freshness(&crls, CrlStale::Warn, &of_a, UnixTime::now()).is_ok());
+            assert!(crls[0].reported_stale.load(Ordering::Relaxed));
+        }
+
+        #[test]
+        fn each_file_shows_its_earliest_next_update() {
+            let (a, b) = (ca("ca-a.lb.com"), ca("ca-b.lb.com"));
+            let crls = [
+                CrlInfo::parse(Path::new("both.crl"), 0, &crl_of(&a, (2035, 1, 1))).unwrap(),
+                CrlInfo::parse(Path::new("both.crl"), 1, &crl_of(&b, (2021, 1, 1))).unwrap(),
+                CrlInfo::parse(Path::new("a.crl"), 0, &crl_of(&a, (2021, 1, 2))).unwrap(),
+            ];
+            assert_eq!(
+                next_updates_by_file(&crls),
+                [
+                    (Path::new("both.crl"), NEW_YEAR_2021),
+                    (Path::new("a.crl"), NEW_YEAR_2021 + 86_400)
+                ]
+            );
+        }
+
+        #[test]
+        fn dates_outside_what_rfc_3339_can_write_do_not_panic() {
+            assert_eq!(unix_date(NEW_YEAR_2021), "2021-01-01T00:00:00Z");
+            assert_eq!(unix_date(-1), "unix time -1");
+            assert_eq!(unix_date(i64::MAX), format!("unix time {}", i64::MAX));
+        }
+
+        #[test]
+        fn the_stale_crl_refusal_says_which_file_and_what_to_do() {
+            let e = PeerError::StaleCrl {
+                file: PathBuf::from("/etc/lclb/ca.crl.pem"),
+                issuer: "CN=ca.lb.com".into(),
+                next_update: NEW_YEAR_2021,
+            }
+            .to_string();
+            assert!(e.contains("/etc/lclb/ca.crl.pem"), "{e}");
+            assert!(e.contains("CN=ca.lb.com"), "{e}");
+            assert!(e.contains("2021-01-01T00:00:00Z"), "{e}");
+            assert!(e.contains("install a fresh CRL"), "{e}");
+        }
+
+        /// A context trusting `ca`, from files in a fresh folder.
+        fn context_trusting(ca: &Ca, name: &str) -> TlsContext {
+            let dir = std::env::temp_dir().join(format!("lclb-tls-{name}-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let server_key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+            let server = params.signed_by(&server_key, &ca.cert, &ca.key).unwrap();
+            std::fs::write(dir.join("ca.crt"), ca.cert.pem()).unwrap();
+            std::fs::write(dir.join("server.crt"), server.pem()).unwrap();
+            std::fs::write(dir.join("server.key"), server_key.serialize_pem()).unwrap();
+            let files = TlsFiles {
+                ca_cert: dir.join("ca.crt"),
+                server_cert: dir.join("server.crt"),
+                server_key: dir.join("server.key"),
+                crls: Vec::new(),
+                crl_stale: CrlStale::Warn,
+                truncation: Default::default(),
+            };
+            let ctx = TlsContext::load(&files).unwrap();
+            let _ = std::fs::remove_dir_all(&dir);
+            ctx
+        }
+
+        #[test]
+        fn only_a_resumed_session_is_verified_again() {
+            let a = ca("ca-a.lb.com");
+            let ctx = context_trusting(&a, "resumed");
+            let (expired, _) = client_of(&a, (2021, 1, 1));
+            let chain = [expired];
+            // A full handshake was just verified by rustls; nothing to redo.
+            assert!(ctx
+                .check_chain(Some(&chain), false, UnixTime::now())
+                .is_ok());
+            match ctx.check_chain(Some(&chain), true, UnixTime::now()) {
+                Err(PeerError::Resumed(rustls::Error::InvalidCertificate(e))) => assert!(
+                    matches!(
+                        e,
+                        rustls::CertificateError::Expired
+                            | rustls::CertificateError::ExpiredContext { .. }
+                    ),
+                    "{e:?}"
+                ),
+                other => panic!("expected an expired certificate, got {other:?}"),
+            }
+            let before = at(NEW_YEAR_2021 as u64 - 60);
+            assert!(ctx.check_chain(Some(&chain), true, before).is_ok());
+            assert!(matches!(
+                ctx.check_chain(None, true, UnixTime::now()),
+                Err(PeerError::NoCertificate)
+            ));
+        }
     }
 
     mod fuzz {

@@ -486,3 +486,70 @@ impl Drop for Process {
         let _ = self.child.wait();
     }
 }
+
+/// A rustls client config trusting `pki`'s CA and presenting `client`, speaking only
+/// `version`. Its resumption store is its own and shared by every connection made with it.
+pub fn client_config_for(
+    pki: &Pki,
+    client: &Issued,
+    version: &'static rustls::SupportedProtocolVersion,
+) -> Arc<ClientConfig> {
+    let mut roots = RootCertStore::empty();
+    roots.add(pki.ca.cert.der().clone()).unwrap();
+    let mut config = ClientConfig::builder_with_protocol_versions(&[version])
+        .with_root_certificates(roots)
+        .with_client_auth_cert(client.chain(), client.key_der())
+        .unwrap();
+    config.resumption = rustls::client::Resumption::in_memory_sessions(64);
+    Arc::new(config)
+}
+
+/// The TLS error inside an I/O error from a rustls stream, if that is what it is.
+pub fn tls_error(e: &io::Error) -> Option<&rustls::Error> {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+}
+
+/// A PEM CRL signed by `ca`, revoking `revoked` (serial numbers), issued on `this_update` and
+/// current until `next_update` (year, month, day).
+pub fn crl_pem(
+    ca: &Ca,
+    revoked: &[u64],
+    this_update: (i32, u8, u8),
+    next_update: (i32, u8, u8),
+) -> String {
+    use rcgen::{date_time_ymd, RevocationReason, RevokedCertParams, SerialNumber};
+    rcgen::CertificateRevocationListParams {
+        this_update: date_time_ymd(this_update.0, this_update.1, this_update.2),
+        next_update: date_time_ymd(next_update.0, next_update.1, next_update.2),
+        crl_number: SerialNumber::from(1u64),
+        issuing_distribution_point: None,
+        revoked_certs: revoked
+            .iter()
+            .map(|&serial| RevokedCertParams {
+                serial_number: SerialNumber::from(serial),
+                revocation_time: date_time_ymd(this_update.0, this_update.1, this_update.2),
+                reason_code: Some(RevocationReason::KeyCompromise),
+                invalidity_date: None,
+            })
+            .collect(),
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    }
+    .signed_by(&ca.cert, &ca.key)
+    .unwrap()
+    .pem()
+    .unwrap()
+}
+
+/// A client certificate for `cn` with serial number `serial`, issued by `ca`.
+pub fn client_with_serial(ca: &Ca, cn: &str, serial: u64) -> Issued {
+    let mut params = client_params(dn(cn));
+    params.serial_number = Some(rcgen::SerialNumber::from(serial));
+    ca.issue(params)
+}
+
+/// `config` (as [`Pki::config`] makes it) with `tls_keys` (such as `crls = [...]`) added to
+/// its `[tls]` section.
+pub fn with_tls_keys(config: &str, tls_keys: &str) -> String {
+    config.replacen("[tls]\n", &format!("[tls]\n{tls_keys}"), 1)
+}
