@@ -21,9 +21,10 @@
 #                     their first byte (outside the timed part; see BENCHMARKS.md)
 #   BASE_PORT=19400   ports BASE_PORT+1 .. BASE_PORT+140 on 127.0.0.1 are used
 #   OUT_DIR=target/bench   where results-*.md, raw-*.txt and logs-*/ go
-#   SKIP_BUILD=1      do not run cargo build
+#   SKIP_BUILD=1      do not run cargo build (`make bench-build` builds both binaries)
 #   LCLB_BIN=PATH     benchmark this lclb binary instead of target/release/lclb (for example one
-#                     built from a clean export of a commit); BENCH_BIN likewise for lclb-bench;
+#                     built from a clean export of a commit); BENCH_BIN likewise for lclb-bench
+#                     (the workspace's bench/ package, target/release/lclb-bench);
 #                     LCLB_LABEL=TEXT says in the results where that binary comes from
 #   INSTALL=0         do not apt-get install missing haproxy / nginx / libnginx-mod-stream
 #   PROFILE=FIGURE    instead of the benchmark: run FIGURE (handshakes, up1, down1, ...) against
@@ -86,12 +87,13 @@ if ((${#need[@]})); then
 fi
 
 if [[ $SKIP_BUILD != 1 && ( -z ${LCLB_BIN:-} || -z ${BENCH_BIN:-} ) ]]; then
-  say "building release binaries"
-  cargo build --release --locked --bins >&2
+  say "building release binaries (lclb, and lclb-bench from bench/)"
+  cargo build --release --locked -p lclb -p lclb-bench >&2
 fi
-LCLB=${LCLB_BIN:-$ROOT/target/release/lclb}
-BENCH=${BENCH_BIN:-$ROOT/target/release/lclb-bench}
-[[ -x $LCLB && -x $BENCH ]] || die "$LCLB or $BENCH missing (cargo build --release)"
+target_dir=${CARGO_TARGET_DIR:-$ROOT/target}
+LCLB=${LCLB_BIN:-$target_dir/release/lclb}
+BENCH=${BENCH_BIN:-$target_dir/release/lclb-bench}
+[[ -x $LCLB && -x $BENCH ]] || die "$LCLB or $BENCH missing (make bench-build)"
 
 # Enough descriptors for HOLD connections: a balancer holds two sockets per connection.
 hard=$(ulimit -Hn)
