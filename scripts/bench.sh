@@ -32,8 +32,11 @@
 #   KEEP=1            keep the temporary folder (certificates, configs)
 set -euo pipefail
 
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$ROOT"
+# shellcheck source=scripts/lib/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
+help_if_asked "$@"
+
+cd "$REPO_ROOT"
 
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-5}
@@ -47,7 +50,7 @@ FIGURES=${FIGURES:-handshakes handshakes_pq up1 up8 down1 down8 latency hold}
 WORKERS=${WORKERS:-$(nproc)}
 FIRST_WRITE_DELAY=${FIRST_WRITE_DELAY:-0}
 BASE_PORT=${BASE_PORT:-19400}
-OUT_DIR=${OUT_DIR:-$ROOT/target/bench}
+OUT_DIR=${OUT_DIR:-$REPO_ROOT/target/bench}
 SKIP_BUILD=${SKIP_BUILD:-0}
 INSTALL=${INSTALL:-1}
 PROFILE=${PROFILE:-}
@@ -56,10 +59,6 @@ KEEP=${KEEP:-0}
 CN=bench.lb.com
 UPSTREAMS=3
 
-die() {
-  echo "bench: error: $*" >&2
-  exit 1
-}
 say() { echo "bench: $*" >&2; }
 
 for v in ROUNDS DURATION THREADS LAT_COUNT HOLD WORKERS BASE_PORT; do
@@ -90,7 +89,7 @@ if [[ $SKIP_BUILD != 1 && ( -z ${LCLB_BIN:-} || -z ${BENCH_BIN:-} ) ]]; then
   say "building release binaries (lclb, and lclb-bench from bench/)"
   cargo build --release --locked -p lclb -p lclb-bench >&2
 fi
-target_dir=${CARGO_TARGET_DIR:-$ROOT/target}
+target_dir=${CARGO_TARGET_DIR:-$REPO_ROOT/target}
 LCLB=${LCLB_BIN:-$target_dir/release/lclb}
 BENCH=${BENCH_BIN:-$target_dir/release/lclb-bench}
 [[ -x $LCLB && -x $BENCH ]] || die "$LCLB or $BENCH missing (make bench-build)"
@@ -155,15 +154,11 @@ stop() {
   wait "$pid" 2>/dev/null || true
 }
 
-# wait_port PORT PID: until something accepts on 127.0.0.1:PORT (10 s at most).
-wait_port() {
-  local port=$1 pid=$2
-  for _ in $(seq 100); do
-    kill -0 "$pid" 2>/dev/null || die "the process for port $port exited; see $LOGS"
-    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
-    sleep 0.1
-  done
-  die "nothing listens on 127.0.0.1:$port after 10 s; see $LOGS"
+# must_listen PORT PID: until PORT listens (10 s at most); dies if PID exits first. common.sh
+# reads /proc/net/tcp rather than connecting, so no target counts a stray connection.
+must_listen() {
+  wait_listening "$1" 10 "$2" ||
+    die "nothing listens on 127.0.0.1:$1 after 10 s, or its process exited; see $LOGS"
 }
 
 # ------------------------------------------------------------------------------------------
@@ -220,7 +215,7 @@ for mode in "${MODES[@]}"; do
   for i in $(seq $UPSTREAMS); do
     port=$(upstream_port "$mode" "$i")
     start "upstream-$mode-$i" "$BENCH" server --mode "$mode" --listen "127.0.0.1:$port" --lifetime 3600
-    wait_port "$port" "$LAST_PID"
+    must_listen "$port" "$LAST_PID"
   done
 done
 say "upstreams up: ${UPSTREAMS} each of ${MODES[*]}"
@@ -372,7 +367,7 @@ start_target() {
         lclb_config "$WORK/$name-$mode.toml" "$p" "$mode"
         RUST_LOG=warn start "$name-$mode" "$LCLB" --config "$WORK/$name-$mode.toml"
         TARGET_PIDS+=("$LAST_PID")
-        wait_port "$p" "$LAST_PID"
+        must_listen "$p" "$LAST_PID"
         p=$((p + 1))
       done
       ;;
@@ -382,7 +377,7 @@ start_target() {
         start "$name-$mode" "$BENCH" server --mode "$mode" --listen "127.0.0.1:$p" \
           --tls "$SRV_CRT" "$SRV_KEY" "$CA" --lifetime 3600
         TARGET_PIDS+=("$LAST_PID")
-        wait_port "$p" "$LAST_PID"
+        must_listen "$p" "$LAST_PID"
         p=$((p + 1))
       done
       ;;
@@ -404,7 +399,7 @@ start_target() {
         start "$name" nginx -e "$LOGS/$name-error.log" -p "$WORK" -c "$WORK/$name.conf"
       fi
       TARGET_PIDS+=("$LAST_PID")
-      for ((p = port; p < port + $#; p++)); do wait_port "$p" "$LAST_PID"; done
+      for ((p = port; p < port + $#; p++)); do must_listen "$p" "$LAST_PID"; done
       ;;
   esac
 }
@@ -598,12 +593,12 @@ version() { "$@" 2>&1 | head -1; }
   if [[ -n ${LCLB_BIN:-} ]]; then
     lclb_desc="lclb binary $LCLB_BIN${LCLB_LABEL:+ ($LCLB_LABEL)}"
   else
-    lclb_desc="lclb $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')"
+    lclb_desc="lclb $(git -C "$REPO_ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')"
   fi
   echo "- $lclb_desc, $(version rustc --version); $(version haproxy -v); $(version nginx -v); $(version openssl version)"
   echo "- settings: ROUNDS=$ROUNDS DURATION=${DURATION}s THREADS=$THREADS BYTES1=$BYTES1 BYTES8=$BYTES8 LAT_COUNT=$LAT_COUNT HOLD=$HOLD WORKERS=$WORKERS FIRST_WRITE_DELAY=${FIRST_WRITE_DELAY}ms; $ELAPSED s; load average $LOAD_START at the start, $LOAD_END at the end"
   echo "- client and upstreams (lclb-bench) run on the same cores as the balancer under test"
-  if [[ -z ${LCLB_BIN:-} && -n $(git -C "$ROOT" status --porcelain -- src Cargo.toml Cargo.lock 2>/dev/null) ]]; then
+  if [[ -z ${LCLB_BIN:-} && -n $(git -C "$REPO_ROOT" status --porcelain -- src Cargo.toml Cargo.lock 2>/dev/null) ]]; then
     echo "- lclb was built from a work tree with uncommitted changes under src/"
   fi
   echo
