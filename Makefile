@@ -2,19 +2,19 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: help build test lint unit e2e run certs static soak bench docker-build docker-run docker-compose
+.PHONY: help build test lint unit e2e run certs static soak bench bench-build docker-build docker-run docker-compose
 help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
 build: ## Release build of lclb (target/release/lclb)
 	$(CARGO) build --release --locked
 
-lint: ## Formatting and clippy checks
+lint: ## Formatting and clippy checks, whole workspace (lclb and bench/)
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --all-targets --locked -- -D warnings
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
-unit: ## Unit and integration tests (cargo test)
-	$(CARGO) test --locked --all-targets
+unit: ## Unit and integration tests, whole workspace (cargo test)
+	$(CARGO) test --workspace --locked --all-targets
 
 test: lint unit e2e ## Everything CI checks: fmt, clippy, tests, end-to-end scripts
 
@@ -33,6 +33,9 @@ soak: ## 10 minutes of good, refused and hostile traffic; fails unless memory, f
 
 bench: ## Benchmark lclb against HAProxy and NGINX on 127.0.0.1 (scripts/bench.sh; ROUNDS, DURATION, HOLD, ... see BENCHMARKS.md)
 	scripts/bench.sh
+
+bench-build: ## Release builds of lclb and the benchmark tool (target/release/lclb, target/release/lclb-bench)
+	$(CARGO) build --release --locked -p lclb -p lclb-bench
 
 static: ## Static, stripped x86_64 musl build of lclb (installs the target and musl-tools if missing)
 	scripts/build-static.sh

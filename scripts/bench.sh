@@ -21,9 +21,10 @@
 #                     their first byte (outside the timed part; see BENCHMARKS.md)
 #   BASE_PORT=19400   ports BASE_PORT+1 .. BASE_PORT+140 on 127.0.0.1 are used
 #   OUT_DIR=target/bench   where results-*.md, raw-*.txt and logs-*/ go
-#   SKIP_BUILD=1      do not run cargo build
+#   SKIP_BUILD=1      do not run cargo build (`make bench-build` builds both binaries)
 #   LCLB_BIN=PATH     benchmark this lclb binary instead of target/release/lclb (for example one
-#                     built from a clean export of a commit); BENCH_BIN likewise for lclb-bench;
+#                     built from a clean export of a commit); BENCH_BIN likewise for lclb-bench
+#                     (the workspace's bench/ package, target/release/lclb-bench);
 #                     LCLB_LABEL=TEXT says in the results where that binary comes from
 #   INSTALL=0         do not apt-get install missing haproxy / nginx / libnginx-mod-stream
 #   PROFILE=FIGURE    instead of the benchmark: run FIGURE (handshakes, up1, down1, ...) against
@@ -31,8 +32,11 @@
 #   KEEP=1            keep the temporary folder (certificates, configs)
 set -euo pipefail
 
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$ROOT"
+# shellcheck source=scripts/lib/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
+help_if_asked "$@"
+
+cd "$REPO_ROOT"
 
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-5}
@@ -46,7 +50,7 @@ FIGURES=${FIGURES:-handshakes handshakes_pq up1 up8 down1 down8 latency hold}
 WORKERS=${WORKERS:-$(nproc)}
 FIRST_WRITE_DELAY=${FIRST_WRITE_DELAY:-0}
 BASE_PORT=${BASE_PORT:-19400}
-OUT_DIR=${OUT_DIR:-$ROOT/target/bench}
+OUT_DIR=${OUT_DIR:-$REPO_ROOT/target/bench}
 SKIP_BUILD=${SKIP_BUILD:-0}
 INSTALL=${INSTALL:-1}
 PROFILE=${PROFILE:-}
@@ -55,10 +59,6 @@ KEEP=${KEEP:-0}
 CN=bench.lb.com
 UPSTREAMS=3
 
-die() {
-  echo "bench: error: $*" >&2
-  exit 1
-}
 say() { echo "bench: $*" >&2; }
 
 for v in ROUNDS DURATION THREADS LAT_COUNT HOLD WORKERS BASE_PORT; do
@@ -86,12 +86,13 @@ if ((${#need[@]})); then
 fi
 
 if [[ $SKIP_BUILD != 1 && ( -z ${LCLB_BIN:-} || -z ${BENCH_BIN:-} ) ]]; then
-  say "building release binaries"
-  cargo build --release --locked --bins >&2
+  say "building release binaries (lclb, and lclb-bench from bench/)"
+  cargo build --release --locked -p lclb -p lclb-bench >&2
 fi
-LCLB=${LCLB_BIN:-$ROOT/target/release/lclb}
-BENCH=${BENCH_BIN:-$ROOT/target/release/lclb-bench}
-[[ -x $LCLB && -x $BENCH ]] || die "$LCLB or $BENCH missing (cargo build --release)"
+target_dir=${CARGO_TARGET_DIR:-$REPO_ROOT/target}
+LCLB=${LCLB_BIN:-$target_dir/release/lclb}
+BENCH=${BENCH_BIN:-$target_dir/release/lclb-bench}
+[[ -x $LCLB && -x $BENCH ]] || die "$LCLB or $BENCH missing (make bench-build)"
 
 # Enough descriptors for HOLD connections: a balancer holds two sockets per connection.
 hard=$(ulimit -Hn)
@@ -153,15 +154,11 @@ stop() {
   wait "$pid" 2>/dev/null || true
 }
 
-# wait_port PORT PID: until something accepts on 127.0.0.1:PORT (10 s at most).
-wait_port() {
-  local port=$1 pid=$2
-  for _ in $(seq 100); do
-    kill -0 "$pid" 2>/dev/null || die "the process for port $port exited; see $LOGS"
-    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
-    sleep 0.1
-  done
-  die "nothing listens on 127.0.0.1:$port after 10 s; see $LOGS"
+# must_listen PORT PID: until PORT listens (10 s at most); dies if PID exits first. common.sh
+# reads /proc/net/tcp rather than connecting, so no target counts a stray connection.
+must_listen() {
+  wait_listening "$1" 10 "$2" ||
+    die "nothing listens on 127.0.0.1:$1 after 10 s, or its process exited; see $LOGS"
 }
 
 # ------------------------------------------------------------------------------------------
@@ -218,7 +215,7 @@ for mode in "${MODES[@]}"; do
   for i in $(seq $UPSTREAMS); do
     port=$(upstream_port "$mode" "$i")
     start "upstream-$mode-$i" "$BENCH" server --mode "$mode" --listen "127.0.0.1:$port" --lifetime 3600
-    wait_port "$port" "$LAST_PID"
+    must_listen "$port" "$LAST_PID"
   done
 done
 say "upstreams up: ${UPSTREAMS} each of ${MODES[*]}"
@@ -370,7 +367,7 @@ start_target() {
         lclb_config "$WORK/$name-$mode.toml" "$p" "$mode"
         RUST_LOG=warn start "$name-$mode" "$LCLB" --config "$WORK/$name-$mode.toml"
         TARGET_PIDS+=("$LAST_PID")
-        wait_port "$p" "$LAST_PID"
+        must_listen "$p" "$LAST_PID"
         p=$((p + 1))
       done
       ;;
@@ -380,7 +377,7 @@ start_target() {
         start "$name-$mode" "$BENCH" server --mode "$mode" --listen "127.0.0.1:$p" \
           --tls "$SRV_CRT" "$SRV_KEY" "$CA" --lifetime 3600
         TARGET_PIDS+=("$LAST_PID")
-        wait_port "$p" "$LAST_PID"
+        must_listen "$p" "$LAST_PID"
         p=$((p + 1))
       done
       ;;
@@ -402,7 +399,7 @@ start_target() {
         start "$name" nginx -e "$LOGS/$name-error.log" -p "$WORK" -c "$WORK/$name.conf"
       fi
       TARGET_PIDS+=("$LAST_PID")
-      for ((p = port; p < port + $#; p++)); do wait_port "$p" "$LAST_PID"; done
+      for ((p = port; p < port + $#; p++)); do must_listen "$p" "$LAST_PID"; done
       ;;
   esac
 }
@@ -596,12 +593,12 @@ version() { "$@" 2>&1 | head -1; }
   if [[ -n ${LCLB_BIN:-} ]]; then
     lclb_desc="lclb binary $LCLB_BIN${LCLB_LABEL:+ ($LCLB_LABEL)}"
   else
-    lclb_desc="lclb $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')"
+    lclb_desc="lclb $(git -C "$REPO_ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')"
   fi
   echo "- $lclb_desc, $(version rustc --version); $(version haproxy -v); $(version nginx -v); $(version openssl version)"
   echo "- settings: ROUNDS=$ROUNDS DURATION=${DURATION}s THREADS=$THREADS BYTES1=$BYTES1 BYTES8=$BYTES8 LAT_COUNT=$LAT_COUNT HOLD=$HOLD WORKERS=$WORKERS FIRST_WRITE_DELAY=${FIRST_WRITE_DELAY}ms; $ELAPSED s; load average $LOAD_START at the start, $LOAD_END at the end"
   echo "- client and upstreams (lclb-bench) run on the same cores as the balancer under test"
-  if [[ -z ${LCLB_BIN:-} && -n $(git -C "$ROOT" status --porcelain -- src Cargo.toml Cargo.lock 2>/dev/null) ]]; then
+  if [[ -z ${LCLB_BIN:-} && -n $(git -C "$REPO_ROOT" status --porcelain -- src Cargo.toml Cargo.lock 2>/dev/null) ]]; then
     echo "- lclb was built from a work tree with uncommitted changes under src/"
   fi
   echo

@@ -10,31 +10,11 @@ use lclb::stats::Refusal;
 use rcgen::date_time_ymd;
 use support::*;
 
-fn two_groups(pki: &Pki, upstreams: &[&Upstream]) -> String {
-    let mut config = pki.tls_section();
-    config.push_str("[rate_limit]\nrate = 1000\nburst = 1000\n");
-    for (i, u) in upstreams.iter().enumerate() {
-        config.push_str(&u.entry(if i == 0 { "web" } else { "web2" }));
-    }
-    let (all, second) = if upstreams.len() > 1 {
-        ("[\"web\", \"web2\"]", "[\"web2\"]")
-    } else {
-        ("[\"web\"]", "[\"web\"]")
-    };
-    config.push_str(&format!(
-        "[[client]]\ncn = \"client1.lb.com\"\ngroups = {all}\n"
-    ));
-    config.push_str(&format!(
-        "[[client]]\ncn = \"client2.lb.com\"\ngroups = {second}\n"
-    ));
-    config
-}
-
 #[test]
 fn bytes_are_echoed_through_the_balancer() {
     let pki = Pki::new("echo");
     let web1 = Upstream::start("web1", Mode::Echo);
-    let lb = Lb::start(&two_groups(&pki, &[&web1]));
+    let lb = Lb::start(&pki.config(HIGH_RATE_LIMIT, &[&web1]));
     let client = pki.client("client1.lb.com");
     let mut s = connect(lb.addr, pki.client_config(Some(&client))).unwrap();
     assert_eq!(read_line(&mut s).unwrap(), "web1");
@@ -56,7 +36,7 @@ fn bytes_are_echoed_through_the_balancer() {
 fn a_client_without_a_certificate_is_refused_and_counted() {
     let pki = Pki::new("nocert");
     let web1 = Upstream::start("web1", Mode::Echo);
-    let lb = Lb::start(&two_groups(&pki, &[&web1]));
+    let lb = Lb::start(&pki.config(HIGH_RATE_LIMIT, &[&web1]));
     assert!(greeting(lb.addr, pki.client_config(None)).is_err());
     assert!(lb.wait_for(|st| st.refused(Refusal::Tls) == 1));
     assert_eq!(lb.forwarded(), 0);
@@ -66,7 +46,7 @@ fn a_client_without_a_certificate_is_refused_and_counted() {
 fn a_certificate_from_another_ca_is_refused() {
     let pki = Pki::new("otherca");
     let web1 = Upstream::start("web1", Mode::Echo);
-    let lb = Lb::start(&two_groups(&pki, &[&web1]));
+    let lb = Lb::start(&pki.config(HIGH_RATE_LIMIT, &[&web1]));
     // Same CN as the real CA, as the original alt-certificate script did.
     let impostor_ca = Ca::new("ca.lb.com");
     let impostor = impostor_ca.client("client1.lb.com");
@@ -78,7 +58,7 @@ fn a_certificate_from_another_ca_is_refused() {
 fn an_expired_certificate_is_refused() {
     let pki = Pki::new("expired");
     let web1 = Upstream::start("web1", Mode::Echo);
-    let lb = Lb::start(&two_groups(&pki, &[&web1]));
+    let lb = Lb::start(&pki.config(HIGH_RATE_LIMIT, &[&web1]));
     let mut params = client_params(dn("client1.lb.com"));
     params.not_before = date_time_ymd(2020, 1, 1);
     params.not_after = date_time_ymd(2020, 2, 1);
@@ -91,7 +71,7 @@ fn an_expired_certificate_is_refused() {
 fn an_unknown_identity_is_refused_after_the_handshake_with_close_notify() {
     let pki = Pki::new("unknown");
     let web1 = Upstream::start("web1", Mode::Echo);
-    let lb = Lb::start(&two_groups(&pki, &[&web1]));
+    let lb = Lb::start(&pki.config(HIGH_RATE_LIMIT, &[&web1]));
     let stranger = pki.client("client3.lb.com");
     let mut s = connect(lb.addr, pki.client_config(Some(&stranger))).unwrap();
     assert_eq!(
@@ -108,7 +88,15 @@ fn a_client_reaches_only_the_groups_it_is_authorized_for() {
     let pki = Pki::new("authz");
     let web1 = Upstream::start("web1", Mode::Echo);
     let web2 = Upstream::start("web2", Mode::Echo);
-    let lb = Lb::start(&two_groups(&pki, &[&web1, &web2]));
+    let lb = Lb::start(
+        &pki.builder()
+            .section(HIGH_RATE_LIMIT)
+            .upstream(&web1, "web")
+            .upstream(&web2, "web2")
+            .client("client1.lb.com", &["web", "web2"])
+            .client("client2.lb.com", &["web2"])
+            .build(),
+    );
     let c1 = pki.client_config(Some(&pki.client("client1.lb.com")));
     let c2 = pki.client_config(Some(&pki.client("client2.lb.com")));
     let mut seen1 = std::collections::BTreeSet::new();
@@ -127,10 +115,7 @@ fn held_connections_spread_evenly_over_the_upstreams() {
     let ups: Vec<Upstream> = (1..=3)
         .map(|i| Upstream::start(&format!("web{i}"), Mode::Echo))
         .collect();
-    let lb = Lb::start(&pki.config(
-        "[rate_limit]\nrate = 1000\nburst = 1000\n",
-        &ups.iter().collect::<Vec<_>>(),
-    ));
+    let lb = Lb::start(&pki.config(HIGH_RATE_LIMIT, &ups.iter().collect::<Vec<_>>()));
     let cfg = pki.client_config(Some(&pki.client("client1.lb.com")));
     let mut held = Vec::new();
     let mut count = std::collections::BTreeMap::<String, usize>::new();
@@ -153,13 +138,13 @@ fn held_connections_spread_evenly_over_the_upstreams() {
 fn a_client_over_its_rate_is_refused_before_any_upstream_is_touched() {
     let pki = Pki::new("rate");
     let web1 = Upstream::start("web1", Mode::Echo);
-    let mut config = pki.tls_section();
-    config.push_str(&web1.entry("web"));
-    config.push_str(
-        "[[client]]\ncn = \"client1.lb.com\"\ngroups = [\"web\"]\nrate = 0.01\nburst = 3\n",
+    let lb = Lb::start(
+        &pki.builder()
+            .upstream(&web1, "web")
+            .client_with("client1.lb.com", &["web"], "rate = 0.01\nburst = 3\n")
+            .client("client2.lb.com", &["web"])
+            .build(),
     );
-    config.push_str("[[client]]\ncn = \"client2.lb.com\"\ngroups = [\"web\"]\n");
-    let lb = Lb::start(&config);
     let c1 = pki.client_config(Some(&pki.client("client1.lb.com")));
     for _ in 0..3 {
         assert_eq!(greeting(lb.addr, c1.clone()).unwrap(), "web1");
@@ -177,7 +162,7 @@ fn a_client_over_its_rate_is_refused_before_any_upstream_is_touched() {
 fn sixteen_mib_cross_the_balancer_byte_for_byte_both_ways() {
     let pki = Pki::new("bulk");
     let web1 = Upstream::start("web1", Mode::Collect);
-    let lb = Lb::start(&two_groups(&pki, &[&web1]));
+    let lb = Lb::start(&pki.config(HIGH_RATE_LIMIT, &[&web1]));
     let mut s = connect(
         lb.addr,
         pki.client_config(Some(&pki.client("client1.lb.com"))),
@@ -205,7 +190,7 @@ fn sixteen_mib_cross_the_balancer_byte_for_byte_both_ways() {
 fn a_client_that_half_closes_still_gets_the_whole_reply() {
     let pki = Pki::new("halfclose");
     let web1 = Upstream::start("web1", Mode::Collect);
-    let lb = Lb::start(&two_groups(&pki, &[&web1]));
+    let lb = Lb::start(&pki.config(HIGH_RATE_LIMIT, &[&web1]));
     let cfg = pki.client_config(Some(&pki.client("client1.lb.com")));
 
     // With close_notify.
@@ -233,11 +218,14 @@ fn a_failed_connect_is_retried_on_another_upstream() {
         .local_addr()
         .unwrap();
     // Probes too slow to notice within the test: only the passive path can.
-    let extra = format!(
-        "[rate_limit]\nrate = 1000\nburst = 1000\n[health_check]\ninterval = \"1h\"\nfall = 100\n\
-         [[upstream]]\nname = \"dead\"\naddress = \"{dead}\"\ngroup = \"web\"\n"
+    let lb = Lb::start(
+        &pki.usual(&[])
+            .section(HIGH_RATE_LIMIT)
+            .section("[health_check]\ninterval = \"1h\"\nfall = 100\n")
+            .upstream_at("dead", dead, "web")
+            .upstream(&web1, "web")
+            .build(),
     );
-    let lb = Lb::start(&pki.config(&extra, &[&web1]));
     let cfg = pki.client_config(Some(&pki.client("client1.lb.com")));
     for _ in 0..4 {
         assert_eq!(greeting(lb.addr, cfg.clone()).unwrap(), "web1");
@@ -252,11 +240,12 @@ fn when_every_connect_fails_the_client_is_refused_and_counted() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let extra = format!(
-        "[health_check]\ninterval = \"1h\"\n\
-         [[upstream]]\nname = \"dead\"\naddress = \"{dead}\"\ngroup = \"web\"\n"
+    let lb = Lb::start(
+        &pki.usual(&[])
+            .section("[health_check]\ninterval = \"1h\"\n")
+            .upstream_at("dead", dead, "web")
+            .build(),
     );
-    let lb = Lb::start(&pki.config(&extra, &[]));
     let mut s = connect(
         lb.addr,
         pki.client_config(Some(&pki.client("client1.lb.com"))),
@@ -272,12 +261,22 @@ fn a_stopped_upstream_is_avoided_and_rejoins_when_it_returns() {
     let web1 = Upstream::start("web1", Mode::Echo);
     let mut web2 = Upstream::start("web2", Mode::Echo);
     let web2_addr = web2.addr;
-    let lb = Lb::start(&pki.config("[rate_limit]\nrate = 1000\nburst = 1000\n[health_check]\ninterval = \"20ms\"\ntimeout = \"200ms\"\nrise = 2\nfall = 2\nconnect_retries = 0\n", &[&web1, &web2]));
+    let lb = Lb::start(
+        &pki.usual(&[&web1, &web2])
+            .section(HIGH_RATE_LIMIT)
+            .section(
+                "[health_check]\ninterval = \"20ms\"\ntimeout = \"200ms\"\n\
+                 rise = 2\nfall = 2\nconnect_retries = 0\n",
+            )
+            .build(),
+    );
     let cfg = pki.client_config(Some(&pki.client("client1.lb.com")));
 
     web2.stop();
     // Within interval * fall (plus scheduling), web2 is DOWN and never chosen.
-    assert!(wait_until(|| lb_sees_only(&lb, &cfg, "web1")));
+    assert!(wait_until(
+        || (0..4).all(|_| greeted_by(lb.addr, &cfg, "web1"))
+    ));
     let failed_before = lb.stats().refused(Refusal::UpstreamConnect);
     for _ in 0..6 {
         assert_eq!(greeting(lb.addr, cfg.clone()).unwrap(), "web1");
@@ -289,17 +288,9 @@ fn a_stopped_upstream_is_avoided_and_rejoins_when_it_returns() {
     );
 
     let _web2 = Upstream::start_on("web2", Mode::Echo, TcpListener::bind(web2_addr).unwrap());
-    assert!(wait_until(|| (0..4).any(|_| greeting(
-        lb.addr,
-        cfg.clone()
-    )
-    .ok()
-    .as_deref()
-        == Some("web2"))));
-}
-
-fn lb_sees_only(lb: &Lb, cfg: &std::sync::Arc<rustls::ClientConfig>, name: &str) -> bool {
-    (0..4).all(|_| greeting(lb.addr, cfg.clone()).ok().as_deref() == Some(name))
+    assert!(wait_until(
+        || (0..4).any(|_| greeted_by(lb.addr, &cfg, "web2"))
+    ));
 }
 
 #[test]
@@ -307,19 +298,22 @@ fn with_no_upstream_up_clients_are_refused_and_served_again_when_one_returns() {
     let pki = Pki::new("nothingup");
     let mut web1 = Upstream::start("web1", Mode::Echo);
     let addr = web1.addr;
-    let lb = Lb::start(&pki.config("[rate_limit]\nrate = 1000\nburst = 1000\n[health_check]\ninterval = \"20ms\"\ntimeout = \"200ms\"\nrise = 1\nfall = 1\n", &[&web1]));
+    let lb = Lb::start(
+        &pki.usual(&[&web1])
+            .section(HIGH_RATE_LIMIT)
+            .section(
+                "[health_check]\ninterval = \"20ms\"\ntimeout = \"200ms\"\nrise = 1\nfall = 1\n",
+            )
+            .build(),
+    );
     let cfg = pki.client_config(Some(&pki.client("client1.lb.com")));
     web1.stop();
     // Once the probes have marked it DOWN, refusals say no_upstream (not a connect failure).
     assert!(wait_until(
-        || !lb_is_serving(&lb, &cfg) && lb.stats().refused(Refusal::NoUpstream) >= 1
+        || !is_served(lb.addr, &cfg) && lb.stats().refused(Refusal::NoUpstream) >= 1
     ));
     let _back = Upstream::start_on("web1", Mode::Echo, TcpListener::bind(addr).unwrap());
-    assert!(wait_until(|| lb_is_serving(&lb, &cfg)));
-}
-
-fn lb_is_serving(lb: &Lb, cfg: &std::sync::Arc<rustls::ClientConfig>) -> bool {
-    greeting(lb.addr, cfg.clone()).is_ok()
+    assert!(wait_until(|| is_served(lb.addr, &cfg)));
 }
 
 #[test]
@@ -339,8 +333,7 @@ fn an_upstream_reset_ends_the_client_connection_and_releases_its_count() {
             drop(sock);
         }
     });
-    let extra = format!("[[upstream]]\nname = \"rst\"\naddress = \"{addr}\"\ngroup = \"web\"\n");
-    let lb = Lb::start(&pki.config(&extra, &[]));
+    let lb = Lb::start(&pki.config(&upstream_entry("rst", addr, "web"), &[]));
     let mut s = connect(
         lb.addr,
         pki.client_config(Some(&pki.client("client1.lb.com"))),
@@ -398,7 +391,7 @@ fn connections_on_an_upstream_marked_down_are_left_alone_by_default() {
 fn data_sent_with_the_last_handshake_flight_is_forwarded() {
     let pki = Pki::new("first-flight");
     let web1 = Upstream::start("web1", Mode::Echo);
-    let lb = Lb::start(&two_groups(&pki, &[&web1]));
+    let lb = Lb::start(&pki.config(HIGH_RATE_LIMIT, &[&web1]));
     let cfg = pki.client_config(Some(&pki.client("client1.lb.com")));
     for _ in 0..10 {
         let sock = std::net::TcpStream::connect(lb.addr).unwrap();

@@ -26,18 +26,18 @@ fn write_config(dir: &Path, body: &str) -> String {
     path.to_string_lossy().into_owned()
 }
 
-fn good_config(pki: &Pki) -> String {
-    format!(
-        "listen = \"127.0.0.1:0\"\n{}[[upstream]]\nname = \"web1\"\naddress = \"127.0.0.1:9\"\n\
-         group = \"web\"\n[[client]]\ncn = \"client1.lb.com\"\ngroups = [\"web\"]\n",
-        pki.tls_section()
-    )
+/// The config these tests start from and vary: valid, listening on a free port, with an
+/// upstream (the discard port) that no test here dials.
+fn good_config(pki: &Pki) -> ConfigBuilder<'_> {
+    pki.usual(&[])
+        .listen("127.0.0.1:0")
+        .upstream_at("web1", "127.0.0.1:9", "web")
 }
 
 #[test]
 fn check_config_accepts_a_good_config_and_exits_zero() {
     let pki = Pki::new("cli-good");
-    let path = write_config(&pki.dir, &good_config(&pki));
+    let path = write_config(&pki.dir, &good_config(&pki).build());
     let o = lclb(&["--check-config", "--config", &path]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("configuration OK"));
@@ -48,7 +48,7 @@ fn an_unknown_key_exits_one_naming_the_key_and_file() {
     let pki = Pki::new("cli-unknown");
     let path = write_config(
         &pki.dir,
-        &format!("colour = \"blue\"\n{}", good_config(&pki)),
+        &format!("colour = \"blue\"\n{}", good_config(&pki).build()),
     );
     let o = lclb(&["--check-config", "--config", &path]);
     assert_eq!(o.status.code(), Some(1));
@@ -69,7 +69,7 @@ fn a_key_that_does_not_match_the_certificate_is_refused_by_name() {
     let pki = Pki::new("cli-mismatch");
     let other = pki.client("someone-else");
     std::fs::write(pki.dir.join("server.key.pem"), other.key.serialize_pem()).unwrap();
-    let path = write_config(&pki.dir, &good_config(&pki));
+    let path = write_config(&pki.dir, &good_config(&pki).build());
     let o = lclb(&["--check-config", "--config", &path]);
     assert_eq!(o.status.code(), Some(1));
     let e = stderr(&o);
@@ -83,7 +83,7 @@ fn a_key_that_does_not_match_the_certificate_is_refused_by_name() {
 fn a_missing_certificate_file_names_the_file_and_key() {
     let pki = Pki::new("cli-nocert");
     std::fs::remove_file(pki.dir.join("ca.crt")).unwrap();
-    let path = write_config(&pki.dir, &good_config(&pki));
+    let path = write_config(&pki.dir, &good_config(&pki).build());
     let o = lclb(&["--check-config", "--config", &path]);
     assert_eq!(o.status.code(), Some(1));
     let e = stderr(&o);
@@ -94,7 +94,7 @@ fn a_missing_certificate_file_names_the_file_and_key() {
 fn a_busy_listen_address_is_reported_with_its_key() {
     let pki = Pki::new("cli-busy");
     let busy = TcpListener::bind("127.0.0.1:0").unwrap();
-    let config = good_config(&pki).replace("127.0.0.1:0", &busy.local_addr().unwrap().to_string());
+    let config = good_config(&pki).listen(busy.local_addr().unwrap()).build();
     let path = write_config(&pki.dir, &config);
     let o = lclb(&["--config", &path]);
     assert_eq!(o.status.code(), Some(1));
@@ -175,12 +175,8 @@ fn a_v1_client_certificate_is_refused_with_a_reason_that_says_so() {
         "the fixture is a v1 certificate"
     );
 
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let config = good_config(&pki).replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+    let port = free_port();
+    let config = good_config(&pki).listen(loopback(port)).build();
     let lb = Process::start(
         env!("CARGO_BIN_EXE_lclb"),
         Path::new(&write_config(d, &config)),
@@ -192,7 +188,7 @@ fn a_v1_client_certificate_is_refused_with_a_reason_that_says_so() {
         .args([
             "s_client",
             "-connect",
-            &format!("127.0.0.1:{port}"),
+            &loopback(port).to_string(),
             "-cert",
             "v1.crt",
             "-key",
@@ -211,15 +207,14 @@ fn a_v1_client_certificate_is_refused_with_a_reason_that_says_so() {
 fn running_out_of_file_descriptors_is_survived_and_service_resumes() {
     let pki = Pki::new("cli-emfile");
     let web1 = Upstream::start("web1", Mode::Echo);
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut config = format!("listen = \"127.0.0.1:{port}\"\n{}", pki.tls_section());
-    config.push_str("[limits]\nhandshake_timeout = \"1s\"\nper_ip_max_handshakes = 0\n");
-    config.push_str(&web1.entry("web"));
-    config.push_str("[[client]]\ncn = \"client1.lb.com\"\ngroups = [\"web\"]\n");
+    let addr = loopback(free_port());
+    let config = pki
+        .usual(&[&web1])
+        .listen(addr)
+        .limit("handshake_timeout = \"1s\"")
+        // 60 sockets from one address: the per-address cap would refuse most of them first.
+        .limit("per_ip_max_handshakes = 0")
+        .build();
     let path = write_config(&pki.dir, &config);
     // A hard limit of 40 fds: lclb cannot raise it, and 60 sockets exhaust it.
     let mut command = Command::new("bash");
@@ -229,7 +224,6 @@ fn running_out_of_file_descriptors_is_survived_and_service_resumes() {
         .arg(&path);
     let lb = Process::spawn(command);
     lb.wait_line("listening").expect("lclb starts");
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let flood: Vec<_> = (0..60)
         .map(|_| std::net::TcpStream::connect(addr).unwrap())
         .collect();
@@ -237,7 +231,7 @@ fn running_out_of_file_descriptors_is_survived_and_service_resumes() {
     drop(flood);
     let cfg = pki.client_config(Some(&pki.client("client1.lb.com")));
     assert!(
-        wait_until(|| greeting(addr, cfg.clone()).ok().as_deref() == Some("web1")),
+        wait_until(|| greeted_by(addr, &cfg, "web1")),
         "service resumes once fds come back"
     );
 }

@@ -55,29 +55,16 @@ fn assert_back_to(baseline: (usize, usize), lb: &Lb) {
     );
 }
 
-fn config(pki: &Pki, upstreams: &[&Upstream], extra: &str) -> String {
-    // Parked threads end quickly, so thread counts can return to their baseline.
-    const KEEP: &str = "[limits]\nthread_keep_alive = \"50ms\"\n";
-    let mut c = pki.tls_section();
-    if extra.contains("[limits]\n") {
-        c.push_str(&extra.replace("[limits]\n", KEEP));
-    } else {
-        c.push_str(extra);
-        c.push_str(KEEP);
-    }
-    for u in upstreams {
-        c.push_str(&u.entry("web"));
-    }
-    c.push_str("[[client]]\ncn = \"client1.lb.com\"\ngroups = [\"web\"]\n");
-    c.push_str("[[client]]\ncn = \"client2.lb.com\"\ngroups = [\"web\"]\n");
-    c
-}
+/// A `[limits]` line every config here has: parked threads end quickly, so thread counts can
+/// return to their baseline.
+const SHORT_KEEP_ALIVE: &str = "thread_keep_alive = \"50ms\"";
 
+/// Rate limits that not even the floods here reach.
 const GENEROUS: &str = "[rate_limit]\nrate = 10000\nburst = 10000\n";
 
-/// True once the server has closed `s` (EOF or reset), false if it stays open for 10 s.
+/// True once the server has closed `s` (EOF or reset), false if it stays open for [`WAIT`].
 fn closed_by_server(s: &mut TcpStream) -> bool {
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
     let mut buf = [0u8; 4096];
     loop {
         match s.read(&mut buf) {
@@ -109,12 +96,15 @@ fn hundreds_of_silent_sockets_neither_block_a_real_client_nor_outlive_the_deadli
     let _one = serial();
     let pki = Pki::new("silent");
     let web1 = Upstream::start("web1", Mode::Echo);
-    let lb = Lb::start(&config(
-        &pki,
-        &[&web1],
-        // The per-address cap is off: this test is about the global handshake slots.
-        &format!("{GENEROUS}[limits]\nhandshake_timeout = \"500ms\"\nper_ip_max_handshakes = 0\n"),
-    ));
+    let lb = Lb::start(
+        &pki.usual(&[&web1])
+            .section(GENEROUS)
+            .limit(SHORT_KEEP_ALIVE)
+            .limit("handshake_timeout = \"500ms\"")
+            // The per-address cap is off: this test is about the global handshake slots.
+            .limit("per_ip_max_handshakes = 0")
+            .build(),
+    );
     let cfg = pki.client_config(Some(&pki.client("client1.lb.com")));
     assert_eq!(greeting(lb.addr, cfg.clone()).unwrap(), "web1");
     let baseline = (fds(), threads());
@@ -144,11 +134,12 @@ fn a_handshake_trickled_byte_by_byte_is_cut_at_the_deadline() {
     let _one = serial();
     let pki = Pki::new("trickle");
     let web1 = Upstream::start("web1", Mode::Echo);
-    let lb = Lb::start(&config(
-        &pki,
-        &[&web1],
-        "[limits]\nhandshake_timeout = \"300ms\"\n",
-    ));
+    let lb = Lb::start(
+        &pki.usual(&[&web1])
+            .limit(SHORT_KEEP_ALIVE)
+            .limit("handshake_timeout = \"300ms\"")
+            .build(),
+    );
     let hello = client_hello();
     let mut s = TcpStream::connect(lb.addr).unwrap();
     s.set_nodelay(true).unwrap();
@@ -182,8 +173,13 @@ fn random_bytes_and_truncated_client_hellos_are_refused_and_leave_nothing_behind
     let pki = Pki::new("garbage");
     let web1 = Upstream::start("web1", Mode::Echo);
     // A random prefix can announce a record longer than what follows; the deadline ends those.
-    let extra = format!("{GENEROUS}[limits]\nhandshake_timeout = \"300ms\"\n");
-    let lb = Lb::start(&config(&pki, &[&web1], &extra));
+    let lb = Lb::start(
+        &pki.usual(&[&web1])
+            .section(GENEROUS)
+            .limit(SHORT_KEEP_ALIVE)
+            .limit("handshake_timeout = \"300ms\"")
+            .build(),
+    );
     let cfg = pki.client_config(Some(&pki.client("client1.lb.com")));
     assert_eq!(greeting(lb.addr, cfg.clone()).unwrap(), "web1");
     let baseline = (fds(), threads());
@@ -220,7 +216,12 @@ fn a_client_reset_mid_stream_releases_the_upstream_count_and_both_threads() {
     let _one = serial();
     let pki = Pki::new("client-rst");
     let web1 = Upstream::start("web1", Mode::Echo);
-    let lb = Lb::start(&config(&pki, &[&web1], GENEROUS));
+    let lb = Lb::start(
+        &pki.usual(&[&web1])
+            .section(GENEROUS)
+            .limit(SHORT_KEEP_ALIVE)
+            .build(),
+    );
     let cfg = pki.client_config(Some(&pki.client("client1.lb.com")));
     assert_eq!(greeting(lb.addr, cfg.clone()).unwrap(), "web1");
     let baseline = (fds(), threads());
@@ -242,13 +243,13 @@ fn an_upstream_that_crashes_mid_stream_is_reported_to_the_client_and_released() 
     let pki = Pki::new("upstream-dies");
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
-    let mut c = pki.tls_section();
-    c.push_str(&format!(
-        "[[upstream]]\nname = \"fragile\"\naddress = \"{addr}\"\ngroup = \"web\"\n"
-    ));
-    c.push_str("[[client]]\ncn = \"client1.lb.com\"\ngroups = [\"web\"]\n");
-    c.push_str("[health_check]\ninterval = \"1h\"\n[limits]\nthread_keep_alive = \"50ms\"\n");
-    let lb = Lb::start(&c);
+    let lb = Lb::start(
+        &pki.usual(&[])
+            .upstream_at("fragile", addr, "web")
+            .section("[health_check]\ninterval = \"1h\"\n")
+            .limit(SHORT_KEEP_ALIVE)
+            .build(),
+    );
     // The one probe of the round at start-up comes first; then lclb's own connection.
     drop(listener.accept().unwrap());
     let baseline = (fds(), threads());
@@ -282,11 +283,13 @@ fn the_connection_cap_closes_extra_sockets_at_once_and_counts_them() {
     let _one = serial();
     let pki = Pki::new("capacity");
     let web1 = Upstream::start("web1", Mode::Echo);
-    let lb = Lb::start(&config(
-        &pki,
-        &[&web1],
-        &format!("{GENEROUS}[limits]\nmax_connections = 3\n"),
-    ));
+    let lb = Lb::start(
+        &pki.usual(&[&web1])
+            .section(GENEROUS)
+            .limit(SHORT_KEEP_ALIVE)
+            .limit("max_connections = 3")
+            .build(),
+    );
     let cfg = pki.client_config(Some(&pki.client("client1.lb.com")));
     let mut held = Vec::new();
     for _ in 0..3 {
@@ -311,11 +314,13 @@ fn a_client_at_its_concurrent_cap_is_refused_while_others_are_served() {
     let _one = serial();
     let pki = Pki::new("max-concurrent");
     let web1 = Upstream::start("web1", Mode::Echo);
-    let lb = Lb::start(&config(
-        &pki,
-        &[&web1],
-        "[rate_limit]\nrate = 1000\nburst = 1000\nmax_concurrent = 2\n",
-    ));
+    let lb = Lb::start(
+        &pki.usual(&[&web1])
+            .client("client2.lb.com", &["web"])
+            .section("[rate_limit]\nrate = 1000\nburst = 1000\nmax_concurrent = 2\n")
+            .limit(SHORT_KEEP_ALIVE)
+            .build(),
+    );
     let c1 = pki.client_config(Some(&pki.client("client1.lb.com")));
     let mut held = Vec::new();
     for _ in 0..2 {
@@ -329,7 +334,7 @@ fn a_client_at_its_concurrent_cap_is_refused_while_others_are_served() {
     let c2 = pki.client_config(Some(&pki.client("client2.lb.com")));
     assert_eq!(greeting(lb.addr, c2).unwrap(), "web1");
     held.pop();
-    assert!(wait_until(|| greeting(lb.addr, c1.clone()).is_ok()));
+    assert!(wait_until(|| is_served(lb.addr, &c1)));
 }
 
 #[test]
@@ -337,9 +342,14 @@ fn one_source_address_over_its_handshake_rate_is_closed_before_any_handshake() {
     let _one = serial();
     let pki = Pki::new("per-ip");
     let web1 = Upstream::start("web1", Mode::Echo);
-    let extra =
-        format!("{GENEROUS}[limits]\nper_ip_handshake_rate = 0.01\nper_ip_handshake_burst = 2\n");
-    let lb = Lb::start(&config(&pki, &[&web1], &extra));
+    let lb = Lb::start(
+        &pki.usual(&[&web1])
+            .section(GENEROUS)
+            .limit(SHORT_KEEP_ALIVE)
+            .limit("per_ip_handshake_rate = 0.01")
+            .limit("per_ip_handshake_burst = 2")
+            .build(),
+    );
     let cfg = pki.client_config(Some(&pki.client("client1.lb.com")));
     for _ in 0..2 {
         assert_eq!(greeting(lb.addr, cfg.clone()).unwrap(), "web1");
@@ -378,14 +388,11 @@ fn a_revoked_client_certificate_is_refused_and_others_are_not() {
     .signed_by(&pki.ca.cert, &pki.ca.key)
     .unwrap();
     std::fs::write(pki.dir.join("ca.crl.pem"), crl.pem().unwrap()).unwrap();
-    let tls = pki.tls_section().replace(
-        "[tls]\n",
-        &format!("[tls]\ncrls = [{:?}]\n", pki.dir.join("ca.crl.pem")),
+    let lb = Lb::start(
+        &pki.usual(&[&web1])
+            .tls(&format!("crls = [{:?}]", pki.dir.join("ca.crl.pem")))
+            .build(),
     );
-    let mut c = tls;
-    c.push_str(&web1.entry("web"));
-    c.push_str("[[client]]\ncn = \"client1.lb.com\"\ngroups = [\"web\"]\n");
-    let lb = Lb::start(&c);
     assert!(greeting(lb.addr, pki.client_config(Some(&revoked))).is_err());
     assert!(lb.wait_for(|st| st.refused(Refusal::Tls) == 1));
     let fresh = pki.client("client1.lb.com");
@@ -400,7 +407,12 @@ fn a_certificate_without_a_common_name_is_refused() {
     let _one = serial();
     let pki = Pki::new("no-cn");
     let web1 = Upstream::start("web1", Mode::Echo);
-    let lb = Lb::start(&config(&pki, &[&web1], GENEROUS));
+    let lb = Lb::start(
+        &pki.usual(&[&web1])
+            .section(GENEROUS)
+            .limit(SHORT_KEEP_ALIVE)
+            .build(),
+    );
     let mut dn = rcgen::DistinguishedName::new();
     dn.push(rcgen::DnType::OrganizationName, "lclb");
     let nameless = pki.ca.issue(client_params(dn));
@@ -415,11 +427,13 @@ fn an_idle_connection_is_closed_and_a_busy_one_is_not() {
     let _one = serial();
     let pki = Pki::new("idle");
     let web1 = Upstream::start("web1", Mode::Echo);
-    let lb = Lb::start(&config(
-        &pki,
-        &[&web1],
-        &format!("{GENEROUS}[limits]\nidle_timeout = \"1s\"\n"),
-    ));
+    let lb = Lb::start(
+        &pki.usual(&[&web1])
+            .section(GENEROUS)
+            .limit(SHORT_KEEP_ALIVE)
+            .limit("idle_timeout = \"1s\"")
+            .build(),
+    );
     let cfg = pki.client_config(Some(&pki.client("client1.lb.com")));
 
     let mut busy = connect(lb.addr, cfg.clone()).unwrap();
@@ -446,11 +460,13 @@ fn a_half_closed_connection_whose_upstream_never_finishes_is_closed() {
     let _one = serial();
     let pki = Pki::new("half-close-timeout");
     let web1 = Upstream::start("web1", Mode::Silent);
-    let lb = Lb::start(&config(
-        &pki,
-        &[&web1],
-        &format!("{GENEROUS}[limits]\nhalf_close_timeout = \"300ms\"\n"),
-    ));
+    let lb = Lb::start(
+        &pki.usual(&[&web1])
+            .section(GENEROUS)
+            .limit(SHORT_KEEP_ALIVE)
+            .limit("half_close_timeout = \"300ms\"")
+            .build(),
+    );
     let mut s = connect(
         lb.addr,
         pki.client_config(Some(&pki.client("client1.lb.com"))),
@@ -504,7 +520,7 @@ fn openssl_client(addr: SocketAddr, pki: &Pki, args: &[&str]) -> bool {
         }
         let _ = tx.send(false);
     });
-    let greeted = rx.recv_timeout(Duration::from_secs(10)).unwrap_or(false);
+    let greeted = rx.recv_timeout(WAIT).unwrap_or(false);
     let _ = child.kill();
     let _ = child.wait();
     greeted
@@ -515,7 +531,12 @@ fn only_tls_1_2_with_ecdhe_aead_suites_and_tls_1_3_are_accepted() {
     let _one = serial();
     let pki = Pki::new("suites");
     let web1 = Upstream::start("web1", Mode::Echo);
-    let lb = Lb::start(&config(&pki, &[&web1], GENEROUS));
+    let lb = Lb::start(
+        &pki.usual(&[&web1])
+            .section(GENEROUS)
+            .limit(SHORT_KEEP_ALIVE)
+            .build(),
+    );
     assert!(openssl_client(lb.addr, &pki, &["-tls1_3"]));
     assert!(openssl_client(
         lb.addr,

@@ -4,7 +4,7 @@ mod support;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use lclb::metrics::MetricsServer;
@@ -33,23 +33,11 @@ fn parse_metrics(text: &str) -> HashMap<String, f64> {
         .collect()
 }
 
-fn config_for(pki: &Pki, upstreams: &[&Upstream], clients: &[(&str, &str)]) -> String {
-    let mut c = pki.tls_section();
-    c.push_str("[rate_limit]\nrate = 1000\nburst = 1000\n");
-    for u in upstreams {
-        c.push_str(&u.entry("web"));
-    }
-    for (cn, group) in clients {
-        c.push_str(&format!("[[client]]\ncn = {cn:?}\ngroups = [{group:?}]\n"));
-    }
-    c
-}
-
 #[test]
 fn metrics_count_what_the_clients_did() {
     let pki = Pki::new("metrics");
     let web1 = Upstream::start("web1", Mode::Echo);
-    let lb = Lb::start(&config_for(&pki, &[&web1], &[("client1.lb.com", "web")]));
+    let lb = Lb::start(&pki.config(HIGH_RATE_LIMIT, &[&web1]));
     let metrics = MetricsServer::spawn("127.0.0.1:0".parse().unwrap(), lb.shared.clone()).unwrap();
 
     let mut s = connect(
@@ -127,14 +115,13 @@ fn a_reload_adds_a_client_while_a_connection_stays_open() {
     let pki = Pki::new("reload-add");
     let web1 = Upstream::start("web1", Mode::Echo);
     let path = pki.dir.join("lclb.toml");
-    let write = |clients: &[(&str, &str)]| {
-        let text = format!(
-            "listen = \"127.0.0.1:0\"\n{}",
-            config_for(&pki, &[&web1], clients)
-        );
-        std::fs::write(&path, text).unwrap();
+    let write = |config: ConfigBuilder| std::fs::write(&path, config.build()).unwrap();
+    let one_client = || {
+        pki.usual(&[&web1])
+            .listen("127.0.0.1:0")
+            .section(HIGH_RATE_LIMIT)
     };
-    write(&[("client1.lb.com", "web")]);
+    write(one_client());
     let lb = Lb::start_from_file(&path);
     let c2 = pki.client_config(Some(&pki.client("client2.lb.com")));
     assert!(
@@ -149,7 +136,7 @@ fn a_reload_adds_a_client_while_a_connection_stays_open() {
     .unwrap();
     assert_eq!(read_line(&mut held).unwrap(), "web1");
 
-    write(&[("client1.lb.com", "web"), ("client2.lb.com", "web")]);
+    write(one_client().client("client2.lb.com", &["web"]));
     lb.shared.reload(&path).unwrap();
     assert_eq!(greeting(lb.addr, c2).unwrap(), "web1");
     held.write_all(b"still forwarding\n").unwrap();
@@ -169,10 +156,11 @@ fn a_broken_reload_keeps_the_running_config() {
     let pki = Pki::new("reload-bad");
     let web1 = Upstream::start("web1", Mode::Echo);
     let path = pki.dir.join("lclb.toml");
-    let good = format!(
-        "listen = \"127.0.0.1:0\"\n{}",
-        config_for(&pki, &[&web1], &[("client1.lb.com", "web")])
-    );
+    let good = pki
+        .usual(&[&web1])
+        .listen("127.0.0.1:0")
+        .section(HIGH_RATE_LIMIT)
+        .build();
     std::fs::write(&path, &good).unwrap();
     let lb = Lb::start_from_file(&path);
     let c1 = pki.client_config(Some(&pki.client("client1.lb.com")));
@@ -206,11 +194,11 @@ fn a_reload_that_removes_an_upstream_keeps_its_connections_and_stops_new_ones() 
     let web1 = Upstream::start("web1", Mode::Echo);
     let web2 = Upstream::start("web2", Mode::Echo);
     let path = pki.dir.join("lclb.toml");
-    let clients = [("client1.lb.com", "web")];
-    let both = format!(
-        "listen = \"127.0.0.1:0\"\n{}",
-        config_for(&pki, &[&web1, &web2], &clients)
-    );
+    let both = pki
+        .usual(&[&web1, &web2])
+        .listen("127.0.0.1:0")
+        .section(HIGH_RATE_LIMIT)
+        .build();
     std::fs::write(&path, both).unwrap();
     let lb = Lb::start_from_file(&path);
     let cfg = pki.client_config(Some(&pki.client("client1.lb.com")));
@@ -220,10 +208,11 @@ fn a_reload_that_removes_an_upstream_keeps_its_connections_and_stops_new_ones() 
         let name = read_line(&mut s).unwrap();
         held.push((name, s));
     }
-    let only1 = format!(
-        "listen = \"127.0.0.1:0\"\n{}",
-        config_for(&pki, &[&web1], &clients)
-    );
+    let only1 = pki
+        .usual(&[&web1])
+        .listen("127.0.0.1:0")
+        .section(HIGH_RATE_LIMIT)
+        .build();
     std::fs::write(&path, only1).unwrap();
     lb.shared.reload(&path).unwrap();
     for _ in 0..4 {
@@ -241,10 +230,15 @@ fn the_reloaded_rate_limit_applies_and_buckets_keep_their_state() {
     let web1 = Upstream::start("web1", Mode::Echo);
     let path = pki.dir.join("lclb.toml");
     let with_burst = |burst: u32| {
-        let mut c = format!("listen = \"127.0.0.1:0\"\n{}", pki.tls_section());
-        c.push_str(&web1.entry("web"));
-        c.push_str(&format!("[[client]]\ncn = \"client1.lb.com\"\ngroups = [\"web\"]\nrate = 0.001\nburst = {burst}\n"));
-        c
+        pki.builder()
+            .listen("127.0.0.1:0")
+            .upstream(&web1, "web")
+            .client_with(
+                "client1.lb.com",
+                &["web"],
+                &format!("rate = 0.001\nburst = {burst}\n"),
+            )
+            .build()
     };
     std::fs::write(&path, with_burst(2)).unwrap();
     let lb = Lb::start_from_file(&path);
@@ -260,28 +254,20 @@ fn the_reloaded_rate_limit_applies_and_buckets_keep_their_state() {
     assert!(lb.wait_for(|st| st.refused(Refusal::RateLimited) == 2));
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[test]
 fn sigterm_refuses_new_connections_lets_the_open_one_finish_then_exits_zero() {
     let pki = Pki::new("drain");
     let web1 = Upstream::start("web1", Mode::Echo);
-    let port = free_port();
+    let addr = loopback(free_port());
     let path = pki.dir.join("lclb.toml");
-    let text = format!(
-        "listen = \"127.0.0.1:{port}\"\n{}",
-        config_for(&pki, &[&web1], &[("client1.lb.com", "web")])
-    );
+    let text = pki
+        .usual(&[&web1])
+        .listen(addr)
+        .section(HIGH_RATE_LIMIT)
+        .build();
     std::fs::write(&path, text).unwrap();
     let mut lb = Process::start(env!("CARGO_BIN_EXE_lclb"), &path);
     lb.wait_line("listening").expect("lclb starts");
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let cfg = pki.client_config(Some(&pki.client("client1.lb.com")));
     let mut s = connect(addr, cfg).unwrap();
     assert_eq!(read_line(&mut s).unwrap(), "web1");
@@ -306,12 +292,13 @@ fn sigterm_refuses_new_connections_lets_the_open_one_finish_then_exits_zero() {
 fn sighup_reloads_and_json_logs_are_one_object_per_line() {
     let pki = Pki::new("sighup");
     let web1 = Upstream::start("web1", Mode::Echo);
-    let port = free_port();
+    let addr = loopback(free_port());
     let path = pki.dir.join("lclb.toml");
-    let base = format!(
-        "listen = \"127.0.0.1:{port}\"\n{}",
-        config_for(&pki, &[&web1], &[("client1.lb.com", "web")])
-    );
+    let base = pki
+        .usual(&[&web1])
+        .listen(addr)
+        .section(HIGH_RATE_LIMIT)
+        .build();
     std::fs::write(&path, &base).unwrap();
     let lb = Process::start(env!("CARGO_BIN_EXE_lclb"), &path);
     lb.wait_line("listening").expect("lclb starts");
@@ -319,7 +306,6 @@ fn sighup_reloads_and_json_logs_are_one_object_per_line() {
     lb.signal("HUP");
     lb.wait_line("config reloaded")
         .expect("the reload is logged");
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let cfg = pki.client_config(Some(&pki.client("client1.lb.com")));
     assert_eq!(greeting(addr, cfg).unwrap(), "web1");
     let line = lb

@@ -1,8 +1,11 @@
-//! Shared helpers for the integration tests: certificates minted at test time, real upstream
-//! servers on loopback, a running lclb on port 0, and real rustls clients.
+//! Shared helpers for the integration tests: certificates minted at test time, config text
+//! for them ([`Pki::config`], [`ConfigBuilder`]), real upstream servers on loopback, a running
+//! lclb on port 0 (in process, [`Lb`], or as the binary, [`Process`]), real rustls clients,
+//! and waits that give up after [`WAIT`].
 
 #![allow(dead_code)]
 
+use std::fmt::Display;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -35,13 +38,24 @@ pub fn temp_dir(name: &str) -> PathBuf {
     dir
 }
 
+/// How long a wait helper waits for its condition before it gives up: generous, since the
+/// machine running the tests may be slow and shared.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A `[rate_limit]` section far above what any test reaches (1000/s, burst 1000), for tests
+/// that make many connections but are not about rate limiting.
+pub const HIGH_RATE_LIMIT: &str = "[rate_limit]\nrate = 1000\nburst = 1000\n";
+
 /// A certificate authority that can issue server and client certificates.
 pub struct Ca {
+    /// The self-signed CA certificate.
     pub cert: rcgen::Certificate,
+    /// Its key, which signs what the CA issues (and CRLs).
     pub key: KeyPair,
 }
 
 impl Ca {
+    /// A fresh CA named `cn`, allowed to sign certificates and CRLs.
     pub fn new(cn: &str) -> Ca {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -52,6 +66,7 @@ impl Ca {
         Ca { cert, key }
     }
 
+    /// The CA certificate in PEM.
     pub fn pem(&self) -> String {
         self.cert.pem()
     }
@@ -63,6 +78,7 @@ impl Ca {
         Issued { cert, key }
     }
 
+    /// A server certificate for `localhost`, `server.lb.com` and 127.0.0.1.
     pub fn server(&self) -> Issued {
         let mut params =
             CertificateParams::new(vec!["localhost".to_string(), "server.lb.com".to_string()])
@@ -75,17 +91,20 @@ impl Ca {
         self.issue(params)
     }
 
+    /// A client certificate (clientAuth) whose subject CN is `cn`.
     pub fn client(&self, cn: &str) -> Issued {
         self.issue(client_params(dn(cn)))
     }
 }
 
+/// A subject with only a common name.
 pub fn dn(cn: &str) -> DistinguishedName {
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, cn);
     dn
 }
 
+/// Client certificate parameters (clientAuth) for `dn`, to adjust before [`Ca::issue`].
 pub fn client_params(dn: DistinguishedName) -> CertificateParams {
     let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
     params.distinguished_name = dn;
@@ -95,15 +114,19 @@ pub fn client_params(dn: DistinguishedName) -> CertificateParams {
 
 /// A certificate and its key.
 pub struct Issued {
+    /// The certificate.
     pub cert: rcgen::Certificate,
+    /// Its key.
     pub key: KeyPair,
 }
 
 impl Issued {
+    /// The certificate alone, as a chain to present.
     pub fn chain(&self) -> Vec<CertificateDer<'static>> {
         vec![self.cert.der().clone()]
     }
 
+    /// The key, as rustls takes it.
     pub fn key_der(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::from_pem_slice(self.key.serialize_pem().as_bytes()).unwrap()
     }
@@ -112,12 +135,16 @@ impl Issued {
 /// The certificates of one test: a CA with a server certificate, written to a folder so the
 /// balancer loads them the way it does in production.
 pub struct Pki {
+    /// The test's folder: ca.crt, server.crt and server.key.pem, and whatever the test adds.
     pub dir: PathBuf,
+    /// The CA every certificate of the test comes from.
     pub ca: Ca,
+    /// lclb's server certificate.
     pub server: Issued,
 }
 
 impl Pki {
+    /// A fresh CA and server certificate, written to a fresh folder named after `name`.
     pub fn new(name: &str) -> Pki {
         let dir = temp_dir(name);
         let ca = Ca::new("ca.lb.com");
@@ -135,25 +162,45 @@ impl Pki {
 
     /// The `[tls]` section pointing at this PKI's files.
     pub fn tls_section(&self) -> String {
+        self.tls_section_with("")
+    }
+
+    /// The `[tls]` section with `lines` (such as `crls = [...]`) before the file keys.
+    fn tls_section_with(&self, lines: &str) -> String {
         format!(
-            "[tls]\nca_cert = {:?}\nserver_cert = {:?}\nserver_key = {:?}\n",
+            "[tls]\n{lines}ca_cert = {:?}\nserver_cert = {:?}\nserver_key = {:?}\n",
             self.dir.join("ca.crt"),
             self.dir.join("server.crt"),
             self.dir.join("server.key.pem")
         )
     }
 
-    /// A whole config: this PKI's `[tls]`, then `extra` (sections such as `[limits]`, or more
+    /// The usual config: this PKI's `[tls]`, then `extra` (sections such as `[limits]`, or more
     /// `[[upstream]]` entries), `upstreams` all in group `web`, and `client1.lb.com` allowed
-    /// to `web`.
+    /// to `web`. [`Pki::usual`] is the same as a builder, to add to.
     pub fn config(&self, extra: &str, upstreams: &[&Upstream]) -> String {
-        let mut config = self.tls_section();
-        config.push_str(extra);
-        for u in upstreams {
-            config.push_str(&u.entry("web"));
+        self.usual(upstreams).section(extra).build()
+    }
+
+    /// The usual config as a builder: `upstreams` all in group `web`, and `client1.lb.com`
+    /// allowed to `web`.
+    pub fn usual(&self, upstreams: &[&Upstream]) -> ConfigBuilder<'_> {
+        self.builder()
+            .upstreams(upstreams, "web")
+            .client("client1.lb.com", &["web"])
+    }
+
+    /// A config built up piece by piece, starting from this PKI's `[tls]` section alone.
+    pub fn builder(&self) -> ConfigBuilder<'_> {
+        ConfigBuilder {
+            pki: self,
+            listen: None,
+            tls_lines: String::new(),
+            sections: String::new(),
+            limits: String::new(),
+            upstreams: String::new(),
+            clients: String::new(),
         }
-        config.push_str("[[client]]\ncn = \"client1.lb.com\"\ngroups = [\"web\"]\n");
-        config
     }
 
     /// A rustls client config trusting this PKI's CA, presenting `client` (or no certificate).
@@ -171,6 +218,107 @@ impl Pki {
     }
 }
 
+/// A config's text, built from the parts tests vary. [`ConfigBuilder::build`] writes them in a
+/// fixed order whatever the order of the calls: `listen`, `[tls]`, the sections, one
+/// `[limits]`, the upstreams (in call order: that order is the balancer's tie-break), the
+/// clients. Without [`ConfigBuilder::listen`] there is no `listen` key, as [`Lb::start`] wants.
+pub struct ConfigBuilder<'a> {
+    pki: &'a Pki,
+    listen: Option<String>,
+    tls_lines: String,
+    sections: String,
+    limits: String,
+    upstreams: String,
+    clients: String,
+}
+
+impl ConfigBuilder<'_> {
+    /// `listen = "ADDR"`, for config files the binary or [`Lb::start_from_file`] reads. The
+    /// last call wins.
+    pub fn listen(mut self, addr: impl Display) -> Self {
+        self.listen = Some(format!("listen = \"{addr}\"\n"));
+        self
+    }
+
+    /// One more line in `[tls]`, such as `crls = [...]`.
+    pub fn tls(mut self, line: &str) -> Self {
+        self.tls_lines.push_str(line);
+        self.tls_lines.push('\n');
+        self
+    }
+
+    /// Whole sections as TOML text, such as [`HIGH_RATE_LIMIT`] or `[health_check]` lines.
+    /// With [`ConfigBuilder::limit`], `[limits]` lines go there instead, so that all make one
+    /// section.
+    pub fn section(mut self, text: &str) -> Self {
+        self.sections.push_str(text);
+        self
+    }
+
+    /// One line of the `[limits]` section, such as `idle_timeout = "1s"`.
+    pub fn limit(mut self, line: &str) -> Self {
+        self.limits.push_str(line);
+        self.limits.push('\n');
+        self
+    }
+
+    /// The test upstream `upstream` in `group`.
+    pub fn upstream(self, upstream: &Upstream, group: &str) -> Self {
+        self.upstream_at(&upstream.name, upstream.addr, group)
+    }
+
+    /// All of `upstreams` in `group`, in order.
+    pub fn upstreams(self, upstreams: &[&Upstream], group: &str) -> Self {
+        upstreams
+            .iter()
+            .fold(self, |b, u| b.upstream_at(&u.name, u.addr, group))
+    }
+
+    /// An upstream named `name` at `addr` (a dead port, a listener the test drives itself) in
+    /// `group`.
+    pub fn upstream_at(mut self, name: &str, addr: impl Display, group: &str) -> Self {
+        self.upstreams.push_str(&upstream_entry(name, addr, group));
+        self
+    }
+
+    /// The client identity `cn`, allowed to `groups`.
+    pub fn client(self, cn: &str, groups: &[&str]) -> Self {
+        self.client_with(cn, groups, "")
+    }
+
+    /// The client identity `cn`, allowed to `groups`, with more keys of its entry in `lines`
+    /// (such as `"rate = 0.01\nburst = 3\n"`).
+    pub fn client_with(mut self, cn: &str, groups: &[&str], lines: &str) -> Self {
+        self.clients.push_str(&format!(
+            "[[client]]\ncn = {cn:?}\ngroups = {groups:?}\n{lines}"
+        ));
+        self
+    }
+
+    /// The config text.
+    pub fn build(self) -> String {
+        assert!(
+            self.limits.is_empty() || !self.sections.contains("[limits]"),
+            "[limits] lines go through ConfigBuilder::limit, or the section appears twice"
+        );
+        let mut text = self.listen.unwrap_or_default();
+        text.push_str(&self.pki.tls_section_with(&self.tls_lines));
+        text.push_str(&self.sections);
+        if !self.limits.is_empty() {
+            text.push_str("[limits]\n");
+            text.push_str(&self.limits);
+        }
+        text.push_str(&self.upstreams);
+        text.push_str(&self.clients);
+        text
+    }
+}
+
+/// The `[[upstream]]` entry for `name` at `addr` in `group`.
+pub fn upstream_entry(name: &str, addr: impl Display, group: &str) -> String {
+    format!("[[upstream]]\nname = {name:?}\naddress = \"{addr}\"\ngroup = {group:?}\n")
+}
+
 /// How a test upstream answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -184,18 +332,23 @@ pub enum Mode {
 
 /// A real TCP upstream server on loopback.
 pub struct Upstream {
+    /// The name it greets with, and its name in configs.
     pub name: String,
+    /// Where it listens.
     pub addr: SocketAddr,
+    /// Connections accepted so far (health probes included).
     pub accepted: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Upstream {
+    /// An upstream named `name` on a free loopback port.
     pub fn start(name: &str, mode: Mode) -> Upstream {
         Upstream::start_on(name, mode, TcpListener::bind("127.0.0.1:0").unwrap())
     }
 
+    /// An upstream named `name` on `listener` (to come back on the port of one stopped).
     pub fn start_on(name: &str, mode: Mode, listener: TcpListener) -> Upstream {
         let addr = listener.local_addr().unwrap();
         let stop = Arc::new(AtomicBool::new(false));
@@ -225,10 +378,7 @@ impl Upstream {
 
     /// The `[[upstream]]` entry for this server in `group`.
     pub fn entry(&self, group: &str) -> String {
-        format!(
-            "[[upstream]]\nname = {:?}\naddress = \"{}\"\ngroup = {:?}\n",
-            self.name, self.addr, group
-        )
+        upstream_entry(&self.name, self.addr, group)
     }
 
     /// Stops accepting and closes the listening socket (connections in flight go on).
@@ -277,7 +427,9 @@ fn serve_upstream(name: &str, mode: Mode, mut sock: TcpStream) -> io::Result<()>
 
 /// A running lclb on a loopback port.
 pub struct Lb {
+    /// Where it listens.
     pub addr: SocketAddr,
+    /// Its state: counters, the balancer, reload.
     pub shared: Arc<lclb::server::Shared>,
     handle: ShutdownHandle,
     thread: Option<JoinHandle<()>>,
@@ -334,7 +486,7 @@ impl Lb {
         self.shared.balancer.table().total_forwarded()
     }
 
-    /// Waits until `what` holds; false after 10 s.
+    /// Waits until `what` holds of the counters; false after [`WAIT`].
     pub fn wait_for(&self, what: impl Fn(&lclb::stats::Stats) -> bool) -> bool {
         wait_until(|| what(self.stats()))
     }
@@ -346,18 +498,58 @@ impl Drop for Lb {
     }
 }
 
-/// Polls `what` until it holds; false after 10 s.
+/// Polls `what` until it holds; false after [`WAIT`].
 pub fn wait_until(what: impl Fn() -> bool) -> bool {
-    let until = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < until {
-        if what() {
-            return true;
+    poll_until(|| what().then_some(())).is_some()
+}
+
+/// Polls `what` until it gives a value; None after [`WAIT`].
+pub fn poll_until<T>(mut what: impl FnMut() -> Option<T>) -> Option<T> {
+    let until = deadline();
+    loop {
+        if let Some(value) = what() {
+            return Some(value);
+        }
+        if Instant::now() >= until {
+            return None;
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    false
 }
 
+/// [`WAIT`] from now.
+fn deadline() -> Instant {
+    Instant::now()
+        .checked_add(WAIT)
+        .expect("the clock is far from its end")
+}
+
+/// True if a connection to `addr` with `config` is greeted by the upstream `name`; false if it
+/// is refused, fails, or another upstream answers. A condition for [`wait_until`].
+pub fn greeted_by(addr: SocketAddr, config: &Arc<ClientConfig>, name: &str) -> bool {
+    greeting(addr, config.clone()).ok().as_deref() == Some(name)
+}
+
+/// True if a connection to `addr` with `config` is greeted by any upstream.
+pub fn is_served(addr: SocketAddr, config: &Arc<ClientConfig>) -> bool {
+    greeting(addr, config.clone()).is_ok()
+}
+
+/// A loopback port that was free a moment ago, for configs that the binary reads.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// 127.0.0.1:`port`.
+pub fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// A client-side TLS connection over TCP.
 pub type TlsStream = StreamOwned<ClientConnection, TcpStream>;
 
 /// Connects to `addr` with `config` and completes the handshake.
@@ -404,8 +596,8 @@ pub fn greeting(addr: SocketAddr, config: Arc<ClientConfig>) -> io::Result<Strin
     Ok(name)
 }
 
-/// Reads everything until the peer closes; tolerates a missing close_notify only if `strict`
-/// is false.
+/// Reads everything until the peer closes; a close without close_notify is an error
+/// (UnexpectedEof, from rustls).
 pub fn read_all(stream: &mut TlsStream) -> io::Result<Vec<u8>> {
     let mut all = Vec::new();
     stream.read_to_end(&mut all)?;
@@ -419,6 +611,7 @@ pub fn lines(r: impl Read) -> Vec<String> {
 
 /// A running lclb process whose log lines arrive on a channel.
 pub struct Process {
+    /// The child process; killed and reaped on drop.
     pub child: Child,
     lines: mpsc::Receiver<String>,
 }
@@ -448,8 +641,10 @@ impl Process {
         Process { child, lines }
     }
 
+    /// The next log line that contains `needle` (earlier ones are dropped); None after
+    /// [`WAIT`] or once the process has closed its stderr.
     pub fn wait_line(&self, needle: &str) -> Option<String> {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = deadline();
         while let Some(left) = deadline.checked_duration_since(Instant::now()) {
             match self.lines.recv_timeout(left) {
                 Ok(line) if line.contains(needle) => return Some(line),
@@ -460,6 +655,7 @@ impl Process {
         None
     }
 
+    /// Sends the signal `name` (TERM, HUP, ...) with kill(1).
     pub fn signal(&self, name: &str) {
         let status = Command::new("kill")
             .args([&format!("-{name}"), &self.child.id().to_string()])
@@ -468,15 +664,10 @@ impl Process {
         assert!(status.success());
     }
 
+    /// The exit code once the process has exited; None if it still runs after [`WAIT`] (or
+    /// was killed by a signal).
     pub fn wait_exit(&mut self) -> Option<i32> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status.code();
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        None
+        poll_until(|| self.child.try_wait().unwrap()).and_then(|status| status.code())
     }
 }
 

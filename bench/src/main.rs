@@ -7,6 +7,8 @@
 //! "no hop" reference). Each client run prints human text and one `RESULT key=value ...` line
 //! that `scripts/bench.sh` collects. See BENCHMARKS.md.
 
+#![forbid(unsafe_code)]
+
 mod args;
 mod client;
 mod procfs;
