@@ -237,6 +237,9 @@ lclb_config() { # FILE PORT MODE
     echo "[limits]"
     # lclb caps max_connections at what its fd limit allows (two sockets per connection).
     echo "max_connections = $(((HOLD + 1000) < (NOFILE - 64) / 2 ? HOLD + 1000 : (NOFILE - 64) / 2))"
+    # Every benchmark client comes from 127.0.0.1: the per-address handshake cap (on by
+    # default, 32) would refuse the load generators' bursts.
+    echo "per_ip_max_handshakes = 0"
     echo "[rate_limit]"
     echo "rate = 1000000.0"
     echo "burst = 1000000"
