@@ -744,3 +744,25 @@ pub fn client_with_serial(ca: &Ca, cn: &str, serial: u64) -> Issued {
 pub fn with_tls_keys(config: &str, tls_keys: &str) -> String {
     config.replacen("[tls]\n", &format!("[tls]\n{tls_keys}"), 1)
 }
+
+impl Process {
+    /// Every line the process writes until one contains `needle` (that line included), or
+    /// until `within` has passed; `None` if the needle never came.
+    pub fn lines_until(&self, needle: &str, within: Duration) -> Option<Vec<String>> {
+        let deadline = Instant::now().checked_add(within)?;
+        let mut seen = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let done = line.contains(needle);
+                    seen.push(line);
+                    if done {
+                        return Some(seen);
+                    }
+                }
+                Err(_) => return None,
+            }
+        }
+        None
+    }
+}
