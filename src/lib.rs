@@ -33,6 +33,7 @@
 pub mod access;
 pub mod authz;
 pub mod balancer;
+mod buffers;
 pub mod config;
 pub mod forward;
 pub mod health;

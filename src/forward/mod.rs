@@ -20,66 +20,26 @@
 //! the other thread from any blocking read or write, so both threads end promptly. Idleness is
 //! tracked across both directions: `idle_timeout` with no byte either way ends the link, and once
 //! one direction is done the other gets `half_close_timeout` of idleness.
+//!
+//! The state both threads share, and the ticket order of sealed records, live in `link`; read
+//! buffers are borrowed from [`crate::buffers`] only while data flows.
 
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use parking_lot::{Condvar, Mutex};
+use parking_lot::Mutex;
 use rustls::ServerConnection;
 
+use crate::buffers::{Lent, BUF_SIZE};
 use crate::pool::ThreadPool;
 use crate::stats::UpstreamStats;
+use link::{Idle, Link};
 
-/// Bytes read from a socket at once: several TLS records' worth, so bulk transfers make a
-/// quarter of the syscalls (and loopback deliveries) that one record per read would. Buffers
-/// are only lent while data flows (see [`Lent`]), so quiet connections do not pay for the size.
-const BUF_SIZE: usize = 64 * 1024;
-
-/// Read buffers not lent out at the moment, for the next connection with data to move.
-static SPARE: Mutex<Vec<Box<[u8]>>> = Mutex::new(Vec::new());
-/// Most spare buffers kept (8 MiB of 64 KiB buffers); more are freed.
-const MAX_SPARE: usize = 128;
-
-/// A read buffer held only while its socket has data. Connections that are open but quiet,
-/// often most of them, then cost no buffer at all; a busy one keeps its buffer between reads.
-struct Lent(Option<Box<[u8]>>);
-
-impl Lent {
-    fn is_held(&self) -> bool {
-        self.0.is_some()
-    }
-
-    fn get(&mut self) -> &mut [u8] {
-        self.0.get_or_insert_with(|| {
-            SPARE
-                .lock()
-                .pop()
-                .unwrap_or_else(|| vec![0u8; BUF_SIZE].into())
-        })
-    }
-
-    fn release(&mut self) {
-        if let Some(buf) = self.0.take() {
-            let mut spare = SPARE.lock();
-            if spare.len() < MAX_SPARE {
-                spare.push(buf);
-            }
-        }
-    }
-}
-
-impl Drop for Lent {
-    fn drop(&mut self) {
-        self.release();
-    }
-}
-
-/// How long a clean close waits for its turn to write close_notify before cutting the link.
-const CLOSE_NOTIFY_WAIT: Duration = Duration::from_millis(200);
+mod link;
 
 /// Stack size for the upstream-to-client threads: they only copy through heap buffers and
 /// seal records, so a small stack lets thousands of connections fit.
@@ -158,218 +118,9 @@ pub struct ForwardReport {
     pub end: EndReason,
 }
 
-/// The TLS state and the next ticket to hand out, guarded together so a ticket's order is the
-/// order its records were sealed in.
-struct Sealer {
-    conn: ServerConnection,
-    next_ticket: u64,
-}
-
-impl Sealer {
-    /// Moves every pending TLS record into `out`; returns the ticket to send them under, or
-    /// `None` when nothing was pending.
-    fn seal(&mut self, out: &mut Vec<u8>) -> Option<u64> {
-        if !self.conn.wants_write() {
-            return None;
-        }
-        while self.conn.wants_write() {
-            // Writing into a Vec cannot fail.
-            if self.conn.write_tls(out).is_err() {
-                break;
-            }
-        }
-        let ticket = self.next_ticket;
-        self.next_ticket += 1;
-        Some(ticket)
-    }
-}
-
-/// State shared by the two copy threads of one connection.
-struct Link {
-    tls: Mutex<Sealer>,
-    /// The ticket whose turn it is to write to the client socket.
-    turn: Mutex<u64>,
-    turn_changed: Condvar,
-    client: TcpStream,
-    upstream: TcpStream,
-    opts: ForwardOptions,
-    started: Instant,
-    /// Milliseconds since `started` of the last byte moved either way.
-    last_activity: AtomicU64,
-    /// Milliseconds since `started` (plus one, so zero means "not yet") when one direction ended.
-    half_closed: AtomicU64,
-    aborted: AtomicBool,
-    first_error: Mutex<Option<EndReason>>,
-    /// This connection's plaintext bytes each way.
-    to_upstream: AtomicU64,
-    to_client: AtomicU64,
-    /// The upstream's shared counters, kept live so metrics see long connections move.
-    stats: Arc<UpstreamStats>,
-}
-
-impl Link {
-    fn now_ms(&self) -> u64 {
-        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
-    }
-
-    fn touch(&self) {
-        self.last_activity.store(self.now_ms(), Ordering::Relaxed);
-    }
-
-    fn mark_half_closed(&self) {
-        let _ = self.half_closed.compare_exchange(
-            0,
-            self.now_ms() + 1,
-            Ordering::Relaxed,
-            Ordering::Relaxed,
-        );
-    }
-
-    /// Ends the link: records why (if first), and shuts both sockets down, which wakes the
-    /// other thread from any blocking read or write.
-    fn abort(&self, reason: EndReason) {
-        {
-            let mut first = self.first_error.lock();
-            if first.is_none() {
-                *first = Some(reason);
-            }
-        }
-        self.aborted.store(true, Ordering::SeqCst);
-        let _ = self.client.shutdown(Shutdown::Both);
-        let _ = self.upstream.shutdown(Shutdown::Both);
-        self.turn_changed.notify_all();
-    }
-
-    /// Ends the link cleanly for a reason that is not a failure (a timeout, a drain, the
-    /// upstream marked DOWN): the client gets close_notify, if its turn on the socket comes
-    /// within a moment, then both sockets are shut down as in [`Link::abort`].
-    fn close(&self, reason: EndReason) {
-        if !self.is_aborted() {
-            // This may run on the health or drain thread: a client that has stopped reading
-            // must not hold it for the whole idle timeout, so the write gets the same short
-            // bound as the wait for its turn.
-            let _ = self.client.set_write_timeout(Some(CLOSE_NOTIFY_WAIT));
-            let mut out = Vec::new();
-            let ticket = {
-                let mut sealer = self.tls.lock();
-                sealer.conn.send_close_notify();
-                sealer.seal(&mut out)
-            };
-            if let Some(ticket) = ticket {
-                let _ = self.send_to_client_within(&mut out, ticket, CLOSE_NOTIFY_WAIT);
-            }
-        }
-        self.abort(reason);
-    }
-
-    fn is_aborted(&self) -> bool {
-        self.aborted.load(Ordering::SeqCst)
-    }
-
-    /// Reads from `sock` into a lent buffer, treating socket timeouts as a chance to check
-    /// idleness across the whole link rather than as errors. `Ok(0)` is EOF. Without a buffer
-    /// in hand, it first waits for data with a one-byte peek, so a quiet connection holds none.
-    fn read(&self, mut sock: &TcpStream, buf: &mut Lent) -> Result<usize, Idle> {
-        loop {
-            let waited = if buf.is_held() {
-                sock.read(buf.get())
-            } else {
-                match sock.peek(&mut [0u8; 1]) {
-                    Ok(_) => sock.read(buf.get()),
-                    Err(e) => Err(e),
-                }
-            };
-            match waited {
-                Ok(n) => {
-                    if n > 0 {
-                        self.touch();
-                    }
-                    return Ok(n);
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    if self.is_aborted() {
-                        return Ok(0);
-                    }
-                    let now = self.now_ms();
-                    let half = self.half_closed.load(Ordering::Relaxed);
-                    let last = self.last_activity.load(Ordering::Relaxed);
-                    let (limit, since, reason) = if half > 0 {
-                        (
-                            self.opts.half_close_timeout,
-                            last.max(half - 1),
-                            EndReason::HalfCloseTimeout,
-                        )
-                    } else {
-                        (self.opts.idle_timeout, last, EndReason::IdleTimeout)
-                    };
-                    let idle = Duration::from_millis(now.saturating_sub(since));
-                    if idle >= limit {
-                        return Err(Idle(reason));
-                    }
-                    // Sleep exactly until this link would become idle, then check again.
-                    let _ = sock.set_read_timeout(Some(limit - idle));
-                }
-                Err(e) => return Err(Idle(EndReason::ClientError(e.to_string()))),
-            }
-        }
-    }
-
-    /// Writes sealed bytes to the client socket when `ticket`'s turn comes, then passes the
-    /// turn on, whatever the write's outcome, so the other thread is never left waiting.
-    fn send_to_client(&self, out: &mut Vec<u8>, ticket: u64) -> io::Result<()> {
-        self.send_to_client_within(out, ticket, Duration::MAX)
-    }
-
-    /// As [`Link::send_to_client`], giving up if the turn has not come within `patience`. A
-    /// caller that gives up must abort the link: its ticket is never used, and the abort is
-    /// what releases whoever waits behind it.
-    fn send_to_client_within(
-        &self,
-        out: &mut Vec<u8>,
-        ticket: u64,
-        patience: Duration,
-    ) -> io::Result<()> {
-        let started = Instant::now();
-        {
-            let mut turn = self.turn.lock();
-            while *turn != ticket {
-                // The holder of the current turn always passes it on; the timeout only guards
-                // against a thread that died between taking and using its ticket.
-                let timed_out = self
-                    .turn_changed
-                    .wait_for(&mut turn, Duration::from_millis(100))
-                    .timed_out();
-                if timed_out && (self.is_aborted() || started.elapsed() >= patience) {
-                    return Err(io::Error::new(
-                        io::ErrorKind::BrokenPipe,
-                        "connection aborted",
-                    ));
-                }
-            }
-        }
-        let result = (&self.client).write_all(out);
-        out.clear();
-        *self.turn.lock() += 1;
-        self.turn_changed.notify_all();
-        if result.is_ok() {
-            self.touch();
-        }
-        result
-    }
-}
-
-/// An idle or failed read: the reason the direction ends.
-struct Idle(EndReason);
-
 /// Copies client -> upstream until the client finishes sending. `Ok` is a clean finish.
 fn client_to_upstream(link: &Link) -> Result<(), EndReason> {
-    let mut raw = Lent(None);
+    let mut raw = Lent::new();
     let mut plain = Vec::new();
     let mut out = Vec::new();
     // Bytes in `raw` not yet given to rustls. The first pass has none: it forwards what rustls
@@ -380,7 +131,7 @@ fn client_to_upstream(link: &Link) -> Result<(), EndReason> {
         let mut failure = None;
         let ticket = {
             let mut sealer = link.tls.lock();
-            let mut rd: &[u8] = match raw.0.as_deref() {
+            let mut rd: &[u8] = match raw.held() {
                 Some(buf) => &buf[..n],
                 None => &[],
             };
@@ -459,7 +210,7 @@ fn client_to_upstream(link: &Link) -> Result<(), EndReason> {
 
 /// Copies upstream -> client until the upstream finishes sending. `Ok` is a clean finish.
 fn upstream_to_client(link: &Link) -> Result<(), EndReason> {
-    let mut buf = Lent(None);
+    let mut buf = Lent::new();
     let mut out = Vec::new();
     loop {
         let n = match link.read(&link.upstream, &mut buf) {
@@ -615,25 +366,7 @@ pub fn forward(
         let _ = sock.set_read_timeout(Some(first_wait));
         let _ = sock.set_write_timeout(Some(opts.idle_timeout));
     }
-    let link = Arc::new(Link {
-        tls: Mutex::new(Sealer {
-            conn,
-            next_ticket: 0,
-        }),
-        turn: Mutex::new(0),
-        turn_changed: Condvar::new(),
-        client,
-        upstream,
-        started: Instant::now(),
-        last_activity: AtomicU64::new(0),
-        half_closed: AtomicU64::new(0),
-        aborted: AtomicBool::new(false),
-        first_error: Mutex::new(None),
-        to_upstream: AtomicU64::new(0),
-        to_client: AtomicU64::new(0),
-        stats,
-        opts,
-    });
+    let link = Arc::new(Link::new(conn, client, upstream, opts, stats));
     on_start(Aborter(Arc::clone(&link)));
     let finisher = Arc::new(Finisher {
         link: Arc::clone(&link),

@@ -1,0 +1,428 @@
+//! The state one forwarded connection's two copy threads share: the TLS session and the order
+//! its sealed records go out in, the two sockets, idleness, and how the connection ended.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+use rustls::ServerConnection;
+
+use super::{EndReason, ForwardOptions};
+use crate::buffers::Lent;
+use crate::stats::UpstreamStats;
+
+/// How long a clean close waits for its turn to write close_notify before cutting the link.
+pub(super) const CLOSE_NOTIFY_WAIT: Duration = Duration::from_millis(200);
+
+/// The TLS state and the next ticket to hand out, guarded together so a ticket's order is the
+/// order its records were sealed in.
+pub(super) struct Sealer {
+    pub(super) conn: ServerConnection,
+    next_ticket: u64,
+}
+
+impl Sealer {
+    /// Moves every pending TLS record into `out`; returns the ticket to send them under, or
+    /// `None` when nothing was pending.
+    pub(super) fn seal(&mut self, out: &mut Vec<u8>) -> Option<u64> {
+        if !self.conn.wants_write() {
+            return None;
+        }
+        while self.conn.wants_write() {
+            // Writing into a Vec cannot fail.
+            if self.conn.write_tls(out).is_err() {
+                break;
+            }
+        }
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        Some(ticket)
+    }
+}
+
+/// State shared by the two copy threads of one connection.
+pub(super) struct Link {
+    pub(super) tls: Mutex<Sealer>,
+    /// The ticket whose turn it is to write to the client socket.
+    turn: Mutex<u64>,
+    turn_changed: Condvar,
+    pub(super) client: TcpStream,
+    pub(super) upstream: TcpStream,
+    pub(super) opts: ForwardOptions,
+    started: Instant,
+    /// Milliseconds since `started` of the last byte moved either way.
+    last_activity: AtomicU64,
+    /// Milliseconds since `started` (plus one, so zero means "not yet") when one direction ended.
+    half_closed: AtomicU64,
+    aborted: AtomicBool,
+    pub(super) first_error: Mutex<Option<EndReason>>,
+    /// This connection's plaintext bytes each way.
+    pub(super) to_upstream: AtomicU64,
+    pub(super) to_client: AtomicU64,
+    /// The upstream's shared counters, kept live so metrics see long connections move.
+    pub(super) stats: Arc<UpstreamStats>,
+}
+
+impl Link {
+    /// A link over a client whose handshake is complete and a connected upstream; nothing is
+    /// copied until the directions run.
+    pub(super) fn new(
+        conn: ServerConnection,
+        client: TcpStream,
+        upstream: TcpStream,
+        opts: ForwardOptions,
+        stats: Arc<UpstreamStats>,
+    ) -> Link {
+        Link {
+            tls: Mutex::new(Sealer {
+                conn,
+                next_ticket: 0,
+            }),
+            turn: Mutex::new(0),
+            turn_changed: Condvar::new(),
+            client,
+            upstream,
+            opts,
+            started: Instant::now(),
+            last_activity: AtomicU64::new(0),
+            half_closed: AtomicU64::new(0),
+            aborted: AtomicBool::new(false),
+            first_error: Mutex::new(None),
+            to_upstream: AtomicU64::new(0),
+            to_client: AtomicU64::new(0),
+            stats,
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    pub(super) fn touch(&self) {
+        self.last_activity.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    pub(super) fn mark_half_closed(&self) {
+        let _ = self.half_closed.compare_exchange(
+            0,
+            self.now_ms().saturating_add(1),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Ends the link: records why (if first), and shuts both sockets down, which wakes the
+    /// other thread from any blocking read or write.
+    pub(super) fn abort(&self, reason: EndReason) {
+        {
+            let mut first = self.first_error.lock();
+            if first.is_none() {
+                *first = Some(reason);
+            }
+        }
+        self.aborted.store(true, Ordering::SeqCst);
+        let _ = self.client.shutdown(Shutdown::Both);
+        let _ = self.upstream.shutdown(Shutdown::Both);
+        self.turn_changed.notify_all();
+    }
+
+    /// Ends the link cleanly for a reason that is not a failure (a timeout, a drain, the
+    /// upstream marked DOWN): the client gets close_notify, if its turn on the socket comes
+    /// within a moment, then both sockets are shut down as in [`Link::abort`].
+    pub(super) fn close(&self, reason: EndReason) {
+        if !self.is_aborted() {
+            // This may run on the health or drain thread: a client that has stopped reading
+            // must not hold it for the whole idle timeout, so the write gets the same short
+            // bound as the wait for its turn.
+            let _ = self.client.set_write_timeout(Some(CLOSE_NOTIFY_WAIT));
+            let mut out = Vec::new();
+            let ticket = {
+                let mut sealer = self.tls.lock();
+                sealer.conn.send_close_notify();
+                sealer.seal(&mut out)
+            };
+            if let Some(ticket) = ticket {
+                let _ = self.send_to_client_within(&mut out, ticket, CLOSE_NOTIFY_WAIT);
+            }
+        }
+        self.abort(reason);
+    }
+
+    pub(super) fn is_aborted(&self) -> bool {
+        self.aborted.load(Ordering::SeqCst)
+    }
+
+    /// Reads from `sock` into a lent buffer, treating socket timeouts as a chance to check
+    /// idleness across the whole link rather than as errors. `Ok(0)` is EOF. Without a buffer
+    /// in hand, it first waits for data with a one-byte peek, so a quiet connection holds none.
+    pub(super) fn read(&self, mut sock: &TcpStream, buf: &mut Lent) -> Result<usize, Idle> {
+        loop {
+            let waited = if buf.is_held() {
+                sock.read(buf.get())
+            } else {
+                match sock.peek(&mut [0u8; 1]) {
+                    Ok(_) => sock.read(buf.get()),
+                    Err(e) => Err(e),
+                }
+            };
+            match waited {
+                Ok(n) => {
+                    if n > 0 {
+                        self.touch();
+                    }
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    if self.is_aborted() {
+                        return Ok(0);
+                    }
+                    let now = self.now_ms();
+                    let half = self.half_closed.load(Ordering::Relaxed);
+                    let last = self.last_activity.load(Ordering::Relaxed);
+                    let (limit, since, reason) = if half > 0 {
+                        (
+                            self.opts.half_close_timeout,
+                            last.max(half - 1),
+                            EndReason::HalfCloseTimeout,
+                        )
+                    } else {
+                        (self.opts.idle_timeout, last, EndReason::IdleTimeout)
+                    };
+                    let idle = Duration::from_millis(now.saturating_sub(since));
+                    if idle >= limit {
+                        return Err(Idle(reason));
+                    }
+                    // Sleep exactly until this link would become idle, then check again.
+                    let _ = sock.set_read_timeout(Some(limit - idle));
+                }
+                Err(e) => return Err(Idle(EndReason::ClientError(e.to_string()))),
+            }
+        }
+    }
+
+    /// Writes sealed bytes to the client socket when `ticket`'s turn comes, then passes the
+    /// turn on, whatever the write's outcome, so the other thread is never left waiting.
+    pub(super) fn send_to_client(&self, out: &mut Vec<u8>, ticket: u64) -> io::Result<()> {
+        self.send_to_client_within(out, ticket, Duration::MAX)
+    }
+
+    /// As [`Link::send_to_client`], giving up if the turn has not come within `patience`. A
+    /// caller that gives up must abort the link: its ticket is never used, and the abort is
+    /// what releases whoever waits behind it.
+    fn send_to_client_within(
+        &self,
+        out: &mut Vec<u8>,
+        ticket: u64,
+        patience: Duration,
+    ) -> io::Result<()> {
+        let started = Instant::now();
+        {
+            let mut turn = self.turn.lock();
+            while *turn != ticket {
+                // The holder of the current turn always passes it on; the timeout only guards
+                // against a thread that died between taking and using its ticket.
+                let timed_out = self
+                    .turn_changed
+                    .wait_for(&mut turn, Duration::from_millis(100))
+                    .timed_out();
+                if timed_out && (self.is_aborted() || started.elapsed() >= patience) {
+                    return Err(io::Error::new(
+                        io::ErrorKind::BrokenPipe,
+                        "connection aborted",
+                    ));
+                }
+            }
+        }
+        let result = (&self.client).write_all(out);
+        out.clear();
+        *self.turn.lock() += 1;
+        self.turn_changed.notify_all();
+        if result.is_ok() {
+            self.touch();
+        }
+        result
+    }
+}
+
+/// An idle or failed read: the reason the direction ends.
+pub(super) struct Idle(pub(super) EndReason);
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+    use std::net::TcpListener;
+    use std::sync::mpsc;
+
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+    use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConfig};
+
+    /// A connected loopback pair: (the side lclb holds, the peer).
+    pub(crate) fn socket_pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (ours, _) = listener.accept().unwrap();
+        for s in [&ours, &peer] {
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+        }
+        (ours, peer)
+    }
+
+    /// A completed TLS 1.3 session over loopback: lclb's server side with its socket, and the
+    /// client's side with its socket.
+    pub(crate) fn tls_pair() -> (ServerConnection, TcpStream, ClientConnection, TcpStream) {
+        crate::tls::install_default_provider();
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let der = CertificateDer::from(cert.cert.der().to_vec());
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.key_pair.serialize_der()));
+        let mut server_config = ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(vec![der.clone()], key)
+            .unwrap();
+        // No session tickets: the only bytes after the handshake are the ones a test sends.
+        server_config.send_tls13_tickets = 0;
+        let mut roots = RootCertStore::empty();
+        roots.add(der).unwrap();
+        let client_config = ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let (mut server_sock, mut client_sock) = socket_pair();
+        let mut client = ClientConnection::new(
+            Arc::new(client_config),
+            ServerName::try_from("localhost").unwrap(),
+        )
+        .unwrap();
+        let handshake = std::thread::spawn(move || {
+            let mut server = ServerConnection::new(Arc::new(server_config)).unwrap();
+            while server.is_handshaking() {
+                server.complete_io(&mut server_sock).unwrap();
+            }
+            (server, server_sock)
+        });
+        while client.is_handshaking() {
+            client.complete_io(&mut client_sock).unwrap();
+        }
+        let (server, server_sock) = handshake.join().unwrap();
+        (server, server_sock, client, client_sock)
+    }
+
+    /// A link over a fresh TLS session; returns it with the client's TLS state and socket.
+    pub(crate) fn link() -> (Arc<Link>, ClientConnection, TcpStream) {
+        let (server, server_sock, client, client_sock) = tls_pair();
+        let (upstream, _) = socket_pair();
+        let opts = ForwardOptions {
+            idle_timeout: Duration::from_secs(60),
+            half_close_timeout: Duration::from_secs(60),
+        };
+        let link = Link::new(server, server_sock, upstream, opts, Arc::default());
+        (Arc::new(link), client, client_sock)
+    }
+
+    /// Seals `text` as application data; returns the bytes and their ticket.
+    fn seal(link: &Link, text: &[u8]) -> (Vec<u8>, u64) {
+        let mut sealer = link.tls.lock();
+        sealer.conn.writer().write_all(text).unwrap();
+        let mut out = Vec::new();
+        let ticket = sealer.seal(&mut out).unwrap();
+        (out, ticket)
+    }
+
+    /// Reads and decrypts until `want` plaintext bytes have arrived (or the stream ends).
+    fn receive(client: &mut ClientConnection, mut sock: &TcpStream, want: usize) -> Vec<u8> {
+        let mut plain = Vec::new();
+        while plain.len() < want {
+            if client.read_tls(&mut sock).unwrap() == 0 {
+                break;
+            }
+            client
+                .process_new_packets()
+                .expect("records in sealing order");
+            let _ = client.reader().read_to_end(&mut plain);
+        }
+        plain
+    }
+
+    /// Whether any byte is waiting on `sock`, without waiting for one.
+    fn has_bytes(sock: &TcpStream) -> bool {
+        sock.set_nonblocking(true).unwrap();
+        let waiting = sock.peek(&mut [0u8; 1]);
+        sock.set_nonblocking(false).unwrap();
+        matches!(waiting, Ok(n) if n > 0)
+    }
+
+    #[test]
+    fn tickets_follow_the_sealing_order() {
+        let (link, _, _) = link();
+        assert_eq!(seal(&link, b"a").1, 0);
+        assert_eq!(seal(&link, b"b").1, 1);
+        let mut out = Vec::new();
+        assert_eq!(link.tls.lock().seal(&mut out), None, "nothing pending");
+        assert!(out.is_empty());
+        assert_eq!(seal(&link, b"c").1, 2, "an empty seal takes no ticket");
+    }
+
+    #[test]
+    fn a_later_ticket_waits_and_records_arrive_in_sealing_order() {
+        let (link, mut client, client_sock) = link();
+        let (mut first, t0) = seal(&link, b"first ");
+        let (mut second, t1) = seal(&link, b"second");
+        let (done_tx, done) = mpsc::channel();
+        let later = Arc::clone(&link);
+        std::thread::spawn(move || {
+            let _ = done_tx.send(later.send_to_client(&mut second, t1).map_err(|e| e.kind()));
+        });
+        // The later ticket may not write before the earlier one, however long it waits.
+        assert!(done.recv_timeout(Duration::from_millis(300)).is_err());
+        assert!(!has_bytes(&client_sock), "nothing was written out of turn");
+        link.send_to_client(&mut first, t0).unwrap();
+        assert_eq!(done.recv_timeout(Duration::from_secs(10)), Ok(Ok(())));
+        assert_eq!(receive(&mut client, &client_sock, 12), b"first second");
+    }
+
+    #[test]
+    fn a_writer_with_no_patience_left_gives_up_without_writing() {
+        let (link, _, client_sock) = link();
+        let _never_sent = seal(&link, b"first");
+        let (mut second, t1) = seal(&link, b"second");
+        let e = link
+            .send_to_client_within(&mut second, t1, Duration::from_millis(150))
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::BrokenPipe);
+        assert!(!has_bytes(&client_sock));
+    }
+
+    #[test]
+    fn a_writer_waiting_for_its_turn_is_released_when_the_link_aborts() {
+        let (link, _, mut client_sock) = link();
+        let _never_sent = seal(&link, b"first");
+        let (mut second, t1) = seal(&link, b"second");
+        let (done_tx, done) = mpsc::channel();
+        let waiter = Arc::clone(&link);
+        std::thread::spawn(move || {
+            let _ = done_tx.send(waiter.send_to_client(&mut second, t1).map_err(|e| e.kind()));
+        });
+        assert!(done.recv_timeout(Duration::from_millis(200)).is_err());
+        link.abort(EndReason::Shutdown);
+        assert_eq!(
+            done.recv_timeout(Duration::from_secs(10)),
+            Ok(Err(io::ErrorKind::BrokenPipe))
+        );
+        let mut rest = Vec::new();
+        client_sock.read_to_end(&mut rest).unwrap();
+        assert!(
+            rest.is_empty(),
+            "the waiter wrote nothing: {} bytes",
+            rest.len()
+        );
+        assert_eq!(*link.first_error.lock(), Some(EndReason::Shutdown));
+    }
+}
