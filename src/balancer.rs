@@ -17,7 +17,7 @@ use std::time::Duration;
 use parking_lot::{Mutex, RwLock};
 use rustls::ServerConnection;
 
-use crate::config::{ClientLimits, Config};
+use crate::config::{ClientLimits, Config, Truncation};
 use crate::forward::{
     self, Aborter, Connected, EndReason, ForwardOptions, ForwardReport, COPY_THREAD_STACK,
 };
@@ -77,6 +77,9 @@ pub struct BalancerOptions {
     /// How long an idle copy thread is kept for reuse (read when the balancer is built).
     /// Default 30s.
     pub thread_keep_alive: Duration,
+    /// What the upstream gets when a client ends without close_notify. Default
+    /// [`Truncation::Fin`].
+    pub truncation: Truncation,
 }
 
 impl Default for BalancerOptions {
@@ -91,6 +94,7 @@ impl Default for BalancerOptions {
             client_limits: HashMap::new(),
             shutdown_sessions_on_down: false,
             thread_keep_alive: crate::config::DEFAULT_THREAD_KEEP_ALIVE,
+            truncation: Truncation::default(),
         }
     }
 }
@@ -111,6 +115,7 @@ impl BalancerOptions {
                 .collect(),
             shutdown_sessions_on_down: config.health_check.shutdown_sessions_on_down,
             thread_keep_alive: config.limits.thread_keep_alive,
+            truncation: config.tls.truncation,
         }
     }
 }
@@ -541,6 +546,7 @@ impl Balancer {
             ForwardOptions {
                 idle_timeout: opts.idle_timeout,
                 half_close_timeout: opts.half_close_timeout,
+                truncation: opts.truncation,
             },
             &self.copy_pool,
             |aborter| sessions.register(key, id, aborter),

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 use rustls::ServerConnection;
+use socket2::SockRef;
 
 use super::{EndReason, ForwardOptions};
 use crate::buffers::Lent;
@@ -58,7 +59,8 @@ pub(super) struct Link {
     /// Milliseconds since `started` (plus one, so zero means "not yet") when one direction ended.
     half_closed: AtomicU64,
     aborted: AtomicBool,
-    pub(super) first_error: Mutex<Option<EndReason>>,
+    /// The first reason the link gave for ending; later ones are what it caused.
+    pub(super) end: Mutex<Option<EndReason>>,
     /// This connection's plaintext bytes each way.
     pub(super) to_upstream: AtomicU64,
     pub(super) to_client: AtomicU64,
@@ -90,7 +92,7 @@ impl Link {
             last_activity: AtomicU64::new(0),
             half_closed: AtomicU64::new(0),
             aborted: AtomicBool::new(false),
-            first_error: Mutex::new(None),
+            end: Mutex::new(None),
             to_upstream: AtomicU64::new(0),
             to_client: AtomicU64::new(0),
             stats,
@@ -114,18 +116,37 @@ impl Link {
         );
     }
 
+    /// Records `reason` as how the link ended, unless an earlier reason was recorded.
+    pub(super) fn note(&self, reason: EndReason) {
+        let mut end = self.end.lock();
+        if end.is_none() {
+            *end = Some(reason);
+        }
+    }
+
     /// Ends the link: records why (if first), and shuts both sockets down, which wakes the
     /// other thread from any blocking read or write.
     pub(super) fn abort(&self, reason: EndReason) {
-        {
-            let mut first = self.first_error.lock();
-            if first.is_none() {
-                *first = Some(reason);
-            }
-        }
+        self.note(reason);
         self.aborted.store(true, Ordering::SeqCst);
         let _ = self.client.shutdown(Shutdown::Both);
         let _ = self.upstream.shutdown(Shutdown::Both);
+        self.turn_changed.notify_all();
+    }
+
+    /// Ends the link as [`Link::abort`] does, except that the upstream gets a reset instead of
+    /// a FIN: what it received is not the client's whole stream, and a FIN would say it was.
+    /// Called by the client-to-upstream thread, the only one that writes to the upstream.
+    pub(super) fn reset_upstream(&self, reason: EndReason) {
+        self.note(reason);
+        // With SO_LINGER 0, closing the socket (when the last thread lets go of the link)
+        // sends RST and drops whatever is unsent.
+        let _ = SockRef::from(&self.upstream).set_linger(Some(Duration::ZERO));
+        self.aborted.store(true, Ordering::SeqCst);
+        // Only the read side: shutting the write side would send the very FIN this avoids.
+        // It sends nothing, and wakes the other thread from its read of the upstream.
+        let _ = self.upstream.shutdown(Shutdown::Read);
+        let _ = self.client.shutdown(Shutdown::Both);
         self.turn_changed.notify_all();
     }
 
@@ -158,7 +179,7 @@ impl Link {
     /// Reads from `sock` into a lent buffer, treating socket timeouts as a chance to check
     /// idleness across the whole link rather than as errors. `Ok(0)` is EOF. Without a buffer
     /// in hand, it first waits for data with a one-byte peek, so a quiet connection holds none.
-    pub(super) fn read(&self, mut sock: &TcpStream, buf: &mut Lent) -> Result<usize, Idle> {
+    pub(super) fn read(&self, mut sock: &TcpStream, buf: &mut Lent) -> Result<usize, ReadEnd> {
         loop {
             let waited = if buf.is_held() {
                 sock.read(buf.get())
@@ -199,12 +220,12 @@ impl Link {
                     };
                     let idle = Duration::from_millis(now.saturating_sub(since));
                     if idle >= limit {
-                        return Err(Idle(reason));
+                        return Err(ReadEnd::Idle(reason));
                     }
                     // Sleep exactly until this link would become idle, then check again.
                     let _ = sock.set_read_timeout(Some(limit - idle));
                 }
-                Err(e) => return Err(Idle(EndReason::ClientError(e.to_string()))),
+                Err(e) => return Err(ReadEnd::Failed(e)),
             }
         }
     }
@@ -253,8 +274,13 @@ impl Link {
     }
 }
 
-/// An idle or failed read: the reason the direction ends.
-pub(super) struct Idle(pub(super) EndReason);
+/// Why [`Link::read`] returned no data.
+pub(super) enum ReadEnd {
+    /// The link was idle for its limit; the reason says which limit.
+    Idle(EndReason),
+    /// The socket failed.
+    Failed(io::Error),
+}
 
 #[cfg(test)]
 pub(super) mod tests {
@@ -315,16 +341,35 @@ pub(super) mod tests {
         (server, server_sock, client, client_sock)
     }
 
-    /// A link over a fresh TLS session; returns it with the client's TLS state and socket.
-    pub(crate) fn link() -> (Arc<Link>, ClientConnection, TcpStream) {
+    /// A link over a fresh TLS session, and the far ends of its two sockets.
+    pub(crate) struct Parts {
+        pub(crate) link: Arc<Link>,
+        pub(crate) client: ClientConnection,
+        pub(crate) client_sock: TcpStream,
+        pub(crate) upstream_peer: TcpStream,
+    }
+
+    pub(crate) fn parts() -> Parts {
         let (server, server_sock, client, client_sock) = tls_pair();
-        let (upstream, _) = socket_pair();
+        let (upstream, upstream_peer) = socket_pair();
         let opts = ForwardOptions {
             idle_timeout: Duration::from_secs(60),
             half_close_timeout: Duration::from_secs(60),
+            truncation: crate::config::Truncation::Fin,
         };
         let link = Link::new(server, server_sock, upstream, opts, Arc::default());
-        (Arc::new(link), client, client_sock)
+        Parts {
+            link: Arc::new(link),
+            client,
+            client_sock,
+            upstream_peer,
+        }
+    }
+
+    /// A link over a fresh TLS session; returns it with the client's TLS state and socket.
+    fn link() -> (Arc<Link>, ClientConnection, TcpStream) {
+        let p = parts();
+        (p.link, p.client, p.client_sock)
     }
 
     /// Seals `text` as application data; returns the bytes and their ticket.
@@ -423,6 +468,40 @@ pub(super) mod tests {
             "the waiter wrote nothing: {} bytes",
             rest.len()
         );
-        assert_eq!(*link.first_error.lock(), Some(EndReason::Shutdown));
+        assert_eq!(*link.end.lock(), Some(EndReason::Shutdown));
+    }
+
+    #[test]
+    fn a_reset_upstream_reads_a_reset_once_the_link_is_dropped() {
+        let Parts {
+            link,
+            mut upstream_peer,
+            ..
+        } = parts();
+        link.reset_upstream(EndReason::ClientTruncated);
+        assert_eq!(*link.end.lock(), Some(EndReason::ClientTruncated));
+        drop(link);
+        let e = upstream_peer.read(&mut [0u8; 16]).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
+    }
+
+    #[test]
+    fn an_aborted_upstream_reads_a_clean_end_of_stream() {
+        let Parts {
+            link,
+            mut upstream_peer,
+            ..
+        } = parts();
+        link.abort(EndReason::Shutdown);
+        drop(link);
+        assert_eq!(upstream_peer.read(&mut [0u8; 16]).unwrap(), 0);
+    }
+
+    #[test]
+    fn the_first_reason_noted_is_the_one_kept() {
+        let (link, _, _) = link();
+        link.note(EndReason::ClientTruncated);
+        link.abort(EndReason::UpstreamError("reset".into()));
+        assert_eq!(*link.end.lock(), Some(EndReason::ClientTruncated));
     }
 }

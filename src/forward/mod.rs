@@ -14,19 +14,25 @@
 //!  client socket ◀─write── (ticket order) ◀── [TLS lock: seal] ◀──read── upstream socket
 //! ```
 //!
-//! Half-close is carried through: client close_notify (or FIN) shuts down the write side of the
-//! upstream socket and the other direction goes on; upstream EOF sends close_notify (and FIN) to
-//! the client. An error on either side aborts the link: both sockets are shut down, which wakes
-//! the other thread from any blocking read or write, so both threads end promptly. Idleness is
+//! Half-close is carried through: client close_notify shuts down the write side of the upstream
+//! socket and the other direction goes on; upstream EOF sends close_notify (and FIN) to the
+//! client. An error on either side aborts the link: both sockets are shut down, which wakes the
+//! other thread from any blocking read or write, so both threads end promptly. Idleness is
 //! tracked across both directions: `idle_timeout` with no byte either way ends the link, and once
 //! one direction is done the other gets `half_close_timeout` of idleness.
 //!
-//! The state both threads share, and the ticket order of sealed records, live in `link`; read
-//! buffers are borrowed from [`crate::buffers`] only while data flows.
+//! The upstream never takes a broken client stream for a whole one. After a TLS error from the
+//! client (bad record MAC, decode error, unexpected message) or a failed client socket, the
+//! upstream is reset (SO_LINGER 0, then close: RST, not FIN), once the records that were
+//! authentic have been passed on. A client FIN without close_notify is a truncation, logged as
+//! `client_truncated`; the upstream gets a FIN (`truncation = "fin"`, the default, since many
+//! clients close this way) or a reset (`"reset"`).
+//!
+//! The state both threads share, and the ticket order of sealed records, live in `link`; the two
+//! directions in `copy`. Read buffers are borrowed from `crate::buffers` only while data flows.
 
 use std::fmt;
-use std::io::{self, Read, Write};
-use std::net::{Shutdown, TcpStream};
+use std::net::TcpStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,11 +40,13 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use rustls::ServerConnection;
 
-use crate::buffers::{Lent, BUF_SIZE};
+use crate::config::Truncation;
 use crate::pool::ThreadPool;
 use crate::stats::UpstreamStats;
-use link::{Idle, Link};
+use copy::{client_to_upstream, run_direction, upstream_to_client};
+use link::Link;
 
+mod copy;
 mod link;
 
 /// Stack size for the upstream-to-client threads: they only copy through heap buffers and
@@ -52,6 +60,9 @@ pub struct ForwardOptions {
     pub idle_timeout: Duration,
     /// Once one direction is done, the other may stay idle this long.
     pub half_close_timeout: Duration,
+    /// What the upstream gets when the client's stream ends without close_notify (`tls.truncation`).
+    /// The config's default is [`Truncation::Fin`].
+    pub truncation: Truncation,
 }
 
 /// How a forwarded connection ended.
@@ -64,6 +75,9 @@ pub enum EndReason {
     IdleTimeout,
     /// One side finished, and the other stayed idle for `half_close_timeout`.
     HalfCloseTimeout,
+    /// The client's stream ended (TCP FIN) without a TLS close_notify: the upstream got a FIN
+    /// or a reset, as `tls.truncation` says.
+    ClientTruncated,
     /// The client's socket failed (reset, broken pipe).
     ClientError(String),
     /// The client broke the TLS protocol (bad record, unexpected message).
@@ -85,6 +99,7 @@ impl EndReason {
             EndReason::Completed => "completed",
             EndReason::IdleTimeout => "idle_timeout",
             EndReason::HalfCloseTimeout => "half_close_timeout",
+            EndReason::ClientTruncated => "client_truncated",
             EndReason::ClientError(_) => "client_error",
             EndReason::TlsError(_) => "tls_error",
             EndReason::UpstreamError(_) => "upstream_error",
@@ -116,149 +131,6 @@ pub struct ForwardReport {
     pub to_client: u64,
     /// How it ended; the first failure wins over what it caused on the other side.
     pub end: EndReason,
-}
-
-/// Copies client -> upstream until the client finishes sending. `Ok` is a clean finish.
-fn client_to_upstream(link: &Link) -> Result<(), EndReason> {
-    let mut raw = Lent::new();
-    let mut plain = Vec::new();
-    let mut out = Vec::new();
-    // Bytes in `raw` not yet given to rustls. The first pass has none: it forwards what rustls
-    // already holds, since a client's first data often arrives with its last handshake flight.
-    let mut n = 0;
-    loop {
-        let mut closed = false;
-        let mut failure = None;
-        let ticket = {
-            let mut sealer = link.tls.lock();
-            let mut rd: &[u8] = match raw.held() {
-                Some(buf) => &buf[..n],
-                None => &[],
-            };
-            loop {
-                match sealer.conn.reader().read_to_end(&mut plain) {
-                    Ok(_) => {
-                        closed = true;
-                        break;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => {
-                        failure = Some(EndReason::TlsError(e.to_string()));
-                        break;
-                    }
-                }
-                if rd.is_empty() {
-                    break;
-                }
-                if let Err(e) = sealer.conn.read_tls(&mut rd) {
-                    failure = Some(EndReason::TlsError(e.to_string()));
-                    break;
-                }
-                if let Err(e) = sealer.conn.process_new_packets() {
-                    failure = Some(EndReason::TlsError(e.to_string()));
-                    break;
-                }
-            }
-            // Alerts, key-update replies: whatever rustls wants to say goes out in order.
-            sealer.seal(&mut out)
-        };
-        if let Some(ticket) = ticket {
-            if let Err(e) = link.send_to_client(&mut out, ticket) {
-                return Err(EndReason::ClientError(e.to_string()));
-            }
-        }
-        if !plain.is_empty() {
-            if let Err(e) = (&link.upstream).write_all(&plain) {
-                return Err(EndReason::UpstreamError(e.to_string()));
-            }
-            link.touch();
-            let sent = plain.len() as u64;
-            link.to_upstream.fetch_add(sent, Ordering::Relaxed);
-            link.stats
-                .bytes_to_upstream
-                .fetch_add(sent, Ordering::Relaxed);
-            plain.clear();
-        }
-        if let Some(reason) = failure {
-            return Err(reason);
-        }
-        if closed {
-            let _ = link.upstream.shutdown(Shutdown::Write);
-            return Ok(());
-        }
-        if n < BUF_SIZE {
-            // A short read drained the socket: give the buffers back while waiting.
-            raw.release();
-            plain = Vec::new();
-            out = Vec::new();
-        }
-        n = match link.read(&link.client, &mut raw) {
-            Ok(n) => n,
-            Err(Idle(reason)) => return Err(reason),
-        };
-        if link.is_aborted() {
-            return Ok(());
-        }
-        if n == 0 {
-            // FIN without close_notify: most clients half-close this way; treat it like
-            // close_notify rather than as an error.
-            let _ = link.upstream.shutdown(Shutdown::Write);
-            return Ok(());
-        }
-    }
-}
-
-/// Copies upstream -> client until the upstream finishes sending. `Ok` is a clean finish.
-fn upstream_to_client(link: &Link) -> Result<(), EndReason> {
-    let mut buf = Lent::new();
-    let mut out = Vec::new();
-    loop {
-        let n = match link.read(&link.upstream, &mut buf) {
-            Ok(n) => n,
-            Err(Idle(EndReason::ClientError(e))) => return Err(EndReason::UpstreamError(e)),
-            Err(Idle(reason)) => return Err(reason),
-        };
-        if link.is_aborted() {
-            return Ok(());
-        }
-        let ticket = {
-            let mut sealer = link.tls.lock();
-            if n == 0 {
-                sealer.conn.send_close_notify();
-            } else if let Err(e) = sealer.conn.writer().write_all(&buf.get()[..n]) {
-                // Cannot happen with the buffer limit lifted, but never lose bytes silently.
-                return Err(EndReason::TlsError(e.to_string()));
-            }
-            sealer.seal(&mut out)
-        };
-        if let Some(ticket) = ticket {
-            if let Err(e) = link.send_to_client(&mut out, ticket) {
-                return Err(EndReason::ClientError(e.to_string()));
-            }
-        }
-        if n == 0 {
-            let _ = link.client.shutdown(Shutdown::Write);
-            return Ok(());
-        }
-        link.to_client.fetch_add(n as u64, Ordering::Relaxed);
-        link.stats
-            .bytes_to_client
-            .fetch_add(n as u64, Ordering::Relaxed);
-        if n < BUF_SIZE {
-            buf.release();
-            out = Vec::new();
-        }
-    }
-}
-
-/// Runs one direction, and turns its outcome into the link's state: a clean finish
-/// half-closes, a failure aborts both directions.
-fn run_direction(link: &Link, f: fn(&Link) -> Result<(), EndReason>) {
-    match f(link) {
-        Ok(()) => link.mark_half_closed(),
-        Err(reason @ (EndReason::IdleTimeout | EndReason::HalfCloseTimeout)) => link.close(reason),
-        Err(reason) => link.abort(reason),
-    }
 }
 
 /// Ends a forwarded connection from outside its threads: when its upstream is marked DOWN, or
@@ -309,12 +181,7 @@ impl Finisher {
         if self.remaining.fetch_sub(1, Ordering::SeqCst) != 1 {
             return;
         }
-        let end = self
-            .link
-            .first_error
-            .lock()
-            .take()
-            .unwrap_or(EndReason::Completed);
+        let end = self.link.end.lock().take().unwrap_or(EndReason::Completed);
         let report = ForwardReport {
             to_upstream: self.link.to_upstream.load(Ordering::Relaxed),
             to_client: self.link.to_client.load(Ordering::Relaxed),
