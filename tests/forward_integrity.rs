@@ -230,3 +230,59 @@ fn a_client_that_resets_its_connection_resets_the_upstream_too() {
     let end = end_reason(&lb);
     assert!(end.starts_with("\"client_error"), "{end}");
 }
+
+/// `[limits]` for the half-close tests: an idle timeout far beyond any test's patience.
+const HALF_CLOSE_LIMITS: &str = "[limits]\nidle_timeout = \"1h\"\nhalf_close_timeout = \"1s\"\n";
+
+/// Long enough for both copy threads' first read timeouts (the shorter of the two limits) to
+/// pass, so their reads are re-armed with what is left of the hour-long idle timeout: the
+/// state in which a later half-close used to go unnoticed.
+const SETTLE: Duration = Duration::from_millis(2500);
+
+#[test]
+fn a_client_that_finished_is_closed_after_half_close_timeout_of_upstream_silence() {
+    let pki = Pki::new("half-close-client");
+    // Greets, reads to EOF, then neither sends nor closes.
+    let web1 = Upstream::start("web1", Mode::Silent);
+    let (lb, addr) = start_lb(&pki, web1.addr, "", HALF_CLOSE_LIMITS);
+    let mut s = connect(addr, client(&pki)).unwrap();
+    assert_eq!(read_line(&mut s).unwrap(), "web1");
+    std::thread::sleep(SETTLE);
+    s.conn.send_close_notify();
+    s.flush().unwrap();
+    // Within end_reason's 10 s, where an idle timeout of an hour would still be running.
+    assert_eq!(end_reason(&lb), "half_close_timeout");
+    assert_eq!(read_all(&mut s).unwrap(), b"", "closed with close_notify");
+}
+
+/// An upstream that greets, waits `SETTLE`, half-closes, then reads until the client ends.
+fn half_closing_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for sock in listener.incoming() {
+            let Ok(mut sock) = sock else { continue };
+            std::thread::spawn(move || {
+                let _ = sock.set_read_timeout(Some(Duration::from_secs(60)));
+                if sock.write_all(b"hello\n").is_err() {
+                    return;
+                }
+                std::thread::sleep(SETTLE);
+                let _ = sock.shutdown(Shutdown::Write);
+                let _ = sock.read_to_end(&mut Vec::new());
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn an_upstream_that_finished_is_closed_after_half_close_timeout_of_client_silence() {
+    let pki = Pki::new("half-close-upstream");
+    let (lb, addr) = start_lb(&pki, half_closing_upstream(), "", HALF_CLOSE_LIMITS);
+    let mut s = connect(addr, client(&pki)).unwrap();
+    assert_eq!(read_line(&mut s).unwrap(), "hello");
+    // The upstream's half-close arrives as close_notify; the client then says nothing.
+    assert_eq!(read_all(&mut s).unwrap(), b"");
+    assert_eq!(end_reason(&lb), "half_close_timeout");
+}

@@ -175,10 +175,11 @@ pub(super) fn upstream_to_client(link: &Link) -> Result<(), Cut> {
 }
 
 /// Runs one direction, and turns its outcome into the link's state: a clean finish
-/// half-closes, anything else ends both directions.
+/// half-closes (and this thread then keeps watch over the other direction), anything else ends
+/// both directions.
 pub(super) fn run_direction(link: &Link, f: fn(&Link) -> Result<(), Cut>) {
     match f(link) {
-        Ok(()) => link.mark_half_closed(),
+        Ok(()) => link.finish_and_watch(),
         Err(Cut::Close(reason)) => link.close(reason),
         Err(Cut::Abort(reason)) => link.abort(reason),
         Err(Cut::ResetUpstream(reason)) => link.reset_upstream(reason),

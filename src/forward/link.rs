@@ -59,6 +59,9 @@ pub(super) struct Link {
     /// Milliseconds since `started` (plus one, so zero means "not yet") when one direction ended.
     half_closed: AtomicU64,
     aborted: AtomicBool,
+    /// Directions still copying; a direction that finished keeps watch while this is not zero.
+    copying: Mutex<u8>,
+    copying_changed: Condvar,
     /// The first reason the link gave for ending; later ones are what it caused.
     pub(super) end: Mutex<Option<EndReason>>,
     /// This connection's plaintext bytes each way.
@@ -92,6 +95,8 @@ impl Link {
             last_activity: AtomicU64::new(0),
             half_closed: AtomicU64::new(0),
             aborted: AtomicBool::new(false),
+            copying: Mutex::new(2),
+            copying_changed: Condvar::new(),
             end: Mutex::new(None),
             to_upstream: AtomicU64::new(0),
             to_client: AtomicU64::new(0),
@@ -107,13 +112,52 @@ impl Link {
         self.last_activity.store(self.now_ms(), Ordering::Relaxed);
     }
 
-    pub(super) fn mark_half_closed(&self) {
+    fn mark_half_closed(&self) {
         let _ = self.half_closed.compare_exchange(
             0,
             self.now_ms().saturating_add(1),
             Ordering::Relaxed,
             Ordering::Relaxed,
         );
+    }
+
+    /// Called by a direction that finished cleanly. While the other direction still copies,
+    /// this thread keeps watch over `half_close_timeout`, and closes the link once that much
+    /// time passes with no byte moved: the other thread may sit in a read armed with the
+    /// whole idle timeout before the half-close, and nothing can shorten a read in progress.
+    /// Returns when both directions are done or the link has ended.
+    pub(super) fn finish_and_watch(&self) {
+        self.mark_half_closed();
+        let limit = u64::try_from(self.opts.half_close_timeout.as_millis()).unwrap_or(u64::MAX);
+        let mut copying = self.copying.lock();
+        *copying = copying.saturating_sub(1);
+        self.copying_changed.notify_all();
+        loop {
+            if *copying == 0 || self.is_aborted() {
+                return;
+            }
+            let half = self.half_closed.load(Ordering::Relaxed).saturating_sub(1);
+            let since = self.last_activity.load(Ordering::Relaxed).max(half);
+            let idle = self.now_ms().saturating_sub(since);
+            if idle >= limit {
+                drop(copying);
+                self.close(EndReason::HalfCloseTimeout);
+                return;
+            }
+            // Woken early when the other direction finishes or the link ends; on time, the
+            // loop looks again, since bytes may have moved meanwhile.
+            let _ = self
+                .copying_changed
+                .wait_for(&mut copying, Duration::from_millis(limit - idle));
+        }
+    }
+
+    /// Wakes a thread keeping watch, so it sees that the link has ended.
+    fn wake_watch(&self) {
+        // Under the lock: the watcher checks `aborted` under it before waiting, so the wake-up
+        // cannot fall between its check and its wait.
+        let _copying = self.copying.lock();
+        self.copying_changed.notify_all();
     }
 
     /// Records `reason` as how the link ended, unless an earlier reason was recorded.
@@ -132,6 +176,7 @@ impl Link {
         let _ = self.client.shutdown(Shutdown::Both);
         let _ = self.upstream.shutdown(Shutdown::Both);
         self.turn_changed.notify_all();
+        self.wake_watch();
     }
 
     /// Ends the link as [`Link::abort`] does, except that the upstream gets a reset instead of
@@ -148,6 +193,7 @@ impl Link {
         let _ = self.upstream.shutdown(Shutdown::Read);
         let _ = self.client.shutdown(Shutdown::Both);
         self.turn_changed.notify_all();
+        self.wake_watch();
     }
 
     /// Ends the link cleanly for a reason that is not a failure (a timeout, a drain, the
@@ -350,11 +396,16 @@ pub(super) mod tests {
     }
 
     pub(crate) fn parts() -> Parts {
+        parts_with(Duration::from_secs(60))
+    }
+
+    /// As [`parts`], with the given half-close timeout (the idle timeout is an hour).
+    pub(crate) fn parts_with(half_close_timeout: Duration) -> Parts {
         let (server, server_sock, client, client_sock) = tls_pair();
         let (upstream, upstream_peer) = socket_pair();
         let opts = ForwardOptions {
-            idle_timeout: Duration::from_secs(60),
-            half_close_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(3600),
+            half_close_timeout,
             truncation: crate::config::Truncation::Fin,
         };
         let link = Link::new(server, server_sock, upstream, opts, Arc::default());
@@ -503,5 +554,72 @@ pub(super) mod tests {
         link.note(EndReason::ClientTruncated);
         link.abort(EndReason::UpstreamError("reset".into()));
         assert_eq!(*link.end.lock(), Some(EndReason::ClientTruncated));
+    }
+
+    #[test]
+    fn a_finished_direction_closes_the_link_after_half_close_timeout() {
+        let Parts {
+            link,
+            mut client,
+            client_sock,
+            ..
+        } = parts_with(Duration::from_millis(200));
+        let (done_tx, done) = mpsc::channel();
+        let watcher = Arc::clone(&link);
+        std::thread::spawn(move || {
+            watcher.finish_and_watch();
+            let _ = done_tx.send(());
+        });
+        // The other direction never finishes: only the watch can end the link.
+        assert_eq!(done.recv_timeout(Duration::from_secs(10)), Ok(()));
+        assert_eq!(*link.end.lock(), Some(EndReason::HalfCloseTimeout));
+        assert!(link.is_aborted());
+        let mut sock = &client_sock;
+        while client.read_tls(&mut sock).unwrap() > 0 {
+            client.process_new_packets().unwrap();
+        }
+        let mut plain = Vec::new();
+        assert_eq!(
+            client.reader().read_to_end(&mut plain).unwrap(),
+            0,
+            "close_notify, then the end of the stream"
+        );
+    }
+
+    #[test]
+    fn the_watch_ends_quietly_when_the_other_direction_finishes_too() {
+        let Parts { link, .. } = parts_with(Duration::from_secs(3600));
+        let (done_tx, done) = mpsc::channel();
+        let watcher = Arc::clone(&link);
+        std::thread::spawn(move || {
+            watcher.finish_and_watch();
+            let _ = done_tx.send(());
+        });
+        assert!(
+            done.recv_timeout(Duration::from_millis(200)).is_err(),
+            "it keeps watch"
+        );
+        link.finish_and_watch();
+        assert_eq!(done.recv_timeout(Duration::from_secs(10)), Ok(()));
+        assert_eq!(*link.end.lock(), None, "both finished: completed");
+        assert!(!link.is_aborted());
+    }
+
+    #[test]
+    fn the_watch_ends_when_the_link_is_aborted() {
+        let Parts { link, .. } = parts_with(Duration::from_secs(3600));
+        let (done_tx, done) = mpsc::channel();
+        let watcher = Arc::clone(&link);
+        std::thread::spawn(move || {
+            watcher.finish_and_watch();
+            let _ = done_tx.send(());
+        });
+        assert!(
+            done.recv_timeout(Duration::from_millis(200)).is_err(),
+            "it keeps watch"
+        );
+        link.abort(EndReason::UpstreamDown);
+        assert_eq!(done.recv_timeout(Duration::from_secs(10)), Ok(()));
+        assert_eq!(*link.end.lock(), Some(EndReason::UpstreamDown));
     }
 }

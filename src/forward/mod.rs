@@ -19,7 +19,10 @@
 //! client. An error on either side aborts the link: both sockets are shut down, which wakes the
 //! other thread from any blocking read or write, so both threads end promptly. Idleness is
 //! tracked across both directions: `idle_timeout` with no byte either way ends the link, and once
-//! one direction is done the other gets `half_close_timeout` of idleness.
+//! one direction is done the other gets `half_close_timeout` of idleness. The finished
+//! direction's thread keeps watch over that timeout (a read already waiting on the other socket
+//! was armed with the longer idle timeout and cannot be shortened), so a connection holds its
+//! two threads until both directions are done.
 //!
 //! The upstream never takes a broken client stream for a whole one. After a TLS error from the
 //! client (bad record MAC, decode error, unexpected message) or a failed client socket, the
