@@ -219,20 +219,18 @@ impl Sessions {
             .filter(|(u, _)| *u == upstream)
             .map(|(_, a)| a.clone())
             .collect();
-        // Outside the lock: aborting shuts sockets down, which is quick but still a syscall.
-        for a in &doomed {
-            a.abort(reason.clone());
-        }
-        doomed.len()
+        // Outside the lock: closing writes to sockets and waits a moment for them.
+        let n = doomed.len();
+        forward::close_all(doomed, reason);
+        n
     }
 
     /// Ends every session; returns how many.
     pub fn abort_all(&self, reason: EndReason) -> usize {
         let doomed: Vec<Aborter> = self.live.lock().values().map(|(_, a)| a.clone()).collect();
-        for a in &doomed {
-            a.abort(reason.clone());
-        }
-        doomed.len()
+        let n = doomed.len();
+        forward::close_all(doomed, reason);
+        n
     }
 
     /// Sessions being forwarded now.

@@ -146,8 +146,12 @@ pub(super) fn upstream_to_client(link: &Link) -> Result<(), Cut> {
         }
         let ticket = {
             let mut sealer = link.tls.lock();
+            if sealer.is_closed() {
+                // A close is under way: nothing may follow its close_notify.
+                return Ok(());
+            }
             if n == 0 {
-                sealer.conn.send_close_notify();
+                sealer.close_notify();
             } else if let Err(e) = sealer.conn.writer().write_all(&buf.get()[..n]) {
                 // Cannot happen with the buffer limit lifted, but never lose bytes silently.
                 return Err(Cut::Abort(EndReason::TlsError(e.to_string())));

@@ -1,6 +1,7 @@
 //! The state one forwarded connection's two copy threads share: the TLS session and the order
 //! its sealed records go out in, the two sockets, idleness, and how the connection ended.
 
+use std::ffi::c_int;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -15,17 +16,37 @@ use super::{EndReason, ForwardOptions};
 use crate::buffers::Lent;
 use crate::stats::UpstreamStats;
 
-/// How long a clean close waits for its turn to write close_notify before cutting the link.
-pub(super) const CLOSE_NOTIFY_WAIT: Duration = Duration::from_millis(200);
+/// `send` flags for a write that must not block (MSG_DONTWAIT) and must not raise SIGPIPE
+/// (MSG_NOSIGNAL): socket2 passes flags through but does not name them.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+const DONT_WAIT: c_int = 0x40 | 0x4000;
+/// MSG_DONTWAIT on the BSDs and macOS, where std sets SO_NOSIGPIPE on its sockets instead.
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+const DONT_WAIT: c_int = 0x80;
 
 /// The TLS state and the next ticket to hand out, guarded together so a ticket's order is the
 /// order its records were sealed in.
 pub(super) struct Sealer {
     pub(super) conn: ServerConnection,
     next_ticket: u64,
+    /// close_notify has been queued: nothing may be sealed after it.
+    closed: bool,
 }
 
 impl Sealer {
+    /// Queues close_notify (once); whatever is sealed next ends with it.
+    pub(super) fn close_notify(&mut self) {
+        if !self.closed {
+            self.closed = true;
+            self.conn.send_close_notify();
+        }
+    }
+
+    /// Whether close_notify has been queued, after which no data may follow.
+    pub(super) fn is_closed(&self) -> bool {
+        self.closed
+    }
+
     /// Moves every pending TLS record into `out`; returns the ticket to send them under, or
     /// `None` when nothing was pending.
     pub(super) fn seal(&mut self, out: &mut Vec<u8>) -> Option<u64> {
@@ -85,6 +106,7 @@ impl Link {
             tls: Mutex::new(Sealer {
                 conn,
                 next_ticket: 0,
+                closed: false,
             }),
             turn: Mutex::new(0),
             turn_changed: Condvar::new(),
@@ -196,28 +218,6 @@ impl Link {
         self.wake_watch();
     }
 
-    /// Ends the link cleanly for a reason that is not a failure (a timeout, a drain, the
-    /// upstream marked DOWN): the client gets close_notify, if its turn on the socket comes
-    /// within a moment, then both sockets are shut down as in [`Link::abort`].
-    pub(super) fn close(&self, reason: EndReason) {
-        if !self.is_aborted() {
-            // This may run on the health or drain thread: a client that has stopped reading
-            // must not hold it for the whole idle timeout, so the write gets the same short
-            // bound as the wait for its turn.
-            let _ = self.client.set_write_timeout(Some(CLOSE_NOTIFY_WAIT));
-            let mut out = Vec::new();
-            let ticket = {
-                let mut sealer = self.tls.lock();
-                sealer.conn.send_close_notify();
-                sealer.seal(&mut out)
-            };
-            if let Some(ticket) = ticket {
-                let _ = self.send_to_client_within(&mut out, ticket, CLOSE_NOTIFY_WAIT);
-            }
-        }
-        self.abort(reason);
-    }
-
     pub(super) fn is_aborted(&self) -> bool {
         self.aborted.load(Ordering::SeqCst)
     }
@@ -279,29 +279,16 @@ impl Link {
     /// Writes sealed bytes to the client socket when `ticket`'s turn comes, then passes the
     /// turn on, whatever the write's outcome, so the other thread is never left waiting.
     pub(super) fn send_to_client(&self, out: &mut Vec<u8>, ticket: u64) -> io::Result<()> {
-        self.send_to_client_within(out, ticket, Duration::MAX)
-    }
-
-    /// As [`Link::send_to_client`], giving up if the turn has not come within `patience`. A
-    /// caller that gives up must abort the link: its ticket is never used, and the abort is
-    /// what releases whoever waits behind it.
-    fn send_to_client_within(
-        &self,
-        out: &mut Vec<u8>,
-        ticket: u64,
-        patience: Duration,
-    ) -> io::Result<()> {
-        let started = Instant::now();
         {
             let mut turn = self.turn.lock();
             while *turn != ticket {
-                // The holder of the current turn always passes it on; the timeout only guards
-                // against a thread that died between taking and using its ticket.
+                // The holder of the current turn passes it on, or the link is aborted (a
+                // close that gave up on its turn): the timeout is only there to look.
                 let timed_out = self
                     .turn_changed
                     .wait_for(&mut turn, Duration::from_millis(100))
                     .timed_out();
-                if timed_out && (self.is_aborted() || started.elapsed() >= patience) {
+                if timed_out && self.is_aborted() {
                     return Err(io::Error::new(
                         io::ErrorKind::BrokenPipe,
                         "connection aborted",
@@ -311,13 +298,65 @@ impl Link {
         }
         let result = (&self.client).write_all(out);
         out.clear();
-        *self.turn.lock() += 1;
-        self.turn_changed.notify_all();
+        self.pass_turn();
         if result.is_ok() {
             self.touch();
         }
         result
     }
+
+    fn pass_turn(&self) {
+        *self.turn.lock() += 1;
+        self.turn_changed.notify_all();
+    }
+
+    /// Writes as much of `bytes` as the client socket takes at once, if `ticket`'s turn has
+    /// come, waiting neither for the turn nor for room in the socket. Once all of `bytes` is
+    /// out, or the write failed, the turn passes on; a partial write keeps it, so nothing else
+    /// can be written between the rest and what went before.
+    pub(super) fn try_send_to_client(&self, bytes: &[u8], ticket: u64) -> Attempt {
+        if *self.turn.lock() != ticket {
+            return Attempt::NotYourTurn;
+        }
+        let sock = SockRef::from(&self.client);
+        let mut sent = 0;
+        while sent < bytes.len() {
+            match sock.send_with_flags(&bytes[sent..], DONT_WAIT) {
+                Ok(0) => break,
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Attempt::Full(sent),
+                Err(_) => break,
+            }
+        }
+        self.pass_turn();
+        if sent == bytes.len() {
+            self.touch();
+            Attempt::Sent
+        } else {
+            Attempt::Failed
+        }
+    }
+
+    /// Sets SO_LINGER 0 on the client socket: closing it then drops what it could not send
+    /// (to a client that stopped reading) and sends RST, instead of holding both for the
+    /// kernel's retransmission timeouts.
+    pub(super) fn reset_client_on_close(&self) {
+        let _ = SockRef::from(&self.client).set_linger(Some(Duration::ZERO));
+    }
+}
+
+/// What [`Link::try_send_to_client`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Attempt {
+    /// Everything was written; the turn has passed on.
+    Sent,
+    /// An earlier ticket has the turn; nothing was written.
+    NotYourTurn,
+    /// The socket had room for only this many bytes (maybe none); the turn is still ours.
+    Full(usize),
+    /// The socket failed; the turn has passed on.
+    Failed,
 }
 
 /// Why [`Link::read`] returned no data.
@@ -485,15 +524,49 @@ pub(super) mod tests {
     }
 
     #[test]
-    fn a_writer_with_no_patience_left_gives_up_without_writing() {
-        let (link, _, client_sock) = link();
-        let _never_sent = seal(&link, b"first");
-        let (mut second, t1) = seal(&link, b"second");
-        let e = link
-            .send_to_client_within(&mut second, t1, Duration::from_millis(150))
-            .unwrap_err();
-        assert_eq!(e.kind(), io::ErrorKind::BrokenPipe);
+    fn a_try_out_of_turn_writes_nothing_and_a_try_in_turn_passes_the_turn_on() {
+        let (link, mut client, client_sock) = link();
+        let (first, t0) = seal(&link, b"first ");
+        let (second, t1) = seal(&link, b"second");
+        assert_eq!(link.try_send_to_client(&second, t1), Attempt::NotYourTurn);
         assert!(!has_bytes(&client_sock));
+        assert_eq!(link.try_send_to_client(&first, t0), Attempt::Sent);
+        assert_eq!(link.try_send_to_client(&second, t1), Attempt::Sent);
+        assert_eq!(receive(&mut client, &client_sock, 12), b"first second");
+    }
+
+    #[test]
+    fn a_try_on_a_full_socket_keeps_the_turn_until_the_rest_is_out() {
+        let (link, _, mut client_sock) = link();
+        // Not TLS: only the socket and the turn matter here, and the peer reads raw bytes.
+        let bulk = vec![7u8; 64 << 20];
+        let sent = match link.try_send_to_client(&bulk, 0) {
+            Attempt::Full(n) => n,
+            other => panic!("64 MiB fit in a loopback socket that nobody reads: {other:?}"),
+        };
+        assert!(sent > 0 && sent < bulk.len(), "{sent}");
+        assert_eq!(link.try_send_to_client(b"after", 1), Attempt::NotYourTurn);
+        let reader = std::thread::spawn(move || {
+            let mut all = Vec::new();
+            client_sock.read_to_end(&mut all).unwrap();
+            all.len()
+        });
+        let mut rest = &bulk[sent..];
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !rest.is_empty() && Instant::now() < deadline {
+            match link.try_send_to_client(rest, 0) {
+                Attempt::Full(n) => {
+                    rest = &rest[n..];
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Attempt::Sent => rest = &[],
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(rest.is_empty(), "the rest went out as the peer read");
+        assert_eq!(link.try_send_to_client(b"after", 1), Attempt::Sent);
+        link.abort(EndReason::Shutdown);
+        assert_eq!(reader.join().unwrap(), bulk.len() + 5);
     }
 
     #[test]

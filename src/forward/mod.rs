@@ -49,6 +49,7 @@ use crate::stats::UpstreamStats;
 use copy::{client_to_upstream, run_direction, upstream_to_client};
 use link::Link;
 
+mod close;
 mod copy;
 mod link;
 
@@ -143,10 +144,21 @@ pub struct Aborter(Arc<Link>);
 
 impl Aborter {
     /// Sends the client close_notify (if it can within a moment) and shuts both sockets down;
-    /// the connection ends with `reason` unless it already failed.
+    /// the connection ends with `reason` unless it already failed. To end many connections,
+    /// [`close_all`] takes one such moment for all of them.
     pub fn abort(&self, reason: EndReason) {
         self.0.close(reason);
     }
+}
+
+/// Ends every connection in `links` as [`Aborter::abort`] does, in about the time one of them
+/// takes (200 ms at most for their close_notify alerts, in all): the alerts are written without
+/// waiting on any client, those that could not go out are tried again while that moment lasts,
+/// then every connection is shut down, and clients that did not take their alert are reset.
+/// For drains and for closing an upstream's connections when it goes DOWN.
+pub fn close_all(links: Vec<Aborter>, reason: EndReason) {
+    let links: Vec<&Link> = links.iter().map(|a| &*a.0).collect();
+    close::close_links(&links, &reason);
 }
 
 impl fmt::Debug for Aborter {
