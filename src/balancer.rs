@@ -141,6 +141,8 @@ pub enum BalanceError {
     NoUpstream,
     /// Every connect attempt failed; each attempt's upstream and error.
     UpstreamConnect(Vec<(String, io::Error)>),
+    /// The connection's two copy threads could not be had; no upstream was connected.
+    Capacity(io::Error),
 }
 
 impl BalanceError {
@@ -150,6 +152,7 @@ impl BalanceError {
             BalanceError::RateLimited | BalanceError::TooManyConnections(_) => Refusal::RateLimited,
             BalanceError::NoUpstream => Refusal::NoUpstream,
             BalanceError::UpstreamConnect(_) => Refusal::UpstreamConnect,
+            BalanceError::Capacity(_) => Refusal::Capacity,
         }
     }
 }
@@ -172,6 +175,7 @@ impl fmt::Display for BalanceError {
                 }
                 Ok(())
             }
+            BalanceError::Capacity(e) => write!(f, "cannot start the copy threads: {e}"),
         }
     }
 }
@@ -489,6 +493,15 @@ impl Balancer {
             tls::close_gracefully(&mut client.tls, &client.sock);
             return Err(BalanceError::TooManyConnections(limits.max_concurrent));
         };
+        // Before any upstream is touched: a connection that could not be copied must be
+        // refused, not connected and then dropped.
+        let threads = match self.copy_pool.reserve(2) {
+            Ok(threads) => threads,
+            Err(e) => {
+                tls::close_gracefully(&mut client.tls, &client.sock);
+                return Err(BalanceError::Capacity(e));
+            }
+        };
 
         let mut tried: Vec<UpstreamId> = Vec::new();
         let mut failures: Vec<(String, io::Error)> = Vec::new();
@@ -546,7 +559,7 @@ impl Balancer {
                 half_close_timeout: opts.half_close_timeout,
                 truncation: opts.truncation,
             },
-            &self.copy_pool,
+            threads,
             |aborter| sessions.register(key, id, aborter),
             Box::new(move |report| {
                 // The count, the client's slot and the registration go before the callback

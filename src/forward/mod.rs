@@ -44,7 +44,7 @@ use parking_lot::Mutex;
 use rustls::ServerConnection;
 
 use crate::config::Truncation;
-use crate::pool::ThreadPool;
+use crate::pool::Reservation;
 use crate::stats::UpstreamStats;
 use copy::{client_to_upstream, run_direction, upstream_to_client};
 use link::Link;
@@ -88,7 +88,8 @@ pub enum EndReason {
     TlsError(String),
     /// The upstream's socket failed (reset, broken pipe).
     UpstreamError(String),
-    /// The upstream-to-client thread could not be started.
+    /// A copy thread could not be started (only when `forward` was given fewer than the two
+    /// reserved threads it needs).
     Spawn(String),
     /// The upstream was marked DOWN and `shutdown_sessions_on_down` is set.
     UpstreamDown,
@@ -223,15 +224,18 @@ impl Drop for DirectionDone {
 }
 
 /// Starts forwarding a TLS client (handshake complete) to a connected upstream and returns at
-/// once: two threads from `pool`, one per direction, copy until both directions are done, then
-/// both sockets close and `on_end` gets the report, from whichever thread finished last.
-/// `on_start` receives a handle that can end the connection from elsewhere, before any byte is
-/// copied. If no thread can be had, the connection is ended and `on_end` is called before this
-/// returns.
+/// once: two threads, one per direction, copy until both directions are done, then both sockets
+/// close and `on_end` gets the report, from whichever thread finished last. `on_start` receives
+/// a handle that can end the connection from elsewhere, before any byte is copied.
+///
+/// The threads are `threads`, reserved beforehand (`ThreadPool::reserve(2)`) so that starting
+/// them cannot fail once the upstream is connected. Given fewer, the missing ones are started
+/// here; if that fails, the connection ends as [`EndReason::Spawn`] and `on_end` is called
+/// before this returns.
 pub fn forward(
     connected: Connected,
     opts: ForwardOptions,
-    pool: &ThreadPool,
+    mut threads: Reservation,
     on_start: impl FnOnce(Aborter),
     on_end: OnEnd,
 ) {
@@ -258,7 +262,7 @@ pub fn forward(
     for direction in [client_to_upstream, upstream_to_client] {
         let done = DirectionDone(Arc::clone(&finisher));
         let job_link = Arc::clone(&link);
-        let started = pool.execute(move || {
+        let started = threads.run(move || {
             let _done = done;
             run_direction(&job_link, direction);
         });
