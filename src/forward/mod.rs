@@ -53,19 +53,22 @@ mod close;
 mod copy;
 mod link;
 
-/// Stack size for the upstream-to-client threads: they only copy through heap buffers and
-/// seal records, so a small stack lets thousands of connections fit.
+/// Stack size for the copy threads: they only copy through heap buffers and seal records, so a
+/// small stack lets thousands of connections fit.
 pub const COPY_THREAD_STACK: usize = 128 * 1024;
 
-/// Timeouts and naming for one forwarded connection.
+/// Timeouts and end-of-stream policy for one forwarded connection. The balancer fills them from
+/// its options, whose defaults are the config's.
 #[derive(Debug, Clone)]
 pub struct ForwardOptions {
-    /// No byte either way for this long ends the connection.
+    /// No byte either way for this long ends the connection (`limits.idle_timeout`, default
+    /// 10m).
     pub idle_timeout: Duration,
-    /// Once one direction is done, the other may stay idle this long.
+    /// Once one direction is done, the other may stay idle this long
+    /// (`limits.half_close_timeout`, default 30s).
     pub half_close_timeout: Duration,
-    /// What the upstream gets when the client's stream ends without close_notify (`tls.truncation`).
-    /// The config's default is [`Truncation::Fin`].
+    /// What the upstream gets when the client's stream ends without close_notify
+    /// (`tls.truncation`, default [`Truncation::Fin`]).
     pub truncation: Truncation,
 }
 
@@ -134,7 +137,8 @@ pub struct ForwardReport {
     pub to_upstream: u64,
     /// Plaintext bytes copied from the upstream to the client.
     pub to_client: u64,
-    /// How it ended; the first failure wins over what it caused on the other side.
+    /// How it ended: the first reason recorded (a truncation, a failure, a timeout, a close
+    /// from outside) wins over what it caused on the other side.
     pub end: EndReason,
 }
 
@@ -152,6 +156,12 @@ impl Aborter {
     }
 }
 
+impl fmt::Debug for Aborter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Aborter").finish_non_exhaustive()
+    }
+}
+
 /// Ends every connection in `links` as [`Aborter::abort`] does, in about the time one of them
 /// takes (200 ms at most for their close_notify alerts, in all): the alerts are written without
 /// waiting on any client, those that could not go out are tried again while that moment lasts,
@@ -160,12 +170,6 @@ impl Aborter {
 pub fn close_all(links: Vec<Aborter>, reason: EndReason) {
     let links: Vec<&Link> = links.iter().map(|a| &*a.0).collect();
     close::close_links(&links, &reason);
-}
-
-impl fmt::Debug for Aborter {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Aborter").finish_non_exhaustive()
-    }
 }
 
 /// A client and the upstream it was given, ready to be joined.
