@@ -64,6 +64,7 @@ impl From<BalanceError> for Refused {
         let reason = match e {
             BalanceError::NoUpstream => Refusal::NoUpstream,
             BalanceError::UpstreamConnect(_) => Refusal::UpstreamConnect,
+            BalanceError::Capacity(_) => Refusal::Capacity,
         };
         Refused::new(reason, e)
     }

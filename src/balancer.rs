@@ -18,7 +18,7 @@ use std::time::Duration;
 use parking_lot::RwLock;
 use rustls::ServerConnection;
 
-use crate::config::Config;
+use crate::config::{Config, Truncation};
 use crate::forward::{
     self, Connected, EndReason, ForwardOptions, ForwardReport, COPY_THREAD_STACK,
 };
@@ -42,6 +42,9 @@ pub struct BalancerOptions {
     /// How long an idle copy thread is kept for reuse (read when the balancer is built).
     /// Default 30s.
     pub thread_keep_alive: Duration,
+    /// What the upstream gets when a client ends without close_notify. Default
+    /// [`Truncation::Fin`].
+    pub truncation: Truncation,
 }
 
 impl Default for BalancerOptions {
@@ -54,6 +57,7 @@ impl Default for BalancerOptions {
             half_close_timeout: limits.half_close_timeout,
             shutdown_sessions_on_down: false,
             thread_keep_alive: crate::config::DEFAULT_THREAD_KEEP_ALIVE,
+            truncation: Truncation::default(),
         }
     }
 }
@@ -68,6 +72,7 @@ impl BalancerOptions {
             half_close_timeout: config.limits.half_close_timeout,
             shutdown_sessions_on_down: config.health_check.shutdown_sessions_on_down,
             thread_keep_alive: config.limits.thread_keep_alive,
+            truncation: config.tls.truncation,
         }
     }
 }
@@ -89,6 +94,8 @@ pub enum BalanceError {
     NoUpstream,
     /// Every connect attempt failed; each attempt's upstream and error.
     UpstreamConnect(Vec<(String, io::Error)>),
+    /// The connection's two copy threads could not be had; no upstream was connected.
+    Capacity(io::Error),
 }
 
 impl fmt::Display for BalanceError {
@@ -102,6 +109,7 @@ impl fmt::Display for BalanceError {
                 }
                 Ok(())
             }
+            BalanceError::Capacity(e) => write!(f, "cannot start the copy threads: {e}"),
         }
     }
 }
@@ -217,6 +225,15 @@ impl Balancer {
         on_end: impl FnOnce(Session) + Send + 'static,
     ) -> Result<(), Box<Unbalanced>> {
         let opts = self.opts.read().clone();
+        // Before any upstream is touched: a connection that could not be copied must be
+        // refused, not connected and then dropped.
+        let threads = match self.copy_pool.reserve(2) {
+            Ok(threads) => threads,
+            Err(e) => {
+                let error = BalanceError::Capacity(e);
+                return Err(Box::new(Unbalanced { client, error }));
+            }
+        };
         let mut tried: Vec<UpstreamId> = Vec::new();
         let mut failures: Vec<(String, io::Error)> = Vec::new();
         let (guard, target, upstream_sock) = loop {
@@ -271,8 +288,9 @@ impl Balancer {
             ForwardOptions {
                 idle_timeout: opts.idle_timeout,
                 half_close_timeout: opts.half_close_timeout,
+                truncation: opts.truncation,
             },
-            &self.copy_pool,
+            threads,
             on_start,
             Box::new(move |report| {
                 // The count and the registration go before the callback runs, so whatever it

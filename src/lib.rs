@@ -34,6 +34,7 @@ pub mod access;
 pub mod admission;
 pub mod authz;
 pub mod balancer;
+mod buffers;
 pub mod config;
 pub mod forward;
 pub mod health;

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use crate::forward::{Aborter, EndReason};
+use crate::forward::{self, Aborter, EndReason};
 use crate::table::UpstreamId;
 
 /// The connections being forwarded now.
@@ -88,11 +88,10 @@ impl Sessions {
     }
 }
 
-/// Closes `doomed` (outside the registry's lock); returns how many.
+/// Closes `doomed` together (outside the registry's lock: closing writes to sockets and waits
+/// a moment for them); returns how many.
 fn close(doomed: Vec<Aborter>, reason: EndReason) -> usize {
     let n = doomed.len();
-    for a in &doomed {
-        a.abort(reason.clone());
-    }
+    forward::close_all(doomed, reason);
     n
 }

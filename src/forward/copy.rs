@@ -1,0 +1,191 @@
+//! The two directions of a forwarded connection, each run by its own thread, and how the way a
+//! direction ends becomes the way the link ends.
+
+use std::io::{Read, Write};
+use std::net::Shutdown;
+use std::sync::atomic::Ordering;
+
+use super::link::{Link, ReadEnd};
+use super::EndReason;
+use crate::buffers::{Lent, BUF_SIZE};
+use crate::config::Truncation;
+
+/// How a direction that did not finish cleanly ends the whole link.
+pub(super) enum Cut {
+    /// A limit ran out: close_notify to the client, if it can be had quickly, then both
+    /// sockets are shut down.
+    Close(EndReason),
+    /// A socket failed: both sockets are shut down at once.
+    Abort(EndReason),
+    /// The client's stream broke (a TLS error, a truncation, a failed client socket): as
+    /// `Abort`, but the upstream is reset, so it never takes what it got for a whole stream.
+    ResetUpstream(EndReason),
+}
+
+/// Copies client -> upstream until the client finishes sending. `Ok` is a clean finish, or a
+/// truncation that `truncation = "fin"` lets through as one.
+pub(super) fn client_to_upstream(link: &Link) -> Result<(), Cut> {
+    let mut raw = Lent::new();
+    let mut plain = Vec::new();
+    let mut out = Vec::new();
+    // Bytes in `raw` not yet given to rustls. The first pass has none: it forwards what rustls
+    // already holds, since a client's first data often arrives with its last handshake flight.
+    let mut n = 0;
+    loop {
+        let mut closed = false;
+        let mut failure = None;
+        let ticket = {
+            let mut sealer = link.tls.lock();
+            let mut rd: &[u8] = match raw.held() {
+                Some(buf) => &buf[..n],
+                None => &[],
+            };
+            loop {
+                match sealer.conn.reader().read_to_end(&mut plain) {
+                    Ok(_) => {
+                        closed = true;
+                        break;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => {
+                        failure = Some(EndReason::TlsError(e.to_string()));
+                        break;
+                    }
+                }
+                if rd.is_empty() {
+                    break;
+                }
+                let processed = match sealer.conn.read_tls(&mut rd) {
+                    Ok(_) => sealer
+                        .conn
+                        .process_new_packets()
+                        .map(|_| ())
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                if let Err(e) = processed {
+                    // Records before the bad one were authentic: they still go through.
+                    let _ = sealer.conn.reader().read_to_end(&mut plain);
+                    failure = Some(EndReason::TlsError(e));
+                    break;
+                }
+            }
+            // Alerts, key-update replies: whatever rustls wants to say goes out in order.
+            sealer.seal(&mut out)
+        };
+        if let Some(ticket) = ticket {
+            if let Err(e) = link.send_to_client(&mut out, ticket) {
+                return Err(Cut::ResetUpstream(EndReason::ClientError(e.to_string())));
+            }
+        }
+        if !plain.is_empty() {
+            if let Err(e) = (&link.upstream).write_all(&plain) {
+                return Err(Cut::Abort(EndReason::UpstreamError(e.to_string())));
+            }
+            link.touch();
+            let sent = plain.len() as u64;
+            link.to_upstream.fetch_add(sent, Ordering::Relaxed);
+            link.stats
+                .bytes_to_upstream
+                .fetch_add(sent, Ordering::Relaxed);
+            plain.clear();
+        }
+        if let Some(reason) = failure {
+            return Err(Cut::ResetUpstream(reason));
+        }
+        if closed {
+            let _ = link.upstream.shutdown(Shutdown::Write);
+            return Ok(());
+        }
+        if n < BUF_SIZE {
+            // A short read drained the socket: give the buffers back while waiting.
+            raw.release();
+            plain = Vec::new();
+            out = Vec::new();
+        }
+        n = match link.read(&link.client, &mut raw) {
+            Ok(n) => n,
+            Err(ReadEnd::Idle(reason)) => return Err(Cut::Close(reason)),
+            Err(ReadEnd::Failed(e)) => {
+                return Err(Cut::ResetUpstream(EndReason::ClientError(e.to_string())))
+            }
+        };
+        if link.is_aborted() {
+            return Ok(());
+        }
+        if n == 0 {
+            // FIN without close_notify: what a truncation attack looks like, and also how
+            // many clients half-close. Either way it is recorded; the config says which the
+            // upstream is told.
+            return match link.opts.truncation {
+                Truncation::Fin => {
+                    link.note(EndReason::ClientTruncated);
+                    let _ = link.upstream.shutdown(Shutdown::Write);
+                    Ok(())
+                }
+                Truncation::Reset => Err(Cut::ResetUpstream(EndReason::ClientTruncated)),
+            };
+        }
+    }
+}
+
+/// Copies upstream -> client until the upstream finishes sending. `Ok` is a clean finish.
+pub(super) fn upstream_to_client(link: &Link) -> Result<(), Cut> {
+    let mut buf = Lent::new();
+    let mut out = Vec::new();
+    loop {
+        let n = match link.read(&link.upstream, &mut buf) {
+            Ok(n) => n,
+            Err(ReadEnd::Idle(reason)) => return Err(Cut::Close(reason)),
+            Err(ReadEnd::Failed(e)) => {
+                return Err(Cut::Abort(EndReason::UpstreamError(e.to_string())))
+            }
+        };
+        if link.is_aborted() {
+            return Ok(());
+        }
+        let ticket = {
+            let mut sealer = link.tls.lock();
+            if sealer.is_closed() {
+                // A close is under way: nothing may follow its close_notify.
+                return Ok(());
+            }
+            if n == 0 {
+                sealer.close_notify();
+            } else if let Err(e) = sealer.conn.writer().write_all(&buf.get()[..n]) {
+                // Cannot happen with the buffer limit lifted, but never lose bytes silently.
+                return Err(Cut::Abort(EndReason::TlsError(e.to_string())));
+            }
+            sealer.seal(&mut out)
+        };
+        if let Some(ticket) = ticket {
+            if let Err(e) = link.send_to_client(&mut out, ticket) {
+                return Err(Cut::Abort(EndReason::ClientError(e.to_string())));
+            }
+        }
+        if n == 0 {
+            let _ = link.client.shutdown(Shutdown::Write);
+            return Ok(());
+        }
+        link.to_client.fetch_add(n as u64, Ordering::Relaxed);
+        link.stats
+            .bytes_to_client
+            .fetch_add(n as u64, Ordering::Relaxed);
+        if n < BUF_SIZE {
+            buf.release();
+            out = Vec::new();
+        }
+    }
+}
+
+/// Runs one direction, and turns its outcome into the link's state: a clean finish
+/// half-closes (and this thread then keeps watch over the other direction), anything else ends
+/// both directions.
+pub(super) fn run_direction(link: &Link, f: fn(&Link) -> Result<(), Cut>) {
+    match f(link) {
+        Ok(()) => link.finish_and_watch(),
+        Err(Cut::Close(reason)) => link.close(reason),
+        Err(Cut::Abort(reason)) => link.abort(reason),
+        Err(Cut::ResetUpstream(reason)) => link.reset_upstream(reason),
+    }
+}
