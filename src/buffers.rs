@@ -8,7 +8,7 @@
 //! [`MAX_SPARE`] buffers, so a burst of traffic does not pin its peak memory for ever.
 //!
 //! This module only lends memory; when to read, and when a socket counts as drained, is the
-//! forwarder's business ([`crate::forward`]).
+//! forwarder's business (the forward module).
 
 use parking_lot::Mutex;
 
