@@ -191,6 +191,7 @@ fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::wait_for;
     use parking_lot::Mutex;
     use std::net::TcpListener;
     use std::time::Instant;
@@ -219,17 +220,6 @@ mod tests {
                 Err("scripted failure".into())
             }
         }
-    }
-
-    fn wait_for(what: impl Fn() -> bool) -> bool {
-        let until = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < until {
-            if what() {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        false
     }
 
     #[test]

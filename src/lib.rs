@@ -1,28 +1,41 @@
 //! lclb: a least-connection TCP load balancer with mutual TLS.
 //!
 //! ```text
-//!             ┌──────── lclb ─────────────────────────────────────────────┐
-//!  client ──▶ │ accept ─▶ handshake ─▶ CN ─▶ authorize ─▶ rate limit ─▶    │
-//!  (mTLS)     │  (thread per connection)       least-loaded UP upstream ─┼──▶ upstream
-//!             │ ◀──────── two copy threads, one per direction ──────────▶ │    (TCP)
-//!             └───────────────────────────────────────────────────────────┘
+//!             ┌──────── lclb ──────────────────────────────────────────────────┐
+//!  client ──▶ │ accept ─▶ admission ─▶ handshake ─▶ admission ─▶ least-loaded   │
+//!  (mTLS)     │ (server)  (per address,  (tls:      (identity, authz,  UP upstream ┼──▶ upstream
+//!             │            capacity)      identity)  client limits)   (balancer)  │    (TCP)
+//!             │ ◀──────────── two copy threads, one per direction (forward) ─────▶ │
+//!             └────────────────────────────────────────────────────────────────────┘
 //! ```
 //!
 //! Clients connect over TLS with a certificate signed by the configured CA; the certificate's
 //! subject CN is the client's identity. The identity's `[[client]]` entry says which upstream
-//! groups it may reach (no entry: refused). Its token bucket says whether it may open another
-//! connection now. The connection then goes to the allowed, healthy upstream with the fewest
-//! active connections (per unit of weight), and bytes are copied both ways until both sides are
-//! done. A dedicated thread health-checks the upstreams.
+//! groups it may reach (no entry: refused) and under which rate and concurrency limits. The
+//! connection then goes to the allowed, healthy upstream with the fewest active connections (per
+//! unit of weight), and bytes are copied both ways until both sides are done. A dedicated thread
+//! health-checks the upstreams.
 //!
 //! The shape is deliberately synchronous: a blocking listener, a thread per connection for the
-//! handshake and routing, then two OS threads per connection for the copy. No async runtime.
+//! handshake and routing, then two OS threads per connection for the copy (all from pools). No
+//! async runtime.
 //!
-//! Modules, each owning one concept: [`config`] (the file and its validation), [`tls`]
-//! (handshake and identity), [`authz`] (who may reach what), [`ratelimit`] (token buckets),
-//! [`table`] (least-connection counts), [`health`] (rise/fall and probes), [`forward`] (the two
-//! copy threads), [`balancer`] (the library API: rate limit, pick, forward), [`server`] (listener
-//! and per-connection threads), [`stats`] (counters).
+//! One connection, top to bottom, is one module after another, and no module imports one
+//! above it: `server` (the listener, the one place refusals are counted and logged, reloads,
+//! the drain) → `admission` (the gate before the handshake: per-address rate and handshake
+//! cap, capacity; and after it: the peer check, identity, authorization, per-client rate and
+//! concurrency; it returns RAII permits or typed refusals) → `tls` (the handshake, identity,
+//! resumption re-verification, CRL freshness) → `authz` (each identity's policy) → `balancer`
+//! (pick, connect, retry; hands the client back when nothing can be had) → `table` (one record
+//! per upstream: counts, weight, health state, counters) → `forward` (the two copy threads,
+//! ticket-ordered records, half-close, integrity on errors) → `access` (the access log).
+//! Beside that path: `config` (the file, in two stages), `ratelimit` (token buckets), `health`
+//! (the prober thread), `sessions` (the forwarded connections that health, drain and reload can
+//! end), `refusal_log` (refusal lines without flood or stall), `metrics` (the Prometheus
+//! endpoint), `stats` (counters and the refusal reasons), `threads` (the thread budget),
+//! `pool` (reused threads), `buffers` (read buffers lent while data flows). Modules are private;
+//! the interface is re-exported here, and `cargo doc --document-private-items` shows each
+//! module's own documentation.
 //!
 //! As a library, the balancer mirrors the original Go API: [`Balancer::new`] takes the upstreams,
 //! and [`Balancer::balance`] takes a client, its identity and its allowed upstreams.
@@ -30,26 +43,67 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-pub mod access;
-pub mod admission;
-pub mod authz;
-pub mod balancer;
-mod buffers;
+// The configuration model is a namespace of its own (its many constants and section types);
+// every other module is private, and what it offers the outside is re-exported below.
 pub mod config;
-pub mod forward;
-pub mod health;
-pub mod metrics;
-pub mod pool;
-pub mod ratelimit;
-pub mod refusal_log;
-pub mod server;
-pub mod sessions;
-pub mod stats;
-pub mod table;
-pub mod threads;
-pub mod tls;
 
+mod access;
+mod admission;
+mod authz;
+mod balancer;
+mod buffers;
+mod forward;
+mod health;
+mod metrics;
+mod pool;
+mod ratelimit;
+mod refusal_log;
+mod server;
+mod sessions;
+mod stats;
+mod table;
+mod threads;
+mod tls;
+
+// The library's whole interface, in one place.
+pub use access::{format as log_format, json_line, TARGET as ACCESS_LOG_TARGET};
+pub use admission::{address_key, Admission, Handshaking, Permit, Refused};
+pub use authz::{Authorizer, Policy};
 pub use balancer::{BalanceError, Balancer, BalancerOptions, Client, Session, Unbalanced};
 pub use config::{Config, ConfigError};
-pub use server::{Server, ShutdownHandle, StartError};
-pub use table::{Upstream, UpstreamId};
+pub use forward::{Aborter, EndReason, ForwardReport};
+pub use metrics::{
+    render as render_metrics, MetricsServer, MAX_IN_FLIGHT as METRICS_MAX_IN_FLIGHT,
+    REQUEST_DEADLINE as METRICS_REQUEST_DEADLINE,
+};
+pub use ratelimit::{Clock, RateLimiter, SystemClock};
+pub use server::{Runtime, Server, Shared, ShutdownHandle, StartError};
+pub use sessions::{Registration, Sessions};
+pub use stats::{HandshakeHistogram, Refusal, Stats, UpstreamStats};
+pub use table::{ConnGuard, Flip, Target, Upstream, UpstreamId, UpstreamTable, UpstreamView};
+pub use threads::{
+    connection_cap, thread_limit, LimitSource, ThreadLimit, RESERVED_THREADS,
+    THREADS_PER_CONNECTION,
+};
+pub use tls::{
+    install_default_provider, provider, CrlInfo, HandshakeError, IdentityError, PeerError,
+    SessionCache, TlsContext,
+};
+
+/// Helpers shared by the unit tests.
+#[cfg(test)]
+mod testing {
+    use std::time::{Duration, Instant};
+
+    /// Polls `what` until it holds; false after 10 s.
+    pub fn wait_for(what: impl Fn() -> bool) -> bool {
+        let until = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < until {
+            if what() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        false
+    }
+}

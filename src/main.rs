@@ -4,9 +4,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use lclb::access;
 use lclb::config::LogFormat;
-use lclb::metrics::MetricsServer;
+use lclb::MetricsServer;
 use lclb::{Config, Server};
 
 const USAGE: &str = "\
@@ -79,7 +78,7 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
         Command::PrintDefault => print!("{}", lclb::config::DEFAULT_CONFIG),
         Command::Check { config } => {
             let loaded = Config::load(&config)?;
-            lclb::tls::TlsContext::load(&loaded.tls)?;
+            lclb::TlsContext::load(&loaded.tls)?;
             println!(
                 "{}: configuration OK ({} upstream(s), {} client(s))",
                 config.display(),
@@ -157,9 +156,8 @@ fn init_logging() {
         .format(|buf, record| {
             let ts = buf.timestamp_millis().to_string();
             let message = record.args().to_string();
-            if access::format() == LogFormat::Json {
-                let line =
-                    access::json_line(&ts, record.level().as_str(), record.target(), &message);
+            if lclb::log_format() == LogFormat::Json {
+                let line = lclb::json_line(&ts, record.level().as_str(), record.target(), &message);
                 writeln!(buf, "{line}")
             } else {
                 writeln!(
@@ -175,7 +173,7 @@ fn init_logging() {
 
 fn main() -> ExitCode {
     init_logging();
-    lclb::tls::install_default_provider();
+    lclb::install_default_provider();
     let command = match parse_args(std::env::args().skip(1)) {
         Ok(c) => c,
         Err(e) => {

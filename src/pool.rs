@@ -172,11 +172,13 @@ impl Reservation {
     }
 
     /// Reserved threads not used yet.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.left
     }
 
     /// Whether every reserved thread has been used.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.left == 0
     }
@@ -235,19 +237,8 @@ fn work(inner: &Arc<Inner>, first: Option<Job>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::wait_for;
     use std::sync::atomic::AtomicU64;
-    use std::time::Instant;
-
-    fn wait_for(what: impl Fn() -> bool) -> bool {
-        let until = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < until {
-            if what() {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        false
-    }
 
     #[test]
     fn every_job_runs_and_threads_are_reused() {

@@ -95,7 +95,7 @@ impl<K: Hash + Eq> Default for RateLimiter<K> {
 }
 
 impl<K: Hash + Eq> RateLimiter<K> {
-    /// An empty limiter reading time from `clock`, tracking at most [`DEFAULT_MAX_KEYS`] keys.
+    /// An empty limiter reading time from `clock`, tracking at most `DEFAULT_MAX_KEYS` keys.
     pub fn new(clock: Box<dyn Clock>) -> RateLimiter<K> {
         RateLimiter::with_max_keys(clock, DEFAULT_MAX_KEYS)
     }

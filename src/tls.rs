@@ -141,7 +141,7 @@ const TLS13_TICKETS: usize = 1;
 /// The server side of TLS session resumption: TLS 1.2 sessions and TLS 1.3 tickets, shared by
 /// every [`TlsContext`] a server loads so that clients keep resuming across reloads.
 ///
-/// Cloning shares the one cache. Default: [`SESSION_CACHE_ENTRIES`] sessions; the oldest are
+/// Cloning shares the one cache. Default: `SESSION_CACHE_ENTRIES` sessions; the oldest are
 /// dropped first.
 #[derive(Clone)]
 pub struct SessionCache(Arc<ServerSessionMemoryCache>);

@@ -6,7 +6,7 @@ mod support;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 
-use lclb::stats::Refusal;
+use lclb::Refusal;
 use rcgen::date_time_ymd;
 use support::*;
 

@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
-use lclb::stats::Refusal;
+use lclb::Refusal;
 use support::*;
 
 /// nextUpdate of the stale CRLs below: 2021-01-01T00:00:00Z.

@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use lclb::stats::Refusal;
+use lclb::Refusal;
 use rcgen::{
     date_time_ymd, CertificateRevocationListParams, KeyIdMethod, RevocationReason,
     RevokedCertParams, SerialNumber,

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use lclb::metrics::{MetricsServer, MAX_IN_FLIGHT};
+use lclb::{MetricsServer, METRICS_MAX_IN_FLIGHT as MAX_IN_FLIGHT};
 use support::*;
 
 /// Sends `request` to `addr` and reads the whole answer, waiting at most `patience` for it.

@@ -7,8 +7,8 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use lclb::metrics::MetricsServer;
-use lclb::stats::Refusal;
+use lclb::MetricsServer;
+use lclb::Refusal;
 use support::*;
 
 /// GETs `path` from `addr`; returns the status line and the body.

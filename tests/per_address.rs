@@ -6,7 +6,7 @@ mod support;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::Ordering;
 
-use lclb::stats::Refusal;
+use lclb::Refusal;
 use support::*;
 
 /// A dual-stack listener: IPv4 clients arrive as IPv4-mapped IPv6 addresses, and `::1` shares

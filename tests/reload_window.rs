@@ -9,7 +9,7 @@ use std::net::TcpStream;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use lclb::stats::Refusal;
+use lclb::Refusal;
 use rustls::pki_types::ServerName;
 use rustls::{ClientConnection, StreamOwned};
 use support::*;

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
-use lclb::stats::Refusal;
+use lclb::Refusal;
 use rcgen::{
     date_time_ymd, CertificateRevocationListParams, KeyIdMethod, RevocationReason,
     RevokedCertParams, SerialNumber,
@@ -202,7 +202,7 @@ fn resumptions_are_a_metric() {
     echo(&lb, cfg.clone());
     assert_eq!(echo(&lb, cfg), HandshakeKind::Resumed);
     assert!(lb.wait_for(|st| st.tls_resumptions.load(Ordering::SeqCst) == 1));
-    let text = lclb::metrics::render(&lb.shared);
+    let text = lclb::render_metrics(&lb.shared);
     assert!(
         text.contains("# TYPE lclb_tls_resumptions_total counter\nlclb_tls_resumptions_total 1\n"),
         "{text}"

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use lclb::threads::{RESERVED_THREADS, THREADS_PER_CONNECTION};
+use lclb::{RESERVED_THREADS, THREADS_PER_CONNECTION};
 use support::*;
 
 /// The cgroup v1 pids hierarchy these machines mount.

@@ -6,7 +6,7 @@ mod support;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use lclb::stats::Refusal;
+use lclb::Refusal;
 use rcgen::ExtendedKeyUsagePurpose;
 use rustls::version::{TLS12, TLS13};
 use rustls::{AlertDescription, ClientConfig};

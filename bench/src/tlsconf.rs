@@ -41,7 +41,7 @@ pub fn client_from_args(args: &Args) -> Result<ClientTls, String> {
     let cert = args.required("cert")?;
     let key = args.required("key")?;
     let ca = args.required("ca")?;
-    let mut provider = Arc::unwrap_or_clone(lclb::tls::provider());
+    let mut provider = Arc::unwrap_or_clone(lclb::provider());
     provider.kx_groups = match args.get("kx").unwrap_or("x25519") {
         "x25519" => vec![kx_group::X25519],
         "x25519mlkem768" | "mlkem" => vec![kx_group::X25519MLKEM768],
@@ -82,7 +82,7 @@ pub fn server_from_files(cert: &str, key: &str, ca: &str) -> Result<Arc<ServerCo
         crl_stale: lclb::config::CrlStale::default(),
         truncation: lclb::config::Truncation::default(),
     };
-    let ctx = lclb::tls::TlsContext::load(&files).map_err(|e| e.to_string())?;
+    let ctx = lclb::TlsContext::load(&files).map_err(|e| e.to_string())?;
     Ok(ctx.server_config)
 }
 

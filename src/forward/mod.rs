@@ -150,7 +150,7 @@ pub struct Aborter(Arc<Link>);
 impl Aborter {
     /// Sends the client close_notify (if it can within a moment) and shuts both sockets down;
     /// the connection ends with `reason` unless it already failed. To end many connections,
-    /// [`close_all`] takes one such moment for all of them.
+    /// `close_all` takes one such moment for all of them.
     pub fn abort(&self, reason: EndReason) {
         self.0.close(reason);
     }

@@ -430,7 +430,7 @@ pub struct Lb {
     /// Where it listens.
     pub addr: SocketAddr,
     /// Its state: counters, the balancer, reload.
-    pub shared: Arc<lclb::server::Shared>,
+    pub shared: Arc<lclb::Shared>,
     handle: ShutdownHandle,
     thread: Option<JoinHandle<()>>,
 }
@@ -449,7 +449,7 @@ impl Lb {
 
     fn run(config: Config) -> Lb {
         let _ = env_logger::builder().is_test(true).try_init();
-        lclb::tls::install_default_provider();
+        lclb::install_default_provider();
         let server = Server::bind(config).unwrap();
         let addr = server.local_addr();
         let shared = server.shared();
@@ -472,12 +472,12 @@ impl Lb {
     }
 
     /// The server's counters.
-    pub fn stats(&self) -> &lclb::stats::Stats {
+    pub fn stats(&self) -> &lclb::Stats {
         &self.shared.stats
     }
 
     /// The least-connection table.
-    pub fn table(&self) -> &lclb::table::UpstreamTable {
+    pub fn table(&self) -> &lclb::UpstreamTable {
         self.shared.balancer.table()
     }
 
@@ -487,7 +487,7 @@ impl Lb {
     }
 
     /// Waits until `what` holds of the counters; false after [`WAIT`].
-    pub fn wait_for(&self, what: impl Fn(&lclb::stats::Stats) -> bool) -> bool {
+    pub fn wait_for(&self, what: impl Fn(&lclb::Stats) -> bool) -> bool {
         wait_until(|| what(self.stats()))
     }
 }
