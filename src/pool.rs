@@ -1,8 +1,7 @@
 //! A pool of parked OS threads, reused across connections.
 //!
-//! lclb keeps its shape (a thread runs each connection's handshake and then one direction of
-//! its copy; a second thread runs the other direction) but does not pay for creating and
-//! destroying two threads per connection: a finished job's thread parks on a channel and takes
+//! lclb keeps its shape (a thread runs each connection's handshake and routing; two more copy
+//! its two directions) but does not pay for creating and destroying threads per connection: a finished job's thread parks on a channel and takes
 //! the next job. A job arriving when no thread is parked gets a new thread; a thread parked for
 //! `keep_alive` with nothing to do ends, so an idle balancer holds few threads.
 //!
