@@ -4,7 +4,7 @@
 mod support;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use lclb::Refusal;
@@ -12,14 +12,6 @@ use support::*;
 
 /// nextUpdate of the stale CRLs below: 2021-01-01T00:00:00Z.
 const STALE_NEXT_UPDATE: i64 = 1_609_459_200;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// The body of `GET /metrics` on `addr`.
 fn scrape(addr: SocketAddr) -> String {

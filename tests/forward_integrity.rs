@@ -88,15 +88,6 @@ fn observe(mut sock: TcpStream, tx: &mpsc::Sender<Seen>) {
     }
 }
 
-/// A free loopback port for the binary to listen on.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Runs the lclb binary in front of `upstream`, with `tls_extra` added to `[tls]` and
 /// `extra` (whole sections) after it; returns it listening, and its address.
 fn start_lb(
