@@ -52,6 +52,19 @@ impl Refused {
         }
     }
 
+    /// A handshake that failed or timed out (or could not start).
+    pub fn handshake(e: impl fmt::Display) -> Refused {
+        Refused::new(Refusal::Tls, e)
+    }
+
+    /// No thread could be had for the connection.
+    pub fn no_thread(e: impl fmt::Display) -> Refused {
+        Refused::new(
+            Refusal::Capacity,
+            format_args!("cannot start a thread: {e}"),
+        )
+    }
+
     /// The same refusal, naming the client it refused.
     pub fn of(mut self, client: &str) -> Refused {
         self.client = Some(client.to_string());

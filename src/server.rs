@@ -38,7 +38,7 @@ use crate::forward::EndReason;
 use crate::health::{HealthChecker, ProbeSettings, TcpProbe};
 use crate::pool::ThreadPool;
 use crate::refusal_log;
-use crate::stats::{Refusal, Stats};
+use crate::stats::Stats;
 use crate::threads;
 use crate::tls::{self, SessionCache, TlsContext};
 
@@ -411,11 +411,7 @@ fn admit(shared: &Arc<Shared>, sock: TcpStream, peer: SocketAddr, id: u64) {
     });
     if let Err(e) = spawned {
         // The closure (and with it the socket and the counts it held) was dropped.
-        let refused = Refused::new(
-            Refusal::Capacity,
-            format_args!("cannot start a thread: {e}"),
-        );
-        refuse(shared, id, peer, &refused);
+        refuse(shared, id, peer, &Refused::no_thread(e));
         std::thread::sleep(ACCEPT_BACKOFF);
     }
 }
@@ -442,16 +438,15 @@ fn serve(
     entry: Handshaking,
 ) {
     let _ = sock.set_nodelay(true);
-    let tls_refusal = |e: &dyn fmt::Display| Refused::new(Refusal::Tls, e);
     let mut conn = match ServerConnection::new(rt.tls.server_config.clone()) {
         Ok(c) => c,
-        Err(e) => return refuse(shared, id, peer, &tls_refusal(&e)),
+        Err(e) => return refuse(shared, id, peer, &Refused::handshake(e)),
     };
     let deadline = accepted_at
         .checked_add(rt.config.limits.handshake_timeout)
         .unwrap_or(accepted_at);
     if let Err(e) = tls::handshake(&mut conn, &sock, deadline) {
-        return refuse(shared, id, peer, &tls_refusal(&e));
+        return refuse(shared, id, peer, &Refused::handshake(e));
     }
     shared.stats.handshakes.observe(accepted_at.elapsed());
     // Refusals below send close_notify; do not let a client that stopped reading hold us.
