@@ -123,7 +123,7 @@ name = "web1"                        # unique; used in logs and metrics
 address = "127.0.0.1:9001"           # host:port; a host name is resolved at load
 group = "web"                        # clients are authorized to groups
 weight = 1                           # relative capacity (least connections per weight)
-# slow_start = "10s"                 # ramp its weight up after it comes back UP; at most 1h
+# slow_start = "10s"                 # ramp its weight up after it comes back UP; 0s (default) = none; at most 1h
 
 [[client]]                           # one per identity allowed in; anyone else is refused
 cn = "client1.lb.com"                # the certificate subject CN

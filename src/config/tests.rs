@@ -517,3 +517,18 @@ mod fuzz {
         }
     }
 }
+
+#[test]
+fn a_slow_start_of_zero_is_its_default_written_out_while_a_zero_timeout_is_refused() {
+    let c = parse(&MINIMAL.replace(
+        "group = \"web\"\n",
+        "group = \"web\"\nslow_start = \"0s\"\n",
+    ))
+    .unwrap();
+    assert_eq!(c.upstreams[0].slow_start, Duration::ZERO);
+    let e = err(&format!("{MINIMAL}[limits]\nidle_timeout = \"0s\"\n"));
+    assert!(
+        e.contains("limits.idle_timeout") && e.contains("greater than zero"),
+        "{e}"
+    );
+}

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use super::{ConfigError, RateLimit};
 
-/// A duration key: `default` when absent, otherwise more than zero and at most `max`.
+/// A duration key: `default` when absent, otherwise at most `max`, and more than zero unless
+/// zero is the key's default (its "off", as for `slow_start`), which may then be written out.
 pub(super) fn duration(
     key: &str,
     value: Option<String>,
@@ -24,7 +25,7 @@ pub(super) fn duration(
             format!("{text:?} is not a duration ({e}); write it like \"250ms\", \"5s\" or \"10m\""),
         )
     })?;
-    if d.is_zero() {
+    if d.is_zero() && !default.is_zero() {
         return Err(invalid(key, "must be greater than zero"));
     }
     if d > max {
