@@ -377,9 +377,11 @@ pub fn throughput(args: &Args) -> Result<(), String> {
             Ok::<_, io::Error>((moved, Instant::now(), desc))
         }));
     }
-    barrier.wait();
+    // The clock and the CPU reading start before the transfers are released: taken after, a
+    // transfer fast enough to finish first would be measured as taking no time at all.
     let cpu_before = c.cpu();
     let start = Instant::now();
+    barrier.wait();
     let mut moved = 0u64;
     let mut end = start;
     let mut failures = 0u64;
