@@ -173,7 +173,7 @@ impl Admission {
             }
         }
         let ip_slot = if limits.per_ip_max_handshakes > 0 {
-            let max = limits.per_ip_max_handshakes as u32;
+            let max = u32::try_from(limits.per_ip_max_handshakes).unwrap_or(u32::MAX);
             let mut open = self.ip_handshakes.lock();
             let n = open.entry(key).or_insert(0);
             if *n >= max {
