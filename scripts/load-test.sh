@@ -13,12 +13,13 @@
 #               which lclb.example.toml gives a rate limit of 200/s, burst 400)
 #   -t SECONDS  stop starting new connections after this long (DEADLINE, default 120)
 # Also CERTS_DIR (default: certs/ of the repository), MTLS_TIMEOUT (seconds per connection,
-# default 10), FAIL_ON_REFUSAL=1 to count refusals (rate limit, capacity) as failures.
+# default 10), ALLOW_REFUSAL=1 to accept refusals (rate limit, capacity, authorization) instead
+# of counting them as failures.
 #
 # Prints the successes, refusals (lclb said no: rate limit, capacity, authorization), failures
 # (anything else: no connection, timeout, bad echo) and how the successes spread over the
-# upstreams. Exits 1 on any failure, on connections left unmade at the deadline, or on refusals
-# with FAIL_ON_REFUSAL=1; else 0.
+# upstreams. Exits 1 on any failure or refusal (unless ALLOW_REFUSAL=1), on connections left
+# unmade at the deadline, or when no connection succeeded; else 0.
 set -euo pipefail
 
 # shellcheck source=scripts/lib/common.sh
@@ -34,7 +35,7 @@ LB_ADDR=${LB_ADDR:-127.0.0.1:9443}
 CLIENT_CN=${CLIENT_CN:-client1.lb.com}
 DEADLINE=${DEADLINE:-120}
 CERTS_DIR=${CERTS_DIR:-$REPO_ROOT/certs}
-FAIL_ON_REFUSAL=${FAIL_ON_REFUSAL:-0}
+ALLOW_REFUSAL=${ALLOW_REFUSAL:-0}
 
 while getopts "c:n:a:i:t:h" opt; do
   case "$opt" in
@@ -55,7 +56,7 @@ while getopts "c:n:a:i:t:h" opt; do
 done
 shift $((OPTIND - 1))
 [[ $# -eq 0 ]] || die "unexpected argument '$1' (see -h)"
-[[ "$FAIL_ON_REFUSAL" == [01] ]] || die "FAIL_ON_REFUSAL must be 0 or 1"
+[[ "$ALLOW_REFUSAL" == [01] ]] || die "ALLOW_REFUSAL must be 0 or 1"
 for v in CLIENTS CONNS DEADLINE; do
   [[ "${!v}" =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive number, not '${!v}'"
 done
@@ -151,9 +152,15 @@ status=0
 if ((failures > 0 || unmade > 0)); then
   status=1
 fi
-if ((refused > 0)) && [[ "$FAIL_ON_REFUSAL" == 1 ]]; then
-  echo "refusals count as failures (FAIL_ON_REFUSAL=1)"
+counted_refusals=0
+if ((refused > 0)) && [[ "$ALLOW_REFUSAL" != 1 ]]; then
+  echo "refusals count as failures (ALLOW_REFUSAL=1 accepts them)"
+  counted_refusals=$refused
   status=1
 fi
-echo "load-test: $ok passed, $((failures + unmade + (FAIL_ON_REFUSAL == 1 ? refused : 0))) failed"
+if ((ok == 0)); then
+  echo "no connection was served"
+  status=1
+fi
+echo "load-test: $ok passed, $((failures + unmade + counted_refusals)) failed"
 exit $status

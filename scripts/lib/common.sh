@@ -74,15 +74,17 @@ wait_listening() {
 # reads the upstream's greeting (its name) and the echo of that line, then closes. Prints one
 # line:
 #   ok NAME              the upstream NAME answered and echoed the line
-#   refused DETAIL       the server turned the client down: a TLS alert, or closed without
-#                        sending any byte (lclb's way of refusing after the handshake)
+#   refused DETAIL       the server turned the client down: a TLS alert during the handshake
+#                        ("tls alert N (TEXT)"), or a completed handshake followed by
+#                        close_notify and no byte ("close_notify after the handshake, no
+#                        greeting": lclb's way of refusing an unauthorized client)
 #   failed DETAIL        anything else: no connection, a timeout, a bad server certificate,
-#                        a wrong echo
+#                        a wrong echo, a close after the handshake without close_notify
 # The server certificate is checked against CA and against the host (IP or DNS name). CERT
 # and KEY may be empty to connect with no client certificate.
 mtls_call() {
   local addr=$1 cert=$2 key=$3 ca=$4 payload=${5:-ping-$$-$RANDOM}
-  local dir pid w r greeting="" echoed="" rc=0 err
+  local dir pid w r greeting="" echoed="" rc=0 err msg=""
   split_addr "$addr"
   local args=(-brief -connect "$addr" -CAfile "$ca" -verify_return_error)
   if [[ "$ADDR_HOST" =~ ^[0-9.]+$ || "$ADDR_HOST" == *:* ]]; then
@@ -95,6 +97,9 @@ mtls_call() {
   fi
   dir=$(mktemp -d "${TMPDIR:-/tmp}/lclb-mtls.XXXXXX")
   mkfifo "$dir/in" "$dir/out"
+  # -msgfile records the TLS messages received, so that a close_notify can be told from a
+  # connection that simply dropped.
+  args+=(-msg -msgfile "$dir/msg")
   timeout "$MTLS_TIMEOUT" openssl s_client "${args[@]}" <"$dir/in" >"$dir/out" 2>"$dir/err" &
   pid=$!
   MTLS_PID=$pid
@@ -114,6 +119,7 @@ mtls_call() {
   wait "$pid" || rc=$?
   exec {r}<&-
   err=$(<"$dir/err")
+  [[ -f "$dir/msg" ]] && msg=$(<"$dir/msg")
   rm -rf "$dir"
 
   if [[ -n "$greeting" ]]; then
@@ -133,7 +139,11 @@ mtls_call() {
     text=$(grep -m1 -oE '(tlsv1|sslv3|tlsv13) alert [a-z ]+' <<<"$err" || true)
     echo "refused tls alert $alert${text:+ ($text)}"
   elif [[ "$err" == *"CONNECTION ESTABLISHED"* ]]; then
-    echo "refused closed after the handshake, no greeting"
+    if grep -qE '^<<< .*Alert.*close_notify' <<<"$msg"; then
+      echo "refused close_notify after the handshake, no greeting"
+    else
+      echo "failed closed after the handshake without close_notify, no greeting"
+    fi
   elif [[ "$err" == *"Connection refused"* || "$err" == *"connect:errno"* ]]; then
     echo "failed cannot connect to $addr"
   else
