@@ -5,9 +5,11 @@ mod support;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::Ordering;
 
 use lclb::Refusal;
 use rcgen::date_time_ymd;
+use rustls::AlertDescription;
 use support::*;
 
 #[test]
@@ -37,7 +39,10 @@ fn a_client_without_a_certificate_is_refused_and_counted() {
     let pki = Pki::new("nocert");
     let web1 = Upstream::start("web1", Mode::Echo);
     let lb = Lb::start(&pki.config(HIGH_RATE_LIMIT, &[&web1]));
-    assert!(greeting(lb.addr, pki.client_config(None)).is_err());
+    assert_eq!(
+        outcome(lb.addr, &pki.client_config(None)),
+        Outcome::Alert(AlertDescription::CertificateRequired)
+    );
     assert!(lb.wait_for(|st| st.refused(Refusal::Tls) == 1));
     assert_eq!(lb.forwarded(), 0);
 }
@@ -50,7 +55,12 @@ fn a_certificate_from_another_ca_is_refused() {
     // Same CN as the real CA, as the original alt-certificate script did.
     let impostor_ca = Ca::new("ca.lb.com");
     let impostor = impostor_ca.client("client1.lb.com");
-    assert!(greeting(lb.addr, pki.client_config(Some(&impostor))).is_err());
+    // The impostor CA has the real one's name, so the chain is built to the real CA and its
+    // signature fails to verify: decrypt_error, not unknown_ca.
+    assert_eq!(
+        outcome(lb.addr, &pki.client_config(Some(&impostor))),
+        Outcome::Alert(AlertDescription::DecryptError)
+    );
     assert!(lb.wait_for(|st| st.refused(Refusal::Tls) == 1));
 }
 
@@ -63,7 +73,10 @@ fn an_expired_certificate_is_refused() {
     params.not_before = date_time_ymd(2020, 1, 1);
     params.not_after = date_time_ymd(2020, 2, 1);
     let expired = pki.ca.issue(params);
-    assert!(greeting(lb.addr, pki.client_config(Some(&expired))).is_err());
+    assert_eq!(
+        outcome(lb.addr, &pki.client_config(Some(&expired))),
+        Outcome::Alert(AlertDescription::CertificateExpired)
+    );
     assert!(lb.wait_for(|st| st.refused(Refusal::Tls) == 1));
 }
 
@@ -231,6 +244,85 @@ fn a_failed_connect_is_retried_on_another_upstream() {
         assert_eq!(greeting(lb.addr, cfg.clone()).unwrap(), "web1");
     }
     assert_eq!(lb.stats().refused(Refusal::UpstreamConnect), 0);
+    // Each client tried the dead one first (the least recently picked among the idle), then web1.
+    assert_eq!(
+        connect_failures(&lb),
+        [("dead".to_string(), 4), ("web1".to_string(), 0)]
+    );
+}
+
+/// Each configured upstream's name and failed client connects, in config order.
+fn connect_failures(lb: &Lb) -> Vec<(String, u64)> {
+    lb.table()
+        .snapshot()
+        .iter()
+        .map(|u| {
+            let failed = u.stats.connect_failures.load(Ordering::SeqCst);
+            (u.name.to_string(), failed)
+        })
+        .collect()
+}
+
+#[test]
+fn connect_retries_bounds_the_upstreams_tried_and_failed_connects_mark_them_down() {
+    let pki = Pki::new("retry-bound");
+    // Up for the probe round at start-up, then closed: connects to them are refused while the
+    // table still has them UP, and the next probe is an hour away.
+    let mut dead1 = Upstream::start("dead1", Mode::Echo);
+    let mut dead2 = Upstream::start("dead2", Mode::Echo);
+    let web1 = Upstream::start("web1", Mode::Echo);
+    let lb = Lb::start(
+        &pki.usual(&[&dead1, &dead2, &web1])
+            .section(HIGH_RATE_LIMIT)
+            .section("[health_check]\ninterval = \"1h\"\nfall = 2\nconnect_retries = 1\n")
+            .build(),
+    );
+    let probed = |u: &Upstream| u.accepted.load(Ordering::SeqCst) >= 1;
+    assert!(wait_until(|| probed(&dead1)
+        && probed(&dead2)
+        && probed(&web1)));
+    assert!(wait_until(|| lb.table().snapshot().iter().all(|u| u.up)));
+    dead1.stop();
+    dead2.stop();
+    let web1_probes = web1.accepted.load(Ordering::SeqCst);
+    let cfg = pki.client_config(Some(&pki.client("client1.lb.com")));
+    let ids: Vec<_> = lb.table().snapshot().iter().map(|u| u.id).collect();
+
+    // connect_retries = 1: dead1, then one retry on dead2, then the client is refused; web1,
+    // third in the tie-break, is never reached.
+    assert_eq!(outcome(lb.addr, &cfg), Outcome::CloseNotifyNoBytes);
+    assert!(lb.wait_for(|st| st.refused(Refusal::UpstreamConnect) == 1));
+    let failures = |d1, d2| {
+        vec![
+            ("dead1".to_string(), d1),
+            ("dead2".to_string(), d2),
+            ("web1".to_string(), 0),
+        ]
+    };
+    assert_eq!(connect_failures(&lb), failures(1, 1));
+    assert_eq!(web1.accepted.load(Ordering::SeqCst), web1_probes);
+    assert_eq!(lb.forwarded(), 0);
+    assert!(
+        lb.table().is_up(ids[0]) && lb.table().is_up(ids[1]),
+        "fall = 2"
+    );
+
+    // The least recently picked goes first among the idle: web1 now. Held open, it is the
+    // busiest, so the next client tries dead1 and dead2 again: the second failed connect on
+    // each is its second failed check, and both go DOWN an hour before a probe round would.
+    let mut held = connect(lb.addr, cfg.clone()).unwrap();
+    assert_eq!(read_line(&mut held).unwrap(), "web1");
+    assert_eq!(outcome(lb.addr, &cfg), Outcome::CloseNotifyNoBytes);
+    assert!(lb.wait_for(|st| st.refused(Refusal::UpstreamConnect) == 2));
+    assert_eq!(connect_failures(&lb), failures(2, 2));
+    assert!(!lb.table().is_up(ids[0]) && !lb.table().is_up(ids[1]));
+    assert!(lb.table().is_up(ids[2]));
+
+    // DOWN ones are not tried: web1 serves a second client, busy as it is, with no failure.
+    assert_eq!(outcome(lb.addr, &cfg), Outcome::Greeted("web1".into()));
+    assert_eq!(connect_failures(&lb), failures(2, 2));
+    assert_eq!(lb.stats().refused(Refusal::UpstreamConnect), 2);
+    drop(held);
 }
 
 #[test]
@@ -379,10 +471,13 @@ fn connections_on_an_upstream_marked_down_are_left_alone_by_default() {
     let mut s = connect(lb.addr, cfg.clone()).unwrap();
     assert_eq!(read_line(&mut s).unwrap(), "web1");
     web1.stop();
+    // A refusal alone proves nothing here: the closed listener refuses connects while UP.
     assert!(
-        wait_until(|| greeting(lb.addr, cfg.clone()).is_err()),
+        wait_until(|| lb.table().snapshot().iter().all(|u| !u.up)),
         "web1 is marked DOWN"
     );
+    assert_eq!(outcome(lb.addr, &cfg), Outcome::CloseNotifyNoBytes);
+    assert!(lb.wait_for(|st| st.refused(Refusal::NoUpstream) == 1));
     s.write_all(b"still here\n").unwrap();
     assert_eq!(read_line(&mut s).unwrap(), "still here");
 }

@@ -107,6 +107,7 @@ fn help_and_version_exit_zero_and_bad_arguments_exit_two() {
     assert!(o.status.success());
     assert!(String::from_utf8_lossy(&o.stdout).contains("--check-config"));
     let o = lclb(&["--version"]);
+    assert!(o.status.success(), "--version exits zero: {:?}", o.status);
     assert!(String::from_utf8_lossy(&o.stdout).starts_with("lclb "));
     assert_eq!(lclb(&["--bogus"]).status.code(), Some(2));
 }

@@ -10,7 +10,7 @@ use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use lclb::Refusal;
 use rcgen::{
@@ -64,9 +64,19 @@ const GENEROUS: &str = "[rate_limit]\nrate = 10000\nburst = 10000\n";
 
 /// True once the server has closed `s` (EOF or reset), false if it stays open for [`WAIT`].
 fn closed_by_server(s: &mut TcpStream) -> bool {
-    s.set_read_timeout(Some(WAIT)).unwrap();
+    closed_before(s, Instant::now().checked_add(WAIT).unwrap())
+}
+
+/// True once the server has closed `s` (EOF or reset), false if it is still open at `deadline`.
+fn closed_before(s: &mut TcpStream, deadline: Instant) -> bool {
     let mut buf = [0u8; 4096];
     loop {
+        let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+            return false;
+        };
+        // A zero read timeout would mean none at all.
+        s.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .unwrap();
         match s.read(&mut buf) {
             Ok(0) => return true,
             Ok(_) => continue,
@@ -113,6 +123,9 @@ fn hundreds_of_silent_sockets_neither_block_a_real_client_nor_outlive_the_deadli
         .map(|_| TcpStream::connect(lb.addr).unwrap())
         .collect();
     assert!(lb.wait_for(|st| st.accepted.load(Ordering::SeqCst) >= 301));
+    // Every one was accepted by now, so each is past its 500 ms deadline well within 5 s; a
+    // server that waited for a per-read timeout or none at all would keep them open.
+    let closed_by = Instant::now().checked_add(Duration::from_secs(5)).unwrap();
     assert_eq!(
         greeting(lb.addr, cfg.clone()).unwrap(),
         "web1",
@@ -120,8 +133,8 @@ fn hundreds_of_silent_sockets_neither_block_a_real_client_nor_outlive_the_deadli
     );
     for s in &mut silent {
         assert!(
-            closed_by_server(s),
-            "a silent socket was not closed at the handshake deadline"
+            closed_before(s, closed_by),
+            "a silent socket was still open 5 s after a 500 ms handshake deadline"
         );
     }
     assert!(lb.wait_for(|st| st.refused(Refusal::Tls) == 300));
@@ -271,9 +284,23 @@ fn an_upstream_that_crashes_mid_stream_is_reported_to_the_client_and_released() 
     std::thread::sleep(Duration::from_millis(50));
     // The upstream "crashes": its socket closes with input unread, so the kernel sends RST.
     drop(upstream);
+    // Without an idle timeout, only lclb acting on the reset ends this read before its timeout.
+    s.sock.set_read_timeout(Some(WAIT)).unwrap();
     let mut rest = Vec::new();
-    let _ = s.read_to_end(&mut rest);
-    assert!(rest.is_empty());
+    match s.read_to_end(&mut rest) {
+        Ok(_) => {}
+        Err(e) => assert!(
+            !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "the client was not told the upstream went away: {e}"
+        ),
+    }
+    assert!(rest.is_empty(), "{rest:?}");
+    // Still holding the client: only the upstream's end can have released these.
+    assert!(lb.wait_for(|st| st.active_clients.load(Ordering::SeqCst) == 0));
+    assert!(wait_until(|| lb.table().total_active() == 0));
     drop(s);
     assert_back_to(baseline, &lb);
 }
@@ -328,7 +355,7 @@ fn a_client_at_its_concurrent_cap_is_refused_while_others_are_served() {
         assert_eq!(read_line(&mut s).unwrap(), "web1");
         held.push(s);
     }
-    assert!(greeting(lb.addr, c1.clone()).is_err());
+    assert_eq!(outcome(lb.addr, &c1), Outcome::CloseNotifyNoBytes);
     assert!(lb.wait_for(|st| st.refused(Refusal::ConcurrencyLimited) == 1));
     assert_eq!(lb.stats().refused(Refusal::RateLimited), 0);
     let c2 = pki.client_config(Some(&pki.client("client2.lb.com")));
@@ -393,7 +420,10 @@ fn a_revoked_client_certificate_is_refused_and_others_are_not() {
             .tls(&format!("crls = [{:?}]", pki.dir.join("ca.crl.pem")))
             .build(),
     );
-    assert!(greeting(lb.addr, pki.client_config(Some(&revoked))).is_err());
+    assert_eq!(
+        outcome(lb.addr, &pki.client_config(Some(&revoked))),
+        Outcome::Alert(rustls::AlertDescription::CertificateRevoked)
+    );
     assert!(lb.wait_for(|st| st.refused(Refusal::Tls) == 1));
     let fresh = pki.client("client1.lb.com");
     assert_eq!(

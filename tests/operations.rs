@@ -61,8 +61,14 @@ fn metrics_count_what_the_clients_did() {
     read_all(&mut s).unwrap();
 
     let stranger = pki.client("nobody.lb.com");
-    assert!(greeting(lb.addr, pki.client_config(Some(&stranger))).is_err());
-    assert!(greeting(lb.addr, pki.client_config(None)).is_err());
+    assert_eq!(
+        outcome(lb.addr, &pki.client_config(Some(&stranger))),
+        Outcome::CloseNotifyNoBytes
+    );
+    assert_eq!(
+        outcome(lb.addr, &pki.client_config(None)),
+        Outcome::Alert(rustls::AlertDescription::CertificateRequired)
+    );
     assert!(lb.wait_for(|st| st.refused(Refusal::Tls) == 1
         && st.active_clients.load(std::sync::atomic::Ordering::SeqCst) == 0));
 
@@ -124,10 +130,12 @@ fn a_reload_adds_a_client_while_a_connection_stays_open() {
     write(one_client());
     let lb = Lb::start_from_file(&path);
     let c2 = pki.client_config(Some(&pki.client("client2.lb.com")));
-    assert!(
-        greeting(lb.addr, c2.clone()).is_err(),
+    assert_eq!(
+        outcome(lb.addr, &c2),
+        Outcome::CloseNotifyNoBytes,
         "client2 is not allowed yet"
     );
+    assert!(lb.wait_for(|st| st.refused(Refusal::Unauthorized) == 1));
 
     let mut held = connect(
         lb.addr,
@@ -229,29 +237,45 @@ fn the_reloaded_rate_limit_applies_and_buckets_keep_their_state() {
     let pki = Pki::new("reload-rate");
     let web1 = Upstream::start("web1", Mode::Echo);
     let path = pki.dir.join("lclb.toml");
-    let with_burst = |burst: u32| {
-        pki.builder()
+    // At 0.001/s a bucket gains 0.01 tokens in the 10 s a wait lasts: in effect no refill.
+    let reload_to = |rate: f64, burst: u32, lb: Option<&Lb>| {
+        let text = pki
+            .builder()
             .listen("127.0.0.1:0")
             .upstream(&web1, "web")
             .client_with(
                 "client1.lb.com",
                 &["web"],
-                &format!("rate = 0.001\nburst = {burst}\n"),
+                &format!("rate = {rate:?}\nburst = {burst}\n"),
             )
-            .build()
+            .build();
+        std::fs::write(&path, text).unwrap();
+        if let Some(lb) = lb {
+            lb.shared.reload(&path).unwrap();
+        }
     };
-    std::fs::write(&path, with_burst(2)).unwrap();
+    reload_to(0.001, 3, None);
     let lb = Lb::start_from_file(&path);
     let cfg = pki.client_config(Some(&pki.client("client1.lb.com")));
-    for _ in 0..2 {
-        assert_eq!(greeting(lb.addr, cfg.clone()).unwrap(), "web1");
-    }
-    assert!(greeting(lb.addr, cfg.clone()).is_err());
-    // A larger burst does not refill a bucket that is empty: its state survives the reload.
-    std::fs::write(&path, with_burst(5)).unwrap();
-    lb.shared.reload(&path).unwrap();
-    assert!(greeting(lb.addr, cfg.clone()).is_err());
+    assert_eq!(outcome(lb.addr, &cfg), Outcome::Greeted("web1".into()));
+
+    // Lowered: the bucket's two tokens are capped to one, so the third connection, which burst
+    // 3 would admit, is refused.
+    reload_to(0.001, 1, Some(&lb));
+    assert_eq!(outcome(lb.addr, &cfg), Outcome::Greeted("web1".into()));
+    assert_eq!(outcome(lb.addr, &cfg), Outcome::CloseNotifyNoBytes);
+    assert!(lb.wait_for(|st| st.refused(Refusal::RateLimited) == 1));
+
+    // A larger burst does not refill a bucket that is empty: its state survives the reload (a
+    // fresh bucket would admit five).
+    reload_to(0.001, 5, Some(&lb));
+    assert_eq!(outcome(lb.addr, &cfg), Outcome::CloseNotifyNoBytes);
     assert!(lb.wait_for(|st| st.refused(Refusal::RateLimited) == 2));
+    assert_eq!(lb.forwarded(), 2);
+
+    // Raised: at 1000/s the bucket refills within the wait, where 0.001/s would take 1000 s.
+    reload_to(1000.0, 5, Some(&lb));
+    assert!(wait_until(|| greeted_by(lb.addr, &cfg, "web1")));
 }
 
 #[test]

@@ -766,3 +766,50 @@ impl Process {
         None
     }
 }
+
+/// What a client saw when it tried to be served: the refusals of README "What clients see".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// An upstream greeted with this name.
+    Greeted(String),
+    /// The handshake (or the first read after it) ended with this TLS alert from lclb.
+    Alert(rustls::AlertDescription),
+    /// The handshake completed, then lclb sent close_notify without a byte before it.
+    CloseNotifyNoBytes,
+    /// The socket was closed (EOF or reset) before the handshake completed, with no alert.
+    ClosedBeforeHandshake,
+    /// Anything else, as text.
+    Other(String),
+}
+
+/// Connects to `addr` with `config`, reads the greeting line, and says how it went.
+pub fn outcome(addr: SocketAddr, config: &Arc<ClientConfig>) -> Outcome {
+    let failed = |e: io::Error, handshaking: bool| match tls_error(&e) {
+        Some(rustls::Error::AlertReceived(alert)) => Outcome::Alert(*alert),
+        _ if handshaking
+            && matches!(
+                e.kind(),
+                io::ErrorKind::UnexpectedEof
+                    | io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::BrokenPipe
+            ) =>
+        {
+            Outcome::ClosedBeforeHandshake
+        }
+        _ => Outcome::Other(format!("{e:?}")),
+    };
+    let mut stream = match connect(addr, config.clone()) {
+        Ok(stream) => stream,
+        Err(e) => return failed(e, true),
+    };
+    match read_line(&mut stream) {
+        Ok(name) if name.is_empty() => Outcome::CloseNotifyNoBytes,
+        Ok(name) => {
+            stream.conn.send_close_notify();
+            let _ = stream.flush();
+            Outcome::Greeted(name)
+        }
+        Err(e) => failed(e, false),
+    }
+}
