@@ -86,11 +86,7 @@ fn with_refuse_a_client_of_the_stale_crls_ca_is_refused_and_one_of_another_ca_is
     let web1 = Upstream::start("web1", Mode::Echo);
     // Two CAs are trusted; only the first has a CRL, and it is stale.
     let other = Ca::new("other-ca.lb.com");
-    std::fs::write(
-        pki.dir.join("ca.crt"),
-        format!("{}{}", pki.ca.pem(), other.pem()),
-    )
-    .unwrap();
+    pki.trust_also(&other);
     let crl = pki.dir.join("ca.crl.pem");
     std::fs::write(&crl, crl_pem(&pki.ca, &[4242], (2020, 1, 1), (2021, 1, 1))).unwrap();
     let lb = Lb::start(&with_tls_keys(

@@ -13,10 +13,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use lclb::Refusal;
-use rcgen::{
-    date_time_ymd, CertificateRevocationListParams, KeyIdMethod, RevocationReason,
-    RevokedCertParams, SerialNumber,
-};
+use rcgen::SerialNumber;
 use support::*;
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
@@ -399,22 +396,8 @@ fn a_revoked_client_certificate_is_refused_and_others_are_not() {
     let mut params = client_params(dn("client1.lb.com"));
     params.serial_number = Some(SerialNumber::from(4242u64));
     let revoked = pki.ca.issue(params);
-    let crl = CertificateRevocationListParams {
-        this_update: date_time_ymd(2025, 1, 1),
-        next_update: date_time_ymd(2035, 1, 1),
-        crl_number: SerialNumber::from(1u64),
-        issuing_distribution_point: None,
-        revoked_certs: vec![RevokedCertParams {
-            serial_number: SerialNumber::from(4242u64),
-            revocation_time: date_time_ymd(2025, 6, 1),
-            reason_code: Some(RevocationReason::KeyCompromise),
-            invalidity_date: None,
-        }],
-        key_identifier_method: KeyIdMethod::Sha256,
-    }
-    .signed_by(&pki.ca.cert, &pki.ca.key)
-    .unwrap();
-    std::fs::write(pki.dir.join("ca.crl.pem"), crl.pem().unwrap()).unwrap();
+    let crl = crl_pem(&pki.ca, &[4242], (2025, 1, 1), (2035, 1, 1));
+    std::fs::write(pki.dir.join("ca.crl.pem"), &crl).unwrap();
     let lb = Lb::start(
         &pki.usual(&[&web1])
             .tls(&format!("crls = [{:?}]", pki.dir.join("ca.crl.pem")))

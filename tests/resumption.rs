@@ -10,10 +10,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
 use lclb::Refusal;
-use rcgen::{
-    date_time_ymd, CertificateRevocationListParams, KeyIdMethod, RevocationReason,
-    RevokedCertParams, SerialNumber,
-};
+use rcgen::SerialNumber;
 use rustls::version::{TLS12, TLS13};
 use rustls::{ClientConfig, HandshakeKind, SupportedProtocolVersion};
 use std::sync::Arc;
@@ -143,23 +140,9 @@ fn after_a_reload_sessions_resume_against_the_reloaded_crls(
     assert_eq!(echo(&lb, to_revoke.clone()), HandshakeKind::Full);
     assert_eq!(echo(&lb, kept.clone()), HandshakeKind::Full);
 
-    let crl = CertificateRevocationListParams {
-        this_update: date_time_ymd(2025, 1, 1),
-        next_update: date_time_ymd(2035, 1, 1),
-        crl_number: SerialNumber::from(1u64),
-        issuing_distribution_point: None,
-        revoked_certs: vec![RevokedCertParams {
-            serial_number: SerialNumber::from(4242u64),
-            revocation_time: date_time_ymd(2025, 6, 1),
-            reason_code: Some(RevocationReason::KeyCompromise),
-            invalidity_date: None,
-        }],
-        key_identifier_method: KeyIdMethod::Sha256,
-    }
-    .signed_by(&pki.ca.cert, &pki.ca.key)
-    .unwrap();
+    let crl = crl_pem(&pki.ca, &[4242], (2025, 1, 1), (2035, 1, 1));
     let crl_path = pki.dir.join("ca.crl.pem");
-    std::fs::write(&crl_path, crl.pem().unwrap()).unwrap();
+    std::fs::write(&crl_path, &crl).unwrap();
     write_config(&config, &pki, &web1, &[&crl_path]);
     lb.shared.reload(&config).unwrap();
 

@@ -71,11 +71,7 @@ fn a_ca_without_a_crl_is_not_refused_because_another_ca_has_one() {
     let pki = Pki::new("crl-other-ca");
     let web1 = Upstream::start("web1", Mode::Echo);
     let other = Ca::new("other-ca.lb.com");
-    std::fs::write(
-        pki.dir.join("ca.crt"),
-        format!("{}{}", pki.ca.pem(), other.pem()),
-    )
-    .unwrap();
+    pki.trust_also(&other);
     let crl = pki.dir.join("ca.crl.pem");
     std::fs::write(&crl, crl_pem(&pki.ca, &[4242], (2025, 1, 1), (2099, 1, 1))).unwrap();
     let lb = Lb::start(&with_tls_keys(

@@ -813,3 +813,14 @@ pub fn outcome(addr: SocketAddr, config: &Arc<ClientConfig>) -> Outcome {
         Err(e) => failed(e, false),
     }
 }
+
+impl Pki {
+    /// Adds `other` to this PKI's `ca.crt`, so a server configured with it trusts both CAs.
+    pub fn trust_also(&self, other: &Ca) {
+        std::fs::write(
+            self.dir.join("ca.crt"),
+            format!("{}{}", self.ca.pem(), other.pem()),
+        )
+        .unwrap();
+    }
+}
