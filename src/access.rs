@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use crate::config::LogFormat;
 use crate::forward::ForwardReport;
+use crate::identity::Identity;
 use crate::stats::Refusal;
 
 /// The `log` target of access lines.
@@ -101,10 +102,12 @@ fn line(fields: &[(&str, Value<'_>)]) -> String {
     out
 }
 
-/// Logs a connection that was forwarded to `upstream` and has ended as `report` says.
+/// Logs a connection that was forwarded to `upstream` and has ended as `report` says. The
+/// client is its identity's name; its CN follows as a field of its own when the certificate
+/// has one, and the SAN the entry matched when it selects by one.
 pub fn finished(
     id: u64,
-    client: &str,
+    identity: &Identity,
     peer: SocketAddr,
     upstream: &str,
     report: &ForwardReport,
@@ -113,17 +116,31 @@ pub fn finished(
     let peer = peer.to_string();
     let end = report.end.to_string();
     let ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
-    log::info!(target: TARGET, "{}", line(&[
+    let mut fields = Vec::with_capacity(12);
+    fields.extend([
         ("event", Value::Str("connection")),
         ("conn", Value::Num(id)),
-        ("client", Value::Str(client)),
+        ("client", Value::Str(&identity.name)),
+    ]);
+    let names = [
+        ("cn", &identity.cn),
+        ("uri_san", &identity.uri_san),
+        ("dns_san", &identity.dns_san),
+    ];
+    for (key, value) in names {
+        if let Some(v) = value {
+            fields.push((key, Value::Str(v)));
+        }
+    }
+    fields.extend([
         ("peer", Value::Str(&peer)),
         ("upstream", Value::Str(upstream)),
         ("duration_ms", Value::Num(ms)),
         ("bytes_to_upstream", Value::Num(report.to_upstream)),
         ("bytes_to_client", Value::Num(report.to_client)),
         ("end", Value::Str(&end)),
-    ]));
+    ]);
+    log::info!(target: TARGET, "{}", line(&fields));
 }
 
 /// Logs a refused connection with its reason.

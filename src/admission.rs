@@ -23,13 +23,14 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use rustls::ServerConnection;
 
-use crate::authz::Authorizer;
+use crate::authz::{Authorizer, Unmatched};
 use crate::balancer::BalanceError;
 use crate::config::{Limits, RateLimit};
+use crate::identity::{CertNames, Identity, IdentityError};
 use crate::ratelimit::RateLimiter;
 use crate::stats::{Refusal, Stats};
 use crate::table::UpstreamId;
-use crate::tls::{self, TlsContext};
+use crate::tls::TlsContext;
 
 /// A refused connection: the reason (its counter and log word) and what exactly happened.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -232,26 +233,47 @@ impl Admission {
         if conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
             self.stats.tls_resumptions.fetch_add(1, Ordering::Relaxed);
         }
-        let identity = tls::peer_identity(conn).map_err(|e| Refused::new(Refusal::Tls, e))?;
-        tls_context
-            .check_peer(conn)
-            .map_err(|e| Refused::new(Refusal::Tls, e).of(&identity))?;
-        let Some(policy) = authz.policy(&identity) else {
-            return Err(Refused::new(
-                Refusal::Unauthorized,
-                "no [[client]] entry for this identity",
-            )
-            .of(&identity));
+        let leaf = conn
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .ok_or_else(|| Refused::new(Refusal::Tls, IdentityError::NoCertificate))?;
+        let names = CertNames::read(leaf).map_err(|e| Refused::new(Refusal::Tls, e))?;
+        let named = |r: Refused| match names.display_name() {
+            Some(name) => r.of(name),
+            None => r,
         };
+        let anchor = tls_context
+            .check_peer(conn)
+            .map_err(|e| named(Refused::new(Refusal::Tls, e)))?;
+        let (identity, policy) = match authz.identify(&names, anchor) {
+            Ok(found) => found,
+            Err(Unmatched::NoUsableName(why)) => {
+                return Err(named(Refused::new(Refusal::Tls, why)));
+            }
+            Err(Unmatched::NoEntry) => {
+                return Err(named(Refused::new(
+                    Refusal::Unauthorized,
+                    format_args!("no [[client]] entry matches this certificate (CA {anchor:?})"),
+                )));
+            }
+        };
+        if policy.allowed.is_empty() {
+            return Err(
+                Refused::new(Refusal::Unauthorized, "the entry's groups have no upstream")
+                    .of(&identity.name),
+            );
+        }
         if !self
             .client_rate
-            .try_acquire(identity.as_str(), policy.limits.rate)
+            .try_acquire(identity.name.as_str(), policy.limits.rate)
         {
-            return Err(Refused::new(Refusal::RateLimited, "rate limit exceeded").of(&identity));
+            return Err(
+                Refused::new(Refusal::RateLimited, "rate limit exceeded").of(&identity.name)
+            );
         }
         let client_slot = self
-            .take_client_slot(&identity, policy.limits.max_concurrent)
-            .map_err(|r| r.of(&identity))?;
+            .take_client_slot(&identity.name, policy.limits.max_concurrent)
+            .map_err(|r| r.of(&identity.name))?;
         Ok(Permit {
             identity,
             allowed: policy.allowed.clone(),
@@ -315,8 +337,8 @@ impl Handshaking {
 /// back.
 #[derive(Debug)]
 pub struct Permit {
-    /// The verified identity.
-    pub identity: String,
+    /// The verified identity: its entry's name and the names it was matched by.
+    pub identity: Identity,
     /// The upstreams it may reach.
     pub allowed: Arc<[UpstreamId]>,
     _open: Open,

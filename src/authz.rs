@@ -1,37 +1,50 @@
-//! Authorization: which upstreams an identity may reach, and under which limits.
+//! Authorization: which `[[client]]` entry a certificate is, which upstreams that entry may
+//! reach, and under which limits.
 //!
-//! Deny by default: an identity with no `[[client]]` entry may reach nothing. Each entry's
-//! policy (allowed upstreams, with groups resolved to upstream ids, and its rate and
-//! concurrency limits) is computed once per config, so the per-connection check is one hash
-//! lookup. Who the client is (TLS, CN) is decided before this; applying the limits is
-//! admission's; which of the allowed upstreams is used is decided after, by the balancer.
+//! Deny by default: a certificate that matches no entry may reach nothing. Entries are tried in
+//! file order and the first whose selectors all match (for a chain ending at its issuer) is the
+//! client's identity, like firewall rules. Each entry's policy (allowed upstreams, with groups
+//! resolved to upstream ids, and its rate and concurrency limits) is computed once per config.
+//! Whether the chain is trusted, and at which CA it ends, is decided before this (`tls`);
+//! applying the limits is admission's; which of the allowed upstreams is used is decided after,
+//! by the balancer.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::config::{ClientLimits, Config};
+use crate::config::{ClientConfig, ClientLimits, Config};
+use crate::identity::{self, CertNames, Identity};
 use crate::table::UpstreamId;
 
 /// What one identity may do.
 #[derive(Debug, Clone)]
 pub struct Policy {
-    /// The upstreams it may reach; never empty.
+    /// The upstreams it may reach; empty only if its groups lost every upstream.
     pub allowed: Arc<[UpstreamId]>,
     /// Its rate and concurrency limits.
     pub limits: ClientLimits,
 }
 
-/// Maps client identities to their policies.
+/// The `[[client]]` entries in file order, each with its policy.
 #[derive(Debug, Clone, Default)]
 pub struct Authorizer {
-    policies: HashMap<String, Policy>,
+    entries: Vec<(ClientConfig, Policy)>,
+}
+
+/// Why a certificate is no entry's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unmatched {
+    /// The certificate carries none of the names the entries select on (no usable CN for the
+    /// `cn` entries, no SAN for the SAN entries): the CN's problem, in words.
+    NoUsableName(String),
+    /// It has names, and no entry matches them.
+    NoEntry,
 }
 
 impl Authorizer {
     /// Resolves every client's groups to the ids of the upstreams in those groups; `ids[i]` is
     /// the id of `config.upstreams[i]` (as [`crate::Balancer::update`] returns them).
     pub fn from_config(config: &Config, ids: &[UpstreamId]) -> Authorizer {
-        let policies = config
+        let entries = config
             .clients
             .iter()
             .map(|client| {
@@ -46,21 +59,50 @@ impl Authorizer {
                     allowed: Arc::from(ids),
                     limits: client.rate_limit,
                 };
-                (client.cn.clone(), policy)
+                (client.clone(), policy)
             })
-            .filter(|(_, policy)| !policy.allowed.is_empty())
             .collect();
-        Authorizer { policies }
+        Authorizer { entries }
     }
 
-    /// The policy of `identity`, or `None` when it is not authorized at all.
-    pub fn policy(&self, identity: &str) -> Option<&Policy> {
-        self.policies.get(identity)
+    /// The first entry matching `names` for a chain ending at CA `anchor`: the identity and
+    /// its policy.
+    pub fn identify(
+        &self,
+        names: &CertNames,
+        anchor: &str,
+    ) -> Result<(Identity, &Policy), Unmatched> {
+        for (entry, policy) in &self.entries {
+            if let Ok(identity) = identity::check(entry, names, anchor) {
+                return Ok((identity, policy));
+            }
+        }
+        if identity::has_no_usable_name(self.entries.iter().map(|(e, _)| e), names) {
+            let why = match &names.cn {
+                Err(e) => e.to_string(),
+                Ok(_) => "the certificate has no name the entries select on".into(),
+            };
+            return Err(Unmatched::NoUsableName(why));
+        }
+        Err(Unmatched::NoEntry)
     }
 
-    /// The upstreams `identity` may reach, or `None` when it is not authorized at all.
-    pub fn allowed(&self, identity: &str) -> Option<Arc<[UpstreamId]>> {
-        self.policy(identity).map(|p| p.allowed.clone())
+    /// The entries, in the order they are tried, with their policies.
+    pub fn entries(&self) -> impl Iterator<Item = (&ClientConfig, &Policy)> {
+        self.entries.iter().map(|(e, p)| (e, p))
+    }
+
+    /// The policy of the entry named `name`.
+    pub fn policy(&self, name: &str) -> Option<&Policy> {
+        self.entries
+            .iter()
+            .find(|(e, _)| e.name == name)
+            .map(|(_, p)| p)
+    }
+
+    /// The upstreams the entry named `name` may reach, or `None` when there is no such entry.
+    pub fn allowed(&self, name: &str) -> Option<Arc<[UpstreamId]>> {
+        self.policy(name).map(|p| p.allowed.clone())
     }
 }
 

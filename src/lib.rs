@@ -9,9 +9,10 @@
 //!             └────────────────────────────────────────────────────────────────────┘
 //! ```
 //!
-//! Clients connect over TLS with a certificate signed by the configured CA; the certificate's
-//! subject CN is the client's identity. The identity's `[[client]]` entry says which upstream
-//! groups it may reach (no entry: refused) and under which rate and concurrency limits. The
+//! Clients connect over TLS with a certificate that chains to a configured CA; the first
+//! `[[client]]` entry whose selectors (subject CN, URI SAN, DNS SAN, key pin, issuing CA) all
+//! match the certificate is the client's identity. The entry says which upstream groups it may
+//! reach (no entry: refused) and under which rate and concurrency limits. The
 //! connection then goes to the allowed, healthy upstream with the fewest active connections (per
 //! unit of weight), and bytes are copied both ways until both sides are done. A dedicated thread
 //! health-checks the upstreams.
@@ -24,8 +25,10 @@
 //! above it: `server` (the listener, the one place refusals are counted and logged, reloads,
 //! the drain) → `admission` (the gate before the handshake: per-address rate and handshake
 //! cap, capacity; and after it: the peer check, identity, authorization, per-client rate and
-//! concurrency; it returns RAII permits or typed refusals) → `tls` (the handshake, identity,
-//! resumption re-verification, CRL freshness) → `authz` (each identity's policy) → `balancer`
+//! concurrency; it returns RAII permits or typed refusals) → `tls` (the handshake, one
+//! verifier per CA and which one anchored the chain, resumption re-verification, CRL
+//! freshness) → `authz` (the first matching entry and its policy) → `identity` (what a
+//! certificate names, and whether one entry matches it) → `balancer`
 //! (pick, connect, retry; hands the client back when nothing can be had) → `table` (one record
 //! per upstream: counts, weight, health state, counters) → `forward` (the two copy threads,
 //! ticket-ordered records, half-close, integrity on errors) → `access` (the access log).
@@ -54,6 +57,7 @@ mod balancer;
 mod buffers;
 mod forward;
 mod health;
+mod identity;
 mod metrics;
 mod pool;
 mod ratelimit;
@@ -68,10 +72,11 @@ mod tls;
 // The library's whole interface, in one place.
 pub use access::{format as log_format, json_line, TARGET as ACCESS_LOG_TARGET};
 pub use admission::{address_key, Admission, Handshaking, Permit, Refused};
-pub use authz::{Authorizer, Policy};
+pub use authz::{Authorizer, Policy, Unmatched};
 pub use balancer::{BalanceError, Balancer, BalancerOptions, Client, Session, Unbalanced};
 pub use config::{Config, ConfigError};
 pub use forward::{Aborter, EndReason, ForwardReport};
+pub use identity::{client_identity, CertNames, Identity, IdentityError, Mismatch};
 pub use metrics::{
     render as render_metrics, MetricsServer, MAX_IN_FLIGHT as METRICS_MAX_IN_FLIGHT,
     REQUEST_DEADLINE as METRICS_REQUEST_DEADLINE,
@@ -86,7 +91,7 @@ pub use threads::{
     THREADS_PER_CONNECTION,
 };
 pub use tls::{
-    install_default_provider, provider, CrlInfo, HandshakeError, IdentityError, PeerError,
+    install_default_provider, provider, ClientTrust, CrlInfo, HandshakeError, PeerError,
     SessionCache, TlsContext,
 };
 

@@ -463,7 +463,7 @@ fn serve(
     };
     let client = Client { tls: conn, sock };
     let started = Instant::now();
-    let (identity, allowed) = (permit.identity.clone(), permit.allowed.clone());
+    let (identity, allowed) = (permit.identity.name.clone(), permit.allowed.clone());
     let on_end = move |session: Session| {
         let took = started.elapsed();
         access::finished(

@@ -50,7 +50,7 @@ use rustls::server::{ServerSessionMemoryCache, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{HandshakeKind, RootCertStore, ServerConfig, ServerConnection};
 
-use crate::config::{ConfigError, CrlStale, TlsFiles};
+use crate::config::{ConfigError, CrlStale, TlsFiles, DEFAULT_CA_NAME};
 
 /// The crypto provider lclb runs on: aws-lc-rs, restricted to TLS 1.3 suites and the TLS 1.2
 /// ECDHE AEAD suites.
@@ -94,7 +94,13 @@ fn read_file(key: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {
     std::fs::read(path).map_err(|e| file_error(key, path, format!("cannot read: {e}")))
 }
 
-fn load_certs(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
+/// The certificates in the PEM file `path` (named by `key`). Those that are not roots must be
+/// X.509 v3; `roots` lets old v1 CA certificates through, which webpki accepts as anchors.
+fn load_certs(
+    key: &str,
+    path: &Path,
+    roots: bool,
+) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
     let pem = read_file(key, path)?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
@@ -109,7 +115,7 @@ fn load_certs(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, Co
     for (i, cert) in certs.iter().enumerate() {
         let (_, parsed) = x509_parser::parse_x509_certificate(cert)
             .map_err(|e| file_error(key, path, format!("certificate #{i} does not parse: {e}")))?;
-        if parsed.version() != x509_parser::x509::X509Version::V3 && key != "tls.ca_cert" {
+        if parsed.version() != x509_parser::x509::X509Version::V3 && !roots {
             return Err(file_error(
                 key,
                 path,
@@ -190,15 +196,11 @@ impl fmt::Debug for CrlInfo {
 }
 
 impl CrlInfo {
-    /// Reads the issuer and nextUpdate of `der`, the CRL numbered `index` in `file`.
-    fn parse(file: &Path, index: usize, der: &[u8]) -> Result<CrlInfo, ConfigError> {
-        let (_, crl) = x509_parser::parse_x509_crl(der).map_err(|e| {
-            file_error(
-                "tls.crls",
-                file,
-                format!("CRL #{index} does not parse: {e}"),
-            )
-        })?;
+    /// Reads the issuer and nextUpdate of `der`, the CRL numbered `index` in `file` (named by
+    /// `key`).
+    fn parse(key: &str, file: &Path, index: usize, der: &[u8]) -> Result<CrlInfo, ConfigError> {
+        let (_, crl) = x509_parser::parse_x509_crl(der)
+            .map_err(|e| file_error(key, file, format!("CRL #{index} does not parse: {e}")))?;
         Ok(CrlInfo {
             file: file.to_path_buf(),
             issuer: crl.issuer().as_raw().to_vec(),
@@ -266,17 +268,15 @@ fn unix_date(secs: i64) -> String {
 pub struct TlsContext {
     /// The rustls server configuration, shared by every connection.
     pub server_config: Arc<ServerConfig>,
-    /// The client verifier inside `server_config`, kept to re-verify resumed sessions.
-    verifier: Arc<dyn ClientCertVerifier>,
-    crls: Arc<[CrlInfo]>,
-    crl_stale: CrlStale,
+    /// The client verifier inside `server_config`, kept to re-verify resumed sessions and to
+    /// say which CA anchored a chain.
+    trust: Arc<ClientTrust>,
 }
 
 impl fmt::Debug for TlsContext {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TlsContext")
-            .field("crls", &self.crls)
-            .field("crl_stale", &self.crl_stale)
+            .field("trust", &self.trust)
             .finish_non_exhaustive()
     }
 }
@@ -294,82 +294,10 @@ impl TlsContext {
     /// only. Logs a warning for each CRL already past its nextUpdate.
     pub fn load_with(files: &TlsFiles, sessions: &SessionCache) -> Result<TlsContext, ConfigError> {
         let provider = provider();
+        let trust = Arc::new(ClientTrust::load(files)?);
+        let verifier: Arc<dyn ClientCertVerifier> = trust.clone();
 
-        let ca = load_certs("tls.ca_cert", &files.ca_cert)?;
-        let ca_subjects: Vec<Vec<u8>> = ca
-            .iter()
-            .filter_map(|c| x509_parser::parse_x509_certificate(c).ok())
-            .map(|(_, c)| c.subject().as_raw().to_vec())
-            .collect();
-        let mut roots = RootCertStore::empty();
-        for (i, cert) in ca.into_iter().enumerate() {
-            roots.add(cert).map_err(|e| {
-                file_error(
-                    "tls.ca_cert",
-                    &files.ca_cert,
-                    format!("certificate #{i} is not usable as a CA: {e}"),
-                )
-            })?;
-        }
-        let mut crls = Vec::new();
-        let mut infos = Vec::new();
-        for path in &files.crls {
-            let pem = read_file("tls.crls", path)?;
-            let before = crls.len();
-            for (i, crl) in CertificateRevocationListDer::pem_slice_iter(&pem).enumerate() {
-                let crl =
-                    crl.map_err(|e| file_error("tls.crls", path, format!("not valid PEM: {e}")))?;
-                infos.push(CrlInfo::parse(path, i, &crl)?);
-                crls.push(crl);
-            }
-            if crls.len() == before {
-                return Err(file_error(
-                    "tls.crls",
-                    path,
-                    "holds no CRL (expected a -----BEGIN X509 CRL----- block)",
-                ));
-            }
-        }
-        let now = UnixTime::now();
-        for crl in &infos {
-            if crl.is_stale(now) {
-                crl.reported_stale.store(true, Ordering::Relaxed);
-                log::warn!("{}", crl.describe_stale(files.crl_stale));
-            }
-            if !ca_subjects.contains(&crl.issuer) {
-                // Not an error: the CRL may be an intermediate CA's. But a CRL of the wrong
-                // CA enforces nothing, and nothing else would say so.
-                log::warn!(
-                    "CRL in {} is issued by {}, which is not a CA in {}: it applies only to \
-                     client certificates issued by an intermediate CA of that name",
-                    crl.file.display(),
-                    crl.issuer_name,
-                    files.ca_cert.display()
-                );
-            }
-        }
-        let mut builder =
-            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
-        if !crls.is_empty() {
-            // Intermediate CAs rarely have CRLs of their own; what operators revoke is client
-            // certificates. A client whose issuer has no CRL here is let through (see the
-            // module doc): each listed CRL enforces its own CA's revocations, no more.
-            builder = builder
-                .with_crls(crls)
-                .only_check_end_entity_revocation()
-                .allow_unknown_revocation_status();
-        }
-        let verifier = builder.build().map_err(|e| {
-            let key = if files.crls.is_empty() {
-                "tls.ca_cert"
-            } else {
-                "tls.crls"
-            };
-            let path = files.crls.first().unwrap_or(&files.ca_cert);
-            file_error(key, path, format!("{e}"))
-        })?;
-
-        let chain = load_certs("tls.server_cert", &files.server_cert)?;
+        let chain = load_certs("tls.server_cert", &files.server_cert, false)?;
         let key_pem = read_file("tls.server_key", &files.server_key)?;
         let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
             file_error(
@@ -413,28 +341,32 @@ impl TlsContext {
         config.send_tls13_tickets = TLS13_TICKETS;
         Ok(TlsContext {
             server_config: Arc::new(config),
-            verifier,
-            crls: infos.into(),
-            crl_stale: files.crl_stale,
+            trust,
         })
     }
 
-    /// The CRLs loaded from `tls.crls`, in file order.
-    pub fn crls(&self) -> &[CrlInfo] {
-        &self.crls
+    /// The client trust (CAs and CRLs) of this context.
+    pub fn trust(&self) -> &ClientTrust {
+        &self.trust
     }
 
-    /// For each `tls.crls` file whose CRLs have a nextUpdate, the earliest one (Unix seconds):
-    /// when the file goes stale. What the `lclb_crl_next_update_timestamp_seconds` metric shows.
+    /// The CRLs loaded from `tls.crls` and every `[[ca]] crls`, in file order.
+    pub fn crls(&self) -> &[CrlInfo] {
+        &self.trust.crls
+    }
+
+    /// For each CRL file whose CRLs have a nextUpdate, the earliest one (Unix seconds): when
+    /// the file goes stale. What the `lclb_crl_next_update_timestamp_seconds` metric shows.
     pub fn crl_next_updates(&self) -> Vec<(&Path, i64)> {
-        next_updates_by_file(&self.crls)
+        next_updates_by_file(&self.trust.crls)
     }
 
     /// Checks, after a completed handshake and before any upstream is touched, what rustls
     /// does not: that a resumed session's certificate chain still verifies now against this
-    /// context's CA and CRLs, and (every session, with `tls.crl_stale = "refuse"`) that the CRL
-    /// of the certificate's issuer is not past its nextUpdate.
-    pub fn check_peer(&self, conn: &ServerConnection) -> Result<(), PeerError> {
+    /// context's CAs and CRLs, and (every session, with `tls.crl_stale = "refuse"`) that the
+    /// CRL of the certificate's issuer is not past its nextUpdate. Returns the name of the CA
+    /// the chain ends at (`"default"` or a `[[ca]]` name).
+    pub fn check_peer(&self, conn: &ServerConnection) -> Result<&str, PeerError> {
         let resumed = conn.handshake_kind() == Some(HandshakeKind::Resumed);
         self.check_chain(conn.peer_certificates(), resumed, UnixTime::now())
     }
@@ -444,17 +376,357 @@ impl TlsContext {
         chain: Option<&[CertificateDer<'_>]>,
         resumed: bool,
         now: UnixTime,
-    ) -> Result<(), PeerError> {
+    ) -> Result<&str, PeerError> {
         let Some((end_entity, intermediates)) = chain.and_then(|c| c.split_first()) else {
             return Err(PeerError::NoCertificate);
         };
-        if resumed {
-            self.verifier
-                .verify_client_cert(end_entity, intermediates, now)
-                .map_err(PeerError::Resumed)?;
+        let anchor = if resumed {
+            self.trust
+                .anchor_of(end_entity, intermediates, now)
+                .map_err(PeerError::Resumed)?
+        } else {
+            self.trust
+                .anchor_after_handshake(end_entity, intermediates, now)?
+        };
+        self.trust.check_freshness(end_entity, now)?;
+        Ok(&self.trust.anchors[anchor].name)
+    }
+}
+
+thread_local! {
+    /// The chain the client verifier last accepted on this thread, and the index of the CA
+    /// that anchored it. rustls calls the verifier on the thread that runs the handshake, and
+    /// lclb checks the peer on that same thread right after, so this hands the verifier's
+    /// answer (which CA) to [`TlsContext::check_peer`] without verifying the chain twice.
+    static LAST_VERIFIED: std::cell::RefCell<Option<(Vec<u8>, usize)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// One set of trust roots, verified on its own so that lclb knows which one anchored a chain
+/// (rustls does not say).
+struct Anchor {
+    /// `"default"` (`tls.ca_cert`) or the `[[ca]]` name.
+    name: String,
+    /// The file the roots came from.
+    file: PathBuf,
+    verifier: Arc<dyn ClientCertVerifier>,
+}
+
+/// Every CA client certificates may chain to, with the CRLs of each, as one rustls client
+/// verifier: a chain is accepted when one CA accepts it, and the first that does (the default
+/// CA, then the `[[ca]]` entries in file order) is the chain's anchor, which `[[client]]
+/// issuer` binds to. What `lclb explain` verifies with, too.
+pub struct ClientTrust {
+    anchors: Vec<Anchor>,
+    hints: Vec<rustls::DistinguishedName>,
+    crls: Arc<[CrlInfo]>,
+    crl_stale: CrlStale,
+}
+
+impl fmt::Debug for ClientTrust {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = self.anchors.iter().map(|a| a.name.as_str()).collect();
+        f.debug_struct("ClientTrust")
+            .field("anchors", &names)
+            .field("crls", &self.crls)
+            .field("crl_stale", &self.crl_stale)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientTrust {
+    /// Loads `tls.ca_cert` with `tls.crls` (the CA named `default`) and each `[[ca]]` with its
+    /// own CRLs. Logs a warning for each CRL already past its nextUpdate, and for a CRL whose
+    /// issuer is none of its CA's roots.
+    pub fn load(files: &TlsFiles) -> Result<ClientTrust, ConfigError> {
+        let provider = provider();
+        let mut anchors = Vec::new();
+        let mut hints = Vec::new();
+        let mut infos = Vec::new();
+        let default = [(
+            DEFAULT_CA_NAME,
+            "tls.ca_cert".to_string(),
+            &files.ca_cert,
+            "tls.crls".to_string(),
+            &files.crls,
+        )];
+        let extra = files.extra_cas.iter().enumerate().map(|(i, ca)| {
+            (
+                ca.name.as_str(),
+                format!("ca[{i}].cert"),
+                &ca.cert,
+                format!("ca[{i}].crls"),
+                &ca.crls,
+            )
+        });
+        for (name, cert_key, cert_path, crls_key, crl_paths) in default.into_iter().chain(extra) {
+            let (roots, subjects) = load_roots(&cert_key, cert_path)?;
+            hints.extend(roots.subjects());
+            let (crls, mine) = load_crls(&crls_key, crl_paths)?;
+            for crl in &mine {
+                if !subjects.contains(&crl.issuer) {
+                    // Not an error: the CRL may be an intermediate CA's. But a CRL of the
+                    // wrong CA enforces nothing, and nothing else would say so.
+                    log::warn!(
+                        "CRL in {} is issued by {}, which is not a CA in {}: it applies only to \
+                         client certificates issued by an intermediate CA of that name",
+                        crl.file.display(),
+                        crl.issuer_name,
+                        cert_path.display()
+                    );
+                }
+            }
+            infos.extend(mine);
+            let mut builder =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+            if !crls.is_empty() {
+                // Intermediate CAs rarely have CRLs of their own; what operators revoke is
+                // client certificates. A client whose issuer has no CRL here is let through
+                // (see the module doc): each listed CRL enforces its own CA's revocations.
+                builder = builder
+                    .with_crls(crls)
+                    .only_check_end_entity_revocation()
+                    .allow_unknown_revocation_status();
+            }
+            let verifier = builder.build().map_err(|e| {
+                let (key, path) = match crl_paths.first() {
+                    Some(p) => (crls_key.as_str(), p),
+                    None => (cert_key.as_str(), cert_path),
+                };
+                file_error(key, path, format!("{e}"))
+            })?;
+            anchors.push(Anchor {
+                name: name.to_string(),
+                file: cert_path.clone(),
+                verifier,
+            });
         }
+        let now = UnixTime::now();
+        for crl in &infos {
+            if crl.is_stale(now) {
+                crl.reported_stale.store(true, Ordering::Relaxed);
+                log::warn!("{}", crl.describe_stale(files.crl_stale));
+            }
+        }
+        Ok(ClientTrust {
+            anchors,
+            hints,
+            crls: infos.into(),
+            crl_stale: files.crl_stale,
+        })
+    }
+
+    /// The names of the CAs, in the order they are tried: `default` first.
+    pub fn ca_names(&self) -> impl Iterator<Item = &str> {
+        self.anchors.iter().map(|a| a.name.as_str())
+    }
+
+    /// The file the roots of CA `name` came from.
+    pub fn ca_file(&self, name: &str) -> Option<&Path> {
+        self.anchors
+            .iter()
+            .find(|a| a.name == name)
+            .map(|a| a.file.as_path())
+    }
+
+    /// Verifies a chain at `now` against each CA in turn: the index of the first that accepts
+    /// it, or the most telling refusal (a CA that knows the issuer and refuses, say as
+    /// expired or revoked, over "unknown issuer" from the others).
+    fn anchor_of(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<usize, rustls::Error> {
+        let mut refusal = None;
+        for (i, anchor) in self.anchors.iter().enumerate() {
+            match anchor
+                .verifier
+                .verify_client_cert(end_entity, intermediates, now)
+            {
+                Ok(_) => return Ok(i),
+                Err(e) => {
+                    let unknown = matches!(
+                        e,
+                        rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)
+                    );
+                    if refusal.is_none() || !unknown {
+                        refusal = Some(e);
+                    }
+                    if !unknown {
+                        break;
+                    }
+                }
+            }
+        }
+        Err(refusal.unwrap_or(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::UnknownIssuer,
+        )))
+    }
+
+    /// The anchor of a chain rustls has just accepted in a full handshake on this thread:
+    /// what the verifier recorded, or (should that not be this chain) verified again.
+    fn anchor_after_handshake(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<usize, PeerError> {
+        if self.anchors.len() == 1 {
+            return Ok(0);
+        }
+        let recorded = LAST_VERIFIED.with(|last| last.borrow_mut().take());
+        match recorded {
+            Some((der, i)) if der == end_entity.as_ref() => Ok(i),
+            _ => self
+                .anchor_of(end_entity, intermediates, now)
+                .map_err(PeerError::Refused),
+        }
+    }
+
+    /// Refuses `end_entity` if `tls.crl_stale = "refuse"` and a CRL of its issuer is stale at
+    /// `now`.
+    fn check_freshness(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        now: UnixTime,
+    ) -> Result<(), PeerError> {
         check_crl_freshness(&self.crls, self.crl_stale, end_entity, now)
     }
+
+    /// Verifies `chain` (leaf first) at `now` exactly as a full handshake does, and then as
+    /// [`TlsContext::check_peer`] does: the name of the CA it ends at, or why it is refused.
+    pub fn verify(&self, chain: &[CertificateDer<'_>], now: UnixTime) -> Result<&str, PeerError> {
+        let Some((end_entity, intermediates)) = chain.split_first() else {
+            return Err(PeerError::NoCertificate);
+        };
+        let i = self
+            .anchor_of(end_entity, intermediates, now)
+            .map_err(PeerError::Refused)?;
+        self.check_freshness(end_entity, now)?;
+        Ok(&self.anchors[i].name)
+    }
+
+    /// The CRL file that revokes `end_entity`, if one does: for saying which, after a refusal
+    /// as revoked. Reads the files again (this is for `lclb explain`, not the data path).
+    pub fn revoked_by(&self, end_entity: &CertificateDer<'_>) -> Option<PathBuf> {
+        let (_, cert) = x509_parser::parse_x509_certificate(end_entity).ok()?;
+        let issuer = cert.issuer().as_raw();
+        let serial = cert.raw_serial();
+        for info in self.crls.iter().filter(|c| c.issuer == issuer) {
+            let pem = std::fs::read(&info.file).ok()?;
+            for der in CertificateRevocationListDer::pem_slice_iter(&pem).flatten() {
+                let Ok((_, crl)) = x509_parser::parse_x509_crl(&der) else {
+                    continue;
+                };
+                if crl.issuer().as_raw() == issuer
+                    && crl
+                        .iter_revoked_certificates()
+                        .any(|r| r.raw_serial() == serial)
+                {
+                    return Some(info.file.clone());
+                }
+            }
+        }
+        None
+    }
+}
+
+impl ClientCertVerifier for ClientTrust {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &self.hints
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        let i = self.anchor_of(end_entity, intermediates, now)?;
+        if self.anchors.len() > 1 {
+            LAST_VERIFIED.with(|last| *last.borrow_mut() = Some((end_entity.to_vec(), i)));
+        }
+        Ok(rustls::server::danger::ClientCertVerified::assertion())
+    }
+
+    // Signatures over the handshake do not depend on the CA: every anchor's verifier checks
+    // them with the same provider's algorithms, so the first one answers for all.
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.anchors[0]
+            .verifier
+            .verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.anchors[0]
+            .verifier
+            .verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.anchors[0].verifier.supported_verify_schemes()
+    }
+}
+
+/// The roots in `path` (the file of `key`), as a root store, and each root's subject as DER
+/// (compared with CRL issuers).
+fn load_roots(key: &str, path: &Path) -> Result<(RootCertStore, Vec<Vec<u8>>), ConfigError> {
+    let certs = load_certs(key, path, true)?;
+    let subjects = certs
+        .iter()
+        .filter_map(|c| x509_parser::parse_x509_certificate(c).ok())
+        .map(|(_, c)| c.subject().as_raw().to_vec())
+        .collect();
+    let mut roots = RootCertStore::empty();
+    for (i, cert) in certs.into_iter().enumerate() {
+        roots.add(cert).map_err(|e| {
+            file_error(
+                key,
+                path,
+                format!("certificate #{i} is not usable as a CA: {e}"),
+            )
+        })?;
+    }
+    Ok((roots, subjects))
+}
+
+/// The CRLs of the files in `paths` (the files of `key`), and lclb's own reading of each.
+fn load_crls(
+    key: &str,
+    paths: &[PathBuf],
+) -> Result<(Vec<CertificateRevocationListDer<'static>>, Vec<CrlInfo>), ConfigError> {
+    let mut crls = Vec::new();
+    let mut infos = Vec::new();
+    for (n, path) in paths.iter().enumerate() {
+        let file_key = format!("{key}[{n}]");
+        let pem = read_file(&file_key, path)?;
+        let before = crls.len();
+        for (i, crl) in CertificateRevocationListDer::pem_slice_iter(&pem).enumerate() {
+            let crl =
+                crl.map_err(|e| file_error(&file_key, path, format!("not valid PEM: {e}")))?;
+            infos.push(CrlInfo::parse(&file_key, path, i, &crl)?);
+            crls.push(crl);
+        }
+        if crls.len() == before {
+            return Err(file_error(
+                &file_key,
+                path,
+                "holds no CRL (expected a -----BEGIN X509 CRL----- block)",
+            ));
+        }
+    }
+    Ok((crls, infos))
 }
 
 /// Refuses `end_entity` if `policy` is [`CrlStale::Refuse`] and a CRL of its issuer is stale at
@@ -517,6 +789,9 @@ pub enum PeerError {
     /// The session was resumed and its certificate chain no longer verifies: it expired, was
     /// revoked, or its CA is no longer trusted since the session began.
     Resumed(rustls::Error),
+    /// The chain does not verify against any configured CA (what a full handshake refuses;
+    /// reported as such by [`ClientTrust::verify`]).
+    Refused(rustls::Error),
     /// `tls.crl_stale = "refuse"` and the CRL of the certificate's issuer is past its
     /// nextUpdate.
     StaleCrl {
@@ -539,6 +814,7 @@ impl fmt::Display for PeerError {
                 "resumed session refused, its certificate no longer verifies: {}",
                 describe_tls_error(e)
             ),
+            PeerError::Refused(e) => f.write_str(&describe_tls_error(e)),
             PeerError::StaleCrl {
                 file,
                 issuer,
@@ -705,152 +981,9 @@ pub fn close_gracefully(conn: &mut ServerConnection, mut sock: &TcpStream) {
     }
 }
 
-/// Why a verified certificate does not yield an identity.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum IdentityError {
-    /// The client presented no certificate (cannot happen once the verifier required one).
-    NoCertificate,
-    /// The certificate could not be parsed.
-    Malformed(String),
-    /// The subject has no common name.
-    NoCommonName,
-    /// The subject has more than one common name, so the identity would be ambiguous.
-    SeveralCommonNames(usize),
-    /// The common name is not a UTF-8 (or ASCII) string type, or holds control characters.
-    BadCommonName,
-}
-
-impl fmt::Display for IdentityError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            IdentityError::NoCertificate => f.write_str("client presented no certificate"),
-            IdentityError::Malformed(e) => write!(f, "client certificate does not parse: {e}"),
-            IdentityError::NoCommonName => f.write_str("client certificate subject has no CN"),
-            IdentityError::SeveralCommonNames(n) => {
-                write!(
-                    f,
-                    "client certificate subject has {n} CNs; exactly one is required"
-                )
-            }
-            IdentityError::BadCommonName => {
-                f.write_str("client certificate CN is not a printable UTF-8 string")
-            }
-        }
-    }
-}
-
-impl std::error::Error for IdentityError {}
-
-/// Returns the client's identity: the one subject CN of its (already verified) end-entity
-/// certificate. No CN, several CNs, a CN that is not a UTF-8 string, or one holding control
-/// characters (which would forge log lines) is refused.
-pub fn client_identity(cert: &CertificateDer<'_>) -> Result<String, IdentityError> {
-    let (_, parsed) = x509_parser::parse_x509_certificate(cert)
-        .map_err(|e| IdentityError::Malformed(e.to_string()))?;
-    let cns: Vec<_> = parsed.subject().iter_common_name().collect();
-    match cns.as_slice() {
-        [] => Err(IdentityError::NoCommonName),
-        [one] => {
-            let cn = one.as_str().map_err(|_| IdentityError::BadCommonName)?;
-            if cn.is_empty() || cn.chars().any(char::is_control) {
-                return Err(IdentityError::BadCommonName);
-            }
-            Ok(cn.to_string())
-        }
-        many => Err(IdentityError::SeveralCommonNames(many.len())),
-    }
-}
-
-/// The identity of a connection that completed its handshake.
-pub fn peer_identity(conn: &ServerConnection) -> Result<String, IdentityError> {
-    let cert = conn
-        .peer_certificates()
-        .and_then(|chain| chain.first())
-        .ok_or(IdentityError::NoCertificate)?;
-    client_identity(cert)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rcgen::{CertificateParams, DistinguishedName, DnType, DnValue, KeyPair};
-
-    fn cert_with(dn: DistinguishedName) -> CertificateDer<'static> {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.distinguished_name = dn;
-        let key = KeyPair::generate().unwrap();
-        params.self_signed(&key).unwrap().der().clone()
-    }
-
-    fn cn(value: DnValue) -> CertificateDer<'static> {
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, value);
-        cert_with(dn)
-    }
-
-    #[test]
-    fn the_identity_is_the_one_common_name() {
-        let cert = cn(DnValue::Utf8String("client1.lb.com".into()));
-        assert_eq!(client_identity(&cert).unwrap(), "client1.lb.com");
-    }
-
-    #[test]
-    fn a_printable_string_common_name_is_accepted() {
-        let cert = cn(DnValue::PrintableString(
-            "client2.lb.com".try_into().unwrap(),
-        ));
-        assert_eq!(client_identity(&cert).unwrap(), "client2.lb.com");
-    }
-
-    #[test]
-    fn a_subject_without_common_name_is_refused() {
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::OrganizationName, "lclb");
-        assert_eq!(
-            client_identity(&cert_with(dn)),
-            Err(IdentityError::NoCommonName)
-        );
-    }
-
-    #[test]
-    fn two_common_names_are_refused() {
-        // rcgen's DistinguishedName keeps one value per type, so build the subject by hand:
-        // two CN attributes in two RDNs.
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, "a");
-        dn.push(DnType::CustomDnType(vec![2, 5, 4, 3]), "b");
-        assert_eq!(
-            client_identity(&cert_with(dn)),
-            Err(IdentityError::SeveralCommonNames(2))
-        );
-    }
-
-    #[test]
-    fn a_bmp_string_common_name_is_refused() {
-        let cert = cn(DnValue::BmpString("client".try_into().unwrap()));
-        assert_eq!(client_identity(&cert), Err(IdentityError::BadCommonName));
-    }
-
-    #[test]
-    fn a_common_name_with_a_newline_is_refused() {
-        let cert = cn(DnValue::Utf8String("evil\nlclb: forged line".into()));
-        assert_eq!(client_identity(&cert), Err(IdentityError::BadCommonName));
-    }
-
-    #[test]
-    fn garbage_is_malformed_not_a_panic() {
-        let junk = CertificateDer::from(vec![0x30, 0x82, 0xff, 0xff, 1, 2, 3]);
-        assert!(matches!(
-            client_identity(&junk),
-            Err(IdentityError::Malformed(_))
-        ));
-        let empty = CertificateDer::from(Vec::new());
-        assert!(matches!(
-            client_identity(&empty),
-            Err(IdentityError::Malformed(_))
-        ));
-    }
 
     #[test]
     fn a_certificate_not_for_client_auth_is_explained_as_such() {
@@ -920,7 +1053,8 @@ mod tests {
         #[test]
         fn a_crl_gives_its_issuer_and_next_update() {
             let a = ca("ca-a.lb.com");
-            let info = CrlInfo::parse(Path::new("a.crl"), 0, &crl_of(&a, (2021, 1, 1))).unwrap();
+            let info = CrlInfo::parse("tls.crls", Path::new("a.crl"), 0, &crl_of(&a, (2021, 1, 1)))
+                .unwrap();
             assert_eq!(info.file(), Path::new("a.crl"));
             assert_eq!(info.issuer(), "CN=ca-a.lb.com");
             assert_eq!(info.next_update(), Some(NEW_YEAR_2021));
@@ -929,7 +1063,8 @@ mod tests {
         #[test]
         fn a_crl_is_stale_only_after_its_next_update() {
             let a = ca("ca-a.lb.com");
-            let info = CrlInfo::parse(Path::new("a.crl"), 0, &crl_of(&a, (2021, 1, 1))).unwrap();
+            let info = CrlInfo::parse("tls.crls", Path::new("a.crl"), 0, &crl_of(&a, (2021, 1, 1)))
+                .unwrap();
             let next = NEW_YEAR_2021 as u64;
             assert!(!info.is_stale(at(next - 1)));
             assert!(!info.is_stale(at(next)), "current up to nextUpdate itself");
@@ -939,9 +1074,14 @@ mod tests {
 
         #[test]
         fn a_crl_that_does_not_parse_names_its_file_and_key() {
-            let e = CrlInfo::parse(Path::new("/etc/lclb/bad.crl"), 2, &[0x30, 0x03, 1, 2, 3])
-                .unwrap_err()
-                .to_string();
+            let e = CrlInfo::parse(
+                "tls.crls",
+                Path::new("/etc/lclb/bad.crl"),
+                2,
+                &[0x30, 0x03, 1, 2, 3],
+            )
+            .unwrap_err()
+            .to_string();
             assert!(e.contains("tls.crls"), "{e}");
             assert!(e.contains("/etc/lclb/bad.crl"), "{e}");
             assert!(e.contains("CRL #2 does not parse"), "{e}");
@@ -951,8 +1091,10 @@ mod tests {
         fn refuse_refuses_only_clients_of_the_stale_crls_issuer() {
             let (a, b) = (ca("ca-a.lb.com"), ca("ca-b.lb.com"));
             let crls = [
-                CrlInfo::parse(Path::new("a.crl"), 0, &crl_of(&a, (2021, 1, 1))).unwrap(),
-                CrlInfo::parse(Path::new("b.crl"), 0, &crl_of(&b, (2035, 1, 1))).unwrap(),
+                CrlInfo::parse("tls.crls", Path::new("a.crl"), 0, &crl_of(&a, (2021, 1, 1)))
+                    .unwrap(),
+                CrlInfo::parse("tls.crls", Path::new("b.crl"), 0, &crl_of(&b, (2035, 1, 1)))
+                    .unwrap(),
             ];
             let (of_a, _) = client_of(&a, (2040, 1, 1));
             let (of_b, _) = client_of(&b, (2040, 1, 1));
@@ -980,7 +1122,11 @@ mod tests {
         #[test]
         fn warn_serves_the_client_and_marks_the_crl_reported() {
             let a = ca("ca-a.lb.com");
-            let crls = [CrlInfo::parse(Path::new("a.crl"), 0, &crl_of(&a, (2021, 1, 1))).unwrap()];
+            let crls =
+                [
+                    CrlInfo::parse("tls.crls", Path::new("a.crl"), 0, &crl_of(&a, (2021, 1, 1)))
+                        .unwrap(),
+                ];
             let (of_a, _) = client_of(&a, (2040, 1, 1));
             assert!(check_crl_freshness(&crls, CrlStale::Warn, &of_a, UnixTime::now()).is_ok());
             assert!(crls[0].reported_stale.load(Ordering::Relaxed));
@@ -990,9 +1136,22 @@ mod tests {
         fn each_file_shows_its_earliest_next_update() {
             let (a, b) = (ca("ca-a.lb.com"), ca("ca-b.lb.com"));
             let crls = [
-                CrlInfo::parse(Path::new("both.crl"), 0, &crl_of(&a, (2035, 1, 1))).unwrap(),
-                CrlInfo::parse(Path::new("both.crl"), 1, &crl_of(&b, (2021, 1, 1))).unwrap(),
-                CrlInfo::parse(Path::new("a.crl"), 0, &crl_of(&a, (2021, 1, 2))).unwrap(),
+                CrlInfo::parse(
+                    "tls.crls",
+                    Path::new("both.crl"),
+                    0,
+                    &crl_of(&a, (2035, 1, 1)),
+                )
+                .unwrap(),
+                CrlInfo::parse(
+                    "tls.crls",
+                    Path::new("both.crl"),
+                    1,
+                    &crl_of(&b, (2021, 1, 1)),
+                )
+                .unwrap(),
+                CrlInfo::parse("tls.crls", Path::new("a.crl"), 0, &crl_of(&a, (2021, 1, 2)))
+                    .unwrap(),
             ];
             assert_eq!(
                 next_updates_by_file(&crls),
@@ -1042,6 +1201,7 @@ mod tests {
                 crls: Vec::new(),
                 crl_stale: CrlStale::Warn,
                 truncation: Default::default(),
+                extra_cas: Vec::new(),
             };
             let ctx = TlsContext::load(&files).unwrap();
             let _ = std::fs::remove_dir_all(&dir);
@@ -1075,36 +1235,6 @@ mod tests {
                 ctx.check_chain(None, true, UnixTime::now()),
                 Err(PeerError::NoCertificate)
             ));
-        }
-    }
-
-    mod fuzz {
-        use super::*;
-        use proptest::prelude::*;
-
-        proptest! {
-            #![proptest_config(ProptestConfig::with_cases(3000))]
-
-            #[test]
-            fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
-                let _ = client_identity(&CertificateDer::from(bytes));
-            }
-
-            #[test]
-            fn a_mutated_certificate_never_panics(flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8)) {
-                static BASE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
-                let mut der = BASE
-                    .get_or_init(|| cn(DnValue::Utf8String("client1.lb.com".into())).to_vec())
-                    .clone();
-                for (at, value) in flips {
-                    let i = at.index(der.len());
-                    der[i] = value;
-                }
-                if let Ok(identity) = client_identity(&CertificateDer::from(der)) {
-                    prop_assert!(!identity.is_empty());
-                    prop_assert!(!identity.chars().any(char::is_control));
-                }
-            }
         }
     }
 }

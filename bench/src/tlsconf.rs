@@ -81,6 +81,7 @@ pub fn server_from_files(cert: &str, key: &str, ca: &str) -> Result<Arc<ServerCo
         crls: Vec::new(),
         crl_stale: lclb::config::CrlStale::default(),
         truncation: lclb::config::Truncation::default(),
+        extra_cas: Vec::new(),
     };
     let ctx = lclb::TlsContext::load(&files).map_err(|e| e.to_string())?;
     Ok(ctx.server_config)

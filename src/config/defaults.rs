@@ -133,5 +133,8 @@ groups = ["web"]                     # upstream groups it may reach
 # max_concurrent = 50
 "#;
 
+/// The name of the trust roots in `tls.ca_cert`, for `[[client]] issuer`.
+pub const DEFAULT_CA_NAME: &str = "default";
+
 /// Default config file path, relative to the working directory.
 pub const DEFAULT_CONFIG_PATH: &str = "lclb.toml";

@@ -22,12 +22,14 @@ use serde::Deserialize;
 
 mod defaults;
 mod raw;
+mod selectors;
 #[cfg(test)]
 mod tests;
 mod validate;
 mod values;
 
 pub use defaults::*;
+pub use selectors::{DnsPattern, KeyPin, Selectors, UriPattern};
 
 /// A configuration that cannot be used, naming the file or key at fault.
 #[derive(Debug)]
@@ -138,6 +140,21 @@ pub struct TlsFiles {
     /// What the upstream gets when a client ends without close_notify. Default
     /// [`Truncation::Fin`].
     pub truncation: Truncation,
+    /// The `[[ca]]` entries: more trust roots, each with a name an entry's `issuer` binds to.
+    /// `ca_cert` and `crls` above are the CA named [`DEFAULT_CA_NAME`]. Default: none.
+    pub extra_cas: Vec<CaFiles>,
+}
+
+/// One `[[ca]]` entry: trust roots of their own, with their own CRLs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaFiles {
+    /// The name `[[client]] issuer` refers to; unique, and never [`DEFAULT_CA_NAME`].
+    pub name: String,
+    /// PEM root certificate(s).
+    pub cert: PathBuf,
+    /// PEM CRLs of this CA (or its intermediates). Default: none, so no revocation checking
+    /// for this CA, whatever the other CAs have.
+    pub crls: Vec<PathBuf>,
 }
 
 /// `tls.crl_stale`: what lclb does while a configured CRL is past its nextUpdate.
@@ -302,11 +319,19 @@ pub struct UpstreamConfig {
     pub slow_start: Duration,
 }
 
-/// One `[[client]]` entry: an identity that may connect, and where to.
+/// One `[[client]]` entry: an identity that may connect, and where to. Entries are tried in
+/// file order; the first whose selectors all match a certificate (chaining to its issuer) is
+/// the client's identity.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClientConfig {
-    /// The certificate subject CN that identifies the client.
-    pub cn: String,
+    /// The identity: in logs, metrics and as the key of its limits. Default: the `cn`, else
+    /// the `uri_san`, else the `dns_san` as written; unique.
+    pub name: String,
+    /// What the entry matches in a certificate.
+    pub selectors: Selectors,
+    /// The CA (`"default"` for `tls.ca_cert`, else a `[[ca]]` name) the certificate's chain
+    /// must end at. Default `"default"`.
+    pub issuer: String,
     /// Upstream groups this client may reach.
     pub groups: Vec<String>,
     /// This client's limits: the `[rate_limit]` defaults with this entry's overrides applied.
@@ -343,8 +368,28 @@ impl Config {
         validate::validate(raw, base)
     }
 
-    /// The client entry for an identity, if that identity is allowed in at all.
-    pub fn client(&self, cn: &str) -> Option<&ClientConfig> {
-        self.clients.iter().find(|c| c.cn == cn)
+    /// The client entry named `name`, if there is one.
+    pub fn client(&self, name: &str) -> Option<&ClientConfig> {
+        self.clients.iter().find(|c| c.name == name)
+    }
+
+    /// Warnings about entries that can never match: for each, the key and why. An entry can
+    /// never match when an earlier entry with the same issuer matches every certificate it
+    /// would (its selectors are a subset, its patterns at least as wide). `--check-config`
+    /// prints them; the server logs them at load.
+    pub fn shadowed_clients(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (j, later) in self.clients.iter().enumerate() {
+            let earlier = self.clients[..j].iter().enumerate().find(|(_, e)| {
+                e.issuer == later.issuer && later.selectors.implied_by(&e.selectors)
+            });
+            if let Some((i, e)) = earlier {
+                out.push(format!(
+                    "config key `client[{j}]` ({:?}) can never match: client[{i}] ({:?}) comes                      first and matches every certificate it would; move it above, or narrow                      client[{i}]",
+                    later.name, e.name
+                ));
+            }
+        }
+        out
     }
 }

@@ -26,7 +26,17 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub(super) upstream: Vec<RawUpstream>,
     #[serde(default)]
+    pub(super) ca: Vec<RawCa>,
+    #[serde(default)]
     pub(super) client: Vec<RawClient>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCa {
+    pub(super) name: String,
+    pub(super) cert: PathBuf,
+    pub(super) crls: Option<Vec<PathBuf>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -89,7 +99,12 @@ pub(super) struct RawUpstream {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawClient {
-    pub(super) cn: String,
+    pub(super) name: Option<String>,
+    pub(super) cn: Option<String>,
+    pub(super) uri_san: Option<String>,
+    pub(super) dns_san: Option<String>,
+    pub(super) spki_sha256: Option<String>,
+    pub(super) issuer: Option<String>,
     pub(super) groups: Vec<String>,
     pub(super) rate: Option<f64>,
     pub(super) burst: Option<u32>,

@@ -9,20 +9,24 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::raw::{RawClient, RawConfig, RawHealth, RawLimits, RawRateLimit, RawTls, RawUpstream};
+use super::raw::{
+    RawCa, RawClient, RawConfig, RawHealth, RawLimits, RawRateLimit, RawTls, RawUpstream,
+};
 use super::values::{duration, file, invalid, rate_limit, resolve, socket_addr};
 use super::*;
 
 /// Checks and types the whole file; relative paths are resolved against `base`.
 pub(super) fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
     let (listen, metrics_listen) = listeners(raw.listen, raw.metrics_listen)?;
-    let tls = tls(raw.tls, base)?;
+    let mut tls = tls(raw.tls, base)?;
+    tls.extra_cas = cas(raw.ca, base)?;
     let limits = limits(raw.limits)?;
     let rate_limit = rate_limit_section(raw.rate_limit)?;
     let health_check = health_check(raw.health_check)?;
     let upstreams = upstreams(&raw.upstream)?;
     let groups: BTreeSet<&str> = upstreams.iter().map(|u| u.group.as_str()).collect();
-    let clients = clients(&raw.client, &groups, rate_limit)?;
+    let ca_names: Vec<&str> = tls.extra_cas.iter().map(|c| c.name.as_str()).collect();
+    let clients = clients(&raw.client, &groups, &ca_names, rate_limit)?;
     Ok(Config {
         listen,
         metrics_listen,
@@ -90,7 +94,51 @@ fn tls(raw: RawTls, base: &Path) -> Result<TlsFiles, ConfigError> {
         crls,
         crl_stale: raw.crl_stale.unwrap_or_default(),
         truncation: raw.truncation.unwrap_or_default(),
+        extra_cas: Vec::new(),
     })
+}
+
+/// The `[[ca]]` entries: unique names other than `default`, paths made absolute.
+fn cas(raw: Vec<RawCa>, base: &Path) -> Result<Vec<CaFiles>, ConfigError> {
+    let mut out: Vec<CaFiles> = Vec::with_capacity(raw.len());
+    for (i, ca) in raw.into_iter().enumerate() {
+        let key = format!("ca[{i}]");
+        let name = ca.name.trim();
+        if name.is_empty() || name.chars().any(|c| c.is_control()) {
+            return Err(invalid(
+                format!("{key}.name"),
+                "must be a non-empty name without control characters",
+            ));
+        }
+        if name == DEFAULT_CA_NAME {
+            return Err(invalid(
+                format!("{key}.name"),
+                "\"default\" is the name of tls.ca_cert; give this CA another name",
+            ));
+        }
+        if out.iter().any(|c| c.name == name) {
+            return Err(invalid(
+                format!("{key}.name"),
+                format!("CA name {name:?} is used twice; names must be unique"),
+            ));
+        }
+        let cert = file(base, &format!("{key}.cert"), ca.cert, "name a PEM CA file")?;
+        let mut crls = Vec::new();
+        for (j, p) in ca.crls.unwrap_or_default().into_iter().enumerate() {
+            crls.push(file(
+                base,
+                &format!("{key}.crls[{j}]"),
+                p,
+                "remove it from the list",
+            )?);
+        }
+        out.push(CaFiles {
+            name: name.to_string(),
+            cert,
+            crls,
+        });
+    }
+    Ok(out)
 }
 
 /// The `[limits]` section.
@@ -289,36 +337,68 @@ fn upstreams(raw: &[RawUpstream]) -> Result<Vec<UpstreamConfig>, ConfigError> {
     Ok(upstreams)
 }
 
-/// The `[[client]]` entries: unique CNs, each naming only `groups` some upstream has, with the
+/// The `[[client]]` entries: each with at least one well-formed selector, a unique name, an
+/// issuer that is `default` or a `[[ca]]`, and only `groups` some upstream has, with the
 /// `[rate_limit]` defaults under their overrides.
 fn clients(
     raw: &[RawClient],
     groups: &BTreeSet<&str>,
+    ca_names: &[&str],
     default: ClientLimits,
 ) -> Result<Vec<ClientConfig>, ConfigError> {
-    let mut cns = HashSet::new();
-    let mut clients = Vec::with_capacity(raw.len());
+    let mut clients: Vec<ClientConfig> = Vec::with_capacity(raw.len());
     for (i, c) in raw.iter().enumerate() {
         let key = format!("client[{i}]");
-        if c.cn.is_empty() {
-            return Err(invalid(format!("{key}.cn"), "must not be empty"));
-        }
-        if !cns.insert(c.cn.as_str()) {
+        let selectors = selectors(&key, c)?;
+        let (name, name_key) = match (&c.name, &c.cn, &c.uri_san, &c.dns_san) {
+            (Some(n), ..) => (n.clone(), "name"),
+            (None, Some(cn), ..) => (cn.clone(), "cn"),
+            (None, None, Some(uri), _) => (uri.clone(), "uri_san"),
+            (None, None, None, Some(dns)) => (dns.clone(), "dns_san"),
+            (None, None, None, None) => {
+                return Err(invalid(
+                    format!("{key}.name"),
+                    "an entry that selects by spki_sha256 alone needs a name (the identity in \
+                     logs, metrics and limits)",
+                ));
+            }
+        };
+        if name.trim().is_empty() || name.chars().any(|c| c.is_control()) {
             return Err(invalid(
-                format!("{key}.cn"),
+                format!("{key}.{name_key}"),
+                "must be a non-empty name without control characters",
+            ));
+        }
+        if let Some(j) = clients.iter().position(|e| e.name == name) {
+            let fix = if name_key == "name" {
+                "names must be unique".to_string()
+            } else {
                 format!(
-                    "client {:?} is listed twice; merge its groups into one entry",
-                    c.cn
+                    "merge the two entries, or give each a `name` (the same {name_key} from two \
+                     issuers needs one)"
+                )
+            };
+            return Err(invalid(
+                format!("{key}.{name_key}"),
+                format!("client {name:?} is listed twice (also client[{j}]); {fix}"),
+            ));
+        }
+        let issuer = c.issuer.clone().unwrap_or_else(|| DEFAULT_CA_NAME.into());
+        if issuer != DEFAULT_CA_NAME && !ca_names.contains(&issuer.as_str()) {
+            let mut known = vec![DEFAULT_CA_NAME];
+            known.extend_from_slice(ca_names);
+            return Err(invalid(
+                format!("{key}.issuer"),
+                format!(
+                    "{issuer:?} names no [[ca]] entry (CAs: {})",
+                    known.join(", ")
                 ),
             ));
         }
         if c.groups.is_empty() {
             return Err(invalid(
                 format!("{key}.groups"),
-                format!(
-                    "client {:?} has no groups; remove the entry to deny it",
-                    c.cn
-                ),
+                format!("client {name:?} has no groups; remove the entry to deny it"),
             ));
         }
         if let Some(g) = c.groups.iter().find(|g| !groups.contains(g.as_str())) {
@@ -326,14 +406,15 @@ fn clients(
             return Err(invalid(
                 format!("{key}.groups"),
                 format!(
-                    "client {:?} names group {g:?}, which no upstream has (groups: {})",
-                    c.cn,
+                    "client {name:?} names group {g:?}, which no upstream has (groups: {})",
                     known.join(", ")
                 ),
             ));
         }
         clients.push(ClientConfig {
-            cn: c.cn.clone(),
+            name,
+            selectors,
+            issuer,
             groups: c.groups.clone(),
             rate_limit: ClientLimits {
                 rate: rate_limit(&key, c.rate, c.burst, default.rate)?,
@@ -342,4 +423,43 @@ fn clients(
         });
     }
     Ok(clients)
+}
+
+/// The selectors of one `[[client]]` entry, each parsed; at least one.
+fn selectors(key: &str, c: &RawClient) -> Result<Selectors, ConfigError> {
+    let at = |field: &str| format!("{key}.{field}");
+    if let Some(cn) = &c.cn {
+        if cn.is_empty() {
+            return Err(invalid(at("cn"), "must not be empty"));
+        }
+    }
+    let selectors = Selectors {
+        cn: c.cn.clone(),
+        uri_san: c
+            .uri_san
+            .as_deref()
+            .map(UriPattern::parse)
+            .transpose()
+            .map_err(|e| invalid(at("uri_san"), e))?,
+        dns_san: c
+            .dns_san
+            .as_deref()
+            .map(DnsPattern::parse)
+            .transpose()
+            .map_err(|e| invalid(at("dns_san"), e))?,
+        spki_sha256: c
+            .spki_sha256
+            .as_deref()
+            .map(KeyPin::parse)
+            .transpose()
+            .map_err(|e| invalid(at("spki_sha256"), e))?,
+    };
+    if selectors.is_empty() {
+        return Err(invalid(
+            key,
+            "selects nothing: give at least one of cn, uri_san, dns_san, spki_sha256 (all that \
+             are given must match)",
+        ));
+    }
+    Ok(selectors)
 }
