@@ -55,6 +55,7 @@ mod admission;
 mod authz;
 mod balancer;
 mod buffers;
+mod explain;
 mod forward;
 mod health;
 mod identity;
@@ -75,6 +76,7 @@ pub use admission::{address_key, Admission, Handshaking, Permit, Refused};
 pub use authz::{Authorizer, Policy, Unmatched};
 pub use balancer::{BalanceError, Balancer, BalancerOptions, Client, Session, Unbalanced};
 pub use config::{Config, ConfigError};
+pub use explain::{explain, EntryCheck, Explanation, UpstreamLine};
 pub use forward::{Aborter, EndReason, ForwardReport};
 pub use identity::{client_identity, CertNames, Identity, IdentityError, Mismatch};
 pub use metrics::{

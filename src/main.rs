@@ -1,17 +1,20 @@
 //! The `lclb` command: parses arguments, loads the config, runs the server. Errors leave through
 //! one place, printed once with their causes, with a non-zero exit code.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use lclb::config::LogFormat;
 use lclb::MetricsServer;
 use lclb::{Config, Server};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, UnixTime};
 
 const USAGE: &str = "\
 lclb: a least-connection TCP load balancer with mutual TLS
 
 Usage: lclb [--config PATH] [--check-config | --print-default-config]
+       lclb explain [--config PATH] --cert CLIENT.pem [--chain INTERMEDIATES.pem] [--json]
 
 Options:
   -c, --config PATH         config file (default: lclb.toml); relative paths inside it
@@ -23,6 +26,13 @@ Options:
   -h, --help                print this help
   -V, --version             print the version
 
+explain: says, offline and without the client's key, whether a client presenting
+CLIENT.pem (leaf first; more certificates in it, or in --chain, are sent as its
+intermediates) would be admitted now: the chain's verdict and its CA, each
+[[client]] entry tried and why it did not match, the entry that does, its groups,
+upstreams and limits. Exit 0 if admitted, 1 if refused, 2 on a usage or config
+error. --json prints one JSON object instead.
+
 Signals: SIGHUP reloads the config (a bad one is refused and the old one kept);
 SIGTERM or SIGINT stops accepting and drains (a second one exits at once).
 Logging: RUST_LOG=debug|info|warn|error (default info); log_format = \"json\" in the
@@ -32,17 +42,62 @@ config for one JSON object per line.
 /// What the command line asked for.
 #[derive(Debug, PartialEq)]
 enum Command {
-    Run { config: PathBuf },
-    Check { config: PathBuf },
+    Run {
+        config: PathBuf,
+    },
+    Check {
+        config: PathBuf,
+    },
     PrintDefault,
+    Explain {
+        config: PathBuf,
+        cert: PathBuf,
+        chain: Option<PathBuf>,
+        json: bool,
+    },
     Help,
     Version,
+}
+
+fn parse_explain(args: impl Iterator<Item = String>) -> Result<Command, String> {
+    let mut config = PathBuf::from(lclb::config::DEFAULT_CONFIG_PATH);
+    let (mut cert, mut chain, mut json) = (None, None, false);
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        let mut value = |what: &str| {
+            args.next()
+                .map(PathBuf::from)
+                .ok_or_else(|| format!("{arg} needs {what}"))
+        };
+        match arg.as_str() {
+            "-c" | "--config" => config = value("a file path")?,
+            "--cert" => cert = Some(value("a PEM certificate file")?),
+            "--chain" => chain = Some(value("a PEM file of intermediates")?),
+            "--json" => json = true,
+            other => {
+                return Err(format!(
+                    "explain: unknown argument {other:?} (see lclb --help)"
+                ))
+            }
+        }
+    }
+    let cert = cert.ok_or("explain needs --cert CLIENT.pem (see lclb --help)")?;
+    Ok(Command::Explain {
+        config,
+        cert,
+        chain,
+        json,
+    })
 }
 
 fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, String> {
     let mut config = PathBuf::from(lclb::config::DEFAULT_CONFIG_PATH);
     let mut check = false;
-    let mut args = args.into_iter();
+    let mut args = args.into_iter().peekable();
+    if args.peek().map(String::as_str) == Some("explain") {
+        args.next();
+        return parse_explain(args);
+    }
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "-h" | "--help" => return Ok(Command::Help),
@@ -71,14 +126,24 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, String>
     })
 }
 
-fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
+/// Runs `command`; its exit code, or the error to print (exit 1).
+fn run(command: Command) -> Result<ExitCode, Box<dyn std::error::Error>> {
     match command {
         Command::Help => print!("{USAGE}"),
         Command::Version => println!("lclb {}", env!("CARGO_PKG_VERSION")),
         Command::PrintDefault => print!("{}", lclb::config::DEFAULT_CONFIG),
+        Command::Explain {
+            config,
+            cert,
+            chain,
+            json,
+        } => return Ok(explain(&config, &cert, chain.as_deref(), json)),
         Command::Check { config } => {
             let loaded = Config::load(&config)?;
             lclb::TlsContext::load(&loaded.tls)?;
+            for warning in loaded.shadowed_clients() {
+                eprintln!("lclb: warning: {warning}");
+            }
             println!(
                 "{}: configuration OK ({} upstream(s), {} client(s))",
                 config.display(),
@@ -99,7 +164,7 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             server.run();
         }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Raises the soft fd limit to the hard one: each connection needs two fds (client and
@@ -182,7 +247,7 @@ fn main() -> ExitCode {
         }
     };
     match run(command) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             let mut message = format!("lclb: {e}");
             let mut source = e.source();
@@ -194,6 +259,66 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `lclb explain`: 0 when admitted, 1 when refused, 2 when the config, its files or the
+/// certificate files cannot be used.
+fn explain(config: &Path, cert: &Path, chain: Option<&Path>, json: bool) -> ExitCode {
+    let loaded = Config::load(config)
+        .map_err(|e| e.to_string())
+        .and_then(|c| {
+            let trust = lclb::ClientTrust::load(&c.tls).map_err(|e| e.to_string())?;
+            Ok((c, trust))
+        });
+    let (loaded, trust) = match loaded {
+        Ok(ok) => ok,
+        Err(e) => {
+            eprintln!("lclb: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut certs = match read_certs(cert) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("lclb: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(path) = chain {
+        match read_certs(path) {
+            Ok(more) => certs.extend(more),
+            Err(e) => {
+                eprintln!("lclb: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let verdict = lclb::explain(&loaded, &trust, &certs, UnixTime::now());
+    if json {
+        println!("{}", verdict.to_json());
+    } else {
+        print!("{}", verdict.to_text(&trust));
+    }
+    if verdict.admitted() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+/// The certificates of a PEM file, in file order; at least one.
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{} is not valid PEM: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "{} holds no certificate (expected a -----BEGIN CERTIFICATE----- block)",
+            path.display()
+        ));
+    }
+    Ok(certs)
 }
 
 #[cfg(test)]
@@ -230,6 +355,35 @@ mod tests {
             parse(&["--print-default-config"]),
             Ok(Command::PrintDefault)
         );
+    }
+
+    #[test]
+    fn explain_takes_a_config_a_cert_a_chain_and_json() {
+        assert_eq!(
+            parse(&["explain", "--cert", "c.pem"]),
+            Ok(Command::Explain {
+                config: "lclb.toml".into(),
+                cert: "c.pem".into(),
+                chain: None,
+                json: false
+            })
+        );
+        assert_eq!(
+            parse(&["explain", "--json", "-c", "x.toml", "--chain", "i.pem", "--cert", "c.pem"]),
+            Ok(Command::Explain {
+                config: "x.toml".into(),
+                cert: "c.pem".into(),
+                chain: Some("i.pem".into()),
+                json: true
+            })
+        );
+        assert!(parse(&["explain"]).unwrap_err().contains("--cert"));
+        assert!(parse(&["explain", "--cert"])
+            .unwrap_err()
+            .contains("needs a PEM certificate file"));
+        assert!(parse(&["explain", "--cert", "c.pem", "--check-config"])
+            .unwrap_err()
+            .contains("--check-config"));
     }
 
     #[test]

@@ -138,6 +138,7 @@ impl Shared {
     fn start_health(&self, config: &Config) -> io::Result<()> {
         let table = self.balancer.table();
         table.set_thresholds(config.health_check.rise, config.health_check.fall);
+        warn_shadowed(&config);
         let checker = HealthChecker::spawn(
             Arc::clone(table),
             probe_settings(config),
@@ -197,6 +198,7 @@ impl Shared {
         access::set_format(config.log_format);
         let table = self.balancer.table();
         table.set_thresholds(config.health_check.rise, config.health_check.fall);
+        warn_shadowed(&config);
         let settings = probe_settings(&config);
         let runtime = Runtime {
             authz: Authorizer::from_config(&config, &ids),
@@ -208,6 +210,14 @@ impl Shared {
             checker.set_settings(settings);
         }
         Ok(())
+    }
+}
+
+/// Logs each `[[client]]` entry that an earlier one always beats: a config mistake that
+/// still runs, so a warning rather than an error.
+fn warn_shadowed(config: &Config) {
+    for warning in config.shadowed_clients() {
+        log::warn!("{warning}");
     }
 }
 
@@ -266,6 +276,7 @@ impl Server {
         let ids: Vec<_> = (0..upstreams.len()).map(crate::table::UpstreamId).collect();
         let balancer = Balancer::new(upstreams, BalancerOptions::from_config(&config));
         access::set_format(config.log_format);
+        warn_shadowed(&config);
         let runtime = Runtime {
             authz: Authorizer::from_config(&config, &ids),
             tls,

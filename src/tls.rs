@@ -865,12 +865,19 @@ fn describe_tls_error(e: &rustls::Error) -> String {
     match e {
         Error::NoCertificatesPresented => "client sent no certificate".into(),
         Error::InvalidCertificate(CertificateError::UnknownIssuer) => {
-            "client certificate is not signed by the configured CA".into()
+            "client certificate does not chain to a configured CA (unknown root, or an \
+             intermediate the client did not send)"
+                .into()
         }
         Error::InvalidCertificate(
             CertificateError::Expired | CertificateError::ExpiredContext { .. },
         ) => {
             format!("client certificate has expired ({e})")
+        }
+        Error::InvalidCertificate(
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. },
+        ) => {
+            format!("client certificate is not valid yet ({e})")
         }
         Error::InvalidCertificate(CertificateError::BadSignature) => {
             "client certificate's signature does not verify against the configured CA (issued by \

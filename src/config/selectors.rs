@@ -43,6 +43,24 @@ impl Selectors {
             && covered(&self.spki_sha256, &other.spki_sha256, |t, m| t == m)
     }
 
+    /// The keys of the selectors that are set, in the order they are checked.
+    pub fn given(&self) -> Vec<&'static str> {
+        let mut keys = Vec::with_capacity(4);
+        if self.cn.is_some() {
+            keys.push("cn");
+        }
+        if self.uri_san.is_some() {
+            keys.push("uri_san");
+        }
+        if self.dns_san.is_some() {
+            keys.push("dns_san");
+        }
+        if self.spki_sha256.is_some() {
+            keys.push("spki_sha256");
+        }
+        keys
+    }
+
     /// True when no selector is set.
     pub fn is_empty(&self) -> bool {
         self.cn.is_none()
