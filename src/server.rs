@@ -138,7 +138,6 @@ impl Shared {
     fn start_health(&self, config: &Config) -> io::Result<()> {
         let table = self.balancer.table();
         table.set_thresholds(config.health_check.rise, config.health_check.fall);
-        warn_shadowed(&config);
         let checker = HealthChecker::spawn(
             Arc::clone(table),
             probe_settings(config),
