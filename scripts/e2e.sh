@@ -7,6 +7,7 @@
 #      pointing into the temporary folder);
 #   3. writes lclb.example.toml there with free ports substituted, and checks that
 #      `lclb --check-config` accepts it (exit 0) and refuses it with an unknown key (exit 1);
+#      `lclb explain` admits client1 and refuses client3 and the revoked client;
 #   4. starts three demo upstreams and lclb, waits until they listen;
 #   5. runs scripts/test-mtls.sh, scripts/test-mtls-alt.sh (CRL_ENFORCED=1: the example config
 #      names the CRL) and a small scripts/load-test.sh (4 x 5) against it, and checks lclb's log
@@ -169,6 +170,25 @@ check_config_unknown_key() {
 }
 check "lclb --check-config accepts lclb.example.toml (exit 0)" check_config_ok
 check "lclb --check-config refuses an unknown key (exit 1, names it)" check_config_unknown_key
+
+# lclb explain: the verdict and exit status for a client that is admitted, one with no entry,
+# and a revoked one (named with its CRL file).
+explain_expect() {
+  local want_rc=$1 want_text=$2 cert=$3 rc=0
+  "$lclb" explain --config "$tmp/lclb.toml" --cert "$CERTS_DIR/$cert" >"$tmp/explain.out" 2>&1 ||
+    rc=$?
+  if [[ $rc != "$want_rc" ]] || ! grep -qF -- "$want_text" "$tmp/explain.out"; then
+    echo "exit status $rc (want $want_rc), want \"$want_text\" in:"
+    cat "$tmp/explain.out"
+    return 1
+  fi
+}
+check "lclb explain admits client1 (exit 0, by cn)" \
+  explain_expect 0 'verdict: admitted as "client1.lb.com"' clients/client1.lb.com.crt
+check "lclb explain refuses client3 as unauthorized (exit 1)" \
+  explain_expect 1 'verdict: refused (unauthorized)' alt/client3.lb.com.crt
+check "lclb explain refuses the revoked client, naming the CRL (exit 1)" \
+  explain_expect 1 'revoked by the CRL in' alt/client-revoked.lb.com.crt
 
 # Start; should a port be taken between the check and the bind, try other ports.
 for attempt in 1 2 3; do

@@ -84,7 +84,7 @@ listen = "0.0.0.0:9443"              # where clients connect
 log_format = "text"                  # or "json": one JSON object per line
 
 [tls]
-ca_cert = "certs/ca/ca.crt"          # client certificates must chain to this CA
+ca_cert = "certs/ca/ca.crt"          # client certificates must chain to this CA (its name: "default") or a [[ca]]
 server_cert = "certs/server/server.crt"
 server_key = "certs/server/server.key.pem"   # PKCS#8, SEC1 or PKCS#1 PEM
 crls = []                            # PEM CRLs; a listed client certificate is refused
@@ -105,7 +105,7 @@ per_ip_handshake_rate = 0            # new connections/s per source IP before TL
 # per_ip_handshake_burst = 10        # default: twice the rate; set only with a rate
 thread_keep_alive = "30s"            # idle threads kept for reuse (start-up only); at most 1h
 
-[rate_limit]                         # per client identity (certificate CN), token bucket
+[rate_limit]                         # per client identity ([[client]] entry), token bucket
 rate = 10.0                          # new connections per second, sustained
 burst = 20                           # connections allowed at once after a quiet period
 max_concurrent = 0                   # connections open at once per client; 0 = no cap
@@ -125,8 +125,18 @@ group = "web"                        # clients are authorized to groups
 weight = 1                           # relative capacity (least connections per weight)
 # slow_start = "10s"                 # ramp its weight up after it comes back UP; 0s (default) = none; at most 1h
 
-[[client]]                           # one per identity allowed in; anyone else is refused
-cn = "client1.lb.com"                # the certificate subject CN
+# [[ca]]                             # more trust roots, each with a name [[client]] issuer binds to
+# name = "partners"                  # unique; not "default"
+# cert = "certs/partners-ca.crt"
+# crls = ["certs/partners.crl.pem"]  # this CA's own CRLs; none: no revocation checking for it
+
+[[client]]                           # one per identity; tried in file order, the first match wins
+# name = "client1"                   # the identity in logs and limits; default: cn, else uri_san, else dns_san
+cn = "client1.lb.com"                # selectors (at least one; all given must match): the subject CN,
+# uri_san = "spiffe://prod.example/ns/*/sa/web"   # a URI SAN (* = one whole path segment),
+# dns_san = "*.web.internal"         # a DNS SAN (leading *. = one label),
+# spki_sha256 = "64 hex digits"      # SHA-256 of the DER SubjectPublicKeyInfo (a key pin)
+# issuer = "default"                 # the CA the chain must end at: "default" or a [[ca]] name
 groups = ["web"]                     # upstream groups it may reach
 # rate = 100.0                       # overrides of [rate_limit] for this client
 # burst = 100
