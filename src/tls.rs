@@ -398,8 +398,18 @@ thread_local! {
     /// that anchored it. rustls calls the verifier on the thread that runs the handshake, and
     /// lclb checks the peer on that same thread right after, so this hands the verifier's
     /// answer (which CA) to [`TlsContext::check_peer`] without verifying the chain twice.
-    static LAST_VERIFIED: std::cell::RefCell<Option<(Vec<u8>, usize)>> =
+    ///
+    /// Kept with the address of the [`ClientTrust`] that verified it, so that a record left by
+    /// a handshake that failed later can never be read for another trust (a reload's).
+    static LAST_VERIFIED: std::cell::RefCell<Option<Verified>> =
         const { std::cell::RefCell::new(None) };
+}
+
+/// What the client verifier last accepted on a thread.
+struct Verified {
+    trust: usize,
+    end_entity: Vec<u8>,
+    anchor: usize,
 }
 
 /// One set of trust roots, verified on its own so that lclb knows which one anchored a chain
@@ -516,6 +526,11 @@ impl ClientTrust {
         })
     }
 
+    /// This trust's address: which one a [`Verified`] record came from.
+    fn id(&self) -> usize {
+        std::ptr::from_ref(self) as usize
+    }
+
     /// The names of the CAs, in the order they are tried: `default` first.
     pub fn ca_names(&self) -> impl Iterator<Item = &str> {
         self.anchors.iter().map(|a| a.name.as_str())
@@ -530,15 +545,16 @@ impl ClientTrust {
     }
 
     /// Verifies a chain at `now` against each CA in turn: the index of the first that accepts
-    /// it, or the most telling refusal (a CA that knows the issuer and refuses, say as
-    /// expired or revoked, over "unknown issuer" from the others).
+    /// it, or the most telling refusal: the first from a CA that knew the issuer (expired,
+    /// revoked, bad signature) over "unknown issuer" from the others. A refusal does not stop
+    /// the search, since two CAs may share a name and only one of them signed the chain.
     fn anchor_of(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<usize, rustls::Error> {
-        let mut refusal = None;
+        let mut refusal: Option<rustls::Error> = None;
         for (i, anchor) in self.anchors.iter().enumerate() {
             match anchor
                 .verifier
@@ -546,15 +562,16 @@ impl ClientTrust {
             {
                 Ok(_) => return Ok(i),
                 Err(e) => {
-                    let unknown = matches!(
-                        e,
-                        rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)
-                    );
-                    if refusal.is_none() || !unknown {
+                    let unknown = |e: &rustls::Error| {
+                        matches!(
+                            e,
+                            rustls::Error::InvalidCertificate(
+                                rustls::CertificateError::UnknownIssuer
+                            )
+                        )
+                    };
+                    if refusal.as_ref().is_none_or(|r| unknown(r) && !unknown(&e)) {
                         refusal = Some(e);
-                    }
-                    if !unknown {
-                        break;
                     }
                 }
             }
@@ -577,7 +594,7 @@ impl ClientTrust {
         }
         let recorded = LAST_VERIFIED.with(|last| last.borrow_mut().take());
         match recorded {
-            Some((der, i)) if der == end_entity.as_ref() => Ok(i),
+            Some(v) if v.trust == self.id() && v.end_entity == end_entity.as_ref() => Ok(v.anchor),
             _ => self
                 .anchor_of(end_entity, intermediates, now)
                 .map_err(PeerError::Refused),
@@ -645,7 +662,12 @@ impl ClientCertVerifier for ClientTrust {
     ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
         let i = self.anchor_of(end_entity, intermediates, now)?;
         if self.anchors.len() > 1 {
-            LAST_VERIFIED.with(|last| *last.borrow_mut() = Some((end_entity.to_vec(), i)));
+            let verified = Verified {
+                trust: self.id(),
+                end_entity: end_entity.to_vec(),
+                anchor: i,
+            };
+            LAST_VERIFIED.with(|last| *last.borrow_mut() = Some(verified));
         }
         Ok(rustls::server::danger::ClientCertVerified::assertion())
     }
@@ -1213,6 +1235,83 @@ mod tests {
             let ctx = TlsContext::load(&files).unwrap();
             let _ = std::fs::remove_dir_all(&dir);
             ctx
+        }
+
+        /// Trust with `default` as tls.ca_cert and each of `extra` as a `[[ca]]`.
+        fn trust_of(default: &Ca, extra: &[(&str, &Ca)], name: &str) -> ClientTrust {
+            let dir =
+                std::env::temp_dir().join(format!("lclb-trust-{name}-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("default.crt"), default.cert.pem()).unwrap();
+            let mut extra_cas = Vec::new();
+            for (ca_name, ca) in extra {
+                let file = dir.join(format!("{ca_name}.crt"));
+                std::fs::write(&file, ca.cert.pem()).unwrap();
+                extra_cas.push(crate::config::CaFiles {
+                    name: ca_name.to_string(),
+                    cert: file,
+                    crls: Vec::new(),
+                });
+            }
+            let files = TlsFiles {
+                ca_cert: dir.join("default.crt"),
+                server_cert: dir.join("unused"),
+                server_key: dir.join("unused"),
+                crls: Vec::new(),
+                crl_stale: CrlStale::Warn,
+                truncation: Default::default(),
+                extra_cas,
+            };
+            let trust = ClientTrust::load(&files).unwrap();
+            let _ = std::fs::remove_dir_all(&dir);
+            trust
+        }
+
+        #[test]
+        fn the_ca_that_signed_the_chain_is_its_anchor_even_when_two_share_a_name() {
+            let (a, b, c) = (ca("ca.lb.com"), ca("ca.lb.com"), ca("other.lb.com"));
+            let trust = trust_of(&a, &[("partners", &b), ("third", &c)], "anchors");
+            let (of_a, _) = client_of(&a, (2040, 1, 1));
+            let (of_b, _) = client_of(&b, (2040, 1, 1));
+            let (of_c, _) = client_of(&c, (2040, 1, 1));
+            let now = UnixTime::now();
+            assert_eq!(trust.verify(&[of_a], now).unwrap(), "default");
+            assert_eq!(trust.verify(&[of_b], now).unwrap(), "partners");
+            assert_eq!(trust.verify(&[of_c], now).unwrap(), "third");
+            let stranger = ca("ca.lb.com");
+            let (of_stranger, _) = client_of(&stranger, (2040, 1, 1));
+            assert!(matches!(
+                trust.verify(&[of_stranger], now),
+                Err(PeerError::Refused(rustls::Error::InvalidCertificate(_)))
+            ));
+            // The refusal that names the problem wins over "unknown issuer" from other CAs.
+            let (expired_c, _) = client_of(&c, (2021, 1, 1));
+            match trust.verify(&[expired_c], now) {
+                Err(PeerError::Refused(rustls::Error::InvalidCertificate(e))) => assert!(
+                    matches!(
+                        e,
+                        rustls::CertificateError::Expired
+                            | rustls::CertificateError::ExpiredContext { .. }
+                    ),
+                    "{e:?}"
+                ),
+                other => panic!("expected expired, got {other:?}"),
+            }
+        }
+
+        #[test]
+        fn the_verifier_hands_its_anchor_to_the_peer_check_on_the_same_thread() {
+            let (a, b) = (ca("a.lb.com"), ca("b.lb.com"));
+            let trust = trust_of(&a, &[("partners", &b)], "handoff");
+            let (of_b, _) = client_of(&b, (2040, 1, 1));
+            let now = UnixTime::now();
+            trust.verify_client_cert(&of_b, &[], now).unwrap();
+            assert_eq!(trust.anchor_after_handshake(&of_b, &[], now).unwrap(), 1);
+            // Taken once; a record for another leaf is not used for this one.
+            let (of_a, _) = client_of(&a, (2040, 1, 1));
+            trust.verify_client_cert(&of_b, &[], now).unwrap();
+            assert_eq!(trust.anchor_after_handshake(&of_a, &[], now).unwrap(), 0);
+            LAST_VERIFIED.with(|last| assert!(last.borrow().is_none()));
         }
 
         #[test]
