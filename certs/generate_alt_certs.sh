@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Certificates that lclb must NOT let through, for scripts/test-mtls-alt.sh (the revoked one
-# only when the config names the CRL: `[tls] crls`, as lclb.example.toml does). Needs the real CA from generate_certs.sh and runs it first
-# if that CA is missing. Same settings: CERTS_DIR (default: this folder), KEY_TYPE, RSA_BITS, DAYS,
-# FORCE=1 to overwrite.
+# only when the config names the CRL: `[tls] crls`, as lclb.example.toml does), and clients
+# named by something other than the CN of the real CA, for scripts/test-identities.sh. Needs the
+# real CA from generate_certs.sh and runs it first if that CA is missing. Same settings:
+# CERTS_DIR (default: this folder), KEY_TYPE, RSA_BITS, DAYS, FORCE=1 to overwrite.
 #
 # Writes (relative to CERTS_DIR/alt):
 #   other-ca/ca.crt, other-ca/ca.key           a second CA with the same CN, ca.lb.com
@@ -13,6 +14,20 @@
 #   ca.crl.pem                                 the real CA's CRL (PEM) listing the revoked one
 #   client3.lb.com.crt, .key.pem               signed by the real CA; a CN lclb has no entry for
 #   ca-db/                                     the `openssl ca` database behind the CRL
+#   spiffe-payments.crt, .key.pem              real CA, no CN (subject O=lclb demo), URI SAN
+#                                              spiffe://lb.example/ns/demo/sa/payments: a
+#                                              SPIFFE workload, lclb.example.toml's "payments"
+#   spiffe-too-deep.crt, .key.pem              real CA, no CN, URI SAN
+#                                              spiffe://lb.example/ns/demo/extra/sa/payments:
+#                                              one segment more than ns/*/sa/payments allows
+#   billing-worker.crt, .key.pem               real CA, CN=billing-worker, DNS SAN
+#                                              api.billing.internal: matched by *.billing.internal
+#   partner-ca/ca.crt, partner-ca/ca.key       a partner CA, CN=partners.lb.example
+#                                              ([[ca]] "partners" in lclb.example.toml)
+#   client1-partner-ca.crt, .key.pem           CN=client1.lb.com from the partner CA: the same CN
+#                                              as the real client1, another identity
+#   client2-partner-ca.crt, .key.pem           CN=client2.lb.com from the partner CA: no entry
+#                                              for it with issuer "partners"
 #
 # The expired certificate is issued with `openssl ca -startdate/-enddate`, which every OpenSSL
 # release has (`openssl x509 -not_before/-not_after` exists only from 3.4 on).
@@ -141,6 +156,33 @@ else
   note "skipped  $alt/ca.crl.pem (exists; FORCE=1 to overwrite)"
 fi
 
+# 4. Clients named by a SAN, from the real CA: a SPIFFE workload with no CN, the same with one
+# path segment too many, and a CN whose DNS SAN is what its entry selects on.
+if wanted "$alt/spiffe-payments.crt" "$alt/spiffe-payments.key.pem"; then
+  make_leaf "$ca_dir" "$alt/spiffe-payments.crt" "$alt/spiffe-payments.key.pem" \
+    "" clientAuth "URI:spiffe://lb.example/ns/demo/sa/payments"
+fi
+if wanted "$alt/spiffe-too-deep.crt" "$alt/spiffe-too-deep.key.pem"; then
+  make_leaf "$ca_dir" "$alt/spiffe-too-deep.crt" "$alt/spiffe-too-deep.key.pem" \
+    "" clientAuth "URI:spiffe://lb.example/ns/demo/extra/sa/payments"
+fi
+if wanted "$alt/billing-worker.crt" "$alt/billing-worker.key.pem"; then
+  make_leaf "$ca_dir" "$alt/billing-worker.crt" "$alt/billing-worker.key.pem" \
+    billing-worker clientAuth "DNS:api.billing.internal"
+fi
+
+# 5. A partner CA with a name of its own, and two clients from it whose CNs the real CA's
+# clients also have.
+if wanted "$alt/partner-ca/ca.crt" "$alt/partner-ca/ca.key"; then
+  make_ca "$alt/partner-ca" partners.lb.example
+fi
+for n in 1 2; do
+  if wanted "$alt/client$n-partner-ca.crt" "$alt/client$n-partner-ca.key.pem"; then
+    make_leaf "$alt/partner-ca" "$alt/client$n-partner-ca.crt" "$alt/client$n-partner-ca.key.pem" \
+      "client$n.lb.com" clientAuth
+  fi
+done
+
 # Check that each one is bad in exactly the way intended.
 status=0
 expect() {
@@ -170,6 +212,31 @@ expect "client-revoked.lb.com.crt is revoked by ca.crl.pem" \
   fails openssl verify -crl_check -CRLfile "$alt/ca.crl.pem" "${real[@]}" "$alt/client-revoked.lb.com.crt"
 expect "client3.lb.com.crt chains to the real CA" \
   openssl verify "${real[@]}" "$alt/client3.lb.com.crt"
+# subject_has CRT TEXT: the subject (RFC 2253 form) contains TEXT.
+# shellcheck disable=SC2317 # called through expect
+subject_has() { openssl x509 -in "$1" -noout -subject -nameopt RFC2253 | grep -qF -- "$2"; }
+# san_is CRT TEXT: the subjectAltName extension, as openssl prints it, is TEXT (one line).
+# shellcheck disable=SC2317 # called through expect
+san_is() { [[ "$(openssl x509 -in "$1" -noout -ext subjectAltName | sed -n '2s/^ *//p')" == "$2" ]]; }
+for crt in spiffe-payments spiffe-too-deep; do
+  expect "$crt.crt chains to the real CA" openssl verify "${real[@]}" "$alt/$crt.crt"
+  expect "$crt.crt has no CN" fails subject_has "$alt/$crt.crt" "CN="
+done
+expect "spiffe-payments.crt has URI SAN spiffe://lb.example/ns/demo/sa/payments" \
+  san_is "$alt/spiffe-payments.crt" "URI:spiffe://lb.example/ns/demo/sa/payments"
+expect "spiffe-too-deep.crt has URI SAN spiffe://lb.example/ns/demo/extra/sa/payments" \
+  san_is "$alt/spiffe-too-deep.crt" "URI:spiffe://lb.example/ns/demo/extra/sa/payments"
+expect "billing-worker.crt chains to the real CA" \
+  openssl verify "${real[@]}" "$alt/billing-worker.crt"
+expect "billing-worker.crt has CN=billing-worker" subject_has "$alt/billing-worker.crt" "CN=billing-worker"
+expect "billing-worker.crt has DNS SAN api.billing.internal" \
+  san_is "$alt/billing-worker.crt" "DNS:api.billing.internal"
+for n in 1 2; do
+  expect "client$n-partner-ca.crt chains to the partner CA" \
+    openssl verify -CAfile "$alt/partner-ca/ca.crt" "$alt/client$n-partner-ca.crt"
+  expect "client$n-partner-ca.crt does not chain to the real CA" \
+    fails openssl verify "${real[@]}" "$alt/client$n-partner-ca.crt"
+done
 if [[ $status != 0 ]]; then
   echo "(if the real CA was made again since, FORCE=1 $0 makes these again)" >&2
 fi

@@ -114,25 +114,34 @@ make_ca() {
 }
 
 # make_leaf CA_DIR CRT KEY CN EKU [SAN]: a key and a certificate signed by the CA in CA_DIR,
-# valid for DAYS from now, with a random serial.
+# valid for DAYS from now, with a random serial. An empty CN gives a subject with no CN at all
+# (O=lclb demo), as SPIFFE workload certificates have: their name is in the SAN.
 make_leaf() {
-  local ca_dir=$1 crt=$2 key=$3 cn=$4 eku=$5 san=${6:-} tmp
+  local ca_dir=$1 crt=$2 key=$3 cn=$4 eku=$5 san=${6:-} tmp subj label
+  if [[ -n "$cn" ]]; then
+    subj="/CN=$cn"
+    label="CN=$cn"
+  else
+    [[ -n "$san" ]] || die "a certificate with no CN needs a SAN ($crt)"
+    subj="/O=lclb demo"
+    label="no CN, SAN $san"
+  fi
   mkdir -p "$(dirname "$crt")" "$(dirname "$key")"
   tmp=$(mktemp -d "$(dirname "$crt")/.tmp.XXXXXX")
   write_leaf_ext "$tmp/ext.cnf" "$eku" "$san"
   new_key "$tmp/key.pem"
-  if ! openssl req -new -key "$tmp/key.pem" -subj "/CN=$cn" -out "$tmp/req.csr" 2>"$tmp/err" ||
+  if ! openssl req -new -key "$tmp/key.pem" -subj "$subj" -out "$tmp/req.csr" 2>"$tmp/err" ||
     ! openssl x509 -req -in "$tmp/req.csr" -CA "$ca_dir/ca.crt" -CAkey "$ca_dir/ca.key" \
       -set_serial "$(random_serial)" -days "$DAYS" -sha256 \
       -extfile "$tmp/ext.cnf" -extensions v3_leaf -out "$tmp/crt.pem" 2>"$tmp/err"; then
     cat "$tmp/err" >&2
     rm -rf "$tmp"
-    die "cannot create the certificate $cn ($crt)"
+    die "cannot create the certificate $label ($crt)"
   fi
   mv -f "$tmp/key.pem" "$key"
   mv -f "$tmp/crt.pem" "$crt"
   rm -rf "$tmp"
-  note "created  $crt (CN=$cn) and $key"
+  note "created  $crt ($label) and $key"
 }
 
 # wanted FILE...: true when these files should be (re)generated. With FORCE=1, always. Else

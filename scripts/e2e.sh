@@ -10,8 +10,8 @@
 #      `lclb explain` admits client1 and refuses client3 and the revoked client;
 #   4. starts three demo upstreams and lclb, waits until they listen;
 #   5. runs scripts/test-mtls.sh, scripts/test-mtls-alt.sh (CRL_ENFORCED=1: the example config
-#      names the CRL) and a small scripts/load-test.sh (4 x 5) against it, and checks lclb's log
-#      for the refusals it should have logged;
+#      names the CRL), scripts/test-identities.sh and a small scripts/load-test.sh (4 x 5)
+#      against it, and checks lclb's log for the identities and refusals it should have logged;
 #   6. stops lclb with SIGTERM and checks that it exits promptly with status 0.
 # Every process it started is stopped on exit, whatever happens. KEEP_TMP=1 keeps the folder.
 set -euo pipefail
@@ -216,6 +216,8 @@ check "scripts/test-mtls.sh: both clients served, client2 only in group web" \
   run_script scripts/test-mtls.sh "$lb"
 check "scripts/test-mtls-alt.sh: other-CA, expired, unknown-CN, no-cert, revoked clients refused" \
   run_script env CRL_ENFORCED=1 scripts/test-mtls-alt.sh "$lb"
+check "scripts/test-identities.sh: SPIFFE, DNS SAN and partner-CA clients where allowed, the others unauthorized" \
+  run_script scripts/test-identities.sh "$lb"
 check "scripts/load-test.sh -c 4 -n 5: every connection served" \
   run_script scripts/load-test.sh -c 4 -n 5 -a "$lb"
 
@@ -236,6 +238,18 @@ check "lclb logged finished connections of client2 (group web only)" \
   log_has 'conn=[0-9]+ client=client2\.lb\.com .*upstream=web[12] .*end='
 check "lclb never sent client2 to web3" \
   not_log_has 'client=client2\.lb\.com .*upstream=web3'
+check "lclb logged the SPIFFE workload as payments, with its URI SAN (group api only)" \
+  log_has 'event=connection conn=[0-9]+ client=payments .*uri_san=spiffe://lb\.example/ns/demo/sa/payments .*upstream=web3 '
+check "lclb logged billing-worker as *.billing.internal, with its CN and DNS SAN (group web only)" \
+  log_has 'event=connection conn=[0-9]+ client=\*\.billing\.internal .*cn=billing-worker .*dns_san=api\.billing\.internal .*upstream=web[12] '
+check "lclb logged the partner CA's client1.lb.com as partner-client1 (group api only)" \
+  log_has 'event=connection conn=[0-9]+ client=partner-client1 .*cn=client1\.lb\.com .*upstream=web3 '
+check "lclb never sent payments or partner-client1 to group web, nor *.billing.internal to api" \
+  not_log_has 'client=(payments|partner-client1) .*upstream=web[12] |client=\*\.billing\.internal .*upstream=web3 '
+check "lclb logged the partner CA's client2.lb.com as unauthorized" \
+  log_has 'event=refused conn=[0-9]+ client=client2\.lb\.com .*reason=unauthorized .*partners'
+check "lclb logged the too-deep SPIFFE ID as unauthorized" \
+  log_has 'event=refused conn=[0-9]+ client=spiffe://lb\.example/ns/demo/extra/sa/payments .*reason=unauthorized'
 check "no panic in lclb's log" \
   test "$(grep -c 'panicked' "$tmp/lclb.log")" -eq 0
 

@@ -44,9 +44,10 @@ if [[ ! -f certs/ca/ca.crt || ! -f certs/server/server.crt || ! -f certs/clients
   echo "no development certificates yet: making them (certs/generate_certs.sh)"
   bash certs/generate_certs.sh
 fi
-# lclb.example.toml names the CRL of certs/alt/ (and test-mtls-alt.sh uses those certificates).
-if [[ ! -f certs/alt/ca.crl.pem ]]; then
-  echo "making the CRL and the refusal-test certificates (certs/generate_alt_certs.sh)"
+# lclb.example.toml names the CRL and the partner CA of certs/alt/ (and test-mtls-alt.sh and
+# test-identities.sh use those certificates).
+if [[ ! -f certs/alt/ca.crl.pem || ! -f certs/alt/partner-ca/ca.crt ]]; then
+  echo "making the CRL, the partner CA and the test certificates (certs/generate_alt_certs.sh)"
   bash certs/generate_alt_certs.sh
 fi
 
@@ -120,9 +121,11 @@ lclb is listening on $listen, in front of: $UPSTREAMS
 
 Connect as client1.lb.com (type a line, it comes back after the upstream's name):
   openssl s_client -connect $connect_host:$lb_port -cert certs/clients/client1.lb.com.crt -key certs/clients/client1.lb.com.key.pem -CAfile certs/ca/ca.crt -quiet
-Check both clients, the refused ones, and a little load, from another terminal:
+Check both clients, the refused ones, the SAN and partner-CA identities, and a little load,
+from another terminal:
   scripts/test-mtls.sh $connect_host:$lb_port
   scripts/test-mtls-alt.sh $connect_host:$lb_port
+  scripts/test-identities.sh $connect_host:$lb_port
   scripts/load-test.sh -a $connect_host:$lb_port
 
 Ctrl-C stops everything.
