@@ -824,3 +824,173 @@ impl Pki {
         .unwrap();
     }
 }
+
+// Identity helpers: certificates that name a client by more than its CN, chains through an
+// intermediate CA, more trust roots, and key pins.
+
+impl Ca {
+    /// An intermediate CA named `cn`, signed by this CA: it issues like any [`Ca`], and its
+    /// certificate (`.cert`) is what a client sends after its own, for
+    /// [`Pki::client_config_chain`].
+    pub fn intermediate(&self, cn: &str) -> Ca {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name = dn(cn);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
+        Ca { cert, key }
+    }
+
+    /// Issues a certificate with `params` for the key of `existing`: a re-issue (new serial,
+    /// new validity, whatever `params` says) that keeps the key, and so its pin.
+    pub fn reissue(&self, params: CertificateParams, existing: &Issued) -> Issued {
+        let key = KeyPair::from_pem(&existing.key.serialize_pem()).unwrap();
+        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
+        Issued { cert, key }
+    }
+
+    /// A client certificate with the URI SANs `uris` and, when `cn` is given, that subject CN
+    /// (without one, the subject is `O=lclb`).
+    pub fn client_with_uris(&self, cn: Option<&str>, uris: &[&str]) -> Issued {
+        self.issue(san_params(cn, uris, &[]))
+    }
+
+    /// A client certificate with the DNS SANs `names` and, when `cn` is given, that subject CN
+    /// (without one, the subject is `O=lclb`).
+    pub fn client_with_dns(&self, cn: Option<&str>, names: &[&str]) -> Issued {
+        self.issue(san_params(cn, &[], names))
+    }
+}
+
+/// Client certificate parameters with subject CN `cn` (or, for `None`, only `O=lclb`), URI
+/// SANs `uris` and DNS SANs `names`.
+pub fn san_params(cn: Option<&str>, uris: &[&str], names: &[&str]) -> CertificateParams {
+    let subject = match cn {
+        Some(cn) => dn(cn),
+        None => no_cn(),
+    };
+    let mut params = client_params(subject);
+    for uri in uris {
+        params
+            .subject_alt_names
+            .push(SanType::URI((*uri).try_into().unwrap()));
+    }
+    for name in names {
+        params
+            .subject_alt_names
+            .push(SanType::DnsName((*name).try_into().unwrap()));
+    }
+    params
+}
+
+/// A subject without a common name: `O=lclb` alone.
+pub fn no_cn() -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "lclb");
+    dn
+}
+
+/// A subject with two common names, `first` and `second`, in two RDNs (rcgen keeps one value
+/// per known type, so the second goes in under the CN's OID as a custom type).
+pub fn two_cns(first: &str, second: &str) -> DistinguishedName {
+    let mut dn = dn(first);
+    dn.push(DnType::CustomDnType(vec![2, 5, 4, 3]), second);
+    dn
+}
+
+impl Issued {
+    /// The SHA-256 of this certificate's DER SubjectPublicKeyInfo as lclb reads it from the
+    /// certificate: 64 lowercase hex digits, what `spki_sha256` takes.
+    pub fn spki_sha256(&self) -> String {
+        lclb::CertNames::read(self.cert.der())
+            .unwrap()
+            .spki_sha256
+            .to_string()
+    }
+
+    /// The same pin computed from the key alone (rcgen's DER SubjectPublicKeyInfo, hashed
+    /// here), without lclb's certificate parsing.
+    pub fn key_sha256(&self) -> String {
+        sha256_hex(&self.key.public_key_der())
+    }
+
+    /// The same pin computed the way the README tells operators to:
+    /// `openssl x509 -pubkey -noout | openssl pkey -pubin -outform DER | sha256sum`, on this
+    /// certificate's PEM written to `dir`.
+    pub fn openssl_spki_sha256(&self, dir: &Path) -> String {
+        let pem = dir.join(format!("pin-{}.crt", &sha256_hex(self.cert.der())[..16]));
+        std::fs::write(&pem, self.cert.pem()).unwrap();
+        let script = format!(
+            "openssl x509 -in '{}' -pubkey -noout | openssl pkey -pubin -outform DER | sha256sum",
+            pem.display()
+        );
+        let out = Command::new("sh").arg("-c").arg(script).output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let text = String::from_utf8(out.stdout).unwrap();
+        text.split_whitespace().next().unwrap().to_string()
+    }
+}
+
+/// `bytes`' SHA-256 in lowercase hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes);
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Pki {
+    /// A rustls client config trusting this PKI's CA, presenting `leaf` followed by the
+    /// certificates of `intermediates` (nearest the leaf first).
+    pub fn client_config_chain(&self, leaf: &Issued, intermediates: &[&Ca]) -> Arc<ClientConfig> {
+        let mut roots = RootCertStore::empty();
+        roots.add(self.ca.cert.der().clone()).unwrap();
+        let mut chain = leaf.chain();
+        chain.extend(intermediates.iter().map(|ca| ca.cert.der().clone()));
+        Arc::new(
+            ClientConfig::builder()
+                .with_root_certificates(roots)
+                .with_client_auth_cert(chain, leaf.key_der())
+                .unwrap(),
+        )
+    }
+
+    /// Writes `ca`'s certificate to `NAME-ca.crt` in this PKI's folder and returns its `[[ca]]`
+    /// section (named `name`, with `lines` such as `crls = [...]` added), for
+    /// [`ConfigBuilder::section`].
+    pub fn ca_section(&self, name: &str, ca: &Ca, lines: &str) -> String {
+        let path = self.dir.join(format!("{name}-ca.crt"));
+        std::fs::write(&path, ca.pem()).unwrap();
+        format!("[[ca]]\nname = {name:?}\ncert = {path:?}\n{lines}")
+    }
+}
+
+impl ConfigBuilder<'_> {
+    /// A `[[client]]` entry of `keys` (TOML lines such as `name = "x"\nuri_san = "..."\n`),
+    /// allowed to `groups`; after the entries added before it, since order decides.
+    pub fn client_entry(mut self, keys: &str, groups: &[&str]) -> Self {
+        self.clients
+            .push_str(&format!("[[client]]\n{keys}groups = {groups:?}\n"));
+        self
+    }
+}
+
+/// A rustls client config trusting `pki`'s CA, presenting `leaf` followed by `intermediates`,
+/// speaking only `version`, with a resumption store of its own shared by every connection
+/// made with it.
+pub fn client_config_chain_for(
+    pki: &Pki,
+    leaf: &Issued,
+    intermediates: &[&Ca],
+    version: &'static rustls::SupportedProtocolVersion,
+) -> Arc<ClientConfig> {
+    let mut roots = RootCertStore::empty();
+    roots.add(pki.ca.cert.der().clone()).unwrap();
+    let mut chain = leaf.chain();
+    chain.extend(intermediates.iter().map(|ca| ca.cert.der().clone()));
+    let mut config = ClientConfig::builder_with_protocol_versions(&[version])
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, leaf.key_der())
+        .unwrap();
+    config.resumption = rustls::client::Resumption::in_memory_sessions(64);
+    Arc::new(config)
+}
