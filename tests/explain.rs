@@ -10,23 +10,10 @@ use std::process::{Command, Output};
 use std::sync::Arc;
 
 use lclb::Refusal;
-use rcgen::{
-    date_time_ymd, BasicConstraints, CertificateParams, IsCa, KeyPair, KeyUsagePurpose, SanType,
-};
+use rcgen::{date_time_ymd, SanType};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ClientConfig, RootCertStore};
 use support::*;
-
-/// An intermediate CA under `root`.
-fn intermediate(root: &Ca, cn: &str) -> Ca {
-    let key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.distinguished_name = dn(cn);
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let cert = params.signed_by(&key, &root.cert, &root.key).unwrap();
-    Ca { cert, key }
-}
 
 /// One certificate of the set: what the client presents (leaf first, as DER and as the PEM
 /// handed to `explain`), its key, and the verdict expected of both.
@@ -123,8 +110,8 @@ fn explain_gives_the_servers_verdict_for_every_certificate() {
     let pki = Pki::new("explain-verdicts");
     let partners = Ca::new("partners.example");
     let stranger = Ca::new("stranger.example");
-    let inter = intermediate(&pki.ca, "intermediate.lb.com");
-    let foreign_inter = intermediate(&stranger, "intermediate.lb.com");
+    let inter = pki.ca.intermediate("intermediate.lb.com");
+    let foreign_inter = stranger.intermediate("intermediate.lb.com");
     std::fs::write(pki.dir.join("partners.crt"), partners.pem()).unwrap();
 
     let revoked = client_with_serial(&pki.ca, "client1.lb.com", 4242);
