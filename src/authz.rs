@@ -109,11 +109,11 @@ impl Authorizer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::KeyPin;
+    use crate::identity::IdentityError;
     use std::path::Path;
 
-    fn authorizer() -> Authorizer {
-        let config = Config::parse(
-            r#"
+    const UPSTREAMS: &str = r#"
 [[upstream]]
 name = "web1"
 address = "127.0.0.1:9001"
@@ -126,18 +126,73 @@ group = "web2"
 name = "api"
 address = "127.0.0.1:9003"
 group = "api"
+[[ca]]
+name = "partners"
+cert = "partners-ca.crt"
+"#;
+
+    /// `clients` (the `[[client]]` entries) over three upstreams, with ids as a balancer that
+    /// already knew other upstreams would hand them out: web1 5, web2 1, api 7.
+    fn authorizer_with(clients: &str) -> Authorizer {
+        let config = Config::parse(&format!("{UPSTREAMS}{clients}"), Path::new(".")).unwrap();
+        Authorizer::from_config(&config, &[UpstreamId(5), UpstreamId(1), UpstreamId(7)])
+    }
+
+    const CN_ONLY: &str = r#"
 [[client]]
 cn = "client1.lb.com"
 groups = ["web", "web2"]
 [[client]]
 cn = "client2.lb.com"
 groups = ["web2"]
-"#,
-            Path::new("."),
-        )
-        .unwrap();
-        // Ids as a balancer that already knew other upstreams would hand them out.
-        Authorizer::from_config(&config, &[UpstreamId(5), UpstreamId(1), UpstreamId(7)])
+"#;
+
+    /// A SPIFFE entry first, then the entries of `CN_ONLY`, a CN from two issuers, a DNS entry.
+    const MIXED: &str = r#"
+[[client]]
+name = "payments-spiffe"
+uri_san = "spiffe://prod.example/ns/*/sa/payments"
+groups = ["api"]
+[[client]]
+cn = "client1.lb.com"
+groups = ["web", "web2"]
+rate = 3
+max_concurrent = 2
+[[client]]
+cn = "client2.lb.com"
+groups = ["web2"]
+[[client]]
+name = "partner-payments"
+cn = "payments.lb.com"
+issuer = "partners"
+groups = ["api"]
+[[client]]
+name = "payments"
+cn = "payments.lb.com"
+groups = ["web"]
+[[client]]
+name = "svc"
+dns_san = "*.svc.internal"
+groups = ["web2"]
+"#;
+
+    fn authorizer() -> Authorizer {
+        authorizer_with(CN_ONLY)
+    }
+
+    fn cert(cn: Option<&str>, uris: &[&str], dns: &[&str]) -> CertNames {
+        CertNames {
+            cn: cn.map(str::to_string).ok_or(IdentityError::NoCommonName),
+            uri_sans: uris.iter().map(|s| s.to_string()).collect(),
+            dns_sans: dns.iter().map(|s| s.to_string()).collect(),
+            spki_sha256: KeyPin([9; 32]),
+        }
+    }
+
+    /// The name `names` is identified as with a chain ending at `anchor`, and its upstreams.
+    fn who(a: &Authorizer, names: &CertNames, anchor: &str) -> (String, Vec<UpstreamId>) {
+        let (identity, policy) = a.identify(names, anchor).unwrap();
+        (identity.name, policy.allowed.to_vec())
     }
 
     #[test]
@@ -151,8 +206,30 @@ groups = ["web2"]
     }
 
     #[test]
+    fn an_identified_client_gets_its_own_entrys_upstreams_and_limits() {
+        let a = authorizer_with(MIXED);
+        let (identity, policy) = a
+            .identify(&cert(Some("client1.lb.com"), &[], &[]), "default")
+            .unwrap();
+        assert_eq!(identity.name, "client1.lb.com");
+        assert_eq!(&*policy.allowed, &[UpstreamId(5), UpstreamId(1)]);
+        assert_eq!(policy.limits.rate.rate, 3.0);
+        assert_eq!(policy.limits.max_concurrent, 2);
+        assert_eq!(
+            who(&a, &cert(None, &[], &["a.svc.internal"]), "default"),
+            ("svc".to_string(), vec![UpstreamId(1)])
+        );
+    }
+
+    #[test]
     fn an_unknown_identity_is_denied() {
-        assert!(authorizer().allowed("client3.lb.com").is_none());
+        let a = authorizer();
+        assert!(a.allowed("client3.lb.com").is_none());
+        assert_eq!(
+            a.identify(&cert(Some("client3.lb.com"), &[], &[]), "default")
+                .unwrap_err(),
+            Unmatched::NoEntry
+        );
     }
 
     #[test]
@@ -160,5 +237,210 @@ groups = ["web2"]
         let a = authorizer();
         assert!(a.allowed("CLIENT1.LB.COM").is_none());
         assert!(a.allowed("client1.lb.com ").is_none());
+        for cn in ["CLIENT1.LB.COM", "client1.lb.com ", "client1.lb.co"] {
+            assert_eq!(
+                a.identify(&cert(Some(cn), &[], &[]), "default")
+                    .unwrap_err(),
+                Unmatched::NoEntry,
+                "{cn:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn lookups_are_by_entry_name_not_by_what_the_entry_selects() {
+        let a = authorizer_with(MIXED);
+        assert_eq!(&*a.allowed("payments").unwrap(), &[UpstreamId(5)]);
+        assert_eq!(&*a.allowed("partner-payments").unwrap(), &[UpstreamId(7)]);
+        assert!(a.allowed("payments.lb.com").is_none());
+        assert!(a
+            .allowed("spiffe://prod.example/ns/*/sa/payments")
+            .is_none());
+        assert!(a.allowed("Payments").is_none());
+        assert_eq!(a.policy("svc").unwrap().allowed.to_vec(), [UpstreamId(1)]);
+    }
+
+    #[test]
+    fn the_entries_are_kept_in_file_order() {
+        let a = authorizer_with(MIXED);
+        let names: Vec<&str> = a.entries().map(|(e, _)| e.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "payments-spiffe",
+                "client1.lb.com",
+                "client2.lb.com",
+                "partner-payments",
+                "payments",
+                "svc"
+            ]
+        );
+    }
+
+    #[test]
+    fn the_first_matching_entry_in_file_order_wins() {
+        // Matches both the SPIFFE entry (first) and client1's CN entry (second).
+        let both = cert(
+            Some("client1.lb.com"),
+            &["spiffe://prod.example/ns/web/sa/payments"],
+            &[],
+        );
+        let a = authorizer_with(MIXED);
+        let (identity, policy) = a.identify(&both, "default").unwrap();
+        assert_eq!(
+            identity,
+            Identity {
+                name: "payments-spiffe".into(),
+                cn: Some("client1.lb.com".into()),
+                uri_san: Some("spiffe://prod.example/ns/web/sa/payments".into()),
+                dns_san: None,
+            }
+        );
+        assert_eq!(&*policy.allowed, &[UpstreamId(7)]);
+        // The same entries in the other order: the CN entry now comes first and wins.
+        let swapped = r#"
+[[client]]
+cn = "client1.lb.com"
+groups = ["web", "web2"]
+[[client]]
+name = "payments-spiffe"
+uri_san = "spiffe://prod.example/ns/*/sa/payments"
+groups = ["api"]
+"#;
+        let swapped = authorizer_with(swapped);
+        let (identity, policy) = swapped.identify(&both, "default").unwrap();
+        assert_eq!(
+            identity,
+            Identity {
+                name: "client1.lb.com".into(),
+                cn: Some("client1.lb.com".into()),
+                uri_san: None,
+                dns_san: None,
+            }
+        );
+        assert_eq!(&*policy.allowed, &[UpstreamId(5), UpstreamId(1)]);
+        // An earlier entry that does not match is passed over.
+        assert_eq!(
+            who(&a, &cert(Some("client2.lb.com"), &[], &[]), "default"),
+            ("client2.lb.com".to_string(), vec![UpstreamId(1)])
+        );
+    }
+
+    #[test]
+    fn an_entry_of_another_issuer_is_passed_over_for_the_one_of_the_anchoring_ca() {
+        let a = authorizer_with(MIXED);
+        let payments = cert(Some("payments.lb.com"), &[], &[]);
+        // partner-payments comes first, but its issuer is partners.
+        assert_eq!(
+            who(&a, &payments, "default"),
+            ("payments".to_string(), vec![UpstreamId(5)])
+        );
+        assert_eq!(
+            who(&a, &payments, "partners"),
+            ("partner-payments".to_string(), vec![UpstreamId(7)])
+        );
+        // A default-CA client whose chain ends at partners is no entry's.
+        assert_eq!(
+            a.identify(&cert(Some("client1.lb.com"), &[], &[]), "partners")
+                .unwrap_err(),
+            Unmatched::NoEntry
+        );
+    }
+
+    #[test]
+    fn a_certificate_without_the_names_the_entries_read_has_no_usable_name() {
+        // Only CN entries: a certificate without a CN, whatever SANs it has.
+        let a = authorizer();
+        assert_eq!(
+            a.identify(
+                &cert(
+                    None,
+                    &["spiffe://prod.example/ns/web/sa/payments"],
+                    &["a.svc.internal"]
+                ),
+                "default"
+            )
+            .unwrap_err(),
+            Unmatched::NoUsableName("client certificate subject has no CN".into())
+        );
+        let mut two = cert(None, &[], &[]);
+        two.cn = Err(IdentityError::SeveralCommonNames(2));
+        assert_eq!(
+            a.identify(&two, "default").unwrap_err(),
+            Unmatched::NoUsableName(
+                "client certificate subject has 2 CNs; exactly one is required".into()
+            )
+        );
+        // Only SAN entries: a certificate with a CN but no SAN of those kinds.
+        let sans = authorizer_with(
+            r#"
+[[client]]
+uri_san = "spiffe://prod.example/ns/*/sa/payments"
+groups = ["api"]
+[[client]]
+dns_san = "*.svc.internal"
+groups = ["web"]
+"#,
+        );
+        assert_eq!(
+            sans.identify(&cert(Some("client1.lb.com"), &[], &[]), "default")
+                .unwrap_err(),
+            Unmatched::NoUsableName("the certificate has no name the entries select on".into())
+        );
+        // With no entry at all, as lclb always did: the CN.
+        let empty = authorizer_with("");
+        assert_eq!(
+            empty
+                .identify(&cert(None, &["spiffe://x/y"], &[]), "default")
+                .unwrap_err(),
+            Unmatched::NoUsableName("client certificate subject has no CN".into())
+        );
+        assert_eq!(
+            empty
+                .identify(&cert(Some("c"), &[], &[]), "default")
+                .unwrap_err(),
+            Unmatched::NoEntry
+        );
+    }
+
+    #[test]
+    fn a_certificate_with_a_name_some_entry_reads_but_no_match_is_no_entry() {
+        let a = authorizer_with(MIXED);
+        for names in [
+            cert(None, &["spiffe://prod.example/ns/web/sa/billing"], &[]),
+            cert(None, &[], &["a.b.svc.internal"]),
+            cert(Some("client3.lb.com"), &[], &[]),
+        ] {
+            assert_eq!(
+                a.identify(&names, "default").unwrap_err(),
+                Unmatched::NoEntry,
+                "{names:?}"
+            );
+        }
+        // Neither a CN nor a SAN: nothing for any of the entries to read.
+        assert_eq!(
+            a.identify(&cert(None, &[], &[]), "default").unwrap_err(),
+            Unmatched::NoUsableName("client certificate subject has no CN".into())
+        );
+    }
+
+    #[test]
+    fn a_pin_entry_makes_every_certificate_have_a_name() {
+        let pinned = format!(
+            "[[client]]\nname = \"pinned\"\nspki_sha256 = \"{}\"\ngroups = [\"api\"]\n{CN_ONLY}",
+            "09".repeat(32)
+        );
+        let a = authorizer_with(&pinned);
+        let nameless = cert(None, &[], &[]);
+        assert_eq!(
+            who(&a, &nameless, "default"),
+            ("pinned".to_string(), vec![UpstreamId(7)])
+        );
+        let mut other_key = nameless;
+        other_key.spki_sha256 = KeyPin([8; 32]);
+        assert_eq!(
+            a.identify(&other_key, "default").unwrap_err(),
+            Unmatched::NoEntry
+        );
     }
 }

@@ -299,7 +299,10 @@ impl KeyPin {
         }
         let mut pin = [0u8; 32];
         for (byte, pair) in pin.iter_mut().zip(digits.chunks(2)) {
-            let hex = std::str::from_utf8(pair).ok();
+            // from_str_radix alone would take "+f" as 0x0f.
+            let hex = std::str::from_utf8(pair)
+                .ok()
+                .filter(|h| h.bytes().all(|b| b.is_ascii_hexdigit()));
             *byte = hex
                 .and_then(|h| u8::from_str_radix(h, 16).ok())
                 .ok_or_else(|| format!("{text:?} is not hexadecimal; {help}"))?;

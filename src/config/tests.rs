@@ -532,3 +532,522 @@ fn a_slow_start_of_zero_is_its_default_written_out_while_a_zero_timeout_is_refus
         "{e}"
     );
 }
+
+// --- [[ca]] and [[client]] identities ---
+
+/// One upstream and one extra CA, `partners`, for the `[[client]]` entries appended to it.
+const IDENTITY_BASE: &str = r#"
+[[upstream]]
+name = "web1"
+address = "127.0.0.1:9001"
+group = "web"
+
+[[ca]]
+name = "partners"
+cert = "partners-ca.crt"
+"#;
+
+/// A config of `IDENTITY_BASE` and `entries`.
+fn identities(entries: &str) -> String {
+    format!("{IDENTITY_BASE}{entries}")
+}
+
+/// The error for `text`, which must be `ConfigError::Invalid` for `key`.
+fn refused_at(text: &str, key: &str) -> String {
+    match parse(text) {
+        Err(ConfigError::Invalid { key: k, message }) => {
+            assert_eq!(k, key, "{message}");
+            let shown = ConfigError::Invalid {
+                key: k,
+                message: message.clone(),
+            }
+            .to_string();
+            assert!(
+                shown.starts_with(&format!("config key `{key}`: ")),
+                "{shown}"
+            );
+            message
+        }
+        other => panic!("expected an error at `{key}`, got {other:?}"),
+    }
+}
+
+const PIN: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+
+#[test]
+fn an_entry_that_selects_nothing_is_refused_naming_the_entry() {
+    let m = refused_at(
+        &identities(
+            "[[client]]\ncn = \"a\"\ngroups = [\"web\"]\n\
+             [[client]]\nname = \"b\"\nissuer = \"partners\"\ngroups = [\"web\"]\n",
+        ),
+        "client[1]",
+    );
+    assert!(m.contains("selects nothing"), "{m}");
+    assert!(m.contains("cn, uri_san, dns_san, spki_sha256"), "{m}");
+}
+
+#[test]
+fn a_malformed_pin_is_refused_naming_the_key() {
+    for (pin, says) in [
+        (&PIN[..62], "62 hex digits"),
+        (&format!("{PIN}00")[..], "66 hex digits"),
+        (&format!("{}zz", &PIN[..62])[..], "not hexadecimal"),
+        (&format!("{}+f", &PIN[..62])[..], "not hexadecimal"),
+        (&"+0".repeat(32)[..], "not hexadecimal"),
+        ("", "0 hex digits"),
+    ] {
+        let m = refused_at(
+            &identities(&format!(
+                "[[client]]\nname = \"k\"\nspki_sha256 = \"{pin}\"\ngroups = [\"web\"]\n"
+            )),
+            "client[0].spki_sha256",
+        );
+        assert!(m.contains(says), "{pin:?}: {m}");
+        assert!(m.contains("openssl x509"), "{m}");
+    }
+}
+
+#[test]
+fn a_pin_with_colons_or_capitals_is_the_same_pin() {
+    let colons: Vec<String> = (0..32)
+        .map(|i| PIN[2 * i..2 * i + 2].to_ascii_uppercase())
+        .collect();
+    let c = parse(&identities(&format!(
+        "[[client]]\nname = \"k\"\nspki_sha256 = \"{}\"\ngroups = [\"web\"]\n",
+        colons.join(":")
+    )))
+    .unwrap();
+    assert_eq!(c.clients[0].selectors.spki_sha256, KeyPin::parse(PIN).ok());
+    assert_eq!(c.clients[0].selectors.spki_sha256.unwrap().to_string(), PIN);
+}
+
+#[test]
+fn a_wildcard_in_the_trust_domain_or_inside_a_segment_is_refused_naming_the_key() {
+    for (pattern, says) in [
+        ("spiffe://*.prod.example/ns/web/sa/x", "trust domain"),
+        ("spiffe://*/ns/web/sa/x", "trust domain"),
+        (
+            "spiffe://prod.example/ns/we*/sa/x",
+            "inside the path segment \"we*\"",
+        ),
+        (
+            "spiffe://prod.example/ns/*web/sa/x",
+            "inside the path segment",
+        ),
+    ] {
+        let m = refused_at(
+            &identities(&format!(
+                "[[client]]\ncn = \"a\"\ngroups = [\"web\"]\n\
+                 [[client]]\nuri_san = \"{pattern}\"\ngroups = [\"web\"]\n"
+            )),
+            "client[1].uri_san",
+        );
+        assert!(m.contains("wildcard") && m.contains(says), "{pattern}: {m}");
+    }
+    let m = refused_at(
+        &identities("[[client]]\nuri_san = \"payments\"\ngroups = [\"web\"]\n"),
+        "client[0].uri_san",
+    );
+    assert!(m.contains("scheme://authority/path"), "{m}");
+}
+
+#[test]
+fn a_bad_dns_pattern_is_refused_naming_the_key() {
+    for (pattern, says) in [
+        ("api.payments.internal.", "trailing dot"),
+        ("*.payments.internal.", "trailing dot"),
+        ("a.*.internal", "leftmost label"),
+        ("f*.internal", "leftmost label"),
+        ("*.*.internal", "leftmost label"),
+        ("a..internal", "not a DNS name"),
+        ("a b.internal", "not a DNS name"),
+        ("", "not a DNS name"),
+    ] {
+        let m = refused_at(
+            &identities(&format!(
+                "[[client]]\ndns_san = \"{pattern}\"\ngroups = [\"web\"]\n"
+            )),
+            "client[0].dns_san",
+        );
+        assert!(m.contains(says), "{pattern:?}: {m}");
+    }
+}
+
+#[test]
+fn an_issuer_naming_no_ca_is_refused_with_the_known_cas() {
+    for issuer in ["partner", "Partners", ""] {
+        let m = refused_at(
+            &identities(&format!(
+                "[[client]]\ncn = \"a\"\nissuer = \"{issuer}\"\ngroups = [\"web\"]\n"
+            )),
+            "client[0].issuer",
+        );
+        assert_eq!(
+            m,
+            format!("{issuer:?} names no [[ca]] entry (CAs: default, partners)")
+        );
+    }
+    // Without any [[ca]], only the default CA exists.
+    let m = refused_at(
+        &format!("{MINIMAL}issuer = \"partners\"\n"),
+        "client[0].issuer",
+    );
+    assert_eq!(m, "\"partners\" names no [[ca]] entry (CAs: default)");
+}
+
+#[test]
+fn the_default_issuer_is_default_and_both_spellings_are_accepted() {
+    let c = parse(&identities(
+        "[[client]]\ncn = \"a\"\ngroups = [\"web\"]\n\
+         [[client]]\ncn = \"b\"\nissuer = \"default\"\ngroups = [\"web\"]\n\
+         [[client]]\ncn = \"c\"\nissuer = \"partners\"\ngroups = [\"web\"]\n",
+    ))
+    .unwrap();
+    let issuers: Vec<&str> = c.clients.iter().map(|e| e.issuer.as_str()).collect();
+    assert_eq!(issuers, ["default", "default", "partners"]);
+}
+
+#[test]
+fn a_name_used_twice_is_refused_at_the_key_it_came_from() {
+    let cases = [
+        // Two explicit names.
+        (
+            "name = \"p\"\ncn = \"a\"",
+            "name = \"p\"\ncn = \"b\"",
+            "client[1].name",
+        ),
+        // The same cn, names derived from it.
+        ("cn = \"a\"", "cn = \"a\"", "client[1].cn"),
+        // An explicit name equal to an earlier derived one.
+        ("cn = \"a\"", "name = \"a\"\ncn = \"b\"", "client[1].name"),
+        // A derived name equal to an earlier explicit one.
+        ("name = \"a\"\ncn = \"x\"", "cn = \"a\"", "client[1].cn"),
+        // Names derived from uri_san and from dns_san.
+        (
+            "uri_san = \"spiffe://td/a\"",
+            "uri_san = \"spiffe://td/a\"",
+            "client[1].uri_san",
+        ),
+        (
+            "dns_san = \"a.internal\"",
+            "dns_san = \"a.internal\"",
+            "client[1].dns_san",
+        ),
+    ];
+    for (first, second, key) in cases {
+        let m = refused_at(
+            &identities(&format!(
+                "[[client]]\n{first}\ngroups = [\"web\"]\n[[client]]\n{second}\ngroups = [\"web\"]\n"
+            )),
+            key,
+        );
+        assert!(m.contains("listed twice (also client[0])"), "{key}: {m}");
+    }
+}
+
+#[test]
+fn the_same_cn_from_two_issuers_without_names_is_refused_with_the_fix() {
+    let m = refused_at(
+        &identities(
+            "[[client]]\ncn = \"payments.lb.com\"\ngroups = [\"web\"]\n\
+             [[client]]\ncn = \"payments.lb.com\"\nissuer = \"partners\"\ngroups = [\"web\"]\n",
+        ),
+        "client[1].cn",
+    );
+    assert_eq!(
+        m,
+        "client \"payments.lb.com\" is listed twice (also client[0]); merge the two entries, \
+         or give each a `name` (the same cn from two issuers needs one)"
+    );
+}
+
+#[test]
+fn the_same_cn_from_two_issuers_with_two_names_is_two_entries() {
+    let c = parse(&identities(
+        "[[client]]\nname = \"payments\"\ncn = \"payments.lb.com\"\ngroups = [\"web\"]\n\
+         [[client]]\nname = \"partner-payments\"\ncn = \"payments.lb.com\"\n\
+         issuer = \"partners\"\ngroups = [\"web\"]\n",
+    ))
+    .unwrap();
+    let entries: Vec<(&str, Option<&str>, &str)> = c
+        .clients
+        .iter()
+        .map(|e| {
+            (
+                e.name.as_str(),
+                e.selectors.cn.as_deref(),
+                e.issuer.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        entries,
+        [
+            ("payments", Some("payments.lb.com"), "default"),
+            ("partner-payments", Some("payments.lb.com"), "partners"),
+        ]
+    );
+    assert_eq!(c.shadowed_clients(), Vec::<String>::new());
+}
+
+#[test]
+fn a_pin_only_entry_without_a_name_is_refused_naming_the_name_key() {
+    let m = refused_at(
+        &identities(&format!(
+            "[[client]]\nspki_sha256 = \"{PIN}\"\nissuer = \"partners\"\ngroups = [\"web\"]\n"
+        )),
+        "client[0].name",
+    );
+    assert!(m.contains("spki_sha256 alone needs a name"), "{m}");
+    let c = parse(&identities(&format!(
+        "[[client]]\nname = \"kiosk\"\nspki_sha256 = \"{PIN}\"\ngroups = [\"web\"]\n"
+    )))
+    .unwrap();
+    assert_eq!(c.clients[0].name, "kiosk");
+}
+
+#[test]
+fn an_empty_cn_or_name_is_refused_naming_the_key() {
+    let m = refused_at(
+        &identities("[[client]]\ncn = \"\"\ngroups = [\"web\"]\n"),
+        "client[0].cn",
+    );
+    assert_eq!(m, "must not be empty");
+    let m = refused_at(
+        &identities("[[client]]\nname = \" \"\ncn = \"a\"\ngroups = [\"web\"]\n"),
+        "client[0].name",
+    );
+    assert!(m.contains("non-empty name"), "{m}");
+    let m = refused_at(
+        &identities("[[client]]\nname = \"a\\nb\"\ncn = \"a\"\ngroups = [\"web\"]\n"),
+        "client[0].name",
+    );
+    assert!(m.contains("without control characters"), "{m}");
+}
+
+#[test]
+fn a_ca_named_default_or_twice_or_without_a_cert_is_refused_naming_the_key() {
+    let upstream = "[[upstream]]\nname = \"w\"\naddress = \"127.0.0.1:1\"\ngroup = \"web\"\n";
+    let m = refused_at(
+        &format!("{upstream}[[ca]]\nname = \"default\"\ncert = \"x.crt\"\n"),
+        "ca[0].name",
+    );
+    assert!(m.contains("\"default\" is the name of tls.ca_cert"), "{m}");
+    let m = refused_at(
+        &format!("{upstream}[[ca]]\nname = \" default \"\ncert = \"x.crt\"\n"),
+        "ca[0].name",
+    );
+    assert!(m.contains("\"default\" is the name of tls.ca_cert"), "{m}");
+    let m = refused_at(
+        &format!(
+            "{upstream}[[ca]]\nname = \"p\"\ncert = \"a.crt\"\n[[ca]]\nname = \"q\"\ncert = \"b.crt\"\n\
+             [[ca]]\nname = \"p\"\ncert = \"c.crt\"\n"
+        ),
+        "ca[2].name",
+    );
+    assert_eq!(m, "CA name \"p\" is used twice; names must be unique");
+    let m = refused_at(
+        &format!("{upstream}[[ca]]\nname = \"p\"\ncert = \"\"\n"),
+        "ca[0].cert",
+    );
+    assert_eq!(m, "must not be empty; name a PEM CA file");
+    let m = refused_at(
+        &format!("{upstream}[[ca]]\nname = \"p\"\ncert = \"a.crt\"\ncrls = [\"a.crl\", \"\"]\n"),
+        "ca[0].crls[1]",
+    );
+    assert_eq!(m, "must not be empty; remove it from the list");
+    let m = refused_at(
+        &format!("{upstream}[[ca]]\nname = \"\"\ncert = \"a.crt\"\n"),
+        "ca[0].name",
+    );
+    assert!(m.contains("non-empty name"), "{m}");
+}
+
+#[test]
+fn ca_entries_keep_their_order_names_and_paths() {
+    let c = parse(&format!(
+        "{MINIMAL}[[ca]]\nname = \"partners\"\ncert = \"p/ca.crt\"\ncrls = [\"p.crl\"]\n\
+         [[ca]]\nname = \"labs\"\ncert = \"/abs/labs.crt\"\n"
+    ))
+    .unwrap();
+    assert_eq!(
+        c.tls.extra_cas,
+        [
+            CaFiles {
+                name: "partners".into(),
+                cert: PathBuf::from("/etc/lclb/p/ca.crt"),
+                crls: vec![PathBuf::from("/etc/lclb/p.crl")],
+            },
+            CaFiles {
+                name: "labs".into(),
+                cert: PathBuf::from("/abs/labs.crt"),
+                crls: Vec::new(),
+            },
+        ]
+    );
+    assert!(parse(MINIMAL).unwrap().tls.extra_cas.is_empty());
+}
+
+#[test]
+fn the_name_defaults_to_the_cn_else_the_uri_san_else_the_dns_san_as_written() {
+    let c = parse(&identities(&format!(
+        "[[client]]\ncn = \"c.lb.com\"\nuri_san = \"spiffe://td/a\"\ndns_san = \"a.internal\"\n\
+         groups = [\"web\"]\n\
+         [[client]]\nuri_san = \"SPIFFE://Prod.Example/ns/*/sa/b\"\ndns_san = \"b.internal\"\n\
+         groups = [\"web\"]\n\
+         [[client]]\ndns_san = \"*.C.Internal\"\nspki_sha256 = \"{PIN}\"\ngroups = [\"web\"]\n\
+         [[client]]\nname = \"d\"\ncn = \"d.lb.com\"\nuri_san = \"spiffe://td/d\"\n\
+         groups = [\"web\"]\n"
+    )))
+    .unwrap();
+    let names: Vec<&str> = c.clients.iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "c.lb.com",
+            "SPIFFE://Prod.Example/ns/*/sa/b",
+            "*.C.Internal",
+            "d"
+        ]
+    );
+    assert_eq!(
+        c.clients[0].selectors,
+        Selectors {
+            cn: Some("c.lb.com".into()),
+            uri_san: UriPattern::parse("spiffe://td/a").ok(),
+            dns_san: DnsPattern::parse("a.internal").ok(),
+            spki_sha256: None,
+        }
+    );
+    assert_eq!(c.clients[2].selectors.spki_sha256, KeyPin::parse(PIN).ok());
+}
+
+#[test]
+fn a_cn_only_config_parses_into_the_names_and_selectors_it_always_had() {
+    let c = parse(&format!(
+        "{MINIMAL}[[client]]\ncn = \"client2.lb.com\"\ngroups = [\"web\"]\n"
+    ))
+    .unwrap();
+    let entries: Vec<(&str, &Selectors, &str)> = c
+        .clients
+        .iter()
+        .map(|e| (e.name.as_str(), &e.selectors, e.issuer.as_str()))
+        .collect();
+    let cn = |s: &str| Selectors {
+        cn: Some(s.into()),
+        ..Selectors::default()
+    };
+    assert_eq!(
+        entries,
+        [
+            ("client1.lb.com", &cn("client1.lb.com"), "default"),
+            ("client2.lb.com", &cn("client2.lb.com"), "default"),
+        ]
+    );
+    assert_eq!(c.client("client2.lb.com").unwrap().groups, ["web"]);
+    assert!(c.client("CLIENT2.LB.COM").is_none());
+    assert_eq!(c.shadowed_clients(), Vec::<String>::new());
+}
+
+/// The `shadowed_clients()` warnings of `entries` (each a `[[client]]` body without groups).
+fn shadowed(entries: &[&str]) -> Vec<String> {
+    let text: String = entries
+        .iter()
+        .map(|e| format!("[[client]]\n{e}\ngroups = [\"web\"]\n"))
+        .collect();
+    parse(&identities(&text)).unwrap().shadowed_clients()
+}
+
+/// Asserts `warnings` is one warning, that `client[later]` can never match for `client[by]`;
+/// returns it with runs of whitespace collapsed.
+fn assert_shadowed(warnings: &[String], later: usize, by: usize) -> String {
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    let w = &warnings[0].split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(
+        w.starts_with(&format!("config key `client[{later}]` ")),
+        "{w}"
+    );
+    assert!(w.contains("can never match"), "{w}");
+    assert!(w.contains(&format!("client[{by}] (")), "{w}");
+    assert!(w.contains(&format!("narrow client[{by}]")), "{w}");
+    w.clone()
+}
+
+#[test]
+fn an_entry_behind_a_broader_one_of_the_same_issuer_is_reported_shadowed() {
+    // Fewer selectors: every certificate with that CN matches the first entry already.
+    let w = shadowed(&[
+        "cn = \"a\"",
+        "name = \"b\"\ncn = \"b\"",
+        "name = \"a-dns\"\ncn = \"a\"\ndns_san = \"a.internal\"",
+    ]);
+    assert_eq!(
+        assert_shadowed(&w, 2, 0),
+        "config key `client[2]` (\"a-dns\") can never match: client[0] (\"a\") comes first and \
+         matches every certificate it would; move it above, or narrow client[0]"
+    );
+    // A wider URI wildcard.
+    let w = shadowed(&[
+        "name = \"any-ns\"\nuri_san = \"spiffe://td/ns/*/sa/x\"",
+        "name = \"web\"\nuri_san = \"spiffe://TD/ns/web/sa/x\"",
+    ]);
+    assert_shadowed(&w, 1, 0);
+    // A wider DNS wildcard, of another issuer than the default.
+    let w = shadowed(&[
+        "name = \"any\"\ndns_san = \"*.svc.internal\"\nissuer = \"partners\"",
+        "name = \"api\"\ndns_san = \"API.svc.internal\"\nissuer = \"partners\"",
+    ]);
+    assert_shadowed(&w, 1, 0);
+    // The same pin.
+    let w = shadowed(&[
+        &format!("name = \"k\"\nspki_sha256 = \"{PIN}\""),
+        &format!("name = \"k2\"\nspki_sha256 = \"{PIN}\"\ncn = \"k\""),
+    ]);
+    assert_shadowed(&w, 1, 0);
+}
+
+#[test]
+fn an_entry_behind_one_of_another_issuer_or_a_narrower_one_is_not_shadowed() {
+    let none = Vec::<String>::new();
+    // Another issuer.
+    assert_eq!(
+        shadowed(&[
+            "name = \"p\"\ncn = \"a\"\nissuer = \"partners\"",
+            "name = \"d\"\ncn = \"a\"",
+        ]),
+        none
+    );
+    // A narrower earlier entry: more selectors, a narrower pattern.
+    assert_eq!(
+        shadowed(&[
+            "name = \"a-dns\"\ncn = \"a\"\ndns_san = \"a.internal\"",
+            "cn = \"a\"",
+        ]),
+        none
+    );
+    assert_eq!(
+        shadowed(&[
+            "name = \"web\"\nuri_san = \"spiffe://td/ns/web/sa/x\"",
+            "name = \"any-ns\"\nuri_san = \"spiffe://td/ns/*/sa/x\"",
+        ]),
+        none
+    );
+    assert_eq!(
+        shadowed(&[
+            "name = \"api\"\ndns_san = \"api.svc.internal\"",
+            "name = \"any\"\ndns_san = \"*.svc.internal\"",
+        ]),
+        none
+    );
+    // Overlapping but neither covering the other: another segment, another label depth.
+    assert_eq!(
+        shadowed(&[
+            "name = \"x\"\nuri_san = \"spiffe://td/ns/*/sa/x\"",
+            "name = \"y\"\nuri_san = \"spiffe://td/ns/web/sa/y\"",
+            "name = \"deep\"\ndns_san = \"*.svc.internal\"",
+            "name = \"deeper\"\ndns_san = \"a.b.svc.internal\"",
+        ]),
+        none
+    );
+}
