@@ -189,7 +189,10 @@ impl Mismatch {
                     "cn: the certificate's CN is {cn:?}, the entry wants {:?}",
                     s.cn.as_deref().unwrap_or_default()
                 ),
-                Err(e) => format!("cn: {e}"),
+                Err(e) => format!(
+                    "cn: {e}, the entry wants {:?}",
+                    s.cn.as_deref().unwrap_or_default()
+                ),
             },
             Mismatch::UriSan => format!(
                 "uri_san: no URI SAN matches {}; {}",
@@ -202,8 +205,9 @@ impl Mismatch {
                 list(&names.dns_sans)
             ),
             Mismatch::SpkiSha256 => format!(
-                "spki_sha256: the certificate's key is {}",
-                names.spki_sha256
+                "spki_sha256: the certificate's key is {}, the entry pins {}",
+                names.spki_sha256,
+                s.spki_sha256.map(|p| p.to_string()).unwrap_or_default()
             ),
         }
     }
@@ -977,7 +981,7 @@ mod tests {
         let none = names(None, Vec::new());
         assert_eq!(
             Mismatch::Cn.explain(&e, &none, "default"),
-            "cn: client certificate subject has no CN"
+            "cn: client certificate subject has no CN, the entry wants \"payments.lb.com\""
         );
     }
 
@@ -1021,8 +1025,9 @@ mod tests {
         assert_eq!(
             Mismatch::SpkiSha256.explain(&e, &n, "default"),
             format!(
-                "spki_sha256: the certificate's key is {}",
-                openssl_pin(&c.pem())
+                "spki_sha256: the certificate's key is {}, the entry pins {}",
+                openssl_pin(&c.pem()),
+                "00".repeat(32)
             )
         );
     }

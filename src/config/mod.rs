@@ -385,7 +385,9 @@ impl Config {
             });
             if let Some((i, e)) = earlier {
                 out.push(format!(
-                    "config key `client[{j}]` ({:?}) can never match: client[{i}] ({:?}) comes                      first and matches every certificate it would; move it above, or narrow                      client[{i}]",
+                    "config key `client[{j}]` ({:?}) can never match: client[{i}] ({:?}) comes \
+                     first and matches every certificate it would; move it above, or narrow \
+                     client[{i}]",
                     later.name, e.name
                 ));
             }

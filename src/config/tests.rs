@@ -818,7 +818,17 @@ fn an_empty_cn_or_name_is_refused_naming_the_key() {
         &identities("[[client]]\nname = \" \"\ncn = \"a\"\ngroups = [\"web\"]\n"),
         "client[0].name",
     );
-    assert!(m.contains("non-empty name"), "{m}");
+    assert!(m.contains("starts or ends with a space"), "{m}");
+    let m = refused_at(
+        &identities("[[client]]\nname = \" a\"\ncn = \"a\"\ngroups = [\"web\"]\n"),
+        "client[0].name",
+    );
+    assert!(m.contains("starts or ends with a space"), "{m}");
+    let m = refused_at(
+        &identities("[[client]]\ncn = \"a\\tb\"\ngroups = [\"web\"]\n"),
+        "client[0].cn",
+    );
+    assert!(m.contains("control character"), "{m}");
     let m = refused_at(
         &identities("[[client]]\nname = \"a\\nb\"\ncn = \"a\"\ngroups = [\"web\"]\n"),
         "client[0].name",

@@ -363,6 +363,12 @@ fn clients(
                 ));
             }
         };
+        if name.trim() != name && name_key == "name" {
+            return Err(invalid(
+                format!("{key}.name"),
+                format!("{name:?} starts or ends with a space; write the name without it"),
+            ));
+        }
         if name.trim().is_empty() || name.chars().any(|c| c.is_control()) {
             return Err(invalid(
                 format!("{key}.{name_key}"),
@@ -431,6 +437,13 @@ fn selectors(key: &str, c: &RawClient) -> Result<Selectors, ConfigError> {
     if let Some(cn) = &c.cn {
         if cn.is_empty() {
             return Err(invalid(at("cn"), "must not be empty"));
+        }
+        // lclb never reads such a CN from a certificate, so the entry could never match.
+        if cn.chars().any(char::is_control) {
+            return Err(invalid(
+                at("cn"),
+                format!("{cn:?} holds a control character; no certificate CN can match it"),
+            ));
         }
     }
     let selectors = Selectors {
