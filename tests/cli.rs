@@ -115,66 +115,8 @@ fn help_and_version_exit_zero_and_bad_arguments_exit_two() {
 #[test]
 fn a_v1_client_certificate_is_refused_with_a_reason_that_says_so() {
     let pki = Pki::new("cli-v1");
-    // OpenSSL 3's `x509 -req` without an extension file issues X.509 v1 certificates, as the
-    // original project's scripts did.
     let d = &pki.dir;
-    std::fs::write(d.join("ca.key"), pki.ca.key.serialize_pem()).unwrap();
-    let run = |args: &[&str]| {
-        let o = Command::new("openssl")
-            .args(args)
-            .current_dir(d)
-            .output()
-            .expect("openssl is installed");
-        assert!(
-            o.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-    };
-    run(&[
-        "ecparam",
-        "-name",
-        "prime256v1",
-        "-genkey",
-        "-noout",
-        "-out",
-        "v1.key",
-    ]);
-    run(&[
-        "req",
-        "-new",
-        "-key",
-        "v1.key",
-        "-subj",
-        "/CN=client1.lb.com",
-        "-out",
-        "v1.csr",
-    ]);
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "v1.csr",
-        "-CA",
-        "ca.crt",
-        "-CAkey",
-        "ca.key",
-        "-set_serial",
-        "7",
-        "-days",
-        "2",
-        "-out",
-        "v1.crt",
-    ]);
-    let text = Command::new("openssl")
-        .args(["x509", "-in", "v1.crt", "-noout", "-text"])
-        .current_dir(d)
-        .output()
-        .unwrap();
-    assert!(
-        String::from_utf8_lossy(&text.stdout).contains("Version: 1"),
-        "the fixture is a v1 certificate"
-    );
+    openssl_v1_client(&pki, "client1.lb.com", "v1");
 
     let port = free_port();
     let config = good_config(&pki).listen(loopback(port)).build();

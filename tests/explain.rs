@@ -310,6 +310,13 @@ fn the_human_verdict_says_why_and_lists_the_entries_tried() {
         "{text}"
     );
 
+    // X.509 v1, which rustls refuses whatever else is right.
+    let (v1, _) = openssl_v1_client(&pki, "client1.lb.com", "v1");
+    let out = explain(&config, &v1, false);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("client certificate is X.509 v1"), "{text}");
+
     // Revoked, named with the CRL file that revokes it.
     let revoked = client_with_serial(&pki.ca, "client1.lb.com", 77);
     let crl = pki.dir.join("ca.crl.pem");

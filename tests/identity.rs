@@ -813,3 +813,67 @@ fn tls_1_2_a_resumed_session_keeps_the_anchor_of_its_chain() {
 fn tls_1_3_a_resumed_session_keeps_the_anchor_of_its_chain() {
     a_resumed_session_keeps_the_anchor_of_its_chain(&TLS13);
 }
+
+#[test]
+fn a_reload_adds_and_removes_a_ca_and_the_entries_bound_to_it() {
+    let pki = Pki::new("id-reload-ca");
+    let web1 = Upstream::start("web1", Mode::Echo);
+    let partner1 = Upstream::start("partner1", Mode::Echo);
+    let partners = Ca::new("partners-ca.example");
+    let path = pki.dir.join("lclb.toml");
+    let base = || {
+        pki.builder()
+            .listen("127.0.0.1:0")
+            .section(HIGH_RATE_LIMIT)
+            .upstream(&web1, "web")
+            .upstream(&partner1, "partners")
+            .client("svc.lb.com", &["web"])
+    };
+    std::fs::write(&path, base().build()).unwrap();
+    let lb = Lb::start_from_file(&path);
+    let theirs = client_config_chain_for(&pki, &partners.client("svc.lb.com"), &[], &TLS13);
+    assert_eq!(
+        outcome(lb.addr, &theirs),
+        Outcome::Alert(AlertDescription::UnknownCA),
+        "the partner root is not trusted yet"
+    );
+    assert!(lb.wait_for(|st| st.refused(Refusal::Tls) == 1));
+
+    let with_partners = base()
+        .section(&pki.ca_section("partners", &partners, ""))
+        .client_entry(
+            "name = \"partner-svc\"\ncn = \"svc.lb.com\"\nissuer = \"partners\"\n",
+            &["partners"],
+        );
+    std::fs::write(&path, with_partners.build()).unwrap();
+    lb.shared.reload(&path).unwrap();
+    assert_eq!(
+        greeted_how(&lb, &theirs),
+        ("partner1".into(), HandshakeKind::Full)
+    );
+
+    // Removing the CA again: neither a new handshake nor a resumed session gets in.
+    std::fs::write(&path, base().build()).unwrap();
+    lb.shared.reload(&path).unwrap();
+    let mut s = connect(lb.addr, theirs.clone());
+    match &mut s {
+        Ok(stream) => {
+            assert_eq!(
+                stream.conn.handshake_kind(),
+                Some(HandshakeKind::Resumed),
+                "a full handshake would have been refused with an alert"
+            );
+            assert_eq!(read_line(stream).unwrap(), "", "refused after resuming");
+        }
+        Err(e) => panic!("the session resumes, then is refused: {e:?}"),
+    }
+    assert!(lb.wait_for(|st| st.refused(Refusal::Tls) == 2));
+    // A client without a session to resume gets the handshake refusal.
+    let fresh = client_config_chain_for(&pki, &partners.client("svc.lb.com"), &[], &TLS13);
+    assert_eq!(
+        outcome(lb.addr, &fresh),
+        Outcome::Alert(AlertDescription::UnknownCA)
+    );
+    assert!(lb.wait_for(|st| st.refused(Refusal::Tls) == 3));
+    assert_eq!(lb.forwarded(), 1);
+}

@@ -994,3 +994,76 @@ pub fn client_config_chain_for(
     config.resumption = rustls::client::Resumption::in_memory_sessions(64);
     Arc::new(config)
 }
+
+/// An X.509 v1 client certificate for `cn` from `pki`'s CA, made the way the original
+/// project's scripts made them (openssl `x509 -req` without an extension file): NAME.crt and
+/// NAME.key in `pki.dir`. rcgen only writes v3.
+pub fn openssl_v1_client(pki: &Pki, cn: &str, name: &str) -> (PathBuf, PathBuf) {
+    let d = &pki.dir;
+    let (key, csr, crt) = (
+        format!("{name}.key"),
+        format!("{name}.csr"),
+        format!("{name}.crt"),
+    );
+    // OpenSSL 3's `x509 -req` without an extension file issues X.509 v1 certificates, as the
+    // original project's scripts did.
+    std::fs::write(d.join("ca.key"), pki.ca.key.serialize_pem()).unwrap();
+    let run = |args: &[&str]| {
+        let o = Command::new("openssl")
+            .args(args)
+            .current_dir(d)
+            .output()
+            .expect("openssl is installed");
+        assert!(
+            o.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    run(&[
+        "ecparam",
+        "-name",
+        "prime256v1",
+        "-genkey",
+        "-noout",
+        "-out",
+        &key,
+    ]);
+    run(&[
+        "req",
+        "-new",
+        "-key",
+        &key,
+        "-subj",
+        &format!("/CN={cn}"),
+        "-out",
+        &csr,
+    ]);
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        &csr,
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-set_serial",
+        "7",
+        "-days",
+        "2",
+        "-out",
+        &crt,
+    ]);
+    let text = Command::new("openssl")
+        .args(["x509", "-in", &crt, "-noout", "-text"])
+        .current_dir(d)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&text.stdout).contains("Version: 1"),
+        "the fixture is a v1 certificate"
+    );
+
+    (d.join(crt), d.join(key))
+}
