@@ -43,17 +43,6 @@ if [[ ! -r "$alt/ca.crl.pem" || ! -r "$alt/client3.lb.com.crt" ]]; then
   CERTS_DIR="$CERTS_DIR" bash "$REPO_ROOT/certs/generate_alt_certs.sh" >/dev/null
 fi
 
-passed=0
-failed=0
-pass() {
-  passed=$((passed + 1))
-  echo "  ok    $*"
-}
-fail() {
-  failed=$((failed + 1))
-  echo "  FAIL  $*"
-}
-
 # call NAME CRT KEY: sets RESULT_STATUS and RESULT_DETAIL.
 call() {
   local result

@@ -150,3 +150,45 @@ mtls_call() {
     echo "failed $(grep -v "servername" <<<"$err" | tail -n1)"
   fi
 }
+
+# Counters of the checks a test script makes; it ends with
+#   echo "NAME: $passed passed, $failed failed"; ((failed == 0))
+passed=0
+failed=0
+pass() {
+  passed=$((passed + 1))
+  echo "  ok    $*"
+}
+fail() {
+  failed=$((failed + 1))
+  echo "  FAIL  $*"
+}
+
+# check_served DESCRIPTION CRT KEY "ALLOWED UPSTREAMS": TRIES connections to LB_ADDR (CA file
+# $ca), each answered by one of ALLOWED; with REQUIRE_ALL=1, every one of them reached
+# (sequential connections rotate over equally loaded upstreams).
+check_served() {
+  local what=$1 crt=$2 key=$3 allowed=" $4 " i result status detail seen=" " u
+  echo "$what (allowed: $4) -> $LB_ADDR"
+  for ((i = 1; i <= TRIES; i++)); do
+    result=$(mtls_call "$LB_ADDR" "$crt" "$key" "$ca")
+    status=${result%% *}
+    detail=${result#* }
+    if [[ "$status" != ok ]]; then
+      fail "#$i $status: $detail"
+    elif [[ "$allowed" != *" $detail "* ]]; then
+      fail "#$i answered by $detail, which this client is not allowed to reach"
+    else
+      pass "#$i answered by $detail"
+      [[ "$seen" == *" $detail "* ]] || seen+="$detail "
+    fi
+  done
+  if [[ "$REQUIRE_ALL" == 1 ]]; then
+    for u in $4; do
+      if [[ "$seen" != *" $u "* ]]; then
+        fail "never reached $u in $TRIES connections (is it up?)"
+      fi
+    done
+  fi
+  echo "  reached:${seen% }"
+}
