@@ -44,6 +44,33 @@ fn check_config_accepts_a_good_config_and_exits_zero() {
 }
 
 #[test]
+fn check_config_warns_about_an_entry_that_can_never_match_and_still_exits_zero() {
+    let pki = Pki::new("cli-shadowed");
+    let config = good_config(&pki)
+        .client_entry(
+            "name = \"web-svc\"\ndns_san = \"*.web.internal\"\n",
+            &["web"],
+        )
+        .client_entry(
+            "name = \"api-svc\"\ndns_san = \"api.web.internal\"\ncn = \"api\"\n",
+            &["web"],
+        )
+        .build();
+    let path = write_config(&pki.dir, &config);
+    let o = lclb(&["--check-config", "--config", &path]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(
+        e.contains("warning: config key `client[2]` (\"api-svc\") can never match: client[1] (\"web-svc\") comes first"),
+        "{e}"
+    );
+    // Without the shadowing entry, no warning.
+    let path = write_config(&pki.dir, &good_config(&pki).build());
+    let o = lclb(&["--check-config", "--config", &path]);
+    assert!(!stderr(&o).contains("can never match"), "{}", stderr(&o));
+}
+
+#[test]
 fn an_unknown_key_exits_one_naming_the_key_and_file() {
     let pki = Pki::new("cli-unknown");
     let path = write_config(

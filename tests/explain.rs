@@ -338,6 +338,21 @@ fn the_human_verdict_says_why_and_lists_the_entries_tried() {
         text.contains(&format!("revoked by the CRL in {}", crl.display())),
         "{text}"
     );
+    // A stale CRL, with crl_stale = "refuse": the CA's clients are refused while it is.
+    std::fs::write(&crl, crl_pem(&pki.ca, &[], (2020, 1, 1), (2021, 1, 1))).unwrap();
+    let stale = pki.dir.join("stale.toml");
+    std::fs::write(
+        &stale,
+        with_tls_keys(
+            &std::fs::read_to_string(&config).unwrap(),
+            &format!("crls = [{crl:?}]\ncrl_stale = \"refuse\"\n"),
+        ),
+    )
+    .unwrap();
+    let out = explain(&stale, &client2, false);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("is past its nextUpdate"), "{text}");
 }
 
 #[test]
