@@ -110,6 +110,88 @@ pub struct Config {
     pub upstreams: Vec<UpstreamConfig>,
     /// The clients allowed in, in file order; any other identity is refused.
     pub clients: Vec<ClientConfig>,
+    /// The `[[group]]` entries: how lclb talks to each group's upstreams. A group without one
+    /// is plaintext without a PROXY header.
+    pub groups: Vec<GroupConfig>,
+    /// `accept_proxy_from`: sources whose connections must begin with a PROXY v1 or v2
+    /// header, whose address then stands for the client's. Default: none (never parsed).
+    pub accept_proxy_from: Vec<Cidr>,
+}
+
+/// One `[[group]]` entry: how lclb connects to the upstreams of one group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupConfig {
+    /// The group, as the upstreams' `group` keys name it.
+    pub name: String,
+    /// Whether each upstream connection starts with a PROXY header. Default off.
+    pub proxy_protocol: ProxyProtocol,
+    /// TLS toward the upstreams; `None` (the default): plaintext.
+    pub tls: Option<GroupTlsFiles>,
+}
+
+/// `[[group]] proxy_protocol`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyProtocol {
+    /// No header: the upstream sees lclb's address. The default.
+    #[default]
+    Off,
+    /// A PROXY protocol v2 header with the client's addresses, TLS facts and identity.
+    V2,
+}
+
+/// `[group.tls]`: the files and name for TLS to a group's upstreams, paths made absolute.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupTlsFiles {
+    /// PEM roots the upstreams' certificates must chain to (required).
+    pub ca_cert: PathBuf,
+    /// The name sent as SNI and verified in the upstream's certificate. Default: the host of
+    /// each upstream's `address`.
+    pub server_name: Option<String>,
+    /// lclb's own certificate chain and key, for upstreams that require mutual TLS. Default:
+    /// none (no client certificate is sent).
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+}
+
+/// An address block of `accept_proxy_from`: an address and a prefix length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    /// The block's address, with the bits past the prefix cleared.
+    pub addr: std::net::IpAddr,
+    /// Leading bits that must match: up to 32 for IPv4, 128 for IPv6.
+    pub prefix: u8,
+}
+
+impl Cidr {
+    /// True when `ip` is in the block (an IPv4-mapped IPv6 address counts as its IPv4 one).
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
 }
 
 /// `log_format`: how log lines (access lines and every other) are written.
@@ -366,6 +448,11 @@ impl Config {
             message: e.to_string(),
         })?;
         validate::validate(raw, base)
+    }
+
+    /// The `[[group]]` entry of group `name`, if it has one.
+    pub fn group(&self, name: &str) -> Option<&GroupConfig> {
+        self.groups.iter().find(|g| g.name == name)
     }
 
     /// The client entry named `name`, if there is one.

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use super::{CrlStale, LogFormat, Truncation};
+use super::{CrlStale, LogFormat, ProxyProtocol, Truncation};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -15,6 +15,7 @@ pub(super) struct RawConfig {
     pub(super) listen: Option<String>,
     pub(super) metrics_listen: Option<String>,
     pub(super) log_format: Option<LogFormat>,
+    pub(super) accept_proxy_from: Option<Vec<String>>,
     #[serde(default)]
     pub(super) tls: RawTls,
     #[serde(default)]
@@ -25,6 +26,8 @@ pub(super) struct RawConfig {
     pub(super) health_check: RawHealth,
     #[serde(default)]
     pub(super) upstream: Vec<RawUpstream>,
+    #[serde(default)]
+    pub(super) group: Vec<RawGroup>,
     #[serde(default)]
     pub(super) ca: Vec<RawCa>,
     #[serde(default)]
@@ -109,4 +112,21 @@ pub(super) struct RawClient {
     pub(super) rate: Option<f64>,
     pub(super) burst: Option<u32>,
     pub(super) max_concurrent: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawGroup {
+    pub(super) name: String,
+    pub(super) proxy_protocol: Option<ProxyProtocol>,
+    pub(super) tls: Option<RawGroupTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawGroupTls {
+    pub(super) ca_cert: Option<PathBuf>,
+    pub(super) server_name: Option<String>,
+    pub(super) client_cert: Option<PathBuf>,
+    pub(super) client_key: Option<PathBuf>,
 }

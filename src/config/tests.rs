@@ -1061,3 +1061,104 @@ fn an_entry_behind_one_of_another_issuer_or_a_narrower_one_is_not_shadowed() {
         none
     );
 }
+
+#[test]
+fn a_group_entry_takes_proxy_protocol_and_tls_with_paths_made_absolute() {
+    let c = parse(&format!(
+        "{MINIMAL}[[group]]\nname = \"web\"\nproxy_protocol = \"v2\"\n[group.tls]\n\
+         ca_cert = \"up/ca.crt\"\nserver_name = \"web.internal\"\n\
+         client_cert = \"up/lclb.crt\"\nclient_key = \"up/lclb.key\"\n"
+    ))
+    .unwrap();
+    let g = c.group("web").unwrap();
+    assert_eq!(g.proxy_protocol, ProxyProtocol::V2);
+    let tls = g.tls.as_ref().unwrap();
+    assert_eq!(tls.ca_cert, PathBuf::from("/etc/lclb/up/ca.crt"));
+    assert_eq!(tls.server_name.as_deref(), Some("web.internal"));
+    assert_eq!(
+        tls.client_cert,
+        Some((
+            PathBuf::from("/etc/lclb/up/lclb.crt"),
+            PathBuf::from("/etc/lclb/up/lclb.key")
+        ))
+    );
+    let plain = parse(MINIMAL).unwrap();
+    assert!(plain.groups.is_empty() && plain.group("web").is_none());
+    let off = parse(&format!("{MINIMAL}[[group]]\nname = \"web\"\n")).unwrap();
+    assert_eq!(off.groups[0].proxy_protocol, ProxyProtocol::Off);
+    assert_eq!(off.groups[0].tls, None);
+}
+
+#[test]
+fn group_mistakes_name_their_key() {
+    let cases = [
+        ("[[group]]\nname = \"api\"\n", "group[0].name", "no upstream's group"),
+        (
+            "[[group]]\nname = \"web\"\n[[group]]\nname = \"web\"\n",
+            "group[1].name",
+            "two [[group]] entries",
+        ),
+        (
+            "[[group]]\nname = \"web\"\nproxy_protocol = \"v3\"\n",
+            "proxy_protocol",
+            "",
+        ),
+        (
+            "[[group]]\nname = \"web\"\n[group.tls]\nserver_name = \"x\"\n",
+            "group[0].tls.ca_cert",
+            "is required",
+        ),
+        (
+            "[[group]]\nname = \"web\"\n[group.tls]\nca_cert = \"ca.crt\"\nclient_cert = \"c.crt\"\n",
+            "group[0].tls.client_key",
+            "is missing",
+        ),
+        (
+            "[[group]]\nname = \"web\"\n[group.tls]\nca_cert = \"ca.crt\"\nclient_key = \"c.key\"\n",
+            "group[0].tls.client_cert",
+            "is missing",
+        ),
+        (
+            "[[group]]\nname = \"web\"\n[group.tls]\nca_cert = \"ca.crt\"\nserver_name = \"a b\"\n",
+            "group[0].tls.server_name",
+            "not a host name",
+        ),
+    ];
+    for (extra, key, words) in cases {
+        let e = err(&format!("{MINIMAL}{extra}"));
+        assert!(e.contains(key), "{extra}: {e}");
+        assert!(e.contains(words), "{extra}: {e}");
+    }
+}
+
+#[test]
+fn accept_proxy_from_takes_blocks_and_single_addresses() {
+    let c = parse(&format!(
+        "accept_proxy_from = [\"10.1.2.3/8\", \"192.0.2.7\", \"2001:db8::1/32\"]\n{MINIMAL}"
+    ))
+    .unwrap();
+    let shown: Vec<String> = c.accept_proxy_from.iter().map(|b| b.to_string()).collect();
+    assert_eq!(shown, ["10.0.0.0/8", "192.0.2.7/32", "2001:db8::/32"]);
+    let has = |ip: &str| {
+        c.accept_proxy_from
+            .iter()
+            .any(|b| b.contains(ip.parse().unwrap()))
+    };
+    assert!(has("10.255.0.1"));
+    assert!(
+        has("::ffff:10.0.0.9"),
+        "an IPv4-mapped address is its IPv4 address"
+    );
+    assert!(has("192.0.2.7"));
+    assert!(!has("192.0.2.8"));
+    assert!(!has("11.0.0.1"));
+    assert!(has("2001:db8:ffff::2"));
+    assert!(!has("2001:db9::1"));
+    assert!(parse(MINIMAL).unwrap().accept_proxy_from.is_empty());
+    for bad in ["10.0.0.0/33", "10.0.0/8", "::/129", "x", ""] {
+        let e = err(&format!("accept_proxy_from = [{bad:?}]\n{MINIMAL}"));
+        assert!(e.contains("accept_proxy_from[0]"), "{bad}: {e}");
+    }
+    let zero = parse(&format!("accept_proxy_from = [\"0.0.0.0/0\"]\n{MINIMAL}")).unwrap();
+    assert!(zero.accept_proxy_from[0].contains("203.0.113.9".parse().unwrap()));
+}

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::raw::{
-    RawCa, RawClient, RawConfig, RawHealth, RawLimits, RawRateLimit, RawTls, RawUpstream,
+    RawCa, RawClient, RawConfig, RawGroup, RawHealth, RawLimits, RawRateLimit, RawTls, RawUpstream,
 };
 use super::values::{duration, file, invalid, rate_limit, resolve, socket_addr};
 use super::*;
@@ -27,6 +27,11 @@ pub(super) fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErro
     let groups: BTreeSet<&str> = upstreams.iter().map(|u| u.group.as_str()).collect();
     let ca_names: Vec<&str> = tls.extra_cas.iter().map(|c| c.name.as_str()).collect();
     let clients = clients(&raw.client, &groups, &ca_names, rate_limit)?;
+    let group_entries = group_entries(raw.group, &groups, base)?;
+    let accept_proxy_from = cidrs(
+        "accept_proxy_from",
+        raw.accept_proxy_from.unwrap_or_default(),
+    )?;
     Ok(Config {
         listen,
         metrics_listen,
@@ -37,7 +42,136 @@ pub(super) fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErro
         health_check,
         upstreams,
         clients,
+        groups: group_entries,
+        accept_proxy_from,
     })
+}
+
+/// The `[[group]]` entries: each names a group some upstream has, once; `[group.tls]` has its
+/// roots, and its client certificate and key come together.
+fn group_entries(
+    raw: Vec<RawGroup>,
+    groups: &BTreeSet<&str>,
+    base: &Path,
+) -> Result<Vec<GroupConfig>, ConfigError> {
+    let mut out: Vec<GroupConfig> = Vec::with_capacity(raw.len());
+    for (i, g) in raw.into_iter().enumerate() {
+        let key = format!("group[{i}]");
+        if !groups.contains(g.name.as_str()) {
+            let known: Vec<&str> = groups.iter().copied().collect();
+            return Err(invalid(
+                format!("{key}.name"),
+                format!(
+                    "{:?} is no upstream's group (groups: {})",
+                    g.name,
+                    known.join(", ")
+                ),
+            ));
+        }
+        if let Some(j) = out.iter().position(|e| e.name == g.name) {
+            return Err(invalid(
+                format!("{key}.name"),
+                format!(
+                    "group {:?} has two [[group]] entries (also group[{j}]); merge them",
+                    g.name
+                ),
+            ));
+        }
+        let tls = match g.tls {
+            None => None,
+            Some(t) => {
+                let at = |field: &str| format!("{key}.tls.{field}");
+                let Some(ca) = t.ca_cert else {
+                    return Err(invalid(
+                        at("ca_cert"),
+                        "is required: the roots the upstreams' certificates must chain to",
+                    ));
+                };
+                let ca_cert = file(base, &at("ca_cert"), ca, "name a PEM CA file")?;
+                if let Some(name) = &t.server_name {
+                    if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control())
+                    {
+                        return Err(invalid(
+                            at("server_name"),
+                            format!("{name:?} is not a host name or IP address"),
+                        ));
+                    }
+                }
+                let client_cert = match (t.client_cert, t.client_key) {
+                    (None, None) => None,
+                    (Some(c), Some(k)) => Some((
+                        file(base, &at("client_cert"), c, "name a PEM certificate file")?,
+                        file(base, &at("client_key"), k, "name a PEM key file")?,
+                    )),
+                    (Some(_), None) => {
+                        return Err(invalid(
+                            at("client_key"),
+                            "is missing: client_cert needs the key it was issued for",
+                        ));
+                    }
+                    (None, Some(_)) => {
+                        return Err(invalid(
+                            at("client_cert"),
+                            "is missing: client_key needs its certificate",
+                        ));
+                    }
+                };
+                Some(GroupTlsFiles {
+                    ca_cert,
+                    server_name: t.server_name,
+                    client_cert,
+                })
+            }
+        };
+        out.push(GroupConfig {
+            name: g.name,
+            proxy_protocol: g.proxy_protocol.unwrap_or_default(),
+            tls,
+        });
+    }
+    Ok(out)
+}
+
+/// A list of address blocks (`10.0.0.0/8`, `2001:db8::/32`, or one address).
+fn cidrs(key: &str, raw: Vec<String>) -> Result<Vec<Cidr>, ConfigError> {
+    raw.iter()
+        .enumerate()
+        .map(|(i, text)| {
+            let key = format!("{key}[{i}]");
+            let bad = || {
+                invalid(
+                    &key,
+                    format!(
+                        "{text:?} is not an address block such as \"10.0.0.0/8\", \
+                         \"2001:db8::/32\" or one address"
+                    ),
+                )
+            };
+            let (addr, prefix) = match text.trim().split_once('/') {
+                Some((a, p)) => (a, Some(p)),
+                None => (text.trim(), None),
+            };
+            let addr: std::net::IpAddr = addr.parse().map_err(|_| bad())?;
+            let max = if addr.is_ipv4() { 32 } else { 128 };
+            let prefix = match prefix {
+                None => max,
+                Some(p) => p.parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(bad)?,
+            };
+            let block = Cidr { addr, prefix };
+            // Clear the host bits, so that Display shows the block as it works.
+            let addr = match addr {
+                std::net::IpAddr::V4(v4) => {
+                    let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+                    std::net::IpAddr::V4((u32::from(v4) & mask).into())
+                }
+                std::net::IpAddr::V6(v6) => {
+                    let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+                    std::net::IpAddr::V6((u128::from(v6) & mask).into())
+                }
+            };
+            Ok(Cidr { addr, ..block })
+        })
+        .collect()
 }
 
 /// `listen` and `metrics_listen`, which must not claim the same port.
