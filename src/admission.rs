@@ -160,6 +160,44 @@ impl Admission {
         ip: IpAddr,
         limits: &Limits,
     ) -> Result<Handshaking, Refused> {
+        // The address first: a flood from one address is refused as that address's, not as
+        // capacity.
+        let ip_slot = self.address_gate(ip, limits)?;
+        let mut entry = self.capacity_gate(limits)?;
+        if let Some(h) = &mut entry.handshake {
+            h.ip = ip_slot;
+        }
+        Ok(entry)
+    }
+
+    /// The gate before the handshake for a socket from a trusted PROXY source
+    /// (`accept_proxy_from`), whose client address is not known until its header is read:
+    /// capacity only. [`Admission::address_known`] applies the per-address limits then.
+    pub fn before_proxy_header(self: &Arc<Self>, limits: &Limits) -> Result<Handshaking, Refused> {
+        self.capacity_gate(limits)
+    }
+
+    /// The per-address limits for a socket admitted by [`Admission::before_proxy_header`],
+    /// once its PROXY header has said the client's address `ip`.
+    pub fn address_known(
+        self: &Arc<Self>,
+        entry: &mut Handshaking,
+        ip: IpAddr,
+        limits: &Limits,
+    ) -> Result<(), Refused> {
+        let slot = self.address_gate(ip, limits)?;
+        if let Some(h) = &mut entry.handshake {
+            h.ip = slot;
+        }
+        Ok(())
+    }
+
+    /// The per-address rate and handshake cap for `ip`.
+    fn address_gate(
+        self: &Arc<Self>,
+        ip: IpAddr,
+        limits: &Limits,
+    ) -> Result<Option<IpSlot>, Refused> {
         let key = address_key(ip, limits.per_ip_ipv6_prefix);
         if limits.per_ip_handshake_rate > 0.0 {
             let rate = RateLimit {
@@ -173,24 +211,27 @@ impl Admission {
                 ));
             }
         }
-        let ip_slot = if limits.per_ip_max_handshakes > 0 {
-            let max = u32::try_from(limits.per_ip_max_handshakes).unwrap_or(u32::MAX);
-            let mut open = self.ip_handshakes.lock();
-            let n = open.entry(key).or_insert(0);
-            if *n >= max {
-                return Err(Refused::new(
-                    Refusal::IpHandshakes,
-                    format_args!("{key} has {max} handshakes in progress (per_ip_max_handshakes)"),
-                ));
-            }
-            *n += 1;
-            Some(IpSlot {
-                admission: Arc::clone(self),
-                key,
-            })
-        } else {
-            None
-        };
+        if limits.per_ip_max_handshakes == 0 {
+            return Ok(None);
+        }
+        let max = u32::try_from(limits.per_ip_max_handshakes).unwrap_or(u32::MAX);
+        let mut open = self.ip_handshakes.lock();
+        let n = open.entry(key).or_insert(0);
+        if *n >= max {
+            return Err(Refused::new(
+                Refusal::IpHandshakes,
+                format_args!("{key} has {max} handshakes in progress (per_ip_max_handshakes)"),
+            ));
+        }
+        *n += 1;
+        Ok(Some(IpSlot {
+            admission: Arc::clone(self),
+            key,
+        }))
+    }
+
+    /// The caps on open connections and on handshakes in progress.
+    fn capacity_gate(self: &Arc<Self>, limits: &Limits) -> Result<Handshaking, Refused> {
         let max = limits
             .max_connections
             .min(self.thread_cap.load(Ordering::Relaxed)) as u64;
@@ -214,7 +255,7 @@ impl Admission {
             open,
             handshake: Some(InHandshake {
                 stats: Arc::clone(&self.stats),
-                _ip: ip_slot,
+                ip: None,
             }),
         })
     }
@@ -359,7 +400,8 @@ impl Drop for Open {
 #[derive(Debug)]
 struct InHandshake {
     stats: Arc<Stats>,
-    _ip: Option<IpSlot>,
+    /// Held for its Drop: the address's handshake count.
+    ip: Option<IpSlot>,
 }
 
 impl Drop for InHandshake {
@@ -476,6 +518,39 @@ mod tests {
         assert_eq!(a.ip_handshakes_of(ip("10.0.0.1")), 0);
         assert_eq!(stats.active_clients.load(Ordering::SeqCst), 0);
         assert!(a.ip_handshakes.lock().is_empty(), "no key is left behind");
+    }
+
+    #[test]
+    fn behind_a_trusted_proxy_the_address_limits_apply_to_the_address_in_its_header() {
+        let (a, stats) = admission();
+        let limits = Limits {
+            per_ip_max_handshakes: 2,
+            ..Limits::default()
+        };
+        // Many sockets from the balancer in front: no per-address count for its own address.
+        let mut from_lb: Vec<_> = (0..5)
+            .map(|_| a.before_proxy_header(&limits).unwrap())
+            .collect();
+        assert!(a.ip_handshakes.lock().is_empty());
+        assert_eq!(stats.active_handshakes.load(Ordering::SeqCst), 5);
+        // Their headers name the clients: two from one address fit, the third is refused.
+        a.address_known(&mut from_lb[0], ip("198.51.100.7"), &limits)
+            .unwrap();
+        a.address_known(&mut from_lb[1], ip("198.51.100.7"), &limits)
+            .unwrap();
+        let refused = a
+            .address_known(&mut from_lb[2], ip("198.51.100.7"), &limits)
+            .unwrap_err();
+        assert_eq!(refused.reason, Refusal::IpHandshakes);
+        a.address_known(&mut from_lb[3], ip("198.51.100.8"), &limits)
+            .unwrap();
+        assert_eq!(a.ip_handshakes_of(ip("198.51.100.7")), 2);
+        from_lb[0].handshake_done();
+        assert_eq!(a.ip_handshakes_of(ip("198.51.100.7")), 1);
+        drop(from_lb);
+        assert!(a.ip_handshakes.lock().is_empty());
+        assert_eq!(stats.active_handshakes.load(Ordering::SeqCst), 0);
+        assert_eq!(stats.active_clients.load(Ordering::SeqCst), 0);
     }
 
     #[test]
