@@ -494,9 +494,56 @@ fn a_half_closed_connection_whose_upstream_never_finishes_is_closed() {
     assert!(wait_until(|| lb.table().total_active() == 0));
 }
 
-/// Connects with `openssl s_client` and `args`; true if the upstream's greeting arrived. Stdin
-/// stays open until then, since s_client closes the connection as soon as stdin ends.
-fn openssl_client(addr: SocketAddr, pki: &Pki, args: &[&str]) -> bool {
+/// What `openssl s_client` saw: whether the upstream's greeting arrived, and its stderr (with
+/// `-brief`: the negotiated protocol and suite, or the alert that ended the handshake).
+struct OpensslRun {
+    greeted: bool,
+    stderr: String,
+    /// `-msg`'s trace of the handshake messages, each line naming its record's version.
+    messages: String,
+}
+
+impl OpensslRun {
+    /// Asserts the handshake completed with `protocol` and `suite`, and the upstream greeted.
+    fn served_with(&self, protocol: &str, suite: &str) {
+        assert!(self.greeted, "not served: {}", self.stderr);
+        assert!(
+            self.stderr
+                .contains(&format!("Protocol version: {protocol}"))
+                && self.stderr.contains(&format!("Ciphersuite: {suite}")),
+            "want {protocol} with {suite}: {}",
+            self.stderr
+        );
+    }
+
+    /// Asserts lclb refused the handshake with TLS alert `alert` after the client sent a
+    /// ClientHello as `offered` ("TLS 1.2"): openssl did not stop at its own configuration,
+    /// the server said no.
+    fn refused_with_alert(&self, alert: u8, offered: &str) {
+        assert!(
+            !self.greeted,
+            "served, but should be refused: {}",
+            self.stderr
+        );
+        let hello = format!(">>> {offered}, Handshake");
+        assert!(
+            self.messages
+                .lines()
+                .any(|l| l.starts_with(&hello) && l.contains("ClientHello")),
+            "want a {offered} ClientHello sent: {}",
+            self.messages
+        );
+        assert!(
+            self.stderr.contains(&format!("alert number {alert}")),
+            "want alert {alert} from lclb: {}",
+            self.stderr
+        );
+    }
+}
+
+/// Connects with `openssl s_client -brief` and `args`. Stdin stays open until the greeting
+/// arrives or the client ends, since s_client closes the connection as soon as stdin ends.
+fn openssl_client(addr: SocketAddr, pki: &Pki, args: &[&str]) -> OpensslRun {
     let client = pki.client("client1.lb.com");
     std::fs::write(pki.dir.join("c.crt"), client.cert.pem()).unwrap();
     std::fs::write(pki.dir.join("c.key"), client.key.serialize_pem()).unwrap();
@@ -510,15 +557,17 @@ fn openssl_client(addr: SocketAddr, pki: &Pki, args: &[&str]) -> bool {
             "-key",
             "c.key",
         ])
-        .args(["-CAfile", "ca.crt", "-servername", "localhost", "-quiet"])
+        .args(["-CAfile", "ca.crt", "-servername", "localhost", "-brief"])
+        .args(["-msg", "-msgfile", "msg.txt"])
         .args(args)
         .current_dir(&pki.dir)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("openssl is installed");
     let stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         use std::io::BufRead;
@@ -536,7 +585,13 @@ fn openssl_client(addr: SocketAddr, pki: &Pki, args: &[&str]) -> bool {
     let greeted = rx.recv_timeout(WAIT).unwrap_or(false);
     let _ = child.kill();
     let _ = child.wait();
-    greeted
+    let mut text = String::new();
+    let _ = stderr.read_to_string(&mut text);
+    OpensslRun {
+        greeted,
+        stderr: text,
+        messages: std::fs::read_to_string(pki.dir.join("msg.txt")).unwrap_or_default(),
+    }
 }
 
 #[test]
@@ -550,26 +605,39 @@ fn only_tls_1_2_with_ecdhe_aead_suites_and_tls_1_3_are_accepted() {
             .limit(SHORT_KEEP_ALIVE)
             .build(),
     );
-    assert!(openssl_client(lb.addr, &pki, &["-tls1_3"]));
-    assert!(openssl_client(
+    // lclb's order wins (ignore_client_order): AES-128-GCM first.
+    openssl_client(lb.addr, &pki, &["-tls1_3"]).served_with("TLSv1.3", "TLS_AES_128_GCM_SHA256");
+    openssl_client(
         lb.addr,
         &pki,
-        &["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256"]
-    ));
-    assert!(
-        !openssl_client(lb.addr, &pki, &["-tls1_2", "-cipher", "AES128-GCM-SHA256"]),
-        "no RSA key exchange"
-    );
-    assert!(
-        !openssl_client(
-            lb.addr,
-            &pki,
-            &["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-SHA"]
-        ),
-        "no CBC"
-    );
-    assert!(
-        !openssl_client(lb.addr, &pki, &["-tls1_1", "-cipher", "DEFAULT@SECLEVEL=0"]),
-        "no TLS 1.1"
-    );
+        &["-tls1_3", "-ciphersuites", "TLS_CHACHA20_POLY1305_SHA256"],
+    )
+    .served_with("TLSv1.3", "TLS_CHACHA20_POLY1305_SHA256");
+    openssl_client(
+        lb.addr,
+        &pki,
+        &["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256"],
+    )
+    .served_with("TLSv1.2", "ECDHE-ECDSA-AES128-GCM-SHA256");
+    openssl_client(
+        lb.addr,
+        &pki,
+        &["-tls1_2", "-cipher", "ECDHE-ECDSA-CHACHA20-POLY1305"],
+    )
+    .served_with("TLSv1.2", "ECDHE-ECDSA-CHACHA20-POLY1305");
+    // No RSA key exchange, no CBC: handshake_failure (40), no suite in common.
+    openssl_client(lb.addr, &pki, &["-tls1_2", "-cipher", "AES128-GCM-SHA256"])
+        .refused_with_alert(40, "TLS 1.2");
+    openssl_client(
+        lb.addr,
+        &pki,
+        &["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-SHA"],
+    )
+    .refused_with_alert(40, "TLS 1.2");
+    // No TLS 1.1 or 1.0: rustls answers a ClientHello without 1.2 or 1.3 with
+    // handshake_failure (40) too.
+    openssl_client(lb.addr, &pki, &["-tls1_1", "-cipher", "DEFAULT@SECLEVEL=0"])
+        .refused_with_alert(40, "TLS 1.1");
+    openssl_client(lb.addr, &pki, &["-tls1", "-cipher", "DEFAULT@SECLEVEL=0"])
+        .refused_with_alert(40, "TLS 1.0");
 }
