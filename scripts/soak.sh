@@ -9,10 +9,14 @@
 #   - good: scripts/load-test.sh rounds (parallel mTLS clients, each echoing a line);
 #   - refused: scripts/test-mtls-alt.sh rounds (other CA, expired, revoked, unknown CN);
 #   - hostile: sockets sending random bytes, and silent sockets left to hit the handshake deadline.
-# Every 10 s it samples lclb's RSS, fd count and thread count (/proc). After the traffic stops
-# and a short settle, fds and threads must be back to the idle figures taken before the traffic,
+# Every round of good and refused traffic must pass (load-test.sh: every connection served;
+# test-mtls-alt.sh: every bad client refused), and at least one good round must have run.
+# Every 10 s it samples lclb's RSS, fd count and thread count (/proc). The idle figures are
+# taken once pooled threads have outlived thread_keep_alive (2 s here) and the thread count is
+# steady; after the traffic stops and the same settle, fds and threads must be back to them,
 # and RSS must not have grown by more than SOAK_RSS_SLACK_KIB (default 8192) between the end of
-# the first fifth of the run and the end. Exits 1 otherwise, or if lclb died or logged a panic.
+# the first fifth of the run and the end. Prints "soak: N passed, N failed" (rounds and flatness
+# checks) and exits 1 on any failure, or if lclb died or logged a panic.
 set -euo pipefail
 
 # shellcheck source=scripts/lib/common.sh
@@ -83,21 +87,58 @@ sample() {
   echo "$rss $threads $fds"
 }
 
-# Warm up once, then take the idle figures.
+# settle: waits until pooled threads have outlived thread_keep_alive (2 s) and the thread count
+# has not moved for two samples a second apart (at most 20 s).
+settle() {
+  local before after i
+  sleep 3
+  read -r _ before _ < <(sample)
+  for ((i = 0; i < 20; i++)); do
+    sleep 1
+    read -r _ after _ < <(sample)
+    ((after == before)) && return 0
+    before=$after
+  done
+}
+
+# thread_names: lclb's threads by name, counted ("3 lclb-conn, 1 lclb-health, ...").
+thread_names() {
+  cat "/proc/$lb_pid/task"/*/comm 2>/dev/null | sort | uniq -c | awk '{printf "%s%s %s", sep, $1, $2; sep=", "}'
+}
+
+# Warm up once with good and refused clients (the refusal logger is a thread lclb starts at
+# its first refusal and keeps), then take the idle figures.
 scripts/test-mtls.sh "$lb" >/dev/null 2>&1 || die "lclb does not serve the demo clients"
-sleep 2
+CRL_ENFORCED=1 scripts/test-mtls-alt.sh "$lb" >/dev/null 2>&1 || die "lclb lets a bad client in"
+settle
 read -r idle_rss idle_threads idle_fds < <(sample)
 echo "soak: idle before traffic: rss ${idle_rss} KiB, ${idle_threads} threads, ${idle_fds} fds"
+idle_names=$(thread_names)
 
 end=$((SECONDS + SOAK_SECONDS))
+# Each round's verdict goes to a file (the loops run in the background): a line "ok" or the
+# round's output.
+rounds="$tmp/rounds"
+mkdir -p "$rounds"
+# round NAME COMMAND...: runs one round, records its verdict.
+round() {
+  local name=$1 out
+  shift
+  if out=$("$@" 2>&1); then
+    echo ok >>"$rounds/$name"
+  else
+    echo "FAIL" >>"$rounds/$name"
+    printf '%s\n' "$out" >>"$rounds/$name.failures"
+  fi
+}
 good() {
   while ((SECONDS < end)); do
-    CLIENTS=4 CONNS=10 DEADLINE=60 scripts/load-test.sh -a "$lb" >/dev/null 2>&1 || true
+    round good env CLIENTS=4 CONNS=10 DEADLINE=60 scripts/load-test.sh -a "$lb"
   done
 }
 refused() {
   while ((SECONDS < end)); do
-    scripts/test-mtls-alt.sh "$lb" >/dev/null 2>&1 || true
+    round refused env CRL_ENFORCED=1 scripts/test-mtls-alt.sh "$lb"
   done
 }
 hostile() {
@@ -140,27 +181,39 @@ for pid in "${traffic[@]}"; do
   wait "$pid" 2>/dev/null || true
 done
 traffic=()
-sleep 5
+settle
 read -r rss threads fds < <(sample)
 echo "soak: after traffic: rss ${rss} KiB, ${threads} threads, ${fds} fds"
 
-fail=0
-if ((threads > idle_threads)); then
-  echo "soak: FAIL threads ${threads} > ${idle_threads} before the traffic"
-  fail=1
-fi
-if ((fds > idle_fds)); then
-  echo "soak: FAIL fds ${fds} > ${idle_fds} before the traffic"
-  fail=1
-fi
+passed=0
+failed=0
+verdict() {
+  if [[ $1 == ok ]]; then
+    passed=$((passed + 1))
+    echo "soak: ok    $2"
+  else
+    failed=$((failed + 1))
+    echo "soak: FAIL  $2"
+  fi
+}
+for name in good refused; do
+  ok=$(grep -c '^ok$' "$rounds/$name" 2>/dev/null || true)
+  bad=$(grep -c '^FAIL$' "$rounds/$name" 2>/dev/null || true)
+  if ((bad == 0 && ok > 0)); then
+    verdict ok "$name rounds: $ok passed"
+  else
+    verdict fail "$name rounds: ${ok:-0} passed, ${bad:-0} failed (first failure below)"
+    head -n 40 "$rounds/$name.failures" 2>/dev/null | sed 's/^/soak:   /'
+  fi
+done
+((threads <= idle_threads)) && r=ok || r=fail
+verdict "$r" "threads ${threads} ($(thread_names)), ${idle_threads} before the traffic (${idle_names})"
+((fds <= idle_fds)) && r=ok || r=fail
+verdict "$r" "fds ${fds}, ${idle_fds} before the traffic"
 marker_rss=${marker_rss:-$idle_rss}
-if ((rss > marker_rss + SOAK_RSS_SLACK_KIB)); then
-  echo "soak: FAIL rss grew from ${marker_rss} to ${rss} KiB (slack ${SOAK_RSS_SLACK_KIB})"
-  fail=1
-fi
-if grep -q panicked "$tmp/lclb.log"; then
-  echo "soak: FAIL lclb logged a panic"
-  fail=1
-fi
-((fail == 0)) && echo "soak: flat: threads and fds back to idle, rss within ${SOAK_RSS_SLACK_KIB} KiB"
-exit "$fail"
+((rss <= marker_rss + SOAK_RSS_SLACK_KIB)) && r=ok || r=fail
+verdict "$r" "rss ${rss} KiB, ${marker_rss} at the end of the first fifth (slack ${SOAK_RSS_SLACK_KIB})"
+grep -q panicked "$tmp/lclb.log" && r=fail || r=ok
+verdict "$r" "no panic in lclb's log"
+echo "soak: $passed passed, $failed failed"
+((failed == 0))
