@@ -61,6 +61,7 @@ mod health;
 mod identity;
 mod metrics;
 mod pool;
+mod proxy;
 mod ratelimit;
 mod refusal_log;
 mod server;
@@ -82,6 +83,10 @@ pub use identity::{client_identity, CertNames, Identity, IdentityError, Mismatch
 pub use metrics::{
     render as render_metrics, MetricsServer, MAX_IN_FLIGHT as METRICS_MAX_IN_FLIGHT,
     REQUEST_DEADLINE as METRICS_REQUEST_DEADLINE,
+};
+pub use proxy::{
+    cipher_name, encode_v2, encode_v2_local, read_header, server_cert_algorithms, tls_version_name,
+    Proxied, ProxyError, ProxyFacts, MAX_V2_LENGTH,
 };
 pub use ratelimit::{Clock, RateLimiter, SystemClock};
 pub use server::{Runtime, Server, Shared, ShutdownHandle, StartError};
