@@ -37,6 +37,7 @@ use crate::config::{Config, ConfigError};
 use crate::forward::EndReason;
 use crate::health::{HealthChecker, ProbeSettings, TcpProbe};
 use crate::pool::ThreadPool;
+use crate::proxy;
 use crate::refusal_log;
 use crate::stats::Stats;
 use crate::threads;
@@ -408,16 +409,33 @@ fn admit(shared: &Arc<Shared>, sock: TcpStream, peer: SocketAddr, id: u64) {
     let accepted_at = Instant::now();
     shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
     let runtime = shared.runtime();
-    let entry = match shared
-        .admission
-        .before_handshake(peer.ip(), &runtime.config.limits)
-    {
+    let limits = &runtime.config.limits;
+    // A trusted balancer in front: the client's address comes in its PROXY header, read on
+    // the connection's thread, so the per-address limits wait for it.
+    let behind_proxy = runtime
+        .config
+        .accept_proxy_from
+        .iter()
+        .any(|block| block.contains(peer.ip()));
+    let gate = if behind_proxy {
+        shared.admission.before_proxy_header(limits)
+    } else {
+        shared.admission.before_handshake(peer.ip(), limits)
+    };
+    let entry = match gate {
         Ok(entry) => entry,
         Err(refused) => return refuse(shared, id, peer, &refused),
     };
     let job_shared = Arc::clone(shared);
     let spawned = shared.conn_pool.execute(move || {
-        serve(&job_shared, &runtime, sock, peer, id, accepted_at, entry);
+        let accepted = Accepted {
+            sock,
+            peer,
+            id,
+            at: accepted_at,
+            behind_proxy,
+        };
+        serve(&job_shared, &runtime, accepted, entry);
     });
     if let Err(e) = spawned {
         // The closure (and with it the socket and the counts it held) was dropped.
@@ -436,25 +454,59 @@ fn accept_failed(e: &io::Error) {
     }
 }
 
-/// Serves one admitted socket: handshake, the second gate, then the balancer, which takes the
-/// connection (and its permit, which holds its counts) to its two copy threads.
-fn serve(
-    shared: &Arc<Shared>,
-    rt: &Runtime,
+/// A socket the first gate let in, on its way to a connection thread.
+struct Accepted {
     sock: TcpStream,
+    /// Its source address (the balancer in front, when `behind_proxy`).
     peer: SocketAddr,
     id: u64,
-    accepted_at: Instant,
-    entry: Handshaking,
-) {
+    at: Instant,
+    /// From an `accept_proxy_from` source: a PROXY header comes first.
+    behind_proxy: bool,
+}
+
+/// Serves one admitted socket: its PROXY header when it comes from a trusted balancer, the
+/// handshake, the second gate, then the balancer, which takes the connection (and its permit,
+/// which holds its counts) to its two copy threads.
+fn serve(shared: &Arc<Shared>, rt: &Runtime, accepted: Accepted, mut entry: Handshaking) {
+    let Accepted {
+        sock,
+        mut peer,
+        id,
+        at: accepted_at,
+        behind_proxy,
+    } = accepted;
+    let deadline = accepted_at
+        .checked_add(rt.config.limits.handshake_timeout)
+        .unwrap_or(accepted_at);
+    let mut local = sock.local_addr().ok();
+    if behind_proxy {
+        // The deadline covers the header and the handshake together.
+        match proxy::read_header(&sock, deadline) {
+            Ok(header) => {
+                let from = peer;
+                peer = header.source.unwrap_or(peer);
+                local = header.destination.or(local);
+                log::debug!("conn {id}: PROXY header from {from}: client {peer} to {local:?}");
+            }
+            Err(e) => {
+                let refused = Refused::handshake(format_args!("PROXY header from {peer}: {e}"));
+                return refuse(shared, id, peer, &refused);
+            }
+        }
+        if let Err(refused) =
+            shared
+                .admission
+                .address_known(&mut entry, peer.ip(), &rt.config.limits)
+        {
+            return refuse(shared, id, peer, &refused);
+        }
+    }
     let _ = sock.set_nodelay(true);
     let mut conn = match ServerConnection::new(rt.tls.server_config.clone()) {
         Ok(c) => c,
         Err(e) => return refuse(shared, id, peer, &Refused::handshake(e)),
     };
-    let deadline = accepted_at
-        .checked_add(rt.config.limits.handshake_timeout)
-        .unwrap_or(accepted_at);
     if let Err(e) = tls::handshake(&mut conn, &sock, deadline) {
         return refuse(shared, id, peer, &Refused::handshake(e));
     }
