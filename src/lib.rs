@@ -69,6 +69,7 @@ mod stats;
 mod table;
 mod threads;
 mod tls;
+mod upstream;
 
 // The library's whole interface, in one place.
 pub use access::{format as log_format, json_line, TARGET as ACCESS_LOG_TARGET};
@@ -96,6 +97,7 @@ pub use tls::{
     install_default_provider, provider, ClientTrust, CrlInfo, HandshakeError, PeerError,
     SessionCache, TlsContext,
 };
+pub use upstream::{GroupTls, OpenError, Opened, TlsPeer, UpstreamTls};
 
 /// Helpers shared by the unit tests.
 #[cfg(test)]
