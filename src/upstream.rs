@@ -576,7 +576,8 @@ fn describe(e: &rustls::Error, peer: &TlsPeer, asked: bool) -> String {
             if presented.is_empty() {
                 "no name".to_string()
             } else {
-                presented.join(", ")
+                let names: Vec<&str> = presented.iter().map(|n| presented_name(n)).collect();
+                names.join(", ")
             }
         ),
         Error::InvalidCertificate(CertificateError::NotValidForName) => format!(
@@ -619,6 +620,19 @@ fn describe(e: &rustls::Error, peer: &TlsPeer, asked: bool) -> String {
     }
 }
 
+/// A name of the upstream's certificate as webpki reports it (`DnsName("a.b")`,
+/// `IpAddress(10.0.0.1)`), as the operator wrote it.
+fn presented_name(name: &str) -> &str {
+    let dns = name
+        .strip_prefix("DnsName(\"")
+        .and_then(|n| n.strip_suffix("\")"));
+    let ip = || {
+        name.strip_prefix("IpAddress(")
+            .and_then(|n| n.strip_suffix(')'))
+    };
+    dns.or_else(ip).unwrap_or(name)
+}
+
 fn server_name_text(name: &ServerName<'_>) -> String {
     match name {
         ServerName::DnsName(dns) => dns.as_ref().to_string(),
@@ -647,5 +661,12 @@ mod tests {
         ));
         let err = name("bad_host!:80").unwrap_err();
         assert!(err.contains("\"bad_host!\""), "{err}");
+    }
+
+    #[test]
+    fn a_certificates_names_are_told_as_written() {
+        assert_eq!(presented_name("DnsName(\"web.internal\")"), "web.internal");
+        assert_eq!(presented_name("IpAddress(10.0.0.1)"), "10.0.0.1");
+        assert_eq!(presented_name("DirectoryName"), "DirectoryName");
     }
 }
