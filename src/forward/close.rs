@@ -8,8 +8,11 @@
 //! rule of [`super::link`]); one whose turn has not come, or whose socket is full, is tried
 //! again while the wait lasts. Then every link is shut down, and those whose close_notify is
 //! still not out are reset (their unsent bytes dropped at close, not kept for the kernel's
-//! timeouts). A TLS upstream gets its close_notify the same way, in its own socket's order.
+//! timeouts). A TLS upstream gets its close_notify the same way, in its own socket's order. A
+//! link is closed once: a second close (both copy threads timing out together) leaves it to
+//! the first, which would otherwise see its alerts cut short by the second's shutdown.
 
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::link::{Attempt, Link};
@@ -65,13 +68,19 @@ impl Link {
     }
 
     /// Records `reason` and seals close_notify for the client and, when it has TLS, the
-    /// upstream; none when the link has already ended (or a side had already sent its own).
-    fn seal_farewells(&self, reason: &EndReason) -> Vec<Farewell> {
+    /// upstream (none for a side that already sent its own); `None` when the link has already
+    /// ended or another close has claimed it, and will end it.
+    fn seal_farewells(&self, reason: &EndReason) -> Option<Vec<Farewell>> {
         if self.is_aborted() {
-            return Vec::new();
+            return None;
         }
         // First, so a copy thread that fails on the shutdown below cannot claim the end.
         self.note(reason.clone());
+        // Both copy threads can time out at once: the first close sends the alerts, and the
+        // second must not abort the link under it before they are out.
+        if self.closing.swap(true, Ordering::SeqCst) {
+            return None;
+        }
         let mut farewells = Vec::with_capacity(2);
         let mut record = Vec::new();
         let ticket = {
@@ -103,7 +112,7 @@ impl Link {
                 });
             }
         }
-        farewells
+        Some(farewells)
     }
 }
 
@@ -114,8 +123,13 @@ impl Link {
 pub(super) fn close_links(links: &[&Link], reason: &EndReason) {
     let started = Instant::now();
     let mut waiting: Vec<(usize, Farewell)> = Vec::new();
+    let mut claimed = Vec::with_capacity(links.len());
     for (i, link) in links.iter().enumerate() {
-        for mut farewell in link.seal_farewells(reason) {
+        let Some(farewells) = link.seal_farewells(reason) else {
+            continue;
+        };
+        claimed.push(*link);
+        for mut farewell in farewells {
             if !farewell.try_send(link) {
                 waiting.push((i, farewell));
             }
@@ -131,7 +145,7 @@ pub(super) fn close_links(links: &[&Link], reason: &EndReason) {
             Side::Upstream => links[*i].reset_upstream_on_close(),
         }
     }
-    for link in links {
+    for link in claimed {
         link.abort(reason.clone());
     }
 }

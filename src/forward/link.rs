@@ -131,6 +131,9 @@ pub(super) struct Link {
     /// Milliseconds since `started` (plus one, so zero means "not yet") when one direction ended.
     half_closed: AtomicU64,
     aborted: AtomicBool,
+    /// A close (see `close`) has claimed the link: it alone sends the close_notify alerts and
+    /// then aborts, so a second close cannot cut the first one's alerts short.
+    pub(super) closing: AtomicBool,
     /// Directions still copying; a direction that finished keeps watch while this is not zero.
     copying: Mutex<u8>,
     copying_changed: Condvar,
@@ -167,6 +170,7 @@ impl Link {
             last_activity: AtomicU64::new(0),
             half_closed: AtomicU64::new(0),
             aborted: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
             copying: Mutex::new(2),
             copying_changed: Condvar::new(),
             end: Mutex::new(None),
