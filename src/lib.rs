@@ -97,7 +97,7 @@ pub use tls::{
     install_default_provider, provider, ClientTrust, CrlInfo, HandshakeError, PeerError,
     SessionCache, TlsContext,
 };
-pub use upstream::{GroupTls, OpenError, Opened, TlsPeer, UpstreamTls};
+pub use upstream::{GroupTls, TlsPeer, UpstreamTls};
 
 /// Helpers shared by the unit tests.
 #[cfg(test)]
