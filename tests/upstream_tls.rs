@@ -392,6 +392,45 @@ fn the_upstream_tls_session_resumes_across_client_connections() {
         .any(|s| s.received.is_empty() && s.kind == Some(HandshakeKind::Full)));
 }
 
+#[test]
+fn a_tls_1_2_upstream_is_served_and_resumed_too() {
+    let s = setup("utls-tls12");
+    let tls12 = [&rustls::version::TLS12];
+    let up = TlsUpstream::start_with("up1", TlsMode::Echo, &s.loopback_cert(), None, &tls12);
+    let lb = Lb::start(&s.config(up.addr, "", STAY_UP).build());
+    for _ in 0..3 {
+        assert_eq!(ping(lb.addr, s.client()), "up1");
+    }
+    assert!(wait_until(|| up.served().len() == 3));
+    let kinds: Vec<_> = up.served().iter().map(|s| s.kind).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            Some(HandshakeKind::Full),
+            Some(HandshakeKind::Resumed),
+            Some(HandshakeKind::Resumed)
+        ]
+    );
+    assert!(up.served().iter().all(|s| s.close_notify));
+}
+
+#[test]
+fn a_tls_1_2_upstream_that_requires_a_client_certificate_refuses_lclb_without_one() {
+    let s = setup("utls-tls12-mtls");
+    let tls12 = [&rustls::version::TLS12];
+    let cert = s.loopback_cert();
+    let up = TlsUpstream::start_with("up1", TlsMode::Echo, &cert, Some(&s.up_ca), &tls12);
+    let (lb, addr) = s.process(s.config(up.addr, "", STAY_UP));
+    assert_eq!(outcome(addr, &s.client()), Outcome::CloseNotifyNoBytes);
+    let failed = lb
+        .wait_line("connect to upstream up1 failed for client1.lb.com")
+        .expect("the failed connect is logged");
+    assert!(
+        failed.contains("asked for a client certificate and group \"web\" has none"),
+        "{failed}"
+    );
+}
+
 /// Writes the config with its `[group.tls]` roots at `roots` and reloads it; the reload's
 /// result as text.
 fn reload_with(

@@ -1125,10 +1125,22 @@ pub struct TlsUpstream {
 
 impl TlsUpstream {
     /// An upstream named `name` presenting `cert` (with its CA's chain of one), answering as
-    /// `mode`; with `client_ca`, it requires a client certificate from that CA.
+    /// `mode`; with `client_ca`, it requires a client certificate from that CA. TLS 1.3 and 1.2.
     pub fn start(name: &str, mode: TlsMode, cert: &Issued, client_ca: Option<&Ca>) -> TlsUpstream {
+        let versions = [&rustls::version::TLS13, &rustls::version::TLS12];
+        TlsUpstream::start_with(name, mode, cert, client_ca, &versions)
+    }
+
+    /// As [`TlsUpstream::start`], speaking only `versions`.
+    pub fn start_with(
+        name: &str,
+        mode: TlsMode,
+        cert: &Issued,
+        client_ca: Option<&Ca>,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> TlsUpstream {
         lclb::install_default_provider();
-        let builder = rustls::ServerConfig::builder();
+        let builder = rustls::ServerConfig::builder_with_protocol_versions(versions);
         let builder = match client_ca {
             Some(ca) => {
                 let mut roots = RootCertStore::empty();
