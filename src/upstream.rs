@@ -4,7 +4,9 @@
 //! Each `[group.tls]` is loaded into one [`UpstreamTls`]: a rustls `ClientConfig` on
 //! [`crate::tls::provider`] with the group's roots and, for upstreams that require mutual TLS,
 //! lclb's own certificate and key. The config keeps rustls' in-memory client session store, so
-//! every connection of the group that comes back to an upstream resumes its session. A reload
+//! every connection of the group that comes back to an upstream resumes its session (the store
+//! is keyed by server name: upstreams that share a `server_name` share their tickets, and one
+//! presented to an upstream that did not issue it costs a full handshake). A reload
 //! loads the group again, with a fresh store: a resumed session skips the certificate check, so
 //! sessions from before a reload that changed the roots must not outlive it. Health probes use
 //! the same roots and name without resumption, so each probe verifies the upstream's
