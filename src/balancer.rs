@@ -10,7 +10,7 @@
 
 use std::fmt;
 use std::io;
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,11 +25,13 @@ use crate::forward::{
 use crate::pool::ThreadPool;
 use crate::sessions::Sessions;
 use crate::table::{Flip, Upstream, UpstreamId, UpstreamTable};
+use crate::upstream::{self, GroupTls};
 
 /// Knobs of the balancer that are not per-upstream.
 #[derive(Debug, Clone)]
 pub struct BalancerOptions {
-    /// Bound on one TCP connect to an upstream. Default 2s.
+    /// Bound on opening one upstream connection: the TCP connect and, for a TLS group, the
+    /// handshake. Default 2s.
     pub connect_timeout: Duration,
     /// Other upstreams tried after a failed connect. Default 2.
     pub connect_retries: u32,
@@ -169,8 +171,9 @@ impl Balancer {
         ids
     }
 
-    /// The upstreams a config describes.
-    pub fn upstreams_from_config(config: &Config) -> Vec<Upstream> {
+    /// The upstreams a config describes, each with the TLS of its group from `tls` (loaded
+    /// from the same config by [`GroupTls::load`]).
+    pub fn upstreams_from_config(config: &Config, tls: &GroupTls) -> Vec<Upstream> {
         config
             .upstreams
             .iter()
@@ -179,6 +182,7 @@ impl Balancer {
                 addrs: u.addrs.clone(),
                 weight: u.weight,
                 slow_start: u.slow_start,
+                tls: tls.peer(&u.name),
             })
             .collect()
     }
@@ -212,10 +216,10 @@ impl Balancer {
     }
 
     /// Picks the least-loaded UP upstream among `allowed`, connects to it (on failure, to the
-    /// next least-loaded, up to `connect_retries` others; each failure counts as a failed
-    /// health check), and starts forwarding on two pooled threads, one per direction. It
-    /// returns once forwarding has started, and `on_end` gets the [`Session`] when both sides
-    /// are done. When no upstream can be had, the client comes back untouched in the error.
+    /// next least-loaded, up to `connect_retries` others; each failure, a failed TLS handshake
+    /// with a TLS upstream included, counts as a failed health check), and starts forwarding
+    /// on two pooled threads, one per direction. It returns once forwarding has started, and
+    /// `on_end` gets the [`Session`] when both sides are done. When no upstream can be had, the client comes back untouched in the error.
     /// `client_id` names the client in logs.
     pub fn balance(
         &self,
@@ -236,7 +240,7 @@ impl Balancer {
         };
         let mut tried: Vec<UpstreamId> = Vec::new();
         let mut failures: Vec<(String, io::Error)> = Vec::new();
-        let (guard, target, upstream_sock) = loop {
+        let (guard, target, opened) = loop {
             let Some((guard, target)) = self.table.acquire(allowed, &tried) else {
                 let error = if failures.is_empty() {
                     BalanceError::NoUpstream
@@ -245,8 +249,10 @@ impl Balancer {
                 };
                 return Err(Box::new(Unbalanced { client, error }));
             };
-            match connect(&target.addrs, opts.connect_timeout) {
-                Ok(sock) => break (guard, target, sock),
+            // No preface yet: that is where a PROXY protocol header goes, before any TLS.
+            let tls = target.tls.as_deref();
+            match upstream::open(&target.addrs, tls, None, opts.connect_timeout) {
+                Ok(opened) => break (guard, target, opened),
                 Err(e) => {
                     target
                         .stats
@@ -260,7 +266,7 @@ impl Balancer {
                         self.upstream_flipped(&flip);
                     }
                     tried.push(guard.id());
-                    failures.push((target.name.to_string(), e));
+                    failures.push((target.name.to_string(), io::Error::from(e)));
                     if tried.len() > opts.connect_retries as usize {
                         let error = BalanceError::UpstreamConnect(failures);
                         return Err(Box::new(Unbalanced { client, error }));
@@ -272,7 +278,6 @@ impl Balancer {
             .stats
             .connections_total
             .fetch_add(1, Ordering::Relaxed);
-        let _ = upstream_sock.set_nodelay(true);
         let registration = self.sessions.reserve();
         let (key, id) = (registration.key(), guard.id());
         let name = target.name.clone();
@@ -282,7 +287,8 @@ impl Balancer {
             Connected {
                 tls: client.tls,
                 client: client.sock,
-                upstream: upstream_sock,
+                upstream: opened.sock,
+                upstream_tls: opened.tls,
                 stats: target.stats,
             },
             ForwardOptions {
@@ -327,16 +333,4 @@ fn on_flip(sessions: &Arc<Sessions>, opts: &BalancerOptions, flip: &Flip) {
             flip.name
         );
     }
-}
-
-/// Connects to the first of `addrs` that answers, each bounded by `timeout`.
-fn connect(addrs: &[SocketAddr], timeout: Duration) -> io::Result<TcpStream> {
-    let mut last = io::Error::new(io::ErrorKind::InvalidInput, "upstream has no address");
-    for addr in addrs {
-        match TcpStream::connect_timeout(addr, timeout) {
-            Ok(sock) => return Ok(sock),
-            Err(e) => last = e,
-        }
-    }
-    Err(last)
 }

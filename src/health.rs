@@ -2,11 +2,13 @@
 //!
 //! An upstream turns DOWN after `fall` consecutive failed checks and UP after `rise` consecutive
 //! successful ones. Checks come from two places: the active prober (a TCP connect every
-//! `interval`, bounded by `timeout`) and the balancer, which reports a failed connect while
-//! serving a client as a failed check, so a dead upstream can go DOWN between probe rounds. The
-//! state machine and the resulting UP/DOWN flag live in the upstream's record in the
-//! [`UpstreamTable`], where the least-connection choice reads them under the same lock as the
-//! counts; this module only produces checks.
+//! `interval`, bounded by `timeout`; for an upstream of a TLS group, a full TLS handshake and
+//! close_notify, so a certificate it cannot verify, a name it does not have or a refused client
+//! certificate mark it DOWN with that reason) and the balancer, which reports a failed connect
+//! while serving a client as a failed check, so a dead upstream can go DOWN between probe
+//! rounds. The state machine and the resulting UP/DOWN flag live in the upstream's record in
+//! the [`UpstreamTable`], where the least-connection choice reads them under the same lock as
+//! the counts; this module only produces checks.
 //!
 //! One dedicated thread owns the probe schedule. Each round probes the upstreams the table has
 //! configured at that moment, so a reload needs no restart of the thread; new settings reach it
@@ -23,24 +25,40 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
-use crate::table::{Flip, UpstreamId, UpstreamTable};
+use crate::table::{Flip, ProbeTarget, UpstreamId, UpstreamTable};
+use crate::upstream::{self, TlsPeer};
 
 /// Told of every flip the prober causes, on the prober's thread: it must not block (hand long
 /// work such as closing sessions to another thread).
 pub type OnFlip = Box<dyn Fn(&Flip) + Send>;
 
-/// What the prober checks: a way to test one address, so tests can inject outcomes.
+/// What the prober checks: a way to test one upstream, so tests can inject outcomes.
 pub trait Probe: Send + Sync {
-    /// Checks `addrs` within `timeout`; `Err` says why the upstream is unhealthy.
-    fn check(&self, addrs: &[SocketAddr], timeout: Duration) -> Result<(), String>;
+    /// Checks the upstream at `addrs` (reached over `tls` when its group has TLS) within
+    /// `timeout`; `Err` says why it is unhealthy.
+    fn check(
+        &self,
+        addrs: &[SocketAddr],
+        tls: Option<&TlsPeer>,
+        timeout: Duration,
+    ) -> Result<(), String>;
 }
 
-/// The real probe: a TCP connect to the first address that answers.
+/// The real probe: a TCP connect to the first address that answers and, for a TLS upstream, a
+/// full TLS handshake with it (see [`upstream::probe`]).
 #[derive(Debug, Default)]
 pub struct TcpProbe;
 
 impl Probe for TcpProbe {
-    fn check(&self, addrs: &[SocketAddr], timeout: Duration) -> Result<(), String> {
+    fn check(
+        &self,
+        addrs: &[SocketAddr],
+        tls: Option<&TlsPeer>,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        if let Some(peer) = tls {
+            return upstream::probe(addrs, peer, None, timeout).map_err(|e| e.to_string());
+        }
         let mut last = String::from("no address");
         for addr in addrs {
             match TcpStream::connect_timeout(addr, timeout) {
@@ -132,30 +150,41 @@ fn jitter(interval: Duration) -> Duration {
     interval.saturating_sub(tenth) + Duration::from_nanos(h.finish() % (2 * nanos))
 }
 
+/// Stack of a probe thread: a TCP connect needs little; a TLS handshake verifies a certificate
+/// chain and signatures, as a connection thread does (`server::CONNECTION_THREAD_STACK`).
+const PROBE_STACK: usize = 64 * 1024;
+const TLS_PROBE_STACK: usize = 256 * 1024;
+
 /// Probes every target of one round concurrently; returns each target's result.
 fn round(
-    targets: &[(UpstreamId, Arc<[SocketAddr]>)],
+    targets: &[ProbeTarget],
     timeout: Duration,
     probe: &dyn Probe,
 ) -> Vec<(UpstreamId, Result<(), String>)> {
     std::thread::scope(|s| {
         let probes: Vec<_> = targets
             .iter()
-            .map(|(id, addrs)| {
+            .map(|(id, addrs, tls)| {
+                let tls = tls.as_deref();
+                let stack = if tls.is_some() {
+                    TLS_PROBE_STACK
+                } else {
+                    PROBE_STACK
+                };
                 let handle = std::thread::Builder::new()
                     .name("lclb-probe".into())
-                    .stack_size(64 * 1024)
-                    .spawn_scoped(s, move || probe.check(addrs, timeout));
-                (*id, addrs, handle)
+                    .stack_size(stack)
+                    .spawn_scoped(s, move || probe.check(addrs, tls, timeout));
+                (*id, addrs, tls, handle)
             })
             .collect();
         probes
             .into_iter()
-            .map(|(id, addrs, handle)| {
+            .map(|(id, addrs, tls, handle)| {
                 let result = match handle {
                     Ok(h) => h.join().unwrap_or_else(|_| Err("probe panicked".into())),
                     // No thread to spare: probe inline rather than skip the upstream.
-                    Err(_) => probe.check(addrs, timeout),
+                    Err(_) => probe.check(addrs, tls, timeout),
                 };
                 (id, result)
             })
@@ -213,7 +242,7 @@ mod tests {
     struct Scripted(Mutex<bool>);
 
     impl Probe for Scripted {
-        fn check(&self, _: &[SocketAddr], _: Duration) -> Result<(), String> {
+        fn check(&self, _: &[SocketAddr], _: Option<&TlsPeer>, _: Duration) -> Result<(), String> {
             if *self.0.lock() {
                 Ok(())
             } else {
@@ -254,7 +283,7 @@ mod tests {
     }
 
     impl Probe for AllAtOnce {
-        fn check(&self, _: &[SocketAddr], _: Duration) -> Result<(), String> {
+        fn check(&self, _: &[SocketAddr], _: Option<&TlsPeer>, _: Duration) -> Result<(), String> {
             let mut arrived = self.arrived.lock();
             *arrived += 1;
             self.all_here.notify_all();
@@ -302,8 +331,8 @@ mod tests {
             l.local_addr().unwrap()
         };
         let t = Duration::from_secs(1);
-        assert!(TcpProbe.check(&[open], t).is_ok());
-        let err = TcpProbe.check(&[closed], t).unwrap_err();
+        assert!(TcpProbe.check(&[open], None, t).is_ok());
+        let err = TcpProbe.check(&[closed], None, t).unwrap_err();
         assert!(err.contains("refused"), "{err}");
     }
 

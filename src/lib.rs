@@ -70,6 +70,7 @@ mod stats;
 mod table;
 mod threads;
 mod tls;
+mod upstream;
 
 // The library's whole interface, in one place.
 pub use access::{format as log_format, json_line, TARGET as ACCESS_LOG_TARGET};
@@ -101,6 +102,7 @@ pub use tls::{
     install_default_provider, provider, ClientTrust, CrlInfo, HandshakeError, PeerError,
     SessionCache, TlsContext,
 };
+pub use upstream::{GroupTls, TlsPeer, UpstreamTls};
 
 /// Helpers shared by the unit tests.
 #[cfg(test)]

@@ -141,6 +141,7 @@ fn run(command: Command) -> Result<ExitCode, Box<dyn std::error::Error>> {
         Command::Check { config } => {
             let loaded = Config::load(&config)?;
             lclb::TlsContext::load(&loaded.tls)?;
+            lclb::GroupTls::load(&loaded)?;
             for warning in loaded.shadowed_clients() {
                 eprintln!("lclb: warning: {warning}");
             }

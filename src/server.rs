@@ -42,6 +42,7 @@ use crate::refusal_log;
 use crate::stats::Stats;
 use crate::threads;
 use crate::tls::{self, SessionCache, TlsContext};
+use crate::upstream::GroupTls;
 
 /// Stack size of a connection thread: it runs the handshake (certificate verification,
 /// signatures) and the routing. Small, so thousands of connections fit.
@@ -178,6 +179,7 @@ impl Shared {
     fn try_reload(&self, path: &Path) -> Result<(), StartError> {
         let config = Config::load(path)?;
         let tls = TlsContext::load_with(&config.tls, &self.tls_sessions)?;
+        let upstreams = Balancer::upstreams_from_config(&config, &GroupTls::load(&config)?);
         let old = self.runtime();
         if config.listen != old.config.listen {
             log::warn!(
@@ -191,10 +193,9 @@ impl Shared {
         // Everything is valid; nothing below can fail. The table changes first (upstreams the
         // new config dropped are never chosen again, new ones are UP and unreachable until the
         // swap), then the authorization swaps in one step.
-        let ids = self.balancer.update(
-            Balancer::upstreams_from_config(&config),
-            BalancerOptions::from_config(&config),
-        );
+        let ids = self
+            .balancer
+            .update(upstreams, BalancerOptions::from_config(&config));
         access::set_format(config.log_format);
         let table = self.balancer.table();
         table.set_thresholds(config.health_check.rise, config.health_check.fall);
@@ -262,6 +263,7 @@ impl Server {
     pub fn bind(config: Config) -> Result<Server, StartError> {
         let tls_sessions = SessionCache::default();
         let tls = TlsContext::load_with(&config.tls, &tls_sessions)?;
+        let upstreams = Balancer::upstreams_from_config(&config, &GroupTls::load(&config)?);
         let listener = TcpListener::bind(config.listen).map_err(|source| StartError::Bind {
             key: "listen",
             addr: config.listen,
@@ -272,7 +274,6 @@ impl Server {
             addr: config.listen,
             source,
         })?;
-        let upstreams = Balancer::upstreams_from_config(&config);
         let ids: Vec<_> = (0..upstreams.len()).map(crate::table::UpstreamId).collect();
         let balancer = Balancer::new(upstreams, BalancerOptions::from_config(&config));
         access::set_format(config.log_format);

@@ -26,6 +26,7 @@ use parking_lot::Mutex;
 
 use crate::config::{DEFAULT_FALL, DEFAULT_RISE};
 use crate::stats::UpstreamStats;
+use crate::upstream::TlsPeer;
 
 /// Index of an upstream's record in the table; stable for the life of the process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -42,6 +43,8 @@ pub struct Upstream {
     pub weight: u32,
     /// After coming back UP, the time over which its weight ramps up to full (zero: at once).
     pub slow_start: Duration,
+    /// TLS toward it, when its group has `[group.tls]`; `None` (the default): plaintext.
+    pub tls: Option<Arc<TlsPeer>>,
 }
 
 impl Upstream {
@@ -52,6 +55,7 @@ impl Upstream {
             addrs: vec![addr],
             weight: 1,
             slow_start: Duration::ZERO,
+            tls: None,
         }
     }
 }
@@ -66,7 +70,13 @@ pub struct Target {
     pub addrs: Arc<[SocketAddr]>,
     /// Its counters.
     pub stats: Arc<UpstreamStats>,
+    /// TLS toward it; `None`: plaintext.
+    pub tls: Option<Arc<TlsPeer>>,
 }
+
+/// What the prober checks of one upstream: its id, its addresses, and its TLS (`None`:
+/// plaintext).
+pub type ProbeTarget = (UpstreamId, Arc<[SocketAddr]>, Option<Arc<TlsPeer>>);
 
 /// One upstream as metrics and tests see it at a moment.
 #[derive(Debug, Clone)]
@@ -103,6 +113,7 @@ struct Record {
     /// connections it already has.
     configured: bool,
     stats: Arc<UpstreamStats>,
+    tls: Option<Arc<TlsPeer>>,
 }
 
 /// Weight scale: effective weights are in thousandths, so a ramp can start at a tenth of a
@@ -123,6 +134,7 @@ impl Record {
             last_pick: 0,
             configured: true,
             stats: Arc::default(),
+            tls: spec.tls,
         }
     }
 
@@ -147,6 +159,7 @@ impl Record {
             name: self.name.clone(),
             addrs: self.addrs.clone(),
             stats: self.stats.clone(),
+            tls: self.tls.clone(),
         }
     }
 }
@@ -232,7 +245,7 @@ impl UpstreamTable {
     }
 
     /// Replaces the configured set. An upstream whose name is already known keeps its id,
-    /// counts, health and counters (its addresses, weight and slow start are updated); a new
+    /// counts, health and counters (its addresses, weight, slow start and TLS are updated); a new
     /// name gets a new record, UP; a known name missing from `upstreams` is retired: never
     /// chosen again, while its connections in flight go on. Returns the ids of `upstreams`, in
     /// order. One lock: no choice sees half of an update.
@@ -250,6 +263,7 @@ impl UpstreamTable {
                     r.addrs = spec.addrs.into();
                     r.weight = spec.weight.max(1);
                     r.slow_start = spec.slow_start;
+                    r.tls = spec.tls;
                     r.configured = true;
                     i
                 }
@@ -349,15 +363,15 @@ impl UpstreamTable {
         Some(Flip { id, name, up: ok })
     }
 
-    /// The configured upstreams' ids and addresses: what the prober checks.
-    pub fn probe_targets(&self) -> Vec<(UpstreamId, Arc<[SocketAddr]>)> {
+    /// The configured upstreams' ids, addresses and TLS: what the prober checks.
+    pub fn probe_targets(&self) -> Vec<ProbeTarget> {
         let inner = self.inner.lock();
         inner
             .records
             .iter()
             .enumerate()
             .filter(|(_, r)| r.configured)
-            .map(|(i, r)| (UpstreamId(i), r.addrs.clone()))
+            .map(|(i, r)| (UpstreamId(i), r.addrs.clone(), r.tls.clone()))
             .collect()
     }
 
@@ -584,7 +598,7 @@ mod tests {
         assert_eq!(
             t.probe_targets()
                 .iter()
-                .map(|(id, _)| *id)
+                .map(|(id, _, _)| *id)
                 .collect::<Vec<_>>(),
             ids,
             "a retired upstream is not probed"

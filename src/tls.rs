@@ -82,7 +82,7 @@ pub fn install_default_provider() {
     let _ = CryptoProvider::install_default(Arc::unwrap_or_clone(provider()));
 }
 
-fn file_error(key: &str, path: &Path, message: impl Into<String>) -> ConfigError {
+pub(crate) fn file_error(key: &str, path: &Path, message: impl Into<String>) -> ConfigError {
     ConfigError::File {
         key: key.to_string(),
         path: path.to_path_buf(),
@@ -90,13 +90,13 @@ fn file_error(key: &str, path: &Path, message: impl Into<String>) -> ConfigError
     }
 }
 
-fn read_file(key: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {
+pub(crate) fn read_file(key: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {
     std::fs::read(path).map_err(|e| file_error(key, path, format!("cannot read: {e}")))
 }
 
 /// The certificates in the PEM file `path` (named by `key`). Those that are not roots must be
 /// X.509 v3; `roots` lets old v1 CA certificates through, which webpki accepts as anchors.
-fn load_certs(
+pub(crate) fn load_certs(
     key: &str,
     path: &Path,
     roots: bool,
@@ -703,7 +703,10 @@ impl ClientCertVerifier for ClientTrust {
 
 /// The roots in `path` (the file of `key`), as a root store, and each root's subject as DER
 /// (compared with CRL issuers).
-fn load_roots(key: &str, path: &Path) -> Result<(RootCertStore, Vec<Vec<u8>>), ConfigError> {
+pub(crate) fn load_roots(
+    key: &str,
+    path: &Path,
+) -> Result<(RootCertStore, Vec<Vec<u8>>), ConfigError> {
     let certs = load_certs(key, path, true)?;
     let subjects = certs
         .iter()

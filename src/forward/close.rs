@@ -8,8 +8,11 @@
 //! rule of [`super::link`]); one whose turn has not come, or whose socket is full, is tried
 //! again while the wait lasts. Then every link is shut down, and those whose close_notify is
 //! still not out are reset (their unsent bytes dropped at close, not kept for the kernel's
-//! timeouts).
+//! timeouts). A TLS upstream gets its close_notify the same way, in its own socket's order. A
+//! link is closed once: a second close (both copy threads timing out together) leaves it to
+//! the first, which would otherwise see its alerts cut short by the second's shutdown.
 
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::link::{Attempt, Link};
@@ -21,8 +24,16 @@ pub(super) const CLOSE_NOTIFY_WAIT: Duration = Duration::from_millis(200);
 /// Pause between attempts at the close_notify records still waiting.
 const RETRY: Duration = Duration::from_millis(10);
 
-/// A close_notify sealed for one link, and how much of it is still to go.
+/// Which side of a link a close_notify is for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Client,
+    Upstream,
+}
+
+/// A close_notify sealed for one side of a link, and how much of it is still to go.
 struct Farewell {
+    side: Side,
     ticket: u64,
     record: Vec<u8>,
     sent: usize,
@@ -34,7 +45,12 @@ impl Farewell {
         if link.is_aborted() {
             return true;
         }
-        match link.try_send_to_client(&self.record[self.sent..], self.ticket) {
+        let rest = &self.record[self.sent..];
+        let attempt = match self.side {
+            Side::Client => link.try_send_to_client(rest, self.ticket),
+            Side::Upstream => link.try_send_to_upstream(rest, self.ticket),
+        };
+        match attempt {
             Attempt::Sent | Attempt::Failed => true,
             Attempt::NotYourTurn => false,
             Attempt::Full(n) => {
@@ -51,35 +67,69 @@ impl Link {
         close_links(&[self], &reason);
     }
 
-    /// Records `reason` and seals close_notify; `None` when the link has already ended.
-    fn seal_farewell(&self, reason: &EndReason) -> Option<Farewell> {
+    /// Records `reason` and seals close_notify for the client and, when it has TLS, the
+    /// upstream (none for a side that already sent its own); `None` when the link has already
+    /// ended or another close has claimed it, and will end it.
+    fn seal_farewells(&self, reason: &EndReason) -> Option<Vec<Farewell>> {
         if self.is_aborted() {
             return None;
         }
         // First, so a copy thread that fails on the shutdown below cannot claim the end.
         self.note(reason.clone());
+        // Both copy threads can time out at once: the first close sends the alerts, and the
+        // second must not abort the link under it before they are out.
+        if self.closing.swap(true, Ordering::SeqCst) {
+            return None;
+        }
+        let mut farewells = Vec::with_capacity(2);
         let mut record = Vec::new();
         let ticket = {
             let mut sealer = self.tls.lock();
             sealer.close_notify();
             sealer.seal(&mut record)
-        }?;
-        Some(Farewell {
-            ticket,
-            record,
-            sent: 0,
-        })
+        };
+        if let Some(ticket) = ticket {
+            farewells.push(Farewell {
+                side: Side::Client,
+                ticket,
+                record,
+                sent: 0,
+            });
+        }
+        if let Some(up) = &self.up_tls {
+            let mut record = Vec::new();
+            let ticket = {
+                let mut sealer = up.lock();
+                sealer.close_notify();
+                sealer.seal(&mut record)
+            };
+            if let Some(ticket) = ticket {
+                farewells.push(Farewell {
+                    side: Side::Upstream,
+                    ticket,
+                    record,
+                    sent: 0,
+                });
+            }
+        }
+        Some(farewells)
     }
 }
 
 /// Ends `links` cleanly for `reason` (each keeps an earlier reason if it had one): close_notify
-/// to every client whose socket takes it within one [`CLOSE_NOTIFY_WAIT`] in all, then both
-/// sockets of every link are shut down. Clients whose close_notify did not go out are reset.
+/// to every client (and TLS upstream) whose socket takes it within one [`CLOSE_NOTIFY_WAIT`] in
+/// all, then both sockets of every link are shut down. Peers whose close_notify did not go out
+/// are reset.
 pub(super) fn close_links(links: &[&Link], reason: &EndReason) {
     let started = Instant::now();
     let mut waiting: Vec<(usize, Farewell)> = Vec::new();
+    let mut claimed = Vec::with_capacity(links.len());
     for (i, link) in links.iter().enumerate() {
-        if let Some(mut farewell) = link.seal_farewell(reason) {
+        let Some(farewells) = link.seal_farewells(reason) else {
+            continue;
+        };
+        claimed.push(*link);
+        for mut farewell in farewells {
             if !farewell.try_send(link) {
                 waiting.push((i, farewell));
             }
@@ -89,10 +139,13 @@ pub(super) fn close_links(links: &[&Link], reason: &EndReason) {
         std::thread::sleep(RETRY);
         waiting.retain_mut(|(i, farewell)| !farewell.try_send(links[*i]));
     }
-    for (i, _) in &waiting {
-        links[*i].reset_client_on_close();
+    for (i, farewell) in &waiting {
+        match farewell.side {
+            Side::Client => links[*i].reset_client_on_close(),
+            Side::Upstream => links[*i].reset_upstream_on_close(),
+        }
     }
-    for link in links {
+    for link in claimed {
         link.abort(reason.clone());
     }
 }

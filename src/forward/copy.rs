@@ -1,5 +1,7 @@
 //! The two directions of a forwarded connection, each run by its own thread, and how the way a
-//! direction ends becomes the way the link ends.
+//! direction ends becomes the way the link ends. With a TLS upstream, the client's bytes are
+//! sealed toward it in [`Link::write_upstream`], and the upstream's records are decrypted by
+//! [`upstream_to_client_tls`] instead of being read as they are.
 
 use std::io::{Read, Write};
 use std::net::Shutdown;
@@ -28,6 +30,8 @@ pub(super) fn client_to_upstream(link: &Link) -> Result<(), Cut> {
     let mut raw = Lent::new();
     let mut plain = Vec::new();
     let mut out = Vec::new();
+    // Records sealed toward a TLS upstream.
+    let mut up_out = Vec::new();
     // Bytes in `raw` not yet given to rustls. The first pass has none: it forwards what rustls
     // already holds, since a client's first data often arrives with its last handshake flight.
     let mut n = 0;
@@ -79,8 +83,11 @@ pub(super) fn client_to_upstream(link: &Link) -> Result<(), Cut> {
             }
         }
         if !plain.is_empty() {
-            if let Err(e) = (&link.upstream).write_all(&plain) {
-                return Err(Cut::Abort(EndReason::UpstreamError(e.to_string())));
+            match link.write_upstream(&plain, &mut up_out) {
+                Ok(true) => {}
+                // A close is under way: nothing may follow its close_notify.
+                Ok(false) => return Ok(()),
+                Err(e) => return Err(Cut::Abort(EndReason::UpstreamError(e.to_string()))),
             }
             link.touch();
             let sent = plain.len() as u64;
@@ -94,7 +101,7 @@ pub(super) fn client_to_upstream(link: &Link) -> Result<(), Cut> {
             return Err(Cut::ResetUpstream(reason));
         }
         if closed {
-            let _ = link.upstream.shutdown(Shutdown::Write);
+            link.finish_upstream();
             return Ok(());
         }
         if n < BUF_SIZE {
@@ -102,6 +109,7 @@ pub(super) fn client_to_upstream(link: &Link) -> Result<(), Cut> {
             raw.release();
             plain = Vec::new();
             out = Vec::new();
+            up_out = Vec::new();
         }
         n = match link.read(&link.client, &mut raw) {
             Ok(n) => n,
@@ -120,7 +128,8 @@ pub(super) fn client_to_upstream(link: &Link) -> Result<(), Cut> {
             return match link.opts.truncation {
                 Truncation::Fin => {
                     link.note(EndReason::ClientTruncated);
-                    let _ = link.upstream.shutdown(Shutdown::Write);
+                    // The clean end the policy asks for: with TLS, close_notify and FIN.
+                    link.finish_upstream();
                     Ok(())
                 }
                 Truncation::Reset => Err(Cut::ResetUpstream(EndReason::ClientTruncated)),
@@ -175,6 +184,124 @@ pub(super) fn upstream_to_client(link: &Link) -> Result<(), Cut> {
             buf.release();
             out = Vec::new();
         }
+    }
+}
+
+/// Copies a TLS upstream -> client until the upstream finishes sending: its records are
+/// decrypted, and the plaintext sealed toward the client. `Ok` is a clean finish: the upstream's
+/// close_notify, or its FIN without one, which is taken as the end of its stream (as HAProxy
+/// and NGINX take it, since many servers close that way); either way the client gets
+/// close_notify. A record that does not decrypt or parse ends the link as
+/// [`EndReason::UpstreamTlsError`] once the authentic bytes before it have gone through, and
+/// the client gets no close_notify: it must not take what it got for the whole stream.
+pub(super) fn upstream_to_client_tls(link: &Link) -> Result<(), Cut> {
+    let Some(up) = &link.up_tls else {
+        return upstream_to_client(link);
+    };
+    let mut raw = Lent::new();
+    let mut plain = Vec::new();
+    let mut out = Vec::new();
+    // Bytes in `raw` not yet given to rustls. The first pass has none: it forwards what the
+    // session already holds, such as a greeting that came with the upstream's last handshake
+    // flight.
+    let mut n = 0;
+    let mut eof = false;
+    loop {
+        let mut closed = eof;
+        let mut failure = None;
+        {
+            let mut sealer = up.lock();
+            let mut rd: &[u8] = match raw.held() {
+                Some(buf) => &buf[..n],
+                None => &[],
+            };
+            loop {
+                match sealer.conn.reader().read_to_end(&mut plain) {
+                    Ok(_) => {
+                        closed = true;
+                        break;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => {
+                        failure = Some(e.to_string());
+                        break;
+                    }
+                }
+                if rd.is_empty() {
+                    break;
+                }
+                let processed = match sealer.conn.read_tls(&mut rd) {
+                    Ok(_) => sealer
+                        .conn
+                        .process_new_packets()
+                        .map(|_| ())
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                if let Err(e) = processed {
+                    // Records before the bad one were authentic: they still go through. The
+                    // alert rustls queued for the upstream is not sent: only the other thread
+                    // writes there, and the link is ending.
+                    let _ = sealer.conn.reader().read_to_end(&mut plain);
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        let finish = closed && failure.is_none();
+        if !plain.is_empty() || finish {
+            let ticket = {
+                let mut sealer = link.tls.lock();
+                if sealer.is_closed() {
+                    // A close is under way: nothing may follow its close_notify.
+                    return Ok(());
+                }
+                if let Err(e) = sealer.conn.writer().write_all(&plain) {
+                    // Cannot happen with the buffer limit lifted, but never lose bytes silently.
+                    return Err(Cut::Abort(EndReason::TlsError(e.to_string())));
+                }
+                if finish {
+                    sealer.close_notify();
+                }
+                sealer.seal(&mut out)
+            };
+            if let Some(ticket) = ticket {
+                if let Err(e) = link.send_to_client(&mut out, ticket) {
+                    return Err(Cut::Abort(EndReason::ClientError(e.to_string())));
+                }
+            }
+            let sent = plain.len() as u64;
+            link.to_client.fetch_add(sent, Ordering::Relaxed);
+            link.stats
+                .bytes_to_client
+                .fetch_add(sent, Ordering::Relaxed);
+            plain.clear();
+        }
+        if let Some(e) = failure {
+            return Err(Cut::Abort(EndReason::UpstreamTlsError(e)));
+        }
+        if finish {
+            let _ = link.client.shutdown(Shutdown::Write);
+            return Ok(());
+        }
+        if n < BUF_SIZE {
+            raw.release();
+            plain = Vec::new();
+            out = Vec::new();
+        }
+        n = match link.read(&link.upstream, &mut raw) {
+            Ok(n) => n,
+            Err(ReadEnd::Idle(reason)) => return Err(Cut::Close(reason)),
+            Err(ReadEnd::Failed(e)) => {
+                return Err(Cut::Abort(EndReason::UpstreamError(e.to_string())))
+            }
+        };
+        if link.is_aborted() {
+            return Ok(());
+        }
+        // Never given to rustls: it would take the FIN for a truncation, and the policy
+        // above is to take it for an end of stream.
+        eof = n == 0;
     }
 }
 

@@ -1,15 +1,27 @@
-//! The state one forwarded connection's two copy threads share: the TLS session and the order
-//! its sealed records go out in, the two sockets, idleness, and how the connection ended.
+//! The state one forwarded connection's two copy threads share: the TLS sessions and the order
+//! their sealed records go out in, the two sockets, idleness, and how the connection ended.
+//!
+//! Each TLS session has a [`Sealer`] (under its own mutex) and each socket that carries sealed
+//! records an [`Order`]: a batch of records takes a ticket under the session's lock and is
+//! written when its ticket's turn comes. Toward the client, both copy threads and a close seal.
+//! Toward a TLS upstream, the client-to-upstream thread and a close do; the upstream-to-client
+//! thread never writes to the upstream socket, since it could then wait for its turn behind a
+//! write that waits on it (an upstream that stops reading until it can write). What decrypting
+//! the upstream's records makes rustls queue for the upstream (a key update's answer, a
+//! warning alert) stays in the session and goes out with the next batch sealed toward it; TLS
+//! 1.3 asks for a key update's answer only before the next application data, which is where
+//! that puts it.
 
 use std::ffi::c_int;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
+use std::ops::DerefMut;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
-use rustls::ServerConnection;
+use rustls::{ClientConnection, ConnectionCommon, ServerConnection};
 use socket2::SockRef;
 
 use super::{EndReason, ForwardOptions};
@@ -25,15 +37,29 @@ const DONT_WAIT: c_int = 0x40 | 0x4000;
 const DONT_WAIT: c_int = 0x80;
 
 /// The TLS state and the next ticket to hand out, guarded together so a ticket's order is the
-/// order its records were sealed in.
-pub(super) struct Sealer {
-    pub(super) conn: ServerConnection,
+/// order its records were sealed in. The client's session, or (`C = ClientConnection`) a TLS
+/// upstream's.
+pub(super) struct Sealer<C = ServerConnection> {
+    pub(super) conn: C,
     next_ticket: u64,
     /// close_notify has been queued: nothing may be sealed after it.
     closed: bool,
 }
 
-impl Sealer {
+impl<C> Sealer<C> {
+    fn new(conn: C) -> Sealer<C> {
+        Sealer {
+            conn,
+            next_ticket: 0,
+            closed: false,
+        }
+    }
+}
+
+impl<C, D> Sealer<C>
+where
+    C: DerefMut<Target = ConnectionCommon<D>>,
+{
     /// Queues close_notify (once); whatever is sealed next ends with it.
     pub(super) fn close_notify(&mut self) {
         if !self.closed {
@@ -65,12 +91,37 @@ impl Sealer {
     }
 }
 
+/// Whose turn it is to write sealed records to one socket.
+pub(super) struct Order {
+    /// The ticket whose turn it is.
+    turn: Mutex<u64>,
+    changed: Condvar,
+}
+
+impl Order {
+    fn new() -> Order {
+        Order {
+            turn: Mutex::new(0),
+            changed: Condvar::new(),
+        }
+    }
+
+    fn pass(&self) {
+        *self.turn.lock() += 1;
+        self.changed.notify_all();
+    }
+}
+
 /// State shared by the two copy threads of one connection.
 pub(super) struct Link {
+    /// The client's TLS session.
     pub(super) tls: Mutex<Sealer>,
-    /// The ticket whose turn it is to write to the client socket.
-    turn: Mutex<u64>,
-    turn_changed: Condvar,
+    /// The upstream's TLS session, when its group has TLS; `None`: plaintext.
+    pub(super) up_tls: Option<Mutex<Sealer<ClientConnection>>>,
+    /// The order of sealed records on the client socket.
+    client_order: Order,
+    /// The order of sealed records on the upstream socket (used only with `up_tls`).
+    upstream_order: Order,
     pub(super) client: TcpStream,
     pub(super) upstream: TcpStream,
     pub(super) opts: ForwardOptions,
@@ -80,6 +131,9 @@ pub(super) struct Link {
     /// Milliseconds since `started` (plus one, so zero means "not yet") when one direction ended.
     half_closed: AtomicU64,
     aborted: AtomicBool,
+    /// A close (see `close`) has claimed the link: it alone sends the close_notify alerts and
+    /// then aborts, so a second close cannot cut the first one's alerts short.
+    pub(super) closing: AtomicBool,
     /// Directions still copying; a direction that finished keeps watch while this is not zero.
     copying: Mutex<u8>,
     copying_changed: Condvar,
@@ -93,23 +147,22 @@ pub(super) struct Link {
 }
 
 impl Link {
-    /// A link over a client whose handshake is complete and a connected upstream; nothing is
-    /// copied until the directions run.
+    /// A link over a client whose handshake is complete and a connected upstream (with its TLS
+    /// session, handshake complete, when it has one); nothing is copied until the directions
+    /// run.
     pub(super) fn new(
         conn: ServerConnection,
         client: TcpStream,
         upstream: TcpStream,
+        upstream_tls: Option<ClientConnection>,
         opts: ForwardOptions,
         stats: Arc<UpstreamStats>,
     ) -> Link {
         Link {
-            tls: Mutex::new(Sealer {
-                conn,
-                next_ticket: 0,
-                closed: false,
-            }),
-            turn: Mutex::new(0),
-            turn_changed: Condvar::new(),
+            tls: Mutex::new(Sealer::new(conn)),
+            up_tls: upstream_tls.map(|c| Mutex::new(Sealer::new(c))),
+            client_order: Order::new(),
+            upstream_order: Order::new(),
             client,
             upstream,
             opts,
@@ -117,6 +170,7 @@ impl Link {
             last_activity: AtomicU64::new(0),
             half_closed: AtomicU64::new(0),
             aborted: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
             copying: Mutex::new(2),
             copying_changed: Condvar::new(),
             end: Mutex::new(None),
@@ -197,13 +251,20 @@ impl Link {
         self.aborted.store(true, Ordering::SeqCst);
         let _ = self.client.shutdown(Shutdown::Both);
         let _ = self.upstream.shutdown(Shutdown::Both);
-        self.turn_changed.notify_all();
+        self.wake_writers();
         self.wake_watch();
+    }
+
+    /// Wakes writers waiting for their turn, so they see that the link has ended.
+    fn wake_writers(&self) {
+        self.client_order.changed.notify_all();
+        self.upstream_order.changed.notify_all();
     }
 
     /// Ends the link as [`Link::abort`] does, except that the upstream gets a reset instead of
     /// a FIN: what it received is not the client's whole stream, and a FIN would say it was.
-    /// Called by the client-to-upstream thread, the only one that writes to the upstream.
+    /// Called by the client-to-upstream thread, the one that writes the client's bytes to the
+    /// upstream.
     pub(super) fn reset_upstream(&self, reason: EndReason) {
         self.note(reason);
         // With SO_LINGER 0, closing the socket (when the last thread lets go of the link)
@@ -214,7 +275,7 @@ impl Link {
         // It sends nothing, and wakes the other thread from its read of the upstream.
         let _ = self.upstream.shutdown(Shutdown::Read);
         let _ = self.client.shutdown(Shutdown::Both);
-        self.turn_changed.notify_all();
+        self.wake_writers();
         self.wake_watch();
     }
 
@@ -279,13 +340,28 @@ impl Link {
     /// Writes sealed bytes to the client socket when `ticket`'s turn comes, then passes the
     /// turn on, whatever the write's outcome, so the other thread is never left waiting.
     pub(super) fn send_to_client(&self, out: &mut Vec<u8>, ticket: u64) -> io::Result<()> {
+        self.send_in_turn(&self.client_order, &self.client, out, ticket)
+    }
+
+    /// As [`Link::send_to_client`], toward a TLS upstream.
+    fn send_to_upstream(&self, out: &mut Vec<u8>, ticket: u64) -> io::Result<()> {
+        self.send_in_turn(&self.upstream_order, &self.upstream, out, ticket)
+    }
+
+    fn send_in_turn(
+        &self,
+        order: &Order,
+        mut sock: &TcpStream,
+        out: &mut Vec<u8>,
+        ticket: u64,
+    ) -> io::Result<()> {
         {
-            let mut turn = self.turn.lock();
+            let mut turn = order.turn.lock();
             while *turn != ticket {
                 // The holder of the current turn passes it on, or the link is aborted (a
                 // close that gave up on its turn): the timeout is only there to look.
-                let timed_out = self
-                    .turn_changed
+                let timed_out = order
+                    .changed
                     .wait_for(&mut turn, Duration::from_millis(100))
                     .timed_out();
                 if timed_out && self.is_aborted() {
@@ -296,18 +372,55 @@ impl Link {
                 }
             }
         }
-        let result = (&self.client).write_all(out);
+        let result = sock.write_all(out);
         out.clear();
-        self.pass_turn();
+        order.pass();
         if result.is_ok() {
             self.touch();
         }
         result
     }
 
-    fn pass_turn(&self) {
-        *self.turn.lock() += 1;
-        self.turn_changed.notify_all();
+    /// Writes `plain`, the client's bytes, to the upstream: as they are, or sealed in the
+    /// upstream's TLS session (with whatever else it has queued) in the upstream order, using
+    /// `out` for the records. `Ok(false)`: a close has sealed the upstream's close_notify, and
+    /// nothing may follow it.
+    pub(super) fn write_upstream(&self, plain: &[u8], out: &mut Vec<u8>) -> io::Result<bool> {
+        let Some(up) = &self.up_tls else {
+            (&self.upstream).write_all(plain)?;
+            return Ok(true);
+        };
+        let ticket = {
+            let mut sealer = up.lock();
+            if sealer.is_closed() {
+                return Ok(false);
+            }
+            // Cannot fail with the buffer limit lifted.
+            sealer.conn.writer().write_all(plain)?;
+            sealer.seal(out)
+        };
+        if let Some(ticket) = ticket {
+            self.send_to_upstream(out, ticket)?;
+        }
+        Ok(true)
+    }
+
+    /// Ends the stream toward the upstream cleanly: close_notify first when it has TLS, then
+    /// the socket's write side is shut down (FIN). What the upstream sends back still flows.
+    pub(super) fn finish_upstream(&self) {
+        if let Some(up) = &self.up_tls {
+            let mut out = Vec::new();
+            let ticket = {
+                let mut sealer = up.lock();
+                sealer.close_notify();
+                sealer.seal(&mut out)
+            };
+            if let Some(ticket) = ticket {
+                // A failure shows up on the other direction's read; the FIN follows anyway.
+                let _ = self.send_to_upstream(&mut out, ticket);
+            }
+        }
+        let _ = self.upstream.shutdown(Shutdown::Write);
     }
 
     /// Writes as much of `bytes` as the client socket takes at once, if `ticket`'s turn has
@@ -315,10 +428,25 @@ impl Link {
     /// out, or the write failed, the turn passes on; a partial write keeps it, so nothing else
     /// can be written between the rest and what went before.
     pub(super) fn try_send_to_client(&self, bytes: &[u8], ticket: u64) -> Attempt {
-        if *self.turn.lock() != ticket {
+        self.try_send_in_turn(&self.client_order, &self.client, bytes, ticket)
+    }
+
+    /// As [`Link::try_send_to_client`], toward a TLS upstream.
+    pub(super) fn try_send_to_upstream(&self, bytes: &[u8], ticket: u64) -> Attempt {
+        self.try_send_in_turn(&self.upstream_order, &self.upstream, bytes, ticket)
+    }
+
+    fn try_send_in_turn(
+        &self,
+        order: &Order,
+        sock: &TcpStream,
+        bytes: &[u8],
+        ticket: u64,
+    ) -> Attempt {
+        if *order.turn.lock() != ticket {
             return Attempt::NotYourTurn;
         }
-        let sock = SockRef::from(&self.client);
+        let sock = SockRef::from(sock);
         let mut sent = 0;
         while sent < bytes.len() {
             match sock.send_with_flags(&bytes[sent..], DONT_WAIT) {
@@ -329,7 +457,7 @@ impl Link {
                 Err(_) => break,
             }
         }
-        self.pass_turn();
+        order.pass();
         if sent == bytes.len() {
             self.touch();
             Attempt::Sent
@@ -343,6 +471,12 @@ impl Link {
     /// kernel's retransmission timeouts.
     pub(super) fn reset_client_on_close(&self) {
         let _ = SockRef::from(&self.client).set_linger(Some(Duration::ZERO));
+    }
+
+    /// As [`Link::reset_client_on_close`], for a TLS upstream whose close_notify did not go
+    /// out whole: a reset says the stream broke, where a FIN after part of a record would not.
+    pub(super) fn reset_upstream_on_close(&self) {
+        let _ = SockRef::from(&self.upstream).set_linger(Some(Duration::ZERO));
     }
 }
 
@@ -447,7 +581,7 @@ pub(super) mod tests {
             half_close_timeout,
             truncation: crate::config::Truncation::Fin,
         };
-        let link = Link::new(server, server_sock, upstream, opts, Arc::default());
+        let link = Link::new(server, server_sock, upstream, None, opts, Arc::default());
         Parts {
             link: Arc::new(link),
             client,

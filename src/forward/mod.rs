@@ -1,5 +1,6 @@
-//! The forwarder: copies bytes both ways between a TLS client and a plain TCP upstream, with two
-//! OS threads, one per direction, until both directions are done.
+//! The forwarder: copies bytes both ways between a TLS client and an upstream (plain TCP, or TLS
+//! when its group has `[group.tls]`), with two OS threads, one per direction, until both
+//! directions are done.
 //!
 //! rustls has no split halves for a `ServerConnection`, so both threads share it under one
 //! mutex. The lock covers only rustls' in-memory work (decrypting what was read, sealing what
@@ -31,6 +32,22 @@
 //! `client_truncated`; the upstream gets a FIN (`truncation = "fin"`, the default, since many
 //! clients close this way) or a reset (`"reset"`).
 //!
+//! With a TLS upstream the same threads run TLS on both sides, and every rule above holds with
+//! "close_notify, then FIN" for the upstream's clean end: the client's close_notify (or, under
+//! `truncation = "fin"`, its FIN) becomes close_notify and FIN toward the upstream, a close
+//! sends the upstream close_notify as it does the client, and a broken client stream still
+//! resets the upstream. The upstream's session has its own lock and its own ticket order on
+//! the upstream socket. The upstream's close_notify, or its FIN without one (taken as the end
+//! of its stream, as HAProxy and NGINX take it), sends the client close_notify; a record from
+//! the upstream that does not decrypt ends the link as `upstream_tls_error`, and the client
+//! gets no close_notify. A plaintext upstream takes exactly the path it always did: no lock,
+//! no copy beyond the one write.
+//!
+//! ```text
+//!  client ──read──▶ [client lock: decrypt] ─▶ [upstream lock: seal] ──(ticket order)──▶ upstream
+//!  client ◀─(ticket order)── [client lock: seal] ◀─ [upstream lock: decrypt] ◀──read── upstream
+//! ```
+//!
 //! The state both threads share, and the ticket order of sealed records, live in `link`; the two
 //! directions in `copy`. Read buffers are borrowed from `crate::buffers` only while data flows.
 
@@ -41,12 +58,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use rustls::ServerConnection;
+use rustls::{ClientConnection, ServerConnection};
 
 use crate::config::Truncation;
 use crate::pool::Reservation;
 use crate::stats::UpstreamStats;
-use copy::{client_to_upstream, run_direction, upstream_to_client};
+use copy::{client_to_upstream, run_direction, upstream_to_client, upstream_to_client_tls};
 use link::Link;
 
 mod close;
@@ -91,6 +108,9 @@ pub enum EndReason {
     TlsError(String),
     /// The upstream's socket failed (reset, broken pipe).
     UpstreamError(String),
+    /// A TLS upstream broke the TLS protocol (a record that does not decrypt, an unexpected
+    /// message, a fatal alert): the client got what came before, and no close_notify.
+    UpstreamTlsError(String),
     /// A copy thread could not be started (only when `forward` was given fewer than the two
     /// reserved threads it needs).
     Spawn(String),
@@ -111,6 +131,7 @@ impl EndReason {
             EndReason::ClientError(_) => "client_error",
             EndReason::TlsError(_) => "tls_error",
             EndReason::UpstreamError(_) => "upstream_error",
+            EndReason::UpstreamTlsError(_) => "upstream_tls_error",
             EndReason::Spawn(_) => "spawn_failed",
             EndReason::UpstreamDown => "upstream_down",
             EndReason::Shutdown => "shutdown",
@@ -124,6 +145,7 @@ impl fmt::Display for EndReason {
             EndReason::ClientError(e)
             | EndReason::TlsError(e)
             | EndReason::UpstreamError(e)
+            | EndReason::UpstreamTlsError(e)
             | EndReason::Spawn(e) => write!(f, "{} ({e})", self.as_str()),
             _ => f.write_str(self.as_str()),
         }
@@ -148,9 +170,9 @@ pub struct ForwardReport {
 pub struct Aborter(Arc<Link>);
 
 impl Aborter {
-    /// Sends the client close_notify (if it can within a moment) and shuts both sockets down;
-    /// the connection ends with `reason` unless it already failed. To end many connections,
-    /// `close_all` takes one such moment for all of them.
+    /// Sends the client (and a TLS upstream) close_notify, if it can within a moment, and shuts
+    /// both sockets down; the connection ends with `reason` unless it already failed. To end
+    /// many connections, `close_all` takes one such moment for all of them.
     pub fn abort(&self, reason: EndReason) {
         self.0.close(reason);
     }
@@ -181,6 +203,9 @@ pub struct Connected {
     pub client: TcpStream,
     /// The connected upstream socket.
     pub upstream: TcpStream,
+    /// The upstream's TLS state, handshake complete, when its group has TLS; `None`: the
+    /// upstream is plaintext.
+    pub upstream_tls: Option<ClientConnection>,
     /// The upstream's counters, updated as bytes move.
     pub stats: Arc<UpstreamStats>,
 }
@@ -247,23 +272,32 @@ pub fn forward(
         tls: mut conn,
         client,
         upstream,
+        mut upstream_tls,
         stats,
     } = connected;
     // Sealed records are drained after every write, so rustls' own cap only risks a short write.
     conn.set_buffer_limit(None);
+    if let Some(up) = &mut upstream_tls {
+        up.set_buffer_limit(None);
+    }
     let first_wait = opts.idle_timeout.min(opts.half_close_timeout);
     for sock in [&client, &upstream] {
         let _ = sock.set_read_timeout(Some(first_wait));
         let _ = sock.set_write_timeout(Some(opts.idle_timeout));
     }
-    let link = Arc::new(Link::new(conn, client, upstream, opts, stats));
+    let upstream_side = if upstream_tls.is_some() {
+        upstream_to_client_tls
+    } else {
+        upstream_to_client
+    };
+    let link = Arc::new(Link::new(conn, client, upstream, upstream_tls, opts, stats));
     on_start(Aborter(Arc::clone(&link)));
     let finisher = Arc::new(Finisher {
         link: Arc::clone(&link),
         remaining: AtomicU64::new(2),
         on_end: Mutex::new(Some(on_end)),
     });
-    for direction in [client_to_upstream, upstream_to_client] {
+    for direction in [client_to_upstream, upstream_side] {
         let done = DirectionDone(Arc::clone(&finisher));
         let job_link = Arc::clone(&link);
         let started = threads.run(move || {

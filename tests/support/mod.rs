@@ -1067,3 +1067,303 @@ pub fn openssl_v1_client(pki: &Pki, cn: &str, name: &str) -> (PathBuf, PathBuf) 
 
     (d.join(crt), d.join(key))
 }
+
+// TLS upstreams: a real rustls server on loopback, as `Upstream` is a real TCP one, for the
+// `[group.tls]` tests.
+
+/// How a TLS test upstream answers, after its handshake. "Closes" is close_notify, then FIN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsMode {
+    /// Sends "NAME\n", then echoes every byte until the client's close_notify, then closes.
+    Echo,
+    /// Reads until the client's close_notify, then sends "NAME got N\n" followed by everything
+    /// it read, then closes.
+    Collect,
+    /// Sends "NAME\n" and closes its sending side at once (close_notify), then reads until the
+    /// client's close_notify and keeps what it read (see [`TlsSeen::received`]).
+    CloseFirst,
+    /// Sends "NAME\n", then ends its sending side with a FIN and no close_notify, and reads
+    /// until the client's FIN.
+    Truncate,
+    /// Sends "NAME\n", then a TLS 1.3 key update that asks for one in return, then echoes as
+    /// [`TlsMode::Echo`] does.
+    Rekey,
+}
+
+/// What a TLS test upstream saw on one connection, recorded when the connection ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsSeen {
+    /// How the handshake went; `None` when it failed.
+    pub kind: Option<rustls::HandshakeKind>,
+    /// Why the handshake failed, when it did.
+    pub error: Option<String>,
+    /// Whether the client (lclb) presented a certificate.
+    pub client_cert: bool,
+    /// The SNI the client sent.
+    pub sni: Option<String>,
+    /// The plaintext bytes it read.
+    pub received: Vec<u8>,
+    /// Whether the client's stream ended with close_notify.
+    pub close_notify: bool,
+    /// How reading the client's stream failed, if it did (a FIN without close_notify is
+    /// `UnexpectedEof`; a reset, `ConnectionReset`).
+    pub read_error: Option<io::ErrorKind>,
+}
+
+/// A real TLS upstream server (rustls, its own session cache, so clients can resume) on
+/// loopback.
+pub struct TlsUpstream {
+    /// The name it greets with, and its name in configs.
+    pub name: String,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Every connection that ended so far, health probes included, in the order they ended.
+    pub seen: Arc<std::sync::Mutex<Vec<TlsSeen>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl TlsUpstream {
+    /// An upstream named `name` presenting `cert` (with its CA's chain of one), answering as
+    /// `mode`; with `client_ca`, it requires a client certificate from that CA. TLS 1.3 and 1.2.
+    pub fn start(name: &str, mode: TlsMode, cert: &Issued, client_ca: Option<&Ca>) -> TlsUpstream {
+        let versions = [&rustls::version::TLS13, &rustls::version::TLS12];
+        TlsUpstream::start_with(name, mode, cert, client_ca, &versions)
+    }
+
+    /// As [`TlsUpstream::start`], speaking only `versions`.
+    pub fn start_with(
+        name: &str,
+        mode: TlsMode,
+        cert: &Issued,
+        client_ca: Option<&Ca>,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> TlsUpstream {
+        lclb::install_default_provider();
+        let builder = rustls::ServerConfig::builder_with_protocol_versions(versions);
+        let builder = match client_ca {
+            Some(ca) => {
+                let mut roots = RootCertStore::empty();
+                roots.add(ca.cert.der().clone()).unwrap();
+                let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
+                    .build()
+                    .unwrap();
+                builder.with_client_cert_verifier(verifier)
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let config = Arc::new(
+            builder
+                .with_single_cert(cert.chain(), cert.key_der())
+                .unwrap(),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (n, s, record) = (name.to_string(), stop.clone(), seen.clone());
+        let thread = std::thread::spawn(move || {
+            for sock in listener.incoming() {
+                if s.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(sock) = sock else { continue };
+                let (n, config, record) = (n.clone(), config.clone(), record.clone());
+                std::thread::spawn(move || {
+                    let seen = serve_tls_upstream(&n, mode, config, sock);
+                    record.lock().unwrap().push(seen);
+                });
+            }
+        });
+        TlsUpstream {
+            name: name.to_string(),
+            addr,
+            seen,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// The connections that carried at least one byte from the client (health probes carry
+    /// none), in the order they ended.
+    pub fn served(&self) -> Vec<TlsSeen> {
+        let seen = self.seen.lock().unwrap();
+        seen.iter()
+            .filter(|s| !s.received.is_empty())
+            .cloned()
+            .collect()
+    }
+
+    /// Stops accepting and closes the listening socket (connections in flight go on).
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(self.addr);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for TlsUpstream {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn serve_tls_upstream(
+    name: &str,
+    mode: TlsMode,
+    config: Arc<rustls::ServerConfig>,
+    mut sock: TcpStream,
+) -> TlsSeen {
+    let _ = sock.set_read_timeout(Some(Duration::from_secs(30)));
+    let _ = sock.set_write_timeout(Some(Duration::from_secs(30)));
+    let mut seen = TlsSeen {
+        kind: None,
+        error: None,
+        client_cert: false,
+        sni: None,
+        received: Vec::new(),
+        close_notify: false,
+        read_error: None,
+    };
+    let mut conn = rustls::ServerConnection::new(config).unwrap();
+    while conn.is_handshaking() {
+        if let Err(e) = conn.complete_io(&mut sock) {
+            seen.error = Some(e.to_string());
+            return seen;
+        }
+    }
+    seen.kind = conn.handshake_kind();
+    seen.client_cert = conn.peer_certificates().is_some();
+    seen.sni = conn.server_name().map(str::to_string);
+    let mut stream = rustls::StreamOwned::new(conn, sock);
+    let _ = tls_upstream_answer(name, mode, &mut stream, &mut seen);
+    seen
+}
+
+/// Reads plaintext until the client's close_notify (`Ok`) or anything else (`Err`, also kept
+/// in `seen`).
+fn read_until_close_notify(
+    stream: &mut rustls::StreamOwned<rustls::ServerConnection, TcpStream>,
+    seen: &mut TlsSeen,
+    echo: bool,
+) -> io::Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match stream.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) => {
+                seen.read_error = Some(e.kind());
+                return Err(e);
+            }
+        };
+        if n == 0 {
+            seen.close_notify = true;
+            return Ok(());
+        }
+        seen.received.extend_from_slice(&buf[..n]);
+        if echo {
+            stream.write_all(&buf[..n])?;
+        }
+    }
+}
+
+fn close_notify_and_fin(
+    stream: &mut rustls::StreamOwned<rustls::ServerConnection, TcpStream>,
+) -> io::Result<()> {
+    stream.conn.send_close_notify();
+    stream.flush()?;
+    stream.sock.shutdown(Shutdown::Write)
+}
+
+fn tls_upstream_answer(
+    name: &str,
+    mode: TlsMode,
+    stream: &mut rustls::StreamOwned<rustls::ServerConnection, TcpStream>,
+    seen: &mut TlsSeen,
+) -> io::Result<()> {
+    let greeting = format!("{name}\n");
+    match mode {
+        TlsMode::Echo | TlsMode::Rekey => {
+            stream.write_all(greeting.as_bytes())?;
+            if mode == TlsMode::Rekey {
+                stream
+                    .conn
+                    .refresh_traffic_keys()
+                    .map_err(io::Error::other)?;
+            }
+            stream.flush()?;
+            read_until_close_notify(stream, seen, true)?;
+            close_notify_and_fin(stream)
+        }
+        TlsMode::Collect => {
+            read_until_close_notify(stream, seen, false)?;
+            stream.write_all(format!("{name} got {}\n", seen.received.len()).as_bytes())?;
+            let all = seen.received.clone();
+            stream.write_all(&all)?;
+            close_notify_and_fin(stream)
+        }
+        TlsMode::CloseFirst => {
+            stream.write_all(greeting.as_bytes())?;
+            stream.conn.send_close_notify();
+            stream.flush()?;
+            read_until_close_notify(stream, seen, false)?;
+            stream.sock.shutdown(Shutdown::Write)
+        }
+        TlsMode::Truncate => {
+            stream.write_all(greeting.as_bytes())?;
+            stream.flush()?;
+            stream.sock.shutdown(Shutdown::Write)?;
+            // Keep reading (raw) until the client's FIN, so closing sends no reset.
+            let mut buf = [0u8; 4096];
+            while stream.sock.read(&mut buf)? > 0 {}
+            Ok(())
+        }
+    }
+}
+
+impl Ca {
+    /// Writes this CA's certificate to `dir/NAME` and returns the path.
+    pub fn write(&self, dir: &Path, name: &str) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, self.pem()).unwrap();
+        path
+    }
+
+    /// A server certificate (serverAuth) for `names`: DNS names, or IP addresses when they
+    /// parse as one.
+    pub fn server_for(&self, names: &[&str]) -> Issued {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        for name in names {
+            let san = match name.parse::<std::net::IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName((*name).try_into().unwrap()),
+            };
+            params.subject_alt_names.push(san);
+        }
+        params.distinguished_name = dn(names.first().copied().unwrap_or("upstream"));
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        self.issue(params)
+    }
+}
+
+impl Issued {
+    /// Writes this certificate and its key to `dir/NAME.crt` and `dir/NAME.key.pem`; returns
+    /// both paths.
+    pub fn write(&self, dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+        let (cert, key) = (
+            dir.join(format!("{name}.crt")),
+            dir.join(format!("{name}.key.pem")),
+        );
+        std::fs::write(&cert, self.cert.pem()).unwrap();
+        std::fs::write(&key, self.key.serialize_pem()).unwrap();
+        (cert, key)
+    }
+}
+
+/// A `[[group]]` entry for `group` with a `[group.tls]` whose roots are `ca_cert`, followed by
+/// `lines` (such as `server_name = "..."`), for [`ConfigBuilder::section`].
+pub fn group_tls_section(group: &str, ca_cert: &Path, lines: &str) -> String {
+    format!("[[group]]\nname = {group:?}\n[group.tls]\nca_cert = {ca_cert:?}\n{lines}")
+}
