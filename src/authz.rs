@@ -294,6 +294,7 @@ groups = ["web2"]
                 cn: Some("client1.lb.com".into()),
                 uri_san: Some("spiffe://prod.example/ns/web/sa/payments".into()),
                 dns_san: None,
+                first_uri_san: Some("spiffe://prod.example/ns/web/sa/payments".into()),
             }
         );
         assert_eq!(&*policy.allowed, &[UpstreamId(7)]);
@@ -316,6 +317,7 @@ groups = ["api"]
                 cn: Some("client1.lb.com".into()),
                 uri_san: None,
                 dns_san: None,
+                first_uri_san: Some("spiffe://prod.example/ns/web/sa/payments".into()),
             }
         );
         assert_eq!(&*policy.allowed, &[UpstreamId(5), UpstreamId(1)]);

@@ -18,11 +18,12 @@ use std::time::Duration;
 use parking_lot::RwLock;
 use rustls::ServerConnection;
 
-use crate::config::{Config, Truncation};
+use crate::config::{Config, ProxyProtocol, Truncation};
 use crate::forward::{
     self, Connected, EndReason, ForwardOptions, ForwardReport, COPY_THREAD_STACK,
 };
 use crate::pool::ThreadPool;
+use crate::proxy::{self, ProxyFacts};
 use crate::sessions::Sessions;
 use crate::table::{Flip, Upstream, UpstreamId, UpstreamTable};
 use crate::upstream::{self, GroupTls};
@@ -86,6 +87,9 @@ pub struct Client {
     pub tls: ServerConnection,
     /// The client's socket.
     pub sock: TcpStream,
+    /// What a PROXY v2 header tells an upstream of this client, for groups that send one;
+    /// `None`: no header is sent, whatever the group says.
+    pub proxy: Option<ProxyFacts>,
 }
 
 /// Why a client was not forwarded.
@@ -183,6 +187,10 @@ impl Balancer {
                 weight: u.weight,
                 slow_start: u.slow_start,
                 tls: tls.peer(&u.name),
+                proxy_group: config
+                    .group(&u.group)
+                    .filter(|g| g.proxy_protocol == ProxyProtocol::V2)
+                    .map(|g| Arc::from(g.name.as_str())),
             })
             .collect()
     }
@@ -249,9 +257,13 @@ impl Balancer {
                 };
                 return Err(Box::new(Unbalanced { client, error }));
             };
-            // No preface yet: that is where a PROXY protocol header goes, before any TLS.
+            // The PROXY header goes first, in cleartext, before any TLS.
+            let preface = match (&target.proxy_group, &client.proxy) {
+                (Some(group), Some(facts)) => Some(proxy::encode_v2(facts, group)),
+                _ => None,
+            };
             let tls = target.tls.as_deref();
-            match upstream::open(&target.addrs, tls, None, opts.connect_timeout) {
+            match upstream::open(&target.addrs, tls, preface.as_deref(), opts.connect_timeout) {
                 Ok(opened) => break (guard, target, opened),
                 Err(e) => {
                     target

@@ -17,7 +17,7 @@
 //! `timeout`, not one per dead upstream. The thread sleeps on a channel, so stopping it is
 //! immediate.
 
-use std::io;
+use std::io::{self, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
+use crate::proxy;
 use crate::table::{Flip, ProbeTarget, UpstreamId, UpstreamTable};
 use crate::upstream::{self, TlsPeer};
 
@@ -34,12 +35,14 @@ pub type OnFlip = Box<dyn Fn(&Flip) + Send>;
 
 /// What the prober checks: a way to test one upstream, so tests can inject outcomes.
 pub trait Probe: Send + Sync {
-    /// Checks the upstream at `addrs` (reached over `tls` when its group has TLS) within
-    /// `timeout`; `Err` says why it is unhealthy.
+    /// Checks the upstream at `addrs` (reached over `tls` when its group has TLS, after
+    /// `preface`, a PROXY LOCAL header, when its group sends PROXY headers) within `timeout`;
+    /// `Err` says why it is unhealthy.
     fn check(
         &self,
         addrs: &[SocketAddr],
         tls: Option<&TlsPeer>,
+        preface: Option<&[u8]>,
         timeout: Duration,
     ) -> Result<(), String>;
 }
@@ -54,15 +57,27 @@ impl Probe for TcpProbe {
         &self,
         addrs: &[SocketAddr],
         tls: Option<&TlsPeer>,
+        preface: Option<&[u8]>,
         timeout: Duration,
     ) -> Result<(), String> {
         if let Some(peer) = tls {
-            return upstream::probe(addrs, peer, None, timeout).map_err(|e| e.to_string());
+            return upstream::probe(addrs, peer, preface, timeout).map_err(|e| e.to_string());
         }
         let mut last = String::from("no address");
         for addr in addrs {
             match TcpStream::connect_timeout(addr, timeout) {
-                Ok(_) => return Ok(()),
+                Ok(sock) => {
+                    if let Some(bytes) = preface {
+                        // The LOCAL header, so an upstream that requires PROXY headers sees
+                        // a well-formed health check rather than a broken connection. A
+                        // fresh socket's send buffer takes these 16 bytes at once.
+                        let _ = sock.set_write_timeout(Some(timeout));
+                        if let Err(e) = (&sock).write_all(bytes) {
+                            return Err(format!("cannot send the PROXY LOCAL header: {e}"));
+                        }
+                    }
+                    return Ok(());
+                }
                 Err(e)
                     if e.kind() == io::ErrorKind::TimedOut
                         || e.kind() == io::ErrorKind::WouldBlock =>
@@ -155,6 +170,12 @@ fn jitter(interval: Duration) -> Duration {
 const PROBE_STACK: usize = 64 * 1024;
 const TLS_PROBE_STACK: usize = 256 * 1024;
 
+/// The PROXY v2 LOCAL header probes send, encoded once.
+fn local_header() -> &'static [u8] {
+    static LOCAL: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    LOCAL.get_or_init(proxy::encode_v2_local)
+}
+
 /// Probes every target of one round concurrently; returns each target's result.
 fn round(
     targets: &[ProbeTarget],
@@ -164,8 +185,9 @@ fn round(
     std::thread::scope(|s| {
         let probes: Vec<_> = targets
             .iter()
-            .map(|(id, addrs, tls)| {
+            .map(|(id, addrs, tls, proxy)| {
                 let tls = tls.as_deref();
+                let preface = proxy.then_some(local_header());
                 let stack = if tls.is_some() {
                     TLS_PROBE_STACK
                 } else {
@@ -174,17 +196,17 @@ fn round(
                 let handle = std::thread::Builder::new()
                     .name("lclb-probe".into())
                     .stack_size(stack)
-                    .spawn_scoped(s, move || probe.check(addrs, tls, timeout));
-                (*id, addrs, tls, handle)
+                    .spawn_scoped(s, move || probe.check(addrs, tls, preface, timeout));
+                (*id, addrs, tls, preface, handle)
             })
             .collect();
         probes
             .into_iter()
-            .map(|(id, addrs, tls, handle)| {
+            .map(|(id, addrs, tls, preface, handle)| {
                 let result = match handle {
                     Ok(h) => h.join().unwrap_or_else(|_| Err("probe panicked".into())),
                     // No thread to spare: probe inline rather than skip the upstream.
-                    Err(_) => probe.check(addrs, tls, timeout),
+                    Err(_) => probe.check(addrs, tls, preface, timeout),
                 };
                 (id, result)
             })
@@ -242,7 +264,13 @@ mod tests {
     struct Scripted(Mutex<bool>);
 
     impl Probe for Scripted {
-        fn check(&self, _: &[SocketAddr], _: Option<&TlsPeer>, _: Duration) -> Result<(), String> {
+        fn check(
+            &self,
+            _: &[SocketAddr],
+            _: Option<&TlsPeer>,
+            _: Option<&[u8]>,
+            _: Duration,
+        ) -> Result<(), String> {
             if *self.0.lock() {
                 Ok(())
             } else {
@@ -283,7 +311,13 @@ mod tests {
     }
 
     impl Probe for AllAtOnce {
-        fn check(&self, _: &[SocketAddr], _: Option<&TlsPeer>, _: Duration) -> Result<(), String> {
+        fn check(
+            &self,
+            _: &[SocketAddr],
+            _: Option<&TlsPeer>,
+            _: Option<&[u8]>,
+            _: Duration,
+        ) -> Result<(), String> {
             let mut arrived = self.arrived.lock();
             *arrived += 1;
             self.all_here.notify_all();
@@ -331,8 +365,8 @@ mod tests {
             l.local_addr().unwrap()
         };
         let t = Duration::from_secs(1);
-        assert!(TcpProbe.check(&[open], None, t).is_ok());
-        let err = TcpProbe.check(&[closed], None, t).unwrap_err();
+        assert!(TcpProbe.check(&[open], None, None, t).is_ok());
+        let err = TcpProbe.check(&[closed], None, None, t).unwrap_err();
         assert!(err.contains("refused"), "{err}");
     }
 

@@ -151,6 +151,8 @@ pub struct Identity {
     pub uri_san: Option<String>,
     /// The DNS SAN the entry matched, when it selects by `dns_san`.
     pub dns_san: Option<String>,
+    /// The certificate's first URI SAN, whatever the entry selects by (for PROXY headers).
+    pub first_uri_san: Option<String>,
 }
 
 /// The first of an entry's checks that a certificate failed.
@@ -256,6 +258,7 @@ pub fn check(entry: &ClientConfig, names: &CertNames, anchor: &str) -> Result<Id
         cn: names.cn.clone().ok(),
         uri_san: uri_san.cloned(),
         dns_san: dns_san.cloned(),
+        first_uri_san: names.uri_sans.first().cloned(),
     })
 }
 
@@ -650,12 +653,20 @@ mod tests {
         }
     }
 
-    fn identity(name: &str, cn: Option<&str>, uri: Option<&str>, dns: Option<&str>) -> Identity {
+    /// The identity `check` gives for `names`: the matched SANs, and the first URI SAN.
+    fn identity_of(
+        names: &CertNames,
+        name: &str,
+        cn: Option<&str>,
+        uri: Option<&str>,
+        dns: Option<&str>,
+    ) -> Identity {
         Identity {
             name: name.into(),
             cn: cn.map(Into::into),
             uri_san: uri.map(Into::into),
             dns_san: dns.map(Into::into),
+            first_uri_san: names.uri_sans.first().cloned(),
         }
     }
 
@@ -679,7 +690,7 @@ mod tests {
         let e = entry("p", "default", by_cn("payments.lb.com"));
         assert_eq!(
             check(&e, &n, "default"),
-            Ok(identity("p", Some("payments.lb.com"), None, None))
+            Ok(identity_of(&n, "p", Some("payments.lb.com"), None, None))
         );
         for other in ["PAYMENTS.LB.COM", "payments.lb.com.", "payments", ""] {
             let e = entry("p", "default", by_cn(other));
@@ -710,7 +721,8 @@ mod tests {
         );
         assert_eq!(
             check(&e, &n, "default"),
-            Ok(identity(
+            Ok(identity_of(
+                &n,
                 "p",
                 Some("payments.lb.com"),
                 Some("spiffe://prod.example/ns/web/sa/payments"),
@@ -738,7 +750,8 @@ mod tests {
         let e = entry("p", "default", by_dns("*.payments.internal"));
         assert_eq!(
             check(&e, &n, "default"),
-            Ok(identity(
+            Ok(identity_of(
+                &n,
                 "p",
                 Some("payments.lb.com"),
                 None,
@@ -759,12 +772,12 @@ mod tests {
         let e = entry("pinned", "default", by_pin(n.spki_sha256));
         assert_eq!(
             check(&e, &n, "default"),
-            Ok(identity("pinned", Some("c"), None, None))
+            Ok(identity_of(&n, "pinned", Some("c"), None, None))
         );
         let nameless = CertNames::read(signed(&key, None, Vec::new()).der()).unwrap();
         assert_eq!(
             check(&e, &nameless, "default"),
-            Ok(identity("pinned", None, None, None))
+            Ok(identity_of(&nameless, "pinned", None, None, None))
         );
         let other_key = names(Some("c"), Vec::new());
         assert_eq!(check(&e, &other_key, "default"), Err(Mismatch::SpkiSha256));
@@ -787,7 +800,10 @@ mod tests {
             &no_cn,
             "default",
         );
-        assert_eq!(id, Ok(identity("p", None, Some("spiffe://td/a"), None)));
+        assert_eq!(
+            id,
+            Ok(identity_of(&no_cn, "p", None, Some("spiffe://td/a"), None))
+        );
     }
 
     /// Every selector set on one entry, all matching `payments()` except what the test breaks.
@@ -806,7 +822,8 @@ mod tests {
         let full = entry("p", "partners", all_of(&n));
         assert_eq!(
             check(&full, &n, "partners"),
-            Ok(identity(
+            Ok(identity_of(
+                &n,
                 "p",
                 Some("payments.lb.com"),
                 Some("spiffe://prod.example/ns/web/sa/payments"),

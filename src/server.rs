@@ -30,14 +30,14 @@ use parking_lot::{Mutex, RwLock};
 use rustls::ServerConnection;
 
 use crate::access;
-use crate::admission::{Admission, Handshaking, Refused};
+use crate::admission::{Admission, Handshaking, Permit, Refused};
 use crate::authz::Authorizer;
 use crate::balancer::{Balancer, BalancerOptions, Client, Session, Unbalanced};
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, ProxyProtocol};
 use crate::forward::EndReason;
 use crate::health::{HealthChecker, ProbeSettings, TcpProbe};
 use crate::pool::ThreadPool;
-use crate::proxy;
+use crate::proxy::{self, ProxyFacts};
 use crate::refusal_log;
 use crate::stats::Stats;
 use crate::threads;
@@ -98,9 +98,62 @@ pub struct Runtime {
     pub config: Config,
     tls: TlsContext,
     authz: Authorizer,
+    /// Whether any group sends PROXY v2 headers, so connections need their facts.
+    sends_proxy: bool,
+    /// The signature and key algorithms of lclb's certificate, for PROXY v2 headers.
+    server_algorithms: (Option<String>, Option<String>),
 }
 
 impl Runtime {
+    fn new(config: Config, tls: TlsContext, authz: Authorizer) -> Runtime {
+        let sends_proxy = config
+            .groups
+            .iter()
+            .any(|g| g.proxy_protocol == ProxyProtocol::V2);
+        let server_algorithms = proxy::server_cert_algorithms(tls.server_certificate());
+        Runtime {
+            config,
+            tls,
+            authz,
+            sends_proxy,
+            server_algorithms,
+        }
+    }
+
+    /// What a PROXY v2 header says of a client admitted as `permit` on `conn`, from `peer`
+    /// to `local`, as connection `id`; `None` when no group sends one.
+    fn proxy_facts(
+        &self,
+        conn: &ServerConnection,
+        permit: &Permit,
+        peer: SocketAddr,
+        local: Option<SocketAddr>,
+        id: u64,
+    ) -> Option<ProxyFacts> {
+        if !self.sends_proxy {
+            return None;
+        }
+        let (sig_alg, key_alg) = self.server_algorithms.clone();
+        Some(ProxyFacts {
+            source: peer,
+            destination: local.unwrap_or(self.config.listen),
+            authority: conn.server_name().map(str::to_string),
+            unique_id: id.to_string(),
+            tls_version: conn
+                .protocol_version()
+                .map_or("unknown", proxy::tls_version_name),
+            cipher: conn
+                .negotiated_cipher_suite()
+                .map_or("unknown", proxy::cipher_name),
+            cn: permit.identity.cn.clone(),
+            cert_in_connection: conn.handshake_kind() != Some(rustls::HandshakeKind::Resumed),
+            sig_alg,
+            key_alg,
+            identity: permit.identity.name.clone(),
+            uri_san: permit.identity.first_uri_san.clone(),
+        })
+    }
+
     /// The TLS material new connections are served with.
     pub fn tls(&self) -> &TlsContext {
         &self.tls
@@ -201,11 +254,8 @@ impl Shared {
         table.set_thresholds(config.health_check.rise, config.health_check.fall);
         warn_shadowed(&config);
         let settings = probe_settings(&config);
-        let runtime = Runtime {
-            authz: Authorizer::from_config(&config, &ids),
-            tls,
-            config,
-        };
+        let authz = Authorizer::from_config(&config, &ids);
+        let runtime = Runtime::new(config, tls, authz);
         *self.runtime.write() = Arc::new(runtime);
         if let Some(checker) = &*self.health.lock() {
             checker.set_settings(settings);
@@ -278,11 +328,8 @@ impl Server {
         let balancer = Balancer::new(upstreams, BalancerOptions::from_config(&config));
         access::set_format(config.log_format);
         warn_shadowed(&config);
-        let runtime = Runtime {
-            authz: Authorizer::from_config(&config, &ids),
-            tls,
-            config,
-        };
+        let authz = Authorizer::from_config(&config, &ids);
+        let runtime = Runtime::new(config, tls, authz);
         let stats = Arc::new(Stats::default());
         let admission = Admission::new(stats.clone());
         // Read once: the limits on threads are the process's, not the config's, so a reload
@@ -488,7 +535,7 @@ fn serve(shared: &Arc<Shared>, rt: &Runtime, accepted: Accepted, mut entry: Hand
                 let from = peer;
                 peer = header.source.unwrap_or(peer);
                 local = header.destination.or(local);
-                log::debug!("conn {id}: PROXY header from {from}: client {peer} to {local:?}");
+                log::debug!("conn {id}: PROXY header from {from}: client {peer}");
             }
             Err(e) => {
                 let refused = Refused::handshake(format_args!("PROXY header from {peer}: {e}"));
@@ -524,7 +571,12 @@ fn serve(shared: &Arc<Shared>, rt: &Runtime, accepted: Accepted, mut entry: Hand
             return refuse(shared, id, peer, &refused);
         }
     };
-    let client = Client { tls: conn, sock };
+    let proxy = rt.proxy_facts(&conn, &permit, peer, local, id);
+    let client = Client {
+        tls: conn,
+        sock,
+        proxy,
+    };
     let started = Instant::now();
     let (identity, allowed) = (permit.identity.name.clone(), permit.allowed.clone());
     let on_end = move |session: Session| {

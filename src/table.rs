@@ -45,6 +45,10 @@ pub struct Upstream {
     pub slow_start: Duration,
     /// TLS toward it, when its group has `[group.tls]`; `None` (the default): plaintext.
     pub tls: Option<Arc<TlsPeer>>,
+    /// Its group's name, when the group's `[[group]]` has `proxy_protocol = "v2"`: each
+    /// connection starts with a PROXY v2 header (naming the group) and each probe with a
+    /// LOCAL one. `None` (the default): no header.
+    pub proxy_group: Option<Arc<str>>,
 }
 
 impl Upstream {
@@ -56,6 +60,7 @@ impl Upstream {
             weight: 1,
             slow_start: Duration::ZERO,
             tls: None,
+            proxy_group: None,
         }
     }
 }
@@ -72,11 +77,13 @@ pub struct Target {
     pub stats: Arc<UpstreamStats>,
     /// TLS toward it; `None`: plaintext.
     pub tls: Option<Arc<TlsPeer>>,
+    /// Its group, when connections to it start with a PROXY v2 header; `None`: no header.
+    pub proxy_group: Option<Arc<str>>,
 }
 
-/// What the prober checks of one upstream: its id, its addresses, and its TLS (`None`:
-/// plaintext).
-pub type ProbeTarget = (UpstreamId, Arc<[SocketAddr]>, Option<Arc<TlsPeer>>);
+/// What the prober checks of one upstream: its id, its addresses, its TLS (`None`:
+/// plaintext), and whether a probe starts with a PROXY v2 LOCAL header.
+pub type ProbeTarget = (UpstreamId, Arc<[SocketAddr]>, Option<Arc<TlsPeer>>, bool);
 
 /// One upstream as metrics and tests see it at a moment.
 #[derive(Debug, Clone)]
@@ -114,6 +121,7 @@ struct Record {
     configured: bool,
     stats: Arc<UpstreamStats>,
     tls: Option<Arc<TlsPeer>>,
+    proxy_group: Option<Arc<str>>,
 }
 
 /// Weight scale: effective weights are in thousandths, so a ramp can start at a tenth of a
@@ -135,6 +143,7 @@ impl Record {
             configured: true,
             stats: Arc::default(),
             tls: spec.tls,
+            proxy_group: spec.proxy_group,
         }
     }
 
@@ -160,6 +169,7 @@ impl Record {
             addrs: self.addrs.clone(),
             stats: self.stats.clone(),
             tls: self.tls.clone(),
+            proxy_group: self.proxy_group.clone(),
         }
     }
 }
@@ -264,6 +274,7 @@ impl UpstreamTable {
                     r.weight = spec.weight.max(1);
                     r.slow_start = spec.slow_start;
                     r.tls = spec.tls;
+                    r.proxy_group = spec.proxy_group;
                     r.configured = true;
                     i
                 }
@@ -363,7 +374,7 @@ impl UpstreamTable {
         Some(Flip { id, name, up: ok })
     }
 
-    /// The configured upstreams' ids, addresses and TLS: what the prober checks.
+    /// The configured upstreams' ids, addresses, TLS and PROXY header: what the prober checks.
     pub fn probe_targets(&self) -> Vec<ProbeTarget> {
         let inner = self.inner.lock();
         inner
@@ -371,7 +382,10 @@ impl UpstreamTable {
             .iter()
             .enumerate()
             .filter(|(_, r)| r.configured)
-            .map(|(i, r)| (UpstreamId(i), r.addrs.clone(), r.tls.clone()))
+            .map(|(i, r)| {
+                let proxy = r.proxy_group.is_some();
+                (UpstreamId(i), r.addrs.clone(), r.tls.clone(), proxy)
+            })
             .collect()
     }
 
@@ -598,7 +612,7 @@ mod tests {
         assert_eq!(
             t.probe_targets()
                 .iter()
-                .map(|(id, _, _)| *id)
+                .map(|(id, _, _, _)| *id)
                 .collect::<Vec<_>>(),
             ids,
             "a retired upstream is not probed"

@@ -271,6 +271,7 @@ pub struct TlsContext {
     /// The client verifier inside `server_config`, kept to re-verify resumed sessions and to
     /// say which CA anchored a chain.
     trust: Arc<ClientTrust>,
+    server_leaf: CertificateDer<'static>,
 }
 
 impl fmt::Debug for TlsContext {
@@ -316,6 +317,7 @@ impl TlsContext {
                     format!("unsupported private key: {e}"),
                 )
             })?;
+        let leaf = chain[0].clone();
         let certified = CertifiedKey::new(chain.clone(), signing_key);
         certified.keys_match().map_err(|e| {
             file_error(
@@ -342,7 +344,13 @@ impl TlsContext {
         Ok(TlsContext {
             server_config: Arc::new(config),
             trust,
+            server_leaf: leaf,
         })
+    }
+
+    /// lclb's own certificate (the leaf of `tls.server_cert`).
+    pub fn server_certificate(&self) -> &CertificateDer<'static> {
+        &self.server_leaf
     }
 
     /// The client trust (CAs and CRLs) of this context.
