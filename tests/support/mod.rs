@@ -1444,3 +1444,57 @@ pub fn parse_metrics(text: &str) -> std::collections::HashMap<String, f64> {
         })
         .collect()
 }
+
+impl ConfigBuilder<'_> {
+    /// The test upstream `upstream` in `group`, with more keys of its entry in `lines` (such
+    /// as `"weight = 3\n"` or `"slow_start = \"1h\"\n"`).
+    pub fn upstream_with(mut self, upstream: &Upstream, group: &str, lines: &str) -> Self {
+        self.upstreams
+            .push_str(&upstream_entry(&upstream.name, upstream.addr, group));
+        self.upstreams.push_str(lines);
+        self
+    }
+}
+
+impl Lb {
+    /// The id of the configured upstream `name`; panics if there is none.
+    pub fn upstream_id(&self, name: &str) -> lclb::UpstreamId {
+        self.table()
+            .snapshot()
+            .iter()
+            .find(|u| &*u.name == name)
+            .unwrap_or_else(|| panic!("no upstream {name}"))
+            .id
+    }
+
+    /// Failed client connects to the configured upstream `name` so far.
+    pub fn connect_failures(&self, name: &str) -> u64 {
+        self.table()
+            .snapshot()
+            .iter()
+            .find(|u| &*u.name == name)
+            .unwrap_or_else(|| panic!("no upstream {name}"))
+            .stats
+            .connect_failures
+            .load(Ordering::SeqCst)
+    }
+}
+
+/// Opens `n` connections with `config` and keeps them open; returns them with how many each
+/// upstream (by greeting) got.
+pub fn hold(
+    addr: SocketAddr,
+    config: &Arc<ClientConfig>,
+    n: usize,
+) -> (Vec<TlsStream>, std::collections::BTreeMap<String, usize>) {
+    let mut held = Vec::new();
+    let mut count = std::collections::BTreeMap::new();
+    for i in 0..n {
+        let mut s = connect(addr, config.clone())
+            .unwrap_or_else(|e| panic!("held connection {i} of {n}: {e}"));
+        let name = read_line(&mut s).unwrap();
+        *count.entry(name).or_default() += 1;
+        held.push(s);
+    }
+    (held, count)
+}
