@@ -45,7 +45,9 @@ fn metrics_count_what_the_clients_did() {
         outcome(lb.addr, &pki.client_config(None)),
         Outcome::Alert(rustls::AlertDescription::CertificateRequired)
     );
+    // A refusal is counted once the client has been told, so the client can be first.
     assert!(lb.wait_for(|st| st.refused(Refusal::Tls) == 1
+        && st.refused(Refusal::Unauthorized) == 1
         && st.active_clients.load(std::sync::atomic::Ordering::SeqCst) == 0));
 
     let (_, body) = http_get(metrics.local_addr(), "/metrics");
