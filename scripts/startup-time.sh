@@ -7,7 +7,9 @@
 # connect succeeds (for at most 5 s), then kills it. Prints the minimum, median and maximum in
 # microseconds. The figure includes the polling loop's own latency, so it is an upper bound.
 set -euo pipefail
-(($# == 3)) || { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
+case ${1:-} in -h | --help) usage; exit 0 ;; esac
+(($# == 3)) || { usage >&2; exit 2; }
 bin=$1 config=$2 port=$3 runs=${RUNS:-10}
 "$bin" --check-config --config "$config" >/dev/null
 times=()

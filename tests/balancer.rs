@@ -225,17 +225,14 @@ fn a_client_that_half_closes_still_gets_the_whole_reply() {
 fn a_failed_connect_is_retried_on_another_upstream() {
     let pki = Pki::new("retry");
     let web1 = Upstream::start("web1", Mode::Echo);
-    // A port that refuses: bound then closed.
-    let dead = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    // A port that refuses.
+    let dead = ClosedPort::new();
     // Probes too slow to notice within the test: only the passive path can.
     let lb = Lb::start(
         &pki.usual(&[])
             .section(HIGH_RATE_LIMIT)
             .section("[health_check]\ninterval = \"1h\"\nfall = 100\n")
-            .upstream_at("dead", dead, "web")
+            .upstream_at("dead", dead.addr, "web")
             .upstream(&web1, "web")
             .build(),
     );
@@ -328,14 +325,11 @@ fn connect_retries_bounds_the_upstreams_tried_and_failed_connects_mark_them_down
 #[test]
 fn when_every_connect_fails_the_client_is_refused_and_counted() {
     let pki = Pki::new("alldead");
-    let dead = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let dead = ClosedPort::new();
     let lb = Lb::start(
         &pki.usual(&[])
             .section("[health_check]\ninterval = \"1h\"\n")
-            .upstream_at("dead", dead, "web")
+            .upstream_at("dead", dead.addr, "web")
             .build(),
     );
     let mut s = connect(
@@ -351,8 +345,8 @@ fn when_every_connect_fails_the_client_is_refused_and_counted() {
 fn a_stopped_upstream_is_avoided_and_rejoins_when_it_returns() {
     let pki = Pki::new("health");
     let web1 = Upstream::start("web1", Mode::Echo);
-    let mut web2 = Upstream::start("web2", Mode::Echo);
-    let web2_addr = web2.addr;
+    let web2_port = ClosedPort::new();
+    let mut web2 = Upstream::start_on("web2", Mode::Echo, web2_port.listen());
     let lb = Lb::start(
         &pki.usual(&[&web1, &web2])
             .section(HIGH_RATE_LIMIT)
@@ -365,6 +359,7 @@ fn a_stopped_upstream_is_avoided_and_rejoins_when_it_returns() {
     let cfg = pki.client_config(Some(&pki.client("client1.lb.com")));
 
     web2.stop();
+    web2_port.close();
     // Within interval * fall (plus scheduling), web2 is DOWN and never chosen.
     assert!(wait_until(
         || (0..4).all(|_| greeted_by(lb.addr, &cfg, "web1"))
@@ -379,7 +374,7 @@ fn a_stopped_upstream_is_avoided_and_rejoins_when_it_returns() {
         "DOWN is not tried"
     );
 
-    let _web2 = Upstream::start_on("web2", Mode::Echo, TcpListener::bind(web2_addr).unwrap());
+    let _web2 = Upstream::start_on("web2", Mode::Echo, web2_port.listen());
     assert!(wait_until(
         || (0..4).any(|_| greeted_by(lb.addr, &cfg, "web2"))
     ));
@@ -388,8 +383,8 @@ fn a_stopped_upstream_is_avoided_and_rejoins_when_it_returns() {
 #[test]
 fn with_no_upstream_up_clients_are_refused_and_served_again_when_one_returns() {
     let pki = Pki::new("nothingup");
-    let mut web1 = Upstream::start("web1", Mode::Echo);
-    let addr = web1.addr;
+    let port = ClosedPort::new();
+    let mut web1 = Upstream::start_on("web1", Mode::Echo, port.listen());
     let lb = Lb::start(
         &pki.usual(&[&web1])
             .section(HIGH_RATE_LIMIT)
@@ -400,11 +395,12 @@ fn with_no_upstream_up_clients_are_refused_and_served_again_when_one_returns() {
     );
     let cfg = pki.client_config(Some(&pki.client("client1.lb.com")));
     web1.stop();
+    port.close();
     // Once the probes have marked it DOWN, refusals say no_upstream (not a connect failure).
     assert!(wait_until(
         || !is_served(lb.addr, &cfg) && lb.stats().refused(Refusal::NoUpstream) >= 1
     ));
-    let _back = Upstream::start_on("web1", Mode::Echo, TcpListener::bind(addr).unwrap());
+    let _back = Upstream::start_on("web1", Mode::Echo, port.listen());
     assert!(wait_until(|| is_served(lb.addr, &cfg)));
 }
 

@@ -10,12 +10,12 @@ use support::*;
 
 fn check_config(pki: &Pki, limits: &str) -> Output {
     let path = pki.dir.join("lclb.toml");
-    let config = format!(
-        "listen = \"127.0.0.1:0\"\n{}[limits]\n{limits}\n[[upstream]]\nname = \"web1\"\n\
-         address = \"127.0.0.1:9\"\ngroup = \"web\"\n[[client]]\ncn = \"client1.lb.com\"\n\
-         groups = [\"web\"]\n",
-        pki.tls_section()
-    );
+    let config = pki
+        .usual(&[])
+        .listen("127.0.0.1:0")
+        .limit(limits)
+        .upstream_at("web1", "127.0.0.1:9", "web")
+        .build();
     std::fs::write(&path, config).unwrap();
     Command::new(env!("CARGO_BIN_EXE_lclb"))
         .arg("--check-config")

@@ -3,25 +3,11 @@
 
 mod support;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::time::Duration;
-
 use lclb::Refusal;
 use support::*;
 
 /// nextUpdate of the stale CRLs below: 2021-01-01T00:00:00Z.
 const STALE_NEXT_UPDATE: i64 = 1_609_459_200;
-
-/// The body of `GET /metrics` on `addr`.
-fn scrape(addr: SocketAddr) -> String {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-    let mut answer = String::new();
-    s.read_to_string(&mut answer).unwrap();
-    answer
-}
 
 #[test]
 fn by_default_a_stale_crl_is_still_enforced_and_reported_at_load_reload_and_in_metrics() {
@@ -29,12 +15,13 @@ fn by_default_a_stale_crl_is_still_enforced_and_reported_at_load_reload_and_in_m
     let web1 = Upstream::start("web1", Mode::Echo);
     let crl = pki.dir.join("ca.crl.pem");
     std::fs::write(&crl, crl_pem(&pki.ca, &[4242], (2020, 1, 1), (2021, 1, 1))).unwrap();
-    let (port, metrics_port) = (free_port(), free_port());
     let path = pki.dir.join("lclb.toml");
-    let config = format!(
-        "listen = \"127.0.0.1:{port}\"\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n{}",
-        with_tls_keys(&pki.config("", &[&web1]), &format!("crls = [{crl:?}]\n"))
-    );
+    let config = pki
+        .usual(&[&web1])
+        .listen("127.0.0.1:0")
+        .metrics_listen("127.0.0.1:0")
+        .tls(&format!("crls = [{crl:?}]"))
+        .build();
     std::fs::write(&path, config).unwrap();
     let lb = Process::start(env!("CARGO_BIN_EXE_lclb"), &path);
 
@@ -45,9 +32,7 @@ fn by_default_a_stale_crl_is_still_enforced_and_reported_at_load_reload_and_in_m
     assert!(warned.contains(&crl.display().to_string()), "{warned}");
     assert!(warned.contains("2021-01-01T00:00:00Z"), "{warned}");
     assert!(warned.contains("CN=ca.lb.com"), "{warned}");
-    lb.wait_line("listening").expect("lclb starts");
-
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let addr = lb.listen_addr();
     let fresh = pki.client("client1.lb.com");
     assert_eq!(
         greeting(addr, pki.client_config(Some(&fresh))).unwrap(),
@@ -55,13 +40,13 @@ fn by_default_a_stale_crl_is_still_enforced_and_reported_at_load_reload_and_in_m
         "served"
     );
     let revoked = client_with_serial(&pki.ca, "client1.lb.com", 4242);
-    assert!(
-        greeting(addr, pki.client_config(Some(&revoked))).is_err(),
+    assert_eq!(
+        outcome(addr, &pki.client_config(Some(&revoked))),
+        Outcome::Alert(rustls::AlertDescription::CertificateRevoked),
         "the stale CRL is still used"
     );
 
-    let metrics: SocketAddr = format!("127.0.0.1:{metrics_port}").parse().unwrap();
-    let text = scrape(metrics);
+    let text = scrape(lb.metrics_addr());
     let sample = format!(
         "lclb_crl_next_update_timestamp_seconds{{file={:?}}} {STALE_NEXT_UPDATE}\n",
         crl.display().to_string()

@@ -96,18 +96,19 @@ fn start_lb(
     tls_extra: &str,
     extra: &str,
 ) -> (Process, SocketAddr) {
-    let port = free_port();
-    let config = format!(
-        "listen = \"127.0.0.1:{port}\"\n{}{tls_extra}\n{extra}\n\
-         [[upstream]]\nname = \"obs\"\naddress = \"{upstream}\"\ngroup = \"web\"\n\
-         [[client]]\ncn = \"client1.lb.com\"\ngroups = [\"web\"]\n",
-        pki.tls_section()
-    );
+    let config = pki
+        .builder()
+        .listen("127.0.0.1:0")
+        .tls(tls_extra)
+        .section(extra)
+        .upstream_at("obs", upstream, "web")
+        .client("client1.lb.com", &["web"])
+        .build();
     let path: PathBuf = pki.dir.join("lclb.toml");
     std::fs::write(&path, config).unwrap();
     let lb = Process::start(env!("CARGO_BIN_EXE_lclb"), &path);
-    lb.wait_line("listening").expect("lclb starts");
-    (lb, format!("127.0.0.1:{port}").parse().unwrap())
+    let addr = lb.listen_addr();
+    (lb, addr)
 }
 
 /// The `end` field of the next connection's access line (it is the line's last field).
@@ -173,7 +174,7 @@ fn a_truncated_client_stream_gives_the_upstream_a_fin_by_default() {
 fn a_truncated_client_stream_resets_the_upstream_when_configured() {
     let pki = Pki::new("truncated-reset");
     let up = Observer::start();
-    let (lb, addr) = start_lb(&pki, up.addr, "truncation = \"reset\"\n", "");
+    let (lb, addr) = start_lb(&pki, up.addr, "truncation = \"reset\"", "");
     let mut s = connect(addr, client(&pki)).unwrap();
     s.write_all(b"partial\n").unwrap();
     s.flush().unwrap();
@@ -188,7 +189,7 @@ fn a_clean_close_notify_still_gives_the_upstream_a_fin() {
     let pki = Pki::new("close-notify-fin");
     let up = Observer::start();
     // Even with resets asked for on truncation: a clean close is not one.
-    let (lb, addr) = start_lb(&pki, up.addr, "truncation = \"reset\"\n", "");
+    let (lb, addr) = start_lb(&pki, up.addr, "truncation = \"reset\"", "");
     let mut s = connect(addr, client(&pki)).unwrap();
     s.write_all(b"whole\n").unwrap();
     s.flush().unwrap();

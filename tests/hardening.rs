@@ -6,11 +6,10 @@
 mod support;
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::process::{Command, Stdio};
+use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::Ordering;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use lclb::Refusal;
 use rcgen::SerialNumber;
@@ -59,35 +58,6 @@ const SHORT_KEEP_ALIVE: &str = "thread_keep_alive = \"50ms\"";
 /// Rate limits that not even the floods here reach.
 const GENEROUS: &str = "[rate_limit]\nrate = 10000\nburst = 10000\n";
 
-/// True once the server has closed `s` (EOF or reset), false if it stays open for [`WAIT`].
-fn closed_by_server(s: &mut TcpStream) -> bool {
-    closed_before(s, Instant::now().checked_add(WAIT).unwrap())
-}
-
-/// True once the server has closed `s` (EOF or reset), false if it is still open at `deadline`.
-fn closed_before(s: &mut TcpStream, deadline: Instant) -> bool {
-    let mut buf = [0u8; 4096];
-    loop {
-        let Some(left) = deadline.checked_duration_since(Instant::now()) else {
-            return false;
-        };
-        // A zero read timeout would mean none at all.
-        s.set_read_timeout(Some(left.max(Duration::from_millis(1))))
-            .unwrap();
-        match s.read(&mut buf) {
-            Ok(0) => return true,
-            Ok(_) => continue,
-            Err(e)
-                if e.kind() == std::io::ErrorKind::WouldBlock
-                    || e.kind() == std::io::ErrorKind::TimedOut =>
-            {
-                return false
-            }
-            Err(_) => return true,
-        }
-    }
-}
-
 fn client_hello() -> Vec<u8> {
     let pki = Pki::new("hello");
     let mut conn =
@@ -124,7 +94,7 @@ fn hundreds_of_silent_sockets_neither_block_a_real_client_nor_outlive_the_deadli
     assert!(lb.wait_for(|st| st.accepted.load(Ordering::SeqCst) >= 301));
     // Every one was accepted by now, so each is past its 2 s deadline well within 20 s; a
     // server that waited for a per-read timeout or none at all would keep them open.
-    let closed_by = Instant::now().checked_add(Duration::from_secs(20)).unwrap();
+    let closed_by = deadline_in(Duration::from_secs(20));
     assert_eq!(
         greeting(lb.addr, cfg.clone()).unwrap(),
         "web1",
@@ -132,7 +102,7 @@ fn hundreds_of_silent_sockets_neither_block_a_real_client_nor_outlive_the_deadli
     );
     for s in &mut silent {
         assert!(
-            closed_before(s, closed_by),
+            server_closes(s, closed_by).is_some(),
             "a silent socket was still open 20 s after a 2 s handshake deadline"
         );
     }
@@ -511,106 +481,6 @@ fn a_half_closed_connection_whose_upstream_never_finishes_is_closed() {
     assert!(wait_until(|| lb.table().total_active() == 0));
 }
 
-/// What `openssl s_client` saw: whether the upstream's greeting arrived, and its stderr (with
-/// `-brief`: the negotiated protocol and suite, or the alert that ended the handshake).
-struct OpensslRun {
-    greeted: bool,
-    stderr: String,
-    /// `-msg`'s trace of the handshake messages, each line naming its record's version.
-    messages: String,
-}
-
-impl OpensslRun {
-    /// Asserts the handshake completed with `protocol` and `suite`, and the upstream greeted.
-    fn served_with(&self, protocol: &str, suite: &str) {
-        assert!(self.greeted, "not served: {}", self.stderr);
-        assert!(
-            self.stderr
-                .contains(&format!("Protocol version: {protocol}"))
-                && self.stderr.contains(&format!("Ciphersuite: {suite}")),
-            "want {protocol} with {suite}: {}",
-            self.stderr
-        );
-    }
-
-    /// Asserts lclb refused the handshake with TLS alert `alert` after the client sent a
-    /// ClientHello as `offered` ("TLS 1.2"): openssl did not stop at its own configuration,
-    /// the server said no.
-    fn refused_with_alert(&self, alert: u8, offered: &str) {
-        assert!(
-            !self.greeted,
-            "served, but should be refused: {}",
-            self.stderr
-        );
-        let hello = format!(">>> {offered}, Handshake");
-        assert!(
-            self.messages
-                .lines()
-                .any(|l| l.starts_with(&hello) && l.contains("ClientHello")),
-            "want a {offered} ClientHello sent: {}",
-            self.messages
-        );
-        assert!(
-            self.stderr.contains(&format!("alert number {alert}")),
-            "want alert {alert} from lclb: {}",
-            self.stderr
-        );
-    }
-}
-
-/// Connects with `openssl s_client -brief` and `args`. Stdin stays open until the greeting
-/// arrives or the client ends, since s_client closes the connection as soon as stdin ends.
-fn openssl_client(addr: SocketAddr, pki: &Pki, args: &[&str]) -> OpensslRun {
-    let client = pki.client("client1.lb.com");
-    std::fs::write(pki.dir.join("c.crt"), client.cert.pem()).unwrap();
-    std::fs::write(pki.dir.join("c.key"), client.key.serialize_pem()).unwrap();
-    let mut child = Command::new("openssl")
-        .args([
-            "s_client",
-            "-connect",
-            &addr.to_string(),
-            "-cert",
-            "c.crt",
-            "-key",
-            "c.key",
-        ])
-        .args(["-CAfile", "ca.crt", "-servername", "localhost", "-brief"])
-        .args(["-msg", "-msgfile", "msg.txt"])
-        .args(args)
-        .current_dir(&pki.dir)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("openssl is installed");
-    let stdout = child.stdout.take().unwrap();
-    let mut stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if line.contains("web1") {
-                let _ = tx.send(true);
-                return;
-            }
-        }
-        let _ = tx.send(false);
-    });
-    let greeted = rx.recv_timeout(WAIT).unwrap_or(false);
-    let _ = child.kill();
-    let _ = child.wait();
-    let mut text = String::new();
-    let _ = stderr.read_to_string(&mut text);
-    OpensslRun {
-        greeted,
-        stderr: text,
-        messages: std::fs::read_to_string(pki.dir.join("msg.txt")).unwrap_or_default(),
-    }
-}
-
 #[test]
 fn only_tls_1_2_with_ecdhe_aead_suites_and_tls_1_3_are_accepted() {
     let _one = serial();
@@ -623,25 +493,29 @@ fn only_tls_1_2_with_ecdhe_aead_suites_and_tls_1_3_are_accepted() {
             .build(),
     );
     // lclb's order wins (ignore_client_order): AES-128-GCM first.
-    openssl_client(lb.addr, &pki, &["-tls1_3"]).served_with("TLSv1.3", "TLS_AES_128_GCM_SHA256");
+    openssl_client(lb.addr, &pki, &["-tls1_3"]).served_by(
+        "web1",
+        "TLSv1.3",
+        "TLS_AES_128_GCM_SHA256",
+    );
     openssl_client(
         lb.addr,
         &pki,
         &["-tls1_3", "-ciphersuites", "TLS_CHACHA20_POLY1305_SHA256"],
     )
-    .served_with("TLSv1.3", "TLS_CHACHA20_POLY1305_SHA256");
+    .served_by("web1", "TLSv1.3", "TLS_CHACHA20_POLY1305_SHA256");
     openssl_client(
         lb.addr,
         &pki,
         &["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256"],
     )
-    .served_with("TLSv1.2", "ECDHE-ECDSA-AES128-GCM-SHA256");
+    .served_by("web1", "TLSv1.2", "ECDHE-ECDSA-AES128-GCM-SHA256");
     openssl_client(
         lb.addr,
         &pki,
         &["-tls1_2", "-cipher", "ECDHE-ECDSA-CHACHA20-POLY1305"],
     )
-    .served_with("TLSv1.2", "ECDHE-ECDSA-CHACHA20-POLY1305");
+    .served_by("web1", "TLSv1.2", "ECDHE-ECDSA-CHACHA20-POLY1305");
     // No RSA key exchange, no CBC: handshake_failure (40), no suite in common.
     openssl_client(lb.addr, &pki, &["-tls1_2", "-cipher", "AES128-GCM-SHA256"])
         .refused_with_alert(40, "TLS 1.2");

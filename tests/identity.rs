@@ -542,10 +542,9 @@ fn the_access_log_names_the_entry_and_the_names_it_matched() {
     const LCLB: &str = env!("CARGO_BIN_EXE_lclb");
     let pki = Pki::new("id-log");
     let web1 = Upstream::start("web1", Mode::Echo);
-    let addr = loopback(free_port());
     let config = pki
         .builder()
-        .listen(addr)
+        .listen("127.0.0.1:0")
         .section(HIGH_RATE_LIMIT)
         .upstream(&web1, "web")
         .client_entry(
@@ -557,7 +556,7 @@ fn the_access_log_names_the_entry_and_the_names_it_matched() {
     let path = pki.dir.join("lclb.toml");
     std::fs::write(&path, format!("log_format = \"text\"\n{config}")).unwrap();
     let lb = Process::start(LCLB, &path);
-    lb.wait_line("listening").expect("lclb starts");
+    let addr = lb.listen_addr();
 
     let uri = "spiffe://prod.example/ns/eu/sa/payments";
     let served = |cert: &Issued| {

@@ -3,42 +3,31 @@
 
 mod support;
 
-use std::io::Read;
+use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{ChildStderr, Command, Stdio};
+use std::sync::mpsc;
 use std::time::Duration;
 
 use support::*;
 
 const LCLB: &str = env!("CARGO_BIN_EXE_lclb");
 
-/// Whether the server closed `sock` (EOF or reset) within `within`, without sending anything.
-fn closed_within(mut sock: TcpStream, within: Duration) -> bool {
-    sock.set_read_timeout(Some(within)).unwrap();
-    let mut byte = [0u8; 1];
-    match sock.read(&mut byte) {
-        Ok(0) => true,
-        Ok(_) => false,
-        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
-    }
-}
-
 #[test]
 fn a_flood_of_refusals_writes_ten_lines_then_one_summary_with_the_true_count() {
     let pki = Pki::new("refusal-log");
     let web1 = Upstream::start("web1", Mode::Echo);
-    let addr = loopback(free_port());
     let config = pki
         .usual(&[&web1])
-        .listen(addr)
+        .listen("127.0.0.1:0")
         .limit("per_ip_handshake_rate = 0.001")
         .limit("per_ip_handshake_burst = 1")
         .build();
     let path = pki.dir.join("lclb.toml");
     std::fs::write(&path, config).unwrap();
     let lb = Process::start(LCLB, &path);
-    lb.wait_line("listening").expect("lclb starts");
+    let addr = lb.listen_addr();
 
     // The first socket takes the address's only token (and fails its handshake when closed);
     // the other 650 are refused before any handshake.
@@ -67,43 +56,37 @@ fn a_flood_of_refusals_writes_ten_lines_then_one_summary_with_the_true_count() {
 fn a_stderr_nobody_reads_does_not_stall_the_listener() {
     let pki = Pki::new("refusal-log-stall");
     let web1 = Upstream::start("web1", Mode::Echo);
-    let port = free_port();
+    if !ipv6_loopback() {
+        eprintln!("no IPv6 loopback on this machine: nothing to test");
+        return;
+    }
     // Dual stack: the flood comes from 127.0.0.1, the served clients from ::1.
     let config = pki
         .usual(&[&web1])
-        .listen(format!("[::]:{port}"))
+        .listen("[::]:0")
         .section(HIGH_RATE_LIMIT)
         .limit("per_ip_max_handshakes = 1")
         .limit("handshake_timeout = \"1m\"")
         .build();
     let path = pki.dir.join("lclb.toml");
     std::fs::write(&path, config).unwrap();
+    let mut child = KillOnDrop(
+        Command::new(LCLB)
+            .arg("--config")
+            .arg(Path::new(&path))
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    // stderr is a pipe that this test reads only up to the start-up line, for the port; from
+    // then on nobody reads it: once its buffer (64 KiB) is full, every write to it blocks.
+    let (port, _unread) = read_port_then_stop(child.0.stderr.take().unwrap());
     let v4: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let v6: SocketAddr = format!("[::1]:{port}").parse().unwrap();
-    // Before lclb runs, nothing listens there: refused means IPv6 loopback works.
-    if TcpStream::connect(v6).is_err_and(|e| e.kind() != std::io::ErrorKind::ConnectionRefused) {
-        eprintln!("no IPv6 loopback on this machine: nothing to test");
-        return;
-    }
-    // stderr is a pipe that this test never reads: once its buffer (64 KiB) is full, every
-    // write to it blocks.
-    let child = Command::new(LCLB)
-        .arg("--config")
-        .arg(Path::new(&path))
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut child = KillOnDrop(child);
-    let _unread = child.0.stderr.take();
     let cfg = pki.client_config(Some(&pki.client("client1.lb.com")));
-    // A bare connect would take ::1's one handshake slot for a moment; a greeting waits
-    // for the listener without leaving anything behind.
-    assert!(
-        wait_until(|| greeting(v6, cfg.clone()).is_ok()),
-        "lclb serves"
-    );
+    assert_eq!(greeting(v6, cfg.clone()).unwrap(), "web1", "lclb serves");
 
     // Fill the pipe: each served connection writes an access line of about 190 bytes when it
     // ends (and from then on its copy thread waits on the pipe, which a client does not see).
@@ -114,12 +97,39 @@ fn a_stderr_nobody_reads_does_not_stall_the_listener() {
     // the accept thread, each refusal a log line that can no longer be written at once.
     let _held = TcpStream::connect(v4).unwrap();
     for i in 0..3000 {
-        let sock = TcpStream::connect(v4).unwrap();
+        let mut sock = TcpStream::connect(v4).unwrap();
+        let closed = server_closes(&mut sock, deadline_in(Duration::from_secs(10)));
         assert!(
-            closed_within(sock, Duration::from_secs(10)),
-            "refused socket {i} was not closed: the accept loop stalled"
+            closed.is_some_and(|c| c.sent.is_empty()),
+            "refused socket {i} was not closed without a byte: the accept loop stalled"
         );
     }
+}
+
+/// Reads `stderr` up to lclb's start-up line and returns the port it names, with the pipe
+/// left unread from then on (bytes already buffered included). Fails the test if the line
+/// does not come within [`WAIT`].
+fn read_port_then_stop(stderr: ChildStderr) -> (u16, BufReader<ChildStderr>) {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(stderr);
+        let mut line = String::new();
+        while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+            if let Some((_, rest)) = line.split_once("lclb listening on ") {
+                let addr = rest
+                    .split(' ')
+                    .next()
+                    .and_then(|a| a.parse::<SocketAddr>().ok());
+                let _ = tx.send(addr.map(|a| (a.port(), reader)));
+                return;
+            }
+            line.clear();
+        }
+    });
+    rx.recv_timeout(WAIT)
+        .ok()
+        .flatten()
+        .expect("lclb logs the address it listens on")
 }
 
 /// Ends the child process however the test ends.

@@ -15,15 +15,13 @@ use rustls::{ClientConnection, StreamOwned};
 use support::*;
 
 fn config(pki: &Pki, upstream: &Upstream) -> String {
-    format!(
-        "listen = \"127.0.0.1:0\"\n{}",
+    pki.usual(&[upstream])
+        .listen("127.0.0.1:0")
+        .section(HIGH_RATE_LIMIT)
         // One probe round at start and one at the reload, none between: every connection an
         // upstream counts is accounted for.
-        pki.config(
-            "[rate_limit]\nrate = 1000\nburst = 1000\n[health_check]\ninterval = \"1h\"\n",
-            &[upstream]
-        )
-    )
+        .section("[health_check]\ninterval = \"1h\"\n")
+        .build()
 }
 
 #[test]

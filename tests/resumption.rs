@@ -117,11 +117,12 @@ fn tls_1_3_a_session_whose_certificate_has_since_expired_is_refused() {
 
 /// The config file: `pki`'s files, `crls` (none or one file) and `web1`.
 fn write_config(path: &Path, pki: &Pki, web1: &Upstream, crls: &[&Path]) {
-    let tls = pki
-        .tls_section()
-        .replace("[tls]\n", &format!("[tls]\ncrls = {:?}\n", crls.to_vec()));
-    let body = pki.config("", &[web1]).replace(&pki.tls_section(), &tls);
-    std::fs::write(path, format!("listen = \"127.0.0.1:0\"\n{body}")).unwrap();
+    let config = pki
+        .usual(&[web1])
+        .listen("127.0.0.1:0")
+        .tls(&format!("crls = {:?}", crls.to_vec()))
+        .build();
+    std::fs::write(path, config).unwrap();
 }
 
 fn after_a_reload_sessions_resume_against_the_reloaded_crls(

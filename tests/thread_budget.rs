@@ -4,7 +4,6 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -62,10 +61,11 @@ fn inside_a_small_pids_cgroup_max_connections_is_lowered_and_the_excess_refused(
     let pki = Pki::new("thread-budget");
     let web1 = Upstream::start("web1", Mode::Echo);
     let path = pki.dir.join("lclb.toml");
-    let config = format!(
-        "listen = \"127.0.0.1:0\"\n{}",
-        pki.config("[rate_limit]\nrate = 1000\nburst = 1000\n", &[&web1])
-    );
+    let config = pki
+        .usual(&[&web1])
+        .listen("127.0.0.1:0")
+        .section(HIGH_RATE_LIMIT)
+        .build();
     std::fs::write(&path, config).unwrap();
 
     // The shell joins the cgroup, then becomes lclb: every lclb thread is counted there.
@@ -87,13 +87,7 @@ fn inside_a_small_pids_cgroup_max_connections_is_lowered_and_the_excess_refused(
     );
     lb.wait_line(&expected)
         .unwrap_or_else(|| panic!("no start-up line {expected:?}"));
-    let line = lb.wait_line("listening on").expect("lclb starts");
-    let addr: SocketAddr = line
-        .split("listening on ")
-        .nth(1)
-        .and_then(|rest| rest.split(' ').next())
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    let addr = lb.listen_addr();
 
     let client = pki.client_config(Some(&pki.client("client1.lb.com")));
     let held: Vec<TlsStream> = (0..cap)

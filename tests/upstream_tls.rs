@@ -71,11 +71,10 @@ impl Setup {
 
     /// Runs the lclb binary on `config` (which has no `listen`) and waits until it listens.
     fn process(&self, config: ConfigBuilder<'_>) -> (Process, SocketAddr) {
-        let addr = loopback(free_port());
         let path = self.pki.dir.join("lclb.toml");
-        std::fs::write(&path, config.listen(addr).build()).unwrap();
+        std::fs::write(&path, config.listen("127.0.0.1:0").build()).unwrap();
         let lb = Process::start(env!("CARGO_BIN_EXE_lclb"), &path);
-        lb.wait_line("listening").expect("lclb starts");
+        let addr = lb.listen_addr();
         (lb, addr)
     }
 }

@@ -1,7 +1,13 @@
 //! Shared helpers for the integration tests: certificates minted at test time, config text
 //! for them ([`Pki::config`], [`ConfigBuilder`]), real upstream servers on loopback, a running
-//! lclb on port 0 (in process, [`Lb`], or as the binary, [`Process`]), real rustls clients,
-//! and waits that give up after [`WAIT`].
+//! lclb (in process, [`Lb`], or as the binary, [`Process`]), real rustls clients, openssl
+//! ([`openssl`], [`s_client`]), and waits that give up after [`WAIT`] or a bound of the test's
+//! ([`poll_within`]; [`wait_until`] and [`poll_until`] are it with [`WAIT`]).
+//!
+//! Ports never race: lclb always listens on port 0 and the tests read the address back
+//! ([`Lb::addr`], [`Process::listen_addr`], [`Process::metrics_addr`]); upstreams bind port 0
+//! too; a port that must refuse, or go away and come back, is a [`ClosedPort`] the test holds
+//! throughout, and one that must never answer a [`Blackhole`].
 
 #![allow(dead_code)]
 
@@ -195,6 +201,7 @@ impl Pki {
         ConfigBuilder {
             pki: self,
             listen: None,
+            metrics_listen: None,
             tls_lines: String::new(),
             sections: String::new(),
             limits: String::new(),
@@ -219,12 +226,13 @@ impl Pki {
 }
 
 /// A config's text, built from the parts tests vary. [`ConfigBuilder::build`] writes them in a
-/// fixed order whatever the order of the calls: `listen`, `[tls]`, the sections, one
+/// fixed order whatever the order of the calls: `listen`, `metrics_listen`, `[tls]`, the sections, one
 /// `[limits]`, the upstreams (in call order: that order is the balancer's tie-break), the
 /// clients. Without [`ConfigBuilder::listen`] there is no `listen` key, as [`Lb::start`] wants.
 pub struct ConfigBuilder<'a> {
     pki: &'a Pki,
     listen: Option<String>,
+    metrics_listen: Option<String>,
     tls_lines: String,
     sections: String,
     limits: String,
@@ -237,6 +245,13 @@ impl ConfigBuilder<'_> {
     /// last call wins.
     pub fn listen(mut self, addr: impl Display) -> Self {
         self.listen = Some(format!("listen = \"{addr}\"\n"));
+        self
+    }
+
+    /// `metrics_listen = "ADDR"` (such as `"127.0.0.1:0"`, read back with
+    /// [`Process::metrics_addr`]). The last call wins.
+    pub fn metrics_listen(mut self, addr: impl Display) -> Self {
+        self.metrics_listen = Some(format!("metrics_listen = \"{addr}\"\n"));
         self
     }
 
@@ -302,6 +317,7 @@ impl ConfigBuilder<'_> {
             "[limits] lines go through ConfigBuilder::limit, or the section appears twice"
         );
         let mut text = self.listen.unwrap_or_default();
+        text.push_str(&self.metrics_listen.unwrap_or_default());
         text.push_str(&self.pki.tls_section_with(&self.tls_lines));
         text.push_str(&self.sections);
         if !self.limits.is_empty() {
@@ -504,8 +520,14 @@ pub fn wait_until(what: impl Fn() -> bool) -> bool {
 }
 
 /// Polls `what` until it gives a value; None after [`WAIT`].
-pub fn poll_until<T>(mut what: impl FnMut() -> Option<T>) -> Option<T> {
-    let until = deadline();
+pub fn poll_until<T>(what: impl FnMut() -> Option<T>) -> Option<T> {
+    poll_within(WAIT, what)
+}
+
+/// Polls `what` until it gives a value; None once `within` has passed. Every wait of the
+/// tests is this loop (or a blocking call with a timeout): for a bound other than [`WAIT`].
+pub fn poll_within<T>(within: Duration, mut what: impl FnMut() -> Option<T>) -> Option<T> {
+    let until = deadline_in(within);
     loop {
         if let Some(value) = what() {
             return Some(value);
@@ -517,10 +539,10 @@ pub fn poll_until<T>(mut what: impl FnMut() -> Option<T>) -> Option<T> {
     }
 }
 
-/// [`WAIT`] from now.
-fn deadline() -> Instant {
+/// `within` from now.
+pub fn deadline_in(within: Duration) -> Instant {
     Instant::now()
-        .checked_add(WAIT)
+        .checked_add(within)
         .expect("the clock is far from its end")
 }
 
@@ -533,20 +555,6 @@ pub fn greeted_by(addr: SocketAddr, config: &Arc<ClientConfig>, name: &str) -> b
 /// True if a connection to `addr` with `config` is greeted by any upstream.
 pub fn is_served(addr: SocketAddr, config: &Arc<ClientConfig>) -> bool {
     greeting(addr, config.clone()).is_ok()
-}
-
-/// A loopback port that was free a moment ago, for configs that the binary reads.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// 127.0.0.1:`port`.
-pub fn loopback(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
 }
 
 /// A client-side TLS connection over TCP.
@@ -614,6 +622,20 @@ pub struct Process {
     /// The child process; killed and reaped on drop.
     pub child: Child,
     lines: mpsc::Receiver<String>,
+    bound: Arc<std::sync::Mutex<Bound>>,
+}
+
+/// The addresses a process logged that it bound.
+#[derive(Debug, Default, Clone, Copy)]
+struct Bound {
+    listen: Option<SocketAddr>,
+    metrics: Option<SocketAddr>,
+}
+
+/// The address in `line` between `prefix` and the first `end` after it, if it parses.
+fn address_after(line: &str, prefix: &str, end: char) -> Option<SocketAddr> {
+    let (_, rest) = line.split_once(prefix)?;
+    rest.split(end).next()?.parse().ok()
 }
 
 impl Process {
@@ -624,7 +646,9 @@ impl Process {
         Process::spawn(command)
     }
 
-    /// Runs `command` with RUST_LOG=info, collecting its stderr lines.
+    /// Runs `command` with RUST_LOG=info, collecting its stderr lines (and noting the listen
+    /// and metrics addresses it logs, for [`Process::listen_addr`] and
+    /// [`Process::metrics_addr`]).
     pub fn spawn(mut command: Command) -> Process {
         let mut child = command
             .env("RUST_LOG", "info")
@@ -632,27 +656,50 @@ impl Process {
             .spawn()
             .unwrap();
         let (tx, lines) = mpsc::channel();
+        let bound = Arc::new(std::sync::Mutex::new(Bound::default()));
         let err = child.stderr.take().unwrap();
+        let seen = bound.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if let Some(addr) = address_after(&line, LISTENING_ON, ' ') {
+                    seen.lock().unwrap().listen = Some(addr);
+                }
+                if let Some(addr) = address_after(&line, METRICS_ON, '/') {
+                    seen.lock().unwrap().metrics = Some(addr);
+                }
                 let _ = tx.send(line);
             }
         });
-        Process { child, lines }
+        Process {
+            child,
+            lines,
+            bound,
+        }
+    }
+
+    /// Where the process listens for clients, as its start-up line says (`lclb listening on
+    /// ADDR with ...`): with `listen = "127.0.0.1:0"` the port the kernel gave it, so no
+    /// other program can have taken it in between. Waits for the line (up to [`WAIT`]), which
+    /// comes once the signal handlers are in place; panics if it never comes. Log lines are
+    /// not consumed.
+    pub fn listen_addr(&self) -> SocketAddr {
+        poll_until(|| self.bound.lock().unwrap().listen)
+            .unwrap_or_else(|| panic!("lclb logged no `{LISTENING_ON}ADDR` line within {WAIT:?}"))
+    }
+
+    /// Where the process serves metrics, as its line `metrics on http://ADDR/metrics` says;
+    /// waits and panics as [`Process::listen_addr`] does.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        poll_until(|| self.bound.lock().unwrap().metrics).unwrap_or_else(|| {
+            panic!("lclb logged no `{METRICS_ON}ADDR/metrics` line within {WAIT:?}")
+        })
     }
 
     /// The next log line that contains `needle` (earlier ones are dropped); None after
     /// [`WAIT`] or once the process has closed its stderr.
     pub fn wait_line(&self, needle: &str) -> Option<String> {
-        let deadline = deadline();
-        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return Some(line),
-                Ok(_) => continue,
-                Err(_) => return None,
-            }
-        }
-        None
+        self.lines_until(needle, WAIT)
+            .and_then(|mut seen| seen.pop())
     }
 
     /// Sends the signal `name` (TERM, HUP, ...) with kill(1).
@@ -667,9 +714,22 @@ impl Process {
     /// The exit code once the process has exited; None if it still runs after [`WAIT`] (or
     /// was killed by a signal).
     pub fn wait_exit(&mut self) -> Option<i32> {
-        poll_until(|| self.child.try_wait().unwrap()).and_then(|status| status.code())
+        self.wait_exit_within(WAIT)
+    }
+
+    /// The exit code once the process has exited; None if it still runs after `within` (or
+    /// was killed by a signal). For a promise such as "exits within drain_timeout + 2 s", the
+    /// bound is what this waits, never a measured time.
+    pub fn wait_exit_within(&mut self, within: Duration) -> Option<i32> {
+        poll_within(within, || self.child.try_wait().unwrap()).and_then(|status| status.code())
     }
 }
+
+/// What lclb's start-up line says before its listen address.
+const LISTENING_ON: &str = "lclb listening on ";
+
+/// What the metrics server's start-up line says before its address.
+const METRICS_ON: &str = "metrics on http://";
 
 impl Drop for Process {
     fn drop(&mut self) {
@@ -749,7 +809,7 @@ impl Process {
     /// Every line the process writes until one contains `needle` (that line included), or
     /// until `within` has passed; `None` if the needle never came.
     pub fn lines_until(&self, needle: &str, within: Duration) -> Option<Vec<String>> {
-        let deadline = Instant::now().checked_add(within)?;
+        let deadline = deadline_in(within);
         let mut seen = Vec::new();
         while let Some(left) = deadline.checked_duration_since(Instant::now()) {
             match self.lines.recv_timeout(left) {
@@ -1009,16 +1069,7 @@ pub fn openssl_v1_client(pki: &Pki, cn: &str, name: &str) -> (PathBuf, PathBuf) 
     // original project's scripts did.
     std::fs::write(d.join("ca.key"), pki.ca.key.serialize_pem()).unwrap();
     let run = |args: &[&str]| {
-        let o = Command::new("openssl")
-            .args(args)
-            .current_dir(d)
-            .output()
-            .expect("openssl is installed");
-        assert!(
-            o.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        openssl_ok(d, args);
     };
     run(&[
         "ecparam",
@@ -1055,17 +1106,397 @@ pub fn openssl_v1_client(pki: &Pki, cn: &str, name: &str) -> (PathBuf, PathBuf) 
         "-out",
         &crt,
     ]);
-    let text = Command::new("openssl")
-        .args(["x509", "-in", &crt, "-noout", "-text"])
-        .current_dir(d)
-        .output()
-        .unwrap();
+    let text = openssl_ok(d, &["x509", "-in", &crt, "-noout", "-text"]);
     assert!(
-        String::from_utf8_lossy(&text.stdout).contains("Version: 1"),
+        text.contains("Version: 1"),
         "the fixture is a v1 certificate"
     );
 
     (d.join(crt), d.join(key))
+}
+
+// Ports without races, sockets the server closes, openssl, and metrics: helpers shared by the
+// files that had their own copies.
+
+/// A loopback port of the test's own: bound, so no request for a free port (a bind to port 0,
+/// an outgoing connect) elsewhere can get it, and listening only while the test says so. Closed (at first, and after [`ClosedPort::close`]), a connect
+/// to it is refused (RST); after [`ClosedPort::listen`] it is a listener again on the same
+/// port. An upstream that goes away and comes back, without the port ever being free for
+/// another program to bind in between, as a port released and bound again would be.
+pub struct ClosedPort {
+    /// The port's address.
+    pub addr: SocketAddr,
+    socket: socket2::Socket,
+}
+
+impl ClosedPort {
+    /// A fresh loopback port, held closed.
+    pub fn new() -> ClosedPort {
+        use socket2::{Domain, Socket, Type};
+        let reusable = || {
+            let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+            socket.set_reuse_address(true).unwrap();
+            socket
+        };
+        // A socket bound to port 0 gives its port back when a listen on it is shut down, so
+        // the port is taken by one, then bound by its number (which keeps it across shutdowns)
+        // by a second while the first still holds it.
+        let first = reusable();
+        first
+            .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .unwrap();
+        let addr = first.local_addr().unwrap().as_socket().unwrap();
+        let socket = reusable();
+        socket.bind(&addr.into()).unwrap();
+        drop(first);
+        ClosedPort { addr, socket }
+    }
+
+    /// Starts listening: connects succeed from now on. The listener returned shares the
+    /// socket, for [`Upstream::start_on`]; dropping it does not close the port.
+    pub fn listen(&self) -> TcpListener {
+        self.socket.listen(128).unwrap();
+        self.socket.try_clone().unwrap().into()
+    }
+
+    /// Stops listening (connections waiting in the backlog are reset): connects are refused
+    /// again, and the port stays this test's. Stop the [`Upstream`] serving it first.
+    pub fn close(&self) {
+        self.socket.shutdown(Shutdown::Both).unwrap();
+    }
+}
+
+impl Default for ClosedPort {
+    fn default() -> Self {
+        ClosedPort::new()
+    }
+}
+
+/// A loopback port where a TCP connect neither succeeds nor fails: it listens with a backlog
+/// of 0 and one connection already queued, so the kernel drops every further SYN and the
+/// connecting side retransmits (after 1 s, 3 s, 7 s, ...) until its own timeout. What an
+/// unreachable upstream looks like, for connect and probe timeouts.
+pub struct Blackhole {
+    /// The address that never answers.
+    pub addr: SocketAddr,
+    listener: TcpListener,
+    _queued: TcpStream,
+}
+
+impl Blackhole {
+    /// A fresh black hole on loopback.
+    pub fn new() -> Blackhole {
+        use socket2::{Domain, Socket, Type};
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        socket
+            .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .unwrap();
+        socket.listen(0).unwrap();
+        let listener: TcpListener = socket.into();
+        let addr = listener.local_addr().unwrap();
+        let queued = TcpStream::connect(addr).unwrap();
+        Blackhole {
+            addr,
+            listener,
+            _queued: queued,
+        }
+    }
+
+    /// Takes the queued connection off the backlog and hands the listener back: the next SYN
+    /// retransmission of a connect in progress gets through, as do new connects.
+    pub fn open(self) -> TcpListener {
+        let (queued, _) = self.listener.accept().unwrap();
+        drop(queued);
+        self.listener
+    }
+}
+
+impl Default for Blackhole {
+    fn default() -> Self {
+        Blackhole::new()
+    }
+}
+
+/// How the server closed a plain TCP socket: what it sent first, and whether it ended with a
+/// reset rather than a FIN.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Closed {
+    /// The bytes that came before the close.
+    pub sent: Vec<u8>,
+    /// True for a reset (or an abort), false for a clean end of stream.
+    pub reset: bool,
+}
+
+/// Reads `s` until the server closes it (EOF or reset) and says how; None if it is still
+/// open at `deadline`. Any other read error fails the test.
+pub fn server_closes(s: &mut TcpStream, deadline: Instant) -> Option<Closed> {
+    let mut sent = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.checked_duration_since(Instant::now())?;
+        // A zero read timeout would mean none at all.
+        s.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .unwrap();
+        match s.read(&mut buf) {
+            Ok(0) => return Some(Closed { sent, reset: false }),
+            Ok(n) => sent.extend_from_slice(&buf[..n]),
+            Err(e) => match e.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => return None,
+                io::ErrorKind::ConnectionReset
+                | io::ErrorKind::ConnectionAborted
+                | io::ErrorKind::BrokenPipe => return Some(Closed { sent, reset: true }),
+                _ => panic!("reading a socket the server should close: {e}"),
+            },
+        }
+    }
+}
+
+/// True once the server has closed `s` (EOF or reset), whatever it sent first; false if it
+/// is still open after [`WAIT`].
+pub fn closed_by_server(s: &mut TcpStream) -> bool {
+    server_closes(s, deadline_in(WAIT)).is_some()
+}
+
+/// Whether this machine has an IPv6 loopback: a connect to `[::1]:9` (the discard port,
+/// closed) is refused rather than impossible.
+pub fn ipv6_loopback() -> bool {
+    match TcpStream::connect("[::1]:9") {
+        Ok(_) => true,
+        Err(e) => {
+            e.kind() != io::ErrorKind::AddrNotAvailable
+                && e.raw_os_error() != Some(97) // EAFNOSUPPORT
+                && e.raw_os_error() != Some(101) // ENETUNREACH
+        }
+    }
+}
+
+/// A rustls client config trusting every CA of `roots` for the server's certificate and
+/// presenting `client` (or no certificate): for a server whose CA changes under it.
+pub fn client_config_trusting(roots: &[&Ca], client: Option<&Issued>) -> Arc<ClientConfig> {
+    let mut store = RootCertStore::empty();
+    for ca in roots {
+        store.add(ca.cert.der().clone()).unwrap();
+    }
+    let builder = ClientConfig::builder().with_root_certificates(store);
+    Arc::new(match client {
+        Some(c) => builder
+            .with_client_auth_cert(c.chain(), c.key_der())
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    })
+}
+
+/// Runs `openssl ARGS` in `dir` and returns what it did, whatever its exit status.
+pub fn openssl(dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("openssl is installed")
+}
+
+/// Runs `openssl ARGS` in `dir`, which must succeed; its stdout.
+pub fn openssl_ok(dir: &Path, args: &[&str]) -> String {
+    let out = openssl(dir, args);
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// What `openssl s_client` saw: the upstream's greeting line, if one arrived, its stderr
+/// (with `-brief`: the negotiated protocol and suite, or the alert that ended the handshake)
+/// and `-msg`'s trace of the handshake messages.
+pub struct OpensslRun {
+    /// The first line of application data, if any came within [`WAIT`].
+    pub greeting: Option<String>,
+    /// s_client's stderr.
+    pub stderr: String,
+    /// `-msg`'s trace of the handshake messages, each line naming its record's version.
+    pub messages: String,
+}
+
+impl OpensslRun {
+    /// Asserts the handshake completed with `protocol` and `suite`, and `upstream` greeted.
+    pub fn served_by(&self, upstream: &str, protocol: &str, suite: &str) {
+        assert_eq!(
+            self.greeting.as_deref(),
+            Some(upstream),
+            "not served by {upstream}: {}",
+            self.stderr
+        );
+        assert!(
+            self.stderr
+                .contains(&format!("Protocol version: {protocol}"))
+                && self.stderr.contains(&format!("Ciphersuite: {suite}")),
+            "want {protocol} with {suite}: {}",
+            self.stderr
+        );
+    }
+
+    /// Asserts lclb refused the handshake with TLS alert `alert` after the client sent a
+    /// ClientHello as `offered` ("TLS 1.2"): openssl did not stop at its own configuration,
+    /// the server said no.
+    pub fn refused_with_alert(&self, alert: u8, offered: &str) {
+        assert_eq!(
+            self.greeting, None,
+            "served, but should be refused: {}",
+            self.stderr
+        );
+        let hello = format!(">>> {offered}, Handshake");
+        assert!(
+            self.messages
+                .lines()
+                .any(|l| l.starts_with(&hello) && l.contains("ClientHello")),
+            "want a {offered} ClientHello sent: {}",
+            self.messages
+        );
+        assert!(
+            self.stderr.contains(&format!("alert number {alert}")),
+            "want alert {alert} from lclb: {}",
+            self.stderr
+        );
+    }
+}
+
+/// Connects to `addr` with `openssl s_client -brief -msg`, presenting `cert` and `key` (files
+/// in `dir`) and checking the server against `dir/ca.crt`, with `args` added. Stdin stays
+/// open until the greeting arrives or the client ends, since s_client closes the connection
+/// as soon as stdin ends.
+pub fn s_client(addr: SocketAddr, dir: &Path, cert: &str, key: &str, args: &[&str]) -> OpensslRun {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let msgfile = format!("msg-{}.txt", N.fetch_add(1, Ordering::SeqCst));
+    let mut child = Command::new("openssl")
+        .args(["s_client", "-connect", &addr.to_string()])
+        .args(["-cert", cert, "-key", key])
+        .args(["-CAfile", "ca.crt", "-servername", "localhost", "-brief"])
+        .args(["-msg", "-msgfile", &msgfile])
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("openssl is installed");
+    let stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let first = BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .find(|line| !line.is_empty());
+        let _ = tx.send(first);
+    });
+    let greeting = rx.recv_timeout(WAIT).ok().flatten();
+    let _ = child.kill();
+    let _ = child.wait();
+    let mut text = String::new();
+    let _ = stderr.read_to_string(&mut text);
+    OpensslRun {
+        greeting,
+        stderr: text,
+        messages: std::fs::read_to_string(dir.join(&msgfile)).unwrap_or_default(),
+    }
+}
+
+/// [`s_client`] as a fresh `client1.lb.com` of `pki` (written to `c.crt` and `c.key` in its
+/// folder).
+pub fn openssl_client(addr: SocketAddr, pki: &Pki, args: &[&str]) -> OpensslRun {
+    let client = pki.client("client1.lb.com");
+    std::fs::write(pki.dir.join("c.crt"), client.cert.pem()).unwrap();
+    std::fs::write(pki.dir.join("c.key"), client.key.serialize_pem()).unwrap();
+    s_client(addr, &pki.dir, "c.crt", "c.key", args)
+}
+
+/// GETs `path` from `addr` (HTTP/1.1, read until the server closes); the status line and the
+/// body.
+pub fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut all = String::new();
+    s.read_to_string(&mut all).unwrap();
+    let (head, body) = all.split_once("\r\n\r\n").expect("a whole answer");
+    (
+        head.lines().next().unwrap_or("").to_string(),
+        body.to_string(),
+    )
+}
+
+/// `GET /metrics` from `addr`, which must answer 200; the body.
+pub fn scrape(addr: SocketAddr) -> String {
+    let (status, body) = http_get(addr, "/metrics");
+    assert_eq!(status, "HTTP/1.1 200 OK", "{body}");
+    body
+}
+
+/// Prometheus text as `name{labels}` -> value, comments skipped.
+pub fn parse_metrics(text: &str) -> std::collections::HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (k, v) = l.rsplit_once(' ').expect("a sample is `name value`");
+            (k.to_string(), v.parse().expect("the value is a number"))
+        })
+        .collect()
+}
+
+impl ConfigBuilder<'_> {
+    /// The test upstream `upstream` in `group`, with more keys of its entry in `lines` (such
+    /// as `"weight = 3\n"` or `"slow_start = \"1h\"\n"`).
+    pub fn upstream_with(mut self, upstream: &Upstream, group: &str, lines: &str) -> Self {
+        self.upstreams
+            .push_str(&upstream_entry(&upstream.name, upstream.addr, group));
+        self.upstreams.push_str(lines);
+        self
+    }
+}
+
+impl Lb {
+    /// The id of the configured upstream `name`; panics if there is none.
+    pub fn upstream_id(&self, name: &str) -> lclb::UpstreamId {
+        self.table()
+            .snapshot()
+            .iter()
+            .find(|u| &*u.name == name)
+            .unwrap_or_else(|| panic!("no upstream {name}"))
+            .id
+    }
+
+    /// Failed client connects to the configured upstream `name` so far.
+    pub fn connect_failures(&self, name: &str) -> u64 {
+        self.table()
+            .snapshot()
+            .iter()
+            .find(|u| &*u.name == name)
+            .unwrap_or_else(|| panic!("no upstream {name}"))
+            .stats
+            .connect_failures
+            .load(Ordering::SeqCst)
+    }
+}
+
+/// Opens `n` connections with `config` and keeps them open; returns them with how many each
+/// upstream (by greeting) got.
+pub fn hold(
+    addr: SocketAddr,
+    config: &Arc<ClientConfig>,
+    n: usize,
+) -> (Vec<TlsStream>, std::collections::BTreeMap<String, usize>) {
+    let mut held = Vec::new();
+    let mut count = std::collections::BTreeMap::new();
+    for i in 0..n {
+        let mut s = connect(addr, config.clone())
+            .unwrap_or_else(|e| panic!("held connection {i} of {n}: {e}"));
+        let name = read_line(&mut s).unwrap();
+        *count.entry(name).or_default() += 1;
+        held.push(s);
+    }
+    (held, count)
 }
 
 // TLS upstreams: a real rustls server on loopback, as `Upstream` is a real TCP one, for the
