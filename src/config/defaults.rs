@@ -94,7 +94,7 @@ truncation = "fin"                   # client EOF without close_notify: "fin" or
 [limits]
 max_connections = 10000              # concurrent client connections, handshakes included
 handshake_timeout = "5s"             # from accept to a completed TLS handshake; at most 5m
-connect_timeout = "2s"               # one TCP connect to an upstream; at most 1m
+connect_timeout = "2s"               # one upstream connect (and its TLS handshake); at most 1m
 idle_timeout = "10m"                 # no byte either way this long closes it; at most 24h
 half_close_timeout = "30s"           # one side done, the other idle this long: closed; at most 24h
 drain_timeout = "30s"                # on SIGTERM/SIGINT, time for connections in flight; at most 1h

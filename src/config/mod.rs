@@ -271,7 +271,8 @@ pub struct Limits {
     /// Deadline from accept to a completed handshake. Default 5s, at most 5m
     /// ([`MAX_HANDSHAKE_TIMEOUT`]).
     pub handshake_timeout: Duration,
-    /// Bound on one TCP connect to an upstream. Default 2s, at most 1m ([`MAX_CONNECT_TIMEOUT`]).
+    /// Bound on opening one upstream connection: the TCP connect, the PROXY header and, for a
+    /// TLS group, the TLS handshake together. Default 2s, at most 1m ([`MAX_CONNECT_TIMEOUT`]).
     pub connect_timeout: Duration,
     /// A connection with no bytes either way for this long is closed. Default 10m, at most 24h
     /// ([`MAX_IDLE_TIMEOUT`]).
@@ -354,7 +355,7 @@ pub struct ClientLimits {
 pub struct HealthCheck {
     /// Time between probes of one upstream. Default 2s, at most 1h ([`MAX_HEALTH_INTERVAL`]).
     pub interval: Duration,
-    /// Bound on one probe's TCP connect. Default 1s, at most 1m ([`MAX_HEALTH_TIMEOUT`]). It may
+    /// Bound on one probe: its TCP connect and, for a TLS group, its TLS handshake. Default 1s, at most 1m ([`MAX_HEALTH_TIMEOUT`]). It may
     /// exceed `interval`: rounds never overlap, the next starts `interval` after this one's
     /// slowest probe ends.
     pub timeout: Duration,
