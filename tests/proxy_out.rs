@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 
 use rustls::version::TLS13;
 use rustls::HandshakeKind;
@@ -369,4 +369,76 @@ fn haproxy_accepts_the_header_and_reads_the_clients_address_authority_and_id() {
         !unique.is_empty() && unique.bytes().all(|b| b.is_ascii_digit()),
         "the connection id: {line}"
     );
+}
+
+#[test]
+fn with_upstream_tls_the_header_goes_in_cleartext_before_the_client_hello() {
+    let pki = Pki::new("proxy-out-tls");
+    let upstream_ca = Ca::new("upstream-ca.example");
+    let roots = upstream_ca.write(&pki.dir, "upstream-ca.crt");
+    let cert = upstream_ca.server_for(&["127.0.0.1"]);
+    let server = Arc::new(
+        rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(cert.chain(), cert.key_der())
+            .unwrap(),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let up = listener.local_addr().unwrap();
+    let (tx, headers) = mpsc::channel();
+    std::thread::spawn(move || {
+        for sock in listener.incoming() {
+            let Ok(mut sock) = sock else { continue };
+            let (tx, server) = (tx.clone(), server.clone());
+            std::thread::spawn(move || {
+                sock.set_read_timeout(Some(WAIT)).unwrap();
+                // Read raw, before any TLS: the header must be there in cleartext.
+                let header = read_v2(&mut sock);
+                let proxied = header.command == 0x21;
+                let _ = tx.send(header);
+                let conn = rustls::ServerConnection::new(server).unwrap();
+                let mut tls = rustls::StreamOwned::new(conn, sock);
+                while tls.conn.is_handshaking() {
+                    if tls.conn.complete_io(&mut tls.sock).is_err() {
+                        return;
+                    }
+                }
+                if !proxied {
+                    return;
+                }
+                let _ = tls.write_all(b"web1\n");
+                let _ = tls.flush();
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = tls.read(&mut buf) {
+                    if n == 0 || tls.write_all(&buf[..n]).is_err() || tls.flush().is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let lb = Lb::start(
+        &pki.builder()
+            .section(HIGH_RATE_LIMIT)
+            .section(&format!(
+                "[[group]]\nname = \"web\"\nproxy_protocol = \"v2\"\n[group.tls]\nca_cert = {roots:?}\n"
+            ))
+            .upstream_at("web1", up, "web")
+            .client("client1.lb.com", &["web"])
+            .build(),
+    );
+    // The probe: LOCAL, then a full TLS handshake.
+    assert_eq!(headers.recv_timeout(WAIT).unwrap().command, 0x20);
+    let mut s = connect(
+        lb.addr,
+        pki.client_config(Some(&pki.client("client1.lb.com"))),
+    )
+    .unwrap();
+    assert_eq!(read_line(&mut s).unwrap(), "web1");
+    s.write_all(b"over TLS\n").unwrap();
+    assert_eq!(read_line(&mut s).unwrap(), "over TLS");
+    let h = next_proxy(&headers);
+    assert_eq!(h.source, Some(s.sock.local_addr().unwrap()));
+    assert_eq!(h.tlvs[&0xE0], b"client1.lb.com");
+    assert_eq!(h.tlvs[&0xE2], b"web");
 }
