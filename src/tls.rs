@@ -1242,6 +1242,8 @@ mod tests {
                 crl_stale: CrlStale::Warn,
                 truncation: Default::default(),
                 extra_cas: Vec::new(),
+                enforce_on_reload: true,
+                close_at_cert_expiry: true,
             };
             let ctx = TlsContext::load(&files).unwrap();
             let _ = std::fs::remove_dir_all(&dir);
@@ -1272,6 +1274,8 @@ mod tests {
                 crl_stale: CrlStale::Warn,
                 truncation: Default::default(),
                 extra_cas,
+                enforce_on_reload: true,
+                close_at_cert_expiry: true,
             };
             let trust = ClientTrust::load(&files).unwrap();
             let _ = std::fs::remove_dir_all(&dir);

@@ -82,6 +82,8 @@ pub fn server_from_files(cert: &str, key: &str, ca: &str) -> Result<Arc<ServerCo
         crl_stale: lclb::config::CrlStale::default(),
         truncation: lclb::config::Truncation::default(),
         extra_cas: Vec::new(),
+        enforce_on_reload: true,
+        close_at_cert_expiry: true,
     };
     let ctx = lclb::TlsContext::load(&files).map_err(|e| e.to_string())?;
     Ok(ctx.server_config)

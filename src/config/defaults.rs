@@ -90,6 +90,8 @@ server_key = "certs/server/server.key.pem"   # PKCS#8, SEC1 or PKCS#1 PEM
 crls = []                            # PEM CRLs; a listed client certificate is refused
 crl_stale = "warn"                   # a CRL past its nextUpdate: "warn" (log, metric) or "refuse"
 truncation = "fin"                   # client EOF without close_notify: "fin" or "reset" upstream
+enforce_on_reload = true             # after a reload, close open connections the new config refuses
+close_at_cert_expiry = true          # close a connection when its client certificate expires
 
 [limits]
 max_connections = 10000              # concurrent client connections, handshakes included
@@ -109,6 +111,10 @@ thread_keep_alive = "30s"            # idle threads kept for reuse (start-up onl
 rate = 10.0                          # new connections per second, sustained
 burst = 20                           # connections allowed at once after a quiet period
 max_concurrent = 0                   # connections open at once per client; 0 = no cap
+
+[reload]
+watch = false                        # poll the config and every file it names; reload on a change
+watch_interval = "5s"                # time between polls; at most 1h
 
 [health_check]
 interval = "2s"                      # time between TCP probes of each upstream; at most 1h
@@ -142,6 +148,11 @@ groups = ["web"]                     # upstream groups it may reach
 # burst = 100
 # max_concurrent = 50
 "#;
+
+/// Default `reload.watch_interval`.
+pub const DEFAULT_WATCH_INTERVAL: Duration = Duration::from_secs(5);
+/// Longest `reload.watch_interval`: 1 hour.
+pub const MAX_WATCH_INTERVAL: Duration = Duration::from_secs(3600);
 
 /// The name of the trust roots in `tls.ca_cert`, for `[[client]] issuer`.
 pub const DEFAULT_CA_NAME: &str = "default";

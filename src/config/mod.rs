@@ -106,6 +106,8 @@ pub struct Config {
     pub rate_limit: ClientLimits,
     /// Health checking of upstreams.
     pub health_check: HealthCheck,
+    /// The `[reload]` section: watching the files for changes.
+    pub reload: Reload,
     /// The upstreams, in file order.
     pub upstreams: Vec<UpstreamConfig>,
     /// The clients allowed in, in file order; any other identity is refused.
@@ -222,6 +224,11 @@ pub struct TlsFiles {
     /// What the upstream gets when a client ends without close_notify. Default
     /// [`Truncation::Fin`].
     pub truncation: Truncation,
+    /// After each successful reload, check every open connection against the new config
+    /// (match, authorization, CRLs, roots) and close those that fail. Default true.
+    pub enforce_on_reload: bool,
+    /// Close a connection when its client certificate's notAfter passes. Default true.
+    pub close_at_cert_expiry: bool,
     /// The `[[ca]]` entries: more trust roots, each with a name an entry's `issuer` binds to.
     /// `ca_cert` and `crls` above are the CA named [`DEFAULT_CA_NAME`]. Default: none.
     pub extra_cas: Vec<CaFiles>,
@@ -348,6 +355,25 @@ pub struct ClientLimits {
     pub rate: RateLimit,
     /// Connections open at once; 0 means no cap. Default 0.
     pub max_concurrent: u32,
+}
+
+/// The `[reload]` section: reloads without a signal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reload {
+    /// Poll the config file and every file it names, and reload (as on SIGHUP) when one's
+    /// content changes. Default false.
+    pub watch: bool,
+    /// Time between two polls. Default 5s, at most 1h ([`MAX_WATCH_INTERVAL`]).
+    pub watch_interval: Duration,
+}
+
+impl Default for Reload {
+    fn default() -> Self {
+        Reload {
+            watch: false,
+            watch_interval: DEFAULT_WATCH_INTERVAL,
+        }
+    }
 }
 
 /// The `[health_check]` section.

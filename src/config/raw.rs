@@ -25,6 +25,8 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub(super) health_check: RawHealth,
     #[serde(default)]
+    pub(super) reload: RawReload,
+    #[serde(default)]
     pub(super) upstream: Vec<RawUpstream>,
     #[serde(default)]
     pub(super) group: Vec<RawGroup>,
@@ -51,6 +53,8 @@ pub(super) struct RawTls {
     pub(super) crls: Option<Vec<PathBuf>>,
     pub(super) crl_stale: Option<CrlStale>,
     pub(super) truncation: Option<Truncation>,
+    pub(super) enforce_on_reload: Option<bool>,
+    pub(super) close_at_cert_expiry: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -129,4 +133,11 @@ pub(super) struct RawGroupTls {
     pub(super) server_name: Option<String>,
     pub(super) client_cert: Option<PathBuf>,
     pub(super) client_key: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawReload {
+    pub(super) watch: Option<bool>,
+    pub(super) watch_interval: Option<String>,
 }

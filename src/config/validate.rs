@@ -23,6 +23,15 @@ pub(super) fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErro
     let limits = limits(raw.limits)?;
     let rate_limit = rate_limit_section(raw.rate_limit)?;
     let health_check = health_check(raw.health_check)?;
+    let reload = Reload {
+        watch: raw.reload.watch.unwrap_or(false),
+        watch_interval: duration(
+            "reload.watch_interval",
+            raw.reload.watch_interval,
+            DEFAULT_WATCH_INTERVAL,
+            MAX_WATCH_INTERVAL,
+        )?,
+    };
     let upstreams = upstreams(&raw.upstream)?;
     let groups: BTreeSet<&str> = upstreams.iter().map(|u| u.group.as_str()).collect();
     let ca_names: Vec<&str> = tls.extra_cas.iter().map(|c| c.name.as_str()).collect();
@@ -40,6 +49,7 @@ pub(super) fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErro
         limits,
         rate_limit,
         health_check,
+        reload,
         upstreams,
         clients,
         groups: group_entries,
@@ -228,6 +238,8 @@ fn tls(raw: RawTls, base: &Path) -> Result<TlsFiles, ConfigError> {
         crls,
         crl_stale: raw.crl_stale.unwrap_or_default(),
         truncation: raw.truncation.unwrap_or_default(),
+        enforce_on_reload: raw.enforce_on_reload.unwrap_or(true),
+        close_at_cert_expiry: raw.close_at_cert_expiry.unwrap_or(true),
         extra_cas: Vec::new(),
     })
 }
