@@ -317,6 +317,7 @@ impl Admission {
             .map_err(|r| r.of(&identity.name))?;
         Ok(Permit {
             identity,
+            not_after: names.not_after,
             allowed: policy.allowed.clone(),
             _open: entry.open,
             _client: client_slot,
@@ -380,6 +381,8 @@ impl Handshaking {
 pub struct Permit {
     /// The verified identity: its entry's name and the names it was matched by.
     pub identity: Identity,
+    /// The client certificate's notAfter, Unix seconds.
+    pub not_after: i64,
     /// The upstreams it may reach.
     pub allowed: Arc<[UpstreamId]>,
     _open: Open,

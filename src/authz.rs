@@ -100,6 +100,13 @@ impl Authorizer {
             .map(|(_, p)| p)
     }
 
+    /// Whether the entry named `name` may reach upstreams of `group`.
+    pub fn allows_group(&self, name: &str, group: &str) -> bool {
+        self.entries
+            .iter()
+            .any(|(e, _)| e.name == name && e.groups.iter().any(|g| g == group))
+    }
+
     /// The upstreams the entry named `name` may reach, or `None` when there is no such entry.
     pub fn allowed(&self, name: &str) -> Option<Arc<[UpstreamId]>> {
         self.policy(name).map(|p| p.allowed.clone())
@@ -186,6 +193,7 @@ groups = ["web2"]
             uri_sans: uris.iter().map(|s| s.to_string()).collect(),
             dns_sans: dns.iter().map(|s| s.to_string()).collect(),
             spki_sha256: KeyPin([9; 32]),
+            not_after: i64::MAX,
         }
     }
 

@@ -90,6 +90,9 @@ pub struct Client {
     /// What a PROXY v2 header tells an upstream of this client, for groups that send one;
     /// `None`: no header is sent, whatever the group says.
     pub proxy: Option<ProxyFacts>,
+    /// The client certificate's notAfter (Unix seconds), after which the connection is closed
+    /// when `tls.close_at_cert_expiry` is on; `None`: never.
+    pub not_after: Option<i64>,
 }
 
 /// Why a client was not forwarded.
@@ -187,6 +190,7 @@ impl Balancer {
                 weight: u.weight,
                 slow_start: u.slow_start,
                 tls: tls.peer(&u.name),
+                group: Arc::from(u.group.as_str()),
                 proxy_group: config
                     .group(&u.group)
                     .filter(|g| g.proxy_protocol == ProxyProtocol::V2)
@@ -294,7 +298,9 @@ impl Balancer {
         let (key, id) = (registration.key(), guard.id());
         let name = target.name.clone();
         let sessions = &self.sessions;
-        let on_start = |aborter| sessions.attach(key, id, aborter);
+        let not_after = client.not_after;
+        let group = target.group.clone();
+        let on_start = |aborter| sessions.attach(key, id, group, aborter, not_after);
         forward::forward(
             Connected {
                 tls: client.tls,

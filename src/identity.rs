@@ -66,6 +66,8 @@ pub struct CertNames {
     pub dns_sans: Vec<String>,
     /// SHA-256 of the DER SubjectPublicKeyInfo.
     pub spki_sha256: KeyPin,
+    /// The certificate's notAfter, Unix seconds.
+    pub not_after: i64,
 }
 
 fn printable(s: &str) -> bool {
@@ -102,6 +104,7 @@ impl CertNames {
             uri_sans,
             dns_sans,
             spki_sha256: KeyPin(pin),
+            not_after: parsed.validity().not_after.timestamp(),
         })
     }
 

@@ -55,6 +55,7 @@ mod admission;
 mod authz;
 mod balancer;
 mod buffers;
+mod enforce;
 mod explain;
 mod forward;
 mod health;

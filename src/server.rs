@@ -34,6 +34,7 @@ use crate::admission::{Admission, Handshaking, Permit, Refused};
 use crate::authz::Authorizer;
 use crate::balancer::{Balancer, BalancerOptions, Client, Session, Unbalanced};
 use crate::config::{Config, ConfigError, ProxyProtocol};
+use crate::enforce;
 use crate::forward::EndReason;
 use crate::health::{HealthChecker, ProbeSettings, TcpProbe};
 use crate::pool::ThreadPool;
@@ -212,8 +213,9 @@ impl Shared {
     }
 
     /// Re-reads the config at `path` and every file it names; if all is valid, new
-    /// connections use it from now on, and connections in flight are untouched. If anything
-    /// is wrong, the running config stays and the error is returned (and counted).
+    /// connections use it from now on, and (with `tls.enforce_on_reload`) connections in
+    /// flight that it refuses are closed. If anything is wrong, the running config stays and
+    /// the error is returned (and counted).
     pub fn reload(&self, path: &Path) -> Result<(), StartError> {
         let result = self.try_reload(path);
         match &result {
@@ -256,9 +258,23 @@ impl Shared {
         let settings = probe_settings(&config);
         let authz = Authorizer::from_config(&config, &ids);
         let runtime = Runtime::new(config, tls, authz);
-        *self.runtime.write() = Arc::new(runtime);
+        let enforce = runtime.config.tls.enforce_on_reload;
+        let sessions = self.balancer.sessions();
+        sessions.set_close_at_expiry(runtime.config.tls.close_at_cert_expiry);
+        let runtime = Arc::new(runtime);
+        *self.runtime.write() = Arc::clone(&runtime);
         if let Some(checker) = &*self.health.lock() {
             checker.set_settings(settings);
+        }
+        if enforce {
+            // After the swap: a connection admitted meanwhile was admitted by the new rules.
+            let closed = enforce::after_reload(sessions, runtime.tls(), &runtime.authz);
+            if !closed.is_empty() {
+                log::warn!(
+                    "reload: closed open connection(s) the new config refuses ({})",
+                    enforce::describe(&closed)
+                );
+            }
         }
         Ok(())
     }
@@ -351,6 +367,9 @@ impl Server {
         shared
             .start_health(&shared.runtime().config)
             .map_err(StartError::Thread)?;
+        let sessions = shared.balancer.sessions();
+        sessions.set_close_at_expiry(shared.runtime().config.tls.close_at_cert_expiry);
+        sessions.start_expiry().map_err(StartError::Thread)?;
         Ok(Server {
             listener,
             local_addr,
@@ -576,6 +595,7 @@ fn serve(shared: &Arc<Shared>, rt: &Runtime, accepted: Accepted, mut entry: Hand
         tls: conn,
         sock,
         proxy,
+        not_after: Some(permit.not_after),
     };
     let started = Instant::now();
     let (identity, allowed) = (permit.identity.name.clone(), permit.allowed.clone());

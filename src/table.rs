@@ -45,6 +45,9 @@ pub struct Upstream {
     pub slow_start: Duration,
     /// TLS toward it, when its group has `[group.tls]`; `None` (the default): plaintext.
     pub tls: Option<Arc<TlsPeer>>,
+    /// Its group (`""` when it is not from a config), which live enforcement checks a
+    /// connection's identity may still reach.
+    pub group: Arc<str>,
     /// Its group's name, when the group's `[[group]]` has `proxy_protocol = "v2"`: each
     /// connection starts with a PROXY v2 header (naming the group) and each probe with a
     /// LOCAL one. `None` (the default): no header.
@@ -60,6 +63,7 @@ impl Upstream {
             weight: 1,
             slow_start: Duration::ZERO,
             tls: None,
+            group: Arc::from(""),
             proxy_group: None,
         }
     }
@@ -77,6 +81,8 @@ pub struct Target {
     pub stats: Arc<UpstreamStats>,
     /// TLS toward it; `None`: plaintext.
     pub tls: Option<Arc<TlsPeer>>,
+    /// Its group.
+    pub group: Arc<str>,
     /// Its group, when connections to it start with a PROXY v2 header; `None`: no header.
     pub proxy_group: Option<Arc<str>>,
 }
@@ -121,6 +127,7 @@ struct Record {
     configured: bool,
     stats: Arc<UpstreamStats>,
     tls: Option<Arc<TlsPeer>>,
+    group: Arc<str>,
     proxy_group: Option<Arc<str>>,
 }
 
@@ -143,6 +150,7 @@ impl Record {
             configured: true,
             stats: Arc::default(),
             tls: spec.tls,
+            group: spec.group,
             proxy_group: spec.proxy_group,
         }
     }
@@ -169,6 +177,7 @@ impl Record {
             addrs: self.addrs.clone(),
             stats: self.stats.clone(),
             tls: self.tls.clone(),
+            group: self.group.clone(),
             proxy_group: self.proxy_group.clone(),
         }
     }
@@ -274,6 +283,7 @@ impl UpstreamTable {
                     r.weight = spec.weight.max(1);
                     r.slow_start = spec.slow_start;
                     r.tls = spec.tls;
+                    r.group = spec.group;
                     r.proxy_group = spec.proxy_group;
                     r.configured = true;
                     i

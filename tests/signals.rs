@@ -129,7 +129,7 @@ fn when_drain_timeout_passes_the_open_connection_is_closed_and_lclb_exits_zero()
 }
 
 #[test]
-fn sighup_rotates_the_server_certificate_and_the_client_ca_and_keeps_open_connections() {
+fn sighup_rotates_the_server_certificate_and_the_client_ca_and_closes_the_old_cas_connections() {
     let pki = Pki::new("rotate");
     let web1 = Upstream::start("web1", Mode::Echo);
     let lb = run(
@@ -176,7 +176,15 @@ fn sighup_rotates_the_server_certificate_and_the_client_ca_and_keeps_open_connec
         Outcome::Alert(AlertDescription::UnknownCA),
         "a client of the old CA is no longer trusted"
     );
-    echoes(&mut before, "still forwarding after the rotation");
+    // tls.enforce_on_reload (on by default): the open connection of the old CA's client is
+    // held to the new trust too, and closed with close_notify.
+    assert_eq!(
+        read_line(&mut before).unwrap(),
+        "",
+        "the old CA's open connection is closed"
+    );
+    assert!(lb.wait_line("end=untrusted").is_some());
+    echoes(&mut s, "the new CA's client is served");
 }
 
 #[test]

@@ -64,7 +64,7 @@ impl Farewell {
 impl Link {
     /// Ends this link cleanly for a reason that is not a failure: see [`close_links`].
     pub(super) fn close(&self, reason: EndReason) {
-        close_links(&[self], &reason);
+        close_links(&[(self, reason)]);
     }
 
     /// Records `reason` and seals close_notify for the client and, when it has TLS, the
@@ -96,7 +96,9 @@ impl Link {
                 sent: 0,
             });
         }
-        if let Some(up) = &self.up_tls {
+        // A client cut off (revoked, expired) gets no close_notify sent on its behalf: the
+        // upstream is reset instead (see close_links).
+        if let Some(up) = self.up_tls.as_ref().filter(|_| !reason.cuts_client_off()) {
             let mut record = Vec::new();
             let ticket = {
                 let mut sealer = up.lock();
@@ -116,19 +118,21 @@ impl Link {
     }
 }
 
-/// Ends `links` cleanly for `reason` (each keeps an earlier reason if it had one): close_notify
-/// to every client (and TLS upstream) whose socket takes it within one [`CLOSE_NOTIFY_WAIT`] in
-/// all, then both sockets of every link are shut down. Peers whose close_notify did not go out
-/// are reset.
-pub(super) fn close_links(links: &[&Link], reason: &EndReason) {
+/// Ends `links` cleanly, each for its reason (each keeps an earlier reason if it had one):
+/// close_notify to every client (and TLS upstream) whose socket takes it within one
+/// [`CLOSE_NOTIFY_WAIT`] in all, then both sockets of every link are shut down. Peers whose
+/// close_notify did not go out are reset. A link closed because its client was cut off
+/// ([`EndReason::cuts_client_off`]) resets its upstream, which must not take the stream it got
+/// for a complete one.
+pub(super) fn close_links(links: &[(&Link, EndReason)]) {
     let started = Instant::now();
     let mut waiting: Vec<(usize, Farewell)> = Vec::new();
     let mut claimed = Vec::with_capacity(links.len());
-    for (i, link) in links.iter().enumerate() {
+    for (i, (link, reason)) in links.iter().enumerate() {
         let Some(farewells) = link.seal_farewells(reason) else {
             continue;
         };
-        claimed.push(*link);
+        claimed.push((*link, reason));
         for mut farewell in farewells {
             if !farewell.try_send(link) {
                 waiting.push((i, farewell));
@@ -137,16 +141,20 @@ pub(super) fn close_links(links: &[&Link], reason: &EndReason) {
     }
     while !waiting.is_empty() && started.elapsed() < CLOSE_NOTIFY_WAIT {
         std::thread::sleep(RETRY);
-        waiting.retain_mut(|(i, farewell)| !farewell.try_send(links[*i]));
+        waiting.retain_mut(|(i, farewell)| !farewell.try_send(links[*i].0));
     }
     for (i, farewell) in &waiting {
         match farewell.side {
-            Side::Client => links[*i].reset_client_on_close(),
-            Side::Upstream => links[*i].reset_upstream_on_close(),
+            Side::Client => links[*i].0.reset_client_on_close(),
+            Side::Upstream => links[*i].0.reset_upstream_on_close(),
         }
     }
-    for link in claimed {
-        link.abort(reason.clone());
+    for (link, reason) in claimed {
+        if reason.cuts_client_off() {
+            link.reset_upstream(reason.clone());
+        } else {
+            link.abort(reason.clone());
+        }
     }
 }
 
@@ -180,7 +188,7 @@ mod tests {
             client_sock,
             ..
         } = parts();
-        close_links(&[&link], &EndReason::IdleTimeout);
+        close_links(&[(&link, EndReason::IdleTimeout)]);
         assert_eq!(*link.end.lock(), Some(EndReason::IdleTimeout));
         let mut sock = &client_sock;
         while client.read_tls(&mut sock).unwrap() > 0 {
@@ -198,7 +206,7 @@ mod tests {
             ..
         } = parts();
         stall(&link);
-        close_links(&[&link], &EndReason::Shutdown);
+        close_links(&[(&link, EndReason::Shutdown)]);
         assert_eq!(*link.end.lock(), Some(EndReason::Shutdown));
         drop(link);
         let e = client_sock.read_to_end(&mut Vec::new()).unwrap_err();
@@ -213,7 +221,8 @@ mod tests {
         }
         let links: Vec<&Link> = all.iter().map(|p| &*p.link).collect();
         let started = Instant::now();
-        close_links(&links, &EndReason::Shutdown);
+        let links: Vec<_> = links.iter().map(|l| (*l, EndReason::Shutdown)).collect();
+        close_links(&links);
         let took = started.elapsed();
         // One wait each would be 20 of them (4 s); the bound leaves a loaded machine 4x slack
         // over the single wait that is expected.
@@ -225,7 +234,7 @@ mod tests {
     #[test]
     fn nothing_is_sealed_after_the_close_notify() {
         let Parts { link, .. } = parts();
-        close_links(&[&link], &EndReason::Shutdown);
+        close_links(&[(&link, EndReason::Shutdown)]);
         let mut sealer = link.tls.lock();
         assert!(sealer.is_closed());
         // A second close_notify is not queued either.

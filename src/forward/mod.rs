@@ -118,9 +118,33 @@ pub enum EndReason {
     UpstreamDown,
     /// The balancer stopped and the drain timeout passed.
     Shutdown,
+    /// A reload's CRLs revoke the client's certificate (`tls.enforce_on_reload`).
+    Revoked,
+    /// After a reload, no `[[client]]` entry matches the certificate, or the one that does
+    /// may not reach this upstream (`tls.enforce_on_reload`).
+    Unauthorized,
+    /// After a reload, the certificate's chain no longer ends at a configured root
+    /// (`tls.enforce_on_reload`).
+    Untrusted,
+    /// The client certificate's notAfter passed while the connection was open
+    /// (`tls.close_at_cert_expiry`).
+    CertExpired,
 }
 
 impl EndReason {
+    /// Whether closing for this reason cuts the client's stream short in a way the upstream
+    /// must not take for a complete one: the client lost its right to the connection, so the
+    /// upstream is reset rather than given a FIN or close_notify.
+    pub fn cuts_client_off(&self) -> bool {
+        matches!(
+            self,
+            EndReason::Revoked
+                | EndReason::Unauthorized
+                | EndReason::Untrusted
+                | EndReason::CertExpired
+        )
+    }
+
     /// A short name for logs and metrics.
     pub fn as_str(&self) -> &'static str {
         match self {
@@ -135,6 +159,10 @@ impl EndReason {
             EndReason::Spawn(_) => "spawn_failed",
             EndReason::UpstreamDown => "upstream_down",
             EndReason::Shutdown => "shutdown",
+            EndReason::Revoked => "revoked",
+            EndReason::Unauthorized => "unauthorized",
+            EndReason::Untrusted => "untrusted",
+            EndReason::CertExpired => "cert_expired",
         }
     }
 }
@@ -170,6 +198,18 @@ pub struct ForwardReport {
 pub struct Aborter(Arc<Link>);
 
 impl Aborter {
+    /// The client's certificate chain (leaf first), as its TLS session holds it; for checking
+    /// an open connection against a reloaded config. Locks the session a moment, never across
+    /// a socket call.
+    pub fn peer_certificates(&self) -> Option<Vec<rustls::pki_types::CertificateDer<'static>>> {
+        self.0
+            .tls
+            .lock()
+            .conn
+            .peer_certificates()
+            .map(<[_]>::to_vec)
+    }
+
     /// Sends the client (and a TLS upstream) close_notify, if it can within a moment, and shuts
     /// both sockets down; the connection ends with `reason` unless it already failed. To end
     /// many connections, `close_all` takes one such moment for all of them.
@@ -190,8 +230,15 @@ impl fmt::Debug for Aborter {
 /// then every connection is shut down, and clients that did not take their alert are reset.
 /// For drains and for closing an upstream's connections when it goes DOWN.
 pub fn close_all(links: Vec<Aborter>, reason: EndReason) {
-    let links: Vec<&Link> = links.iter().map(|a| &*a.0).collect();
-    close::close_links(&links, &reason);
+    let links: Vec<(&Link, EndReason)> = links.iter().map(|a| (&*a.0, reason.clone())).collect();
+    close::close_links(&links);
+}
+
+/// Ends each connection of `links` for its own reason, as [`close_all`] does, in the same one
+/// wait for them all.
+pub fn close_each(links: Vec<(Aborter, EndReason)>) {
+    let links: Vec<(&Link, EndReason)> = links.iter().map(|(a, r)| (&*a.0, r.clone())).collect();
+    close::close_links(&links);
 }
 
 /// A client and the upstream it was given, ready to be joined.
