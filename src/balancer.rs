@@ -24,7 +24,7 @@ use crate::forward::{
 };
 use crate::pool::ThreadPool;
 use crate::proxy::{self, ProxyFacts};
-use crate::sessions::Sessions;
+use crate::sessions::{SessionInfo, Sessions};
 use crate::table::{Flip, Upstream, UpstreamId, UpstreamTable};
 use crate::upstream::{self, GroupTls};
 
@@ -298,9 +298,13 @@ impl Balancer {
         let (key, id) = (registration.key(), guard.id());
         let name = target.name.clone();
         let sessions = &self.sessions;
-        let not_after = client.not_after;
-        let group = target.group.clone();
-        let on_start = |aborter| sessions.attach(key, id, group, aborter, not_after);
+        let info = SessionInfo {
+            upstream: id,
+            group: target.group.clone(),
+            client: Arc::from(client_id),
+            not_after: client.not_after,
+        };
+        let on_start = |aborter| sessions.attach(key, info, aborter);
         forward::forward(
             Connected {
                 tls: client.tls,

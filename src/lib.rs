@@ -92,7 +92,7 @@ pub use proxy::{
 };
 pub use ratelimit::{Clock, RateLimiter, SystemClock};
 pub use server::{Runtime, Server, Shared, ShutdownHandle, StartError};
-pub use sessions::{Registration, Sessions};
+pub use sessions::{Registration, SessionInfo, Sessions};
 pub use stats::{HandshakeHistogram, Refusal, Stats, UpstreamStats};
 pub use table::{ConnGuard, Flip, Target, Upstream, UpstreamId, UpstreamTable, UpstreamView};
 pub use threads::{

@@ -42,6 +42,8 @@ pub struct Sessions {
 struct Entry {
     upstream: UpstreamId,
     group: Arc<str>,
+    /// The client's identity (its `[[client]]` name).
+    client: Arc<str>,
     aborter: Aborter,
     not_after: Option<i64>,
 }
@@ -51,6 +53,20 @@ struct Live {
     entries: HashMap<u64, Entry>,
     /// (notAfter, key) of the entries that have one, earliest first.
     expiries: BTreeSet<(i64, u64)>,
+}
+
+/// What a forwarded connection is, for the registry: where it goes and whose it is.
+#[derive(Debug, Clone)]
+pub struct SessionInfo {
+    /// The upstream it was given.
+    pub upstream: UpstreamId,
+    /// That upstream's group.
+    pub group: Arc<str>,
+    /// The client's identity (its `[[client]]` name).
+    pub client: Arc<str>,
+    /// The client certificate's notAfter, Unix seconds; `None`: it is never closed for
+    /// expiry.
+    pub not_after: Option<i64>,
 }
 
 /// Now, in Unix seconds.
@@ -98,17 +114,16 @@ impl Sessions {
         }
     }
 
-    /// Records the forwarded connection reserved as `key` on `upstream` (of `group`), with the
-    /// handle that ends it and its client certificate's notAfter (Unix seconds). Called before
-    /// the connection's first byte is copied.
-    pub fn attach(
-        &self,
-        key: u64,
-        upstream: UpstreamId,
-        group: Arc<str>,
-        aborter: Aborter,
-        not_after: Option<i64>,
-    ) {
+    /// Records the forwarded connection reserved as `key`: `session` says on which upstream
+    /// (of which group), whose it is and when its client certificate expires; `aborter` ends
+    /// it. Called before the connection's first byte is copied.
+    pub fn attach(&self, key: u64, session: SessionInfo, aborter: Aborter) {
+        let SessionInfo {
+            upstream,
+            group,
+            client,
+            not_after,
+        } = session;
         let earliest = {
             let mut live = self.live.lock();
             let before = live.expiries.first().map(|(at, _)| *at);
@@ -117,6 +132,7 @@ impl Sessions {
                 Entry {
                     upstream,
                     group,
+                    client,
                     aborter,
                     not_after,
                 },
@@ -239,6 +255,20 @@ impl Sessions {
             forward::close_all(doomed, EndReason::CertExpired);
         }
         (n, next)
+    }
+
+    /// For each identity with connections open, the earliest notAfter among their client
+    /// certificates (Unix seconds): when the first of them will be closed for expiry.
+    pub fn earliest_expiry_by_client(&self) -> HashMap<Arc<str>, i64> {
+        let live = self.live.lock();
+        let mut out: HashMap<Arc<str>, i64> = HashMap::new();
+        for e in live.entries.values() {
+            if let Some(at) = e.not_after {
+                let slot = out.entry(e.client.clone()).or_insert(at);
+                *slot = (*slot).min(at);
+            }
+        }
+        out
     }
 
     /// Sessions being forwarded now.
