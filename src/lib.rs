@@ -72,6 +72,7 @@ mod table;
 mod threads;
 mod tls;
 mod upstream;
+mod watch;
 
 // The library's whole interface, in one place.
 pub use access::{format as log_format, json_line, TARGET as ACCESS_LOG_TARGET};
@@ -104,6 +105,7 @@ pub use tls::{
     SessionCache, TlsContext,
 };
 pub use upstream::{GroupTls, TlsPeer, UpstreamTls};
+pub use watch::{ReloadRequests, Watcher};
 
 /// Helpers shared by the unit tests.
 #[cfg(test)]

@@ -161,7 +161,9 @@ fn run(command: Command) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 Some(addr) => Some(MetricsServer::spawn(addr, server.shared())?),
                 None => None,
             };
-            handle_signals(&server, config)?;
+            // Every reload runs on the watch thread, so two never interleave.
+            let watcher = lclb::Watcher::spawn(server.shared(), config)?;
+            handle_signals(&server, watcher.requests())?;
             server.run();
         }
     }
@@ -186,12 +188,11 @@ fn raise_fd_limit(max_connections: usize) {
     }
 }
 
-/// SIGHUP reloads; the first SIGTERM/SIGINT drains, a second one exits at once. The thread
-/// lives as long as the process.
-fn handle_signals(server: &Server, config: PathBuf) -> std::io::Result<()> {
+/// SIGHUP asks for a reload; the first SIGTERM/SIGINT drains, a second one exits at once. The
+/// thread lives as long as the process.
+fn handle_signals(server: &Server, reloads: lclb::ReloadRequests) -> std::io::Result<()> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGHUP, SIGTERM, SIGINT])?;
-    let shared = server.shared();
     let shutdown = server.shutdown_handle();
     std::thread::Builder::new()
         .name("lclb-signals".into())
@@ -199,9 +200,7 @@ fn handle_signals(server: &Server, config: PathBuf) -> std::io::Result<()> {
             let mut stopping = false;
             for signal in signals.forever() {
                 match signal {
-                    SIGHUP => {
-                        let _ = shared.reload(&config);
-                    }
+                    SIGHUP => reloads.reload(),
                     _ if stopping => {
                         log::warn!("second stop signal: exiting without waiting for the drain");
                         std::process::exit(128 + signal);

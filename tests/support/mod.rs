@@ -1798,3 +1798,37 @@ impl Issued {
 pub fn group_tls_section(group: &str, ca_cert: &Path, lines: &str) -> String {
     format!("[[group]]\nname = {group:?}\n[group.tls]\nca_cert = {ca_cert:?}\n{lines}")
 }
+
+impl Process {
+    /// Runs the lclb binary on `config` with `RUST_LOG=filter` (such as
+    /// `"info,lclb::watch=debug"`). [`Process::spawn`] sets `RUST_LOG=info`, so the filter
+    /// goes through env(1), which then runs lclb in its own place: the child's pid is lclb's,
+    /// and [`Process::signal`] reaches it.
+    pub fn start_with_log(bin: &str, config: &Path, filter: &str) -> Process {
+        let mut command = Command::new("env");
+        command
+            .arg(format!("RUST_LOG={filter}"))
+            .arg(bin)
+            .arg("--config")
+            .arg(config);
+        Process::spawn(command)
+    }
+}
+
+/// Writes `text` to `path` the way an atomic deploy does: to a sibling file, renamed over
+/// `path`, so a reader sees the old content or the new, never part of it.
+pub fn write_atomically(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp-write");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// Points the symlink `link` at `target` the way Kubernetes updates a mounted secret's
+/// `..data` link: a new symlink beside it, renamed over it in one step.
+#[cfg(unix)]
+pub fn swap_symlink(link: &Path, target: &Path) {
+    let tmp = link.with_extension("tmp-link");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(target, &tmp).unwrap();
+    std::fs::rename(&tmp, link).unwrap();
+}
