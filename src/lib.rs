@@ -35,7 +35,9 @@
 //! Beside that path: `config` (the file, in two stages), `ratelimit` (token buckets), `health`
 //! (the prober thread), `sessions` (the forwarded connections that health, drain and reload can
 //! end), `refusal_log` (refusal lines without flood or stall), `metrics` (the Prometheus
-//! endpoint), `stats` (counters and the refusal reasons), `threads` (the thread budget),
+//! endpoint), `watch` (the reload thread: SIGHUP's reloads and watched files), `enforce`
+//! (open connections held to a reloaded config), `proxy` (the PROXY protocol codec),
+//! `upstream` (TLS toward upstreams), `stats` (counters and the refusal reasons), `threads` (the thread budget),
 //! `pool` (reused threads), `buffers` (read buffers lent while data flows). Modules are private;
 //! the interface is re-exported here, and `cargo doc --document-private-items` shows each
 //! module's own documentation.

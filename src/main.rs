@@ -33,7 +33,8 @@ intermediates) would be admitted now: the chain's verdict and its CA, each
 upstreams and limits. Exit 0 if admitted, 1 if refused, 2 on a usage or config
 error. --json prints one JSON object instead.
 
-Signals: SIGHUP reloads the config (a bad one is refused and the old one kept);
+Signals: SIGHUP reloads the config (a bad one is refused and the old one kept; with
+[reload] watch = true, file changes reload too);
 SIGTERM or SIGINT stops accepting and drains (a second one exits at once).
 Logging: RUST_LOG=debug|info|warn|error (default info); log_format = \"json\" in the
 config for one JSON object per line.

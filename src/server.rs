@@ -176,6 +176,8 @@ pub struct Shared {
     conn_pool: ThreadPool,
     /// TLS sessions, kept across reloads so that clients keep resuming.
     tls_sessions: SessionCache,
+    /// Held while a reload validates and swaps: one at a time.
+    reloading: Mutex<()>,
 }
 
 fn probe_settings(config: &Config) -> ProbeSettings {
@@ -217,7 +219,16 @@ impl Shared {
     /// flight that it refuses are closed. If anything is wrong, the running config stays and
     /// the error is returned (and counted).
     pub fn reload(&self, path: &Path) -> Result<(), StartError> {
-        let result = self.try_reload(path);
+        // One reload at a time (SIGHUP, the watcher, a library caller): two interleaved could
+        // leave the table of one config beside the authorization of the other.
+        let result = {
+            let _one = self.reloading.lock();
+            self.try_reload(path)
+        };
+        if let Ok(runtime) = &result {
+            self.enforce(runtime);
+        }
+        let result = result.map(|_| ());
         match &result {
             Ok(()) => {
                 self.stats.reloads_ok.fetch_add(1, Ordering::Relaxed);
@@ -231,7 +242,24 @@ impl Shared {
         result
     }
 
-    fn try_reload(&self, path: &Path) -> Result<(), StartError> {
+    /// Holds the open connections to `runtime`, just swapped in, when its
+    /// `tls.enforce_on_reload` says so. After the swap, so that a connection admitted
+    /// meanwhile was admitted by the new rules; outside the reload lock, since closing takes
+    /// a close wait.
+    fn enforce(&self, runtime: &Runtime) {
+        if !runtime.config.tls.enforce_on_reload {
+            return;
+        }
+        let closed = enforce::after_reload(self.balancer.sessions(), runtime.tls(), &runtime.authz);
+        if !closed.is_empty() {
+            log::warn!(
+                "reload: closed open connection(s) the new config refuses ({})",
+                enforce::describe(&closed)
+            );
+        }
+    }
+
+    fn try_reload(&self, path: &Path) -> Result<Arc<Runtime>, StartError> {
         let config = Config::load(path)?;
         let tls = TlsContext::load_with(&config.tls, &self.tls_sessions)?;
         let upstreams = Balancer::upstreams_from_config(&config, &GroupTls::load(&config)?);
@@ -258,25 +286,15 @@ impl Shared {
         let settings = probe_settings(&config);
         let authz = Authorizer::from_config(&config, &ids);
         let runtime = Runtime::new(config, tls, authz);
-        let enforce = runtime.config.tls.enforce_on_reload;
-        let sessions = self.balancer.sessions();
-        sessions.set_close_at_expiry(runtime.config.tls.close_at_cert_expiry);
+        self.balancer
+            .sessions()
+            .set_close_at_expiry(runtime.config.tls.close_at_cert_expiry);
         let runtime = Arc::new(runtime);
         *self.runtime.write() = Arc::clone(&runtime);
         if let Some(checker) = &*self.health.lock() {
             checker.set_settings(settings);
         }
-        if enforce {
-            // After the swap: a connection admitted meanwhile was admitted by the new rules.
-            let closed = enforce::after_reload(sessions, runtime.tls(), &runtime.authz);
-            if !closed.is_empty() {
-                log::warn!(
-                    "reload: closed open connection(s) the new config refuses ({})",
-                    enforce::describe(&closed)
-                );
-            }
-        }
-        Ok(())
+        Ok(runtime)
     }
 }
 
@@ -363,6 +381,7 @@ impl Server {
             ),
             runtime: RwLock::new(Arc::new(runtime)),
             tls_sessions,
+            reloading: Mutex::new(()),
         });
         shared
             .start_health(&shared.runtime().config)
