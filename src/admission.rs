@@ -116,7 +116,8 @@ pub struct Admission {
     ip_handshakes: Mutex<HashMap<IpAddr, u32>>,
     ip_rate: RateLimiter<IpAddr>,
     client_rate: RateLimiter<String>,
-    /// Connections open per identity, for `max_concurrent` (HAProxy's `sc_conn_cur`).
+    /// Connections open per identity, for `max_concurrent` (HAProxy's `sc_conn_cur`) and
+    /// `/status`; an identity leaves the map with its last connection.
     client_open: Mutex<HashMap<String, u32>>,
     /// Open connections the process's thread limit leaves room for (`usize::MAX`: no limit).
     thread_cap: AtomicUsize,
@@ -324,27 +325,33 @@ impl Admission {
         })
     }
 
-    fn take_client_slot(
-        self: &Arc<Self>,
-        identity: &str,
-        max: u32,
-    ) -> Result<Option<ClientSlot>, Refused> {
-        if max == 0 {
-            return Ok(None);
-        }
+    /// Counts a connection of `identity`, refused if `max` (0: no cap) are open already.
+    /// Counted even without a cap, for [`Admission::open_connections`].
+    fn take_client_slot(self: &Arc<Self>, identity: &str, max: u32) -> Result<ClientSlot, Refused> {
         let mut open = self.client_open.lock();
         let n = open.entry(identity.to_string()).or_insert(0);
-        if *n >= max {
+        if max > 0 && *n >= max {
             return Err(Refused::new(
                 Refusal::ConcurrencyLimited,
                 format_args!("client already has {max} connections open (max_concurrent)"),
             ));
         }
         *n += 1;
-        Ok(Some(ClientSlot {
+        Ok(ClientSlot {
             admission: Arc::clone(self),
             identity: identity.to_string(),
-        }))
+        })
+    }
+
+    /// Connections `identity` has open now (admitted, not yet ended).
+    pub fn open_connections(&self, identity: &str) -> u32 {
+        self.client_open.lock().get(identity).copied().unwrap_or(0)
+    }
+
+    /// The tokens left in `identity`'s rate bucket under `limit`, without taking one: a full
+    /// bucket (`limit.burst`) for an identity not seen lately.
+    pub fn tokens_left(&self, identity: &str, limit: RateLimit) -> f64 {
+        self.client_rate.peek(identity, limit)
     }
 
     /// Identities with a rate-limit bucket in memory now.
@@ -386,7 +393,7 @@ pub struct Permit {
     /// The upstreams it may reach.
     pub allowed: Arc<[UpstreamId]>,
     _open: Open,
-    _client: Option<ClientSlot>,
+    _client: ClientSlot,
 }
 
 /// One unit of `active_clients`.
@@ -635,17 +642,22 @@ mod tests {
     fn a_client_slot_is_capped_and_given_back() {
         let (a, _) = admission();
         let one = a.take_client_slot("c", 1).unwrap();
-        assert!(one.is_some());
         assert_eq!(
             a.take_client_slot("c", 1).unwrap_err().reason,
             Refusal::ConcurrencyLimited
         );
-        assert!(a.take_client_slot("other", 1).unwrap().is_some());
+        assert!(a.take_client_slot("other", 1).is_ok());
         drop(one);
-        assert!(a.take_client_slot("c", 1).unwrap().is_some());
+        assert!(a.take_client_slot("c", 1).is_ok());
+        let uncapped: Vec<_> = (0..3)
+            .map(|_| a.take_client_slot("c", 0).unwrap())
+            .collect();
+        assert_eq!(a.open_connections("c"), 3, "0: no cap, still counted");
+        drop(uncapped);
+        assert_eq!(a.open_connections("c"), 0);
         assert!(
-            a.take_client_slot("c", 0).unwrap().is_none(),
-            "0: no cap, not tracked"
+            a.client_open.lock().is_empty(),
+            "a name leaves with its last connection"
         );
     }
 }

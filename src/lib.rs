@@ -94,16 +94,18 @@ pub use proxy::{
     Proxied, ProxyError, ProxyFacts, MAX_V2_LENGTH,
 };
 pub use ratelimit::{Clock, RateLimiter, SystemClock};
-pub use server::{Runtime, Server, Shared, ShutdownHandle, StartError};
+pub use server::{Loaded, Runtime, Server, Shared, ShutdownHandle, StartError};
 pub use sessions::{Registration, SessionInfo, Sessions};
-pub use stats::{HandshakeHistogram, Refusal, Stats, UpstreamStats};
-pub use table::{ConnGuard, Flip, Target, Upstream, UpstreamId, UpstreamTable, UpstreamView};
+pub use stats::{ClientRefusals, ClientRefused, HandshakeHistogram, Refusal, Stats, UpstreamStats};
+pub use table::{
+    ConnGuard, Flip, StateChange, Target, Upstream, UpstreamId, UpstreamTable, UpstreamView,
+};
 pub use threads::{
     connection_cap, thread_limit, LimitSource, ThreadLimit, RESERVED_THREADS,
     THREADS_PER_CONNECTION,
 };
 pub use tls::{
-    install_default_provider, provider, ClientTrust, CrlInfo, HandshakeError, PeerError,
+    install_default_provider, provider, CertInfo, ClientTrust, CrlInfo, HandshakeError, PeerError,
     SessionCache, TlsContext,
 };
 pub use upstream::{GroupTls, TlsPeer, UpstreamTls};

@@ -15,6 +15,7 @@ lclb: a least-connection TCP load balancer with mutual TLS
 
 Usage: lclb [--config PATH] [--check-config | --print-default-config]
        lclb explain [--config PATH] --cert CLIENT.pem [--chain INTERMEDIATES.pem] [--json]
+       lclb status [--config PATH | --url URL] [--healthz]
 
 Options:
   -c, --config PATH         config file (default: lclb.toml); relative paths inside it
@@ -32,6 +33,14 @@ intermediates) would be admitted now: the chain's verdict and its CA, each
 [[client]] entry tried and why it did not match, the entry that does, its groups,
 upstreams and limits. Exit 0 if admitted, 1 if refused, 2 on a usage or config
 error. --json prints one JSON object instead.
+
+status: asks a running lclb for its /status (on metrics_listen) and prints it as a
+table: upstreams and their state, clients and their refusals. The address is
+--url (http://HOST:PORT), else the config's metrics_listen (the config is
+lclb.toml by default; without that file, http://127.0.0.1:9100). --healthz asks
+/healthz instead: exit 0 if lclb accepts connections, 1 if it is draining or
+cannot be reached (for a container HEALTHCHECK). Exit 2 on a usage or config
+error.
 
 Signals: SIGHUP reloads the config (a bad one is refused and the old one kept; with
 [reload] watch = true, file changes reload too);
@@ -56,8 +65,55 @@ enum Command {
         chain: Option<PathBuf>,
         json: bool,
     },
+    Status {
+        source: StatusSource,
+        healthz: bool,
+    },
     Help,
     Version,
+}
+
+/// Where `lclb status` finds the running lclb.
+#[derive(Debug, PartialEq)]
+enum StatusSource {
+    /// `--url`.
+    Url(String),
+    /// `--config PATH`: its `metrics_listen`; `explicit` is false for the default path,
+    /// which may be missing.
+    Config { path: PathBuf, explicit: bool },
+}
+
+fn parse_status(args: impl Iterator<Item = String>) -> Result<Command, String> {
+    let (mut url, mut config, mut healthz) = (None, None, false);
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        let mut value = |what: &str| args.next().ok_or_else(|| format!("{arg} needs {what}"));
+        match arg.as_str() {
+            "-c" | "--config" => config = Some(PathBuf::from(value("a file path")?)),
+            "--url" => url = Some(value("a URL such as http://127.0.0.1:9100")?),
+            "--healthz" => healthz = true,
+            other => {
+                return Err(format!(
+                    "status: unknown argument {other:?} (see lclb --help)"
+                ))
+            }
+        }
+    }
+    let source = match (url, config) {
+        (Some(_), Some(_)) => {
+            return Err("status takes --config or --url, not both (see lclb --help)".into())
+        }
+        (Some(url), None) => StatusSource::Url(url),
+        (None, Some(path)) => StatusSource::Config {
+            path,
+            explicit: true,
+        },
+        (None, None) => StatusSource::Config {
+            path: PathBuf::from(lclb::config::DEFAULT_CONFIG_PATH),
+            explicit: false,
+        },
+    };
+    Ok(Command::Status { source, healthz })
 }
 
 fn parse_explain(args: impl Iterator<Item = String>) -> Result<Command, String> {
@@ -95,9 +151,16 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, String>
     let mut config = PathBuf::from(lclb::config::DEFAULT_CONFIG_PATH);
     let mut check = false;
     let mut args = args.into_iter().peekable();
-    if args.peek().map(String::as_str) == Some("explain") {
-        args.next();
-        return parse_explain(args);
+    match args.peek().map(String::as_str) {
+        Some("explain") => {
+            args.next();
+            return parse_explain(args);
+        }
+        Some("status") => {
+            args.next();
+            return parse_status(args);
+        }
+        _ => {}
     }
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -139,6 +202,7 @@ fn run(command: Command) -> Result<ExitCode, Box<dyn std::error::Error>> {
             chain,
             json,
         } => return Ok(explain(&config, &cert, chain.as_deref(), json)),
+        Command::Status { source, healthz } => return Ok(status::run(&source, healthz)),
         Command::Check { config } => {
             let loaded = Config::load(&config)?;
             lclb::TlsContext::load(&loaded.tls)?;
@@ -322,6 +386,225 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     Ok(certs)
 }
 
+/// `lclb status`: one GET to a running lclb's metrics server, over a plain `TcpStream`.
+mod status {
+    use std::io::{self, Read, Write};
+    use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+    use std::process::ExitCode;
+    use std::time::{Duration, Instant};
+
+    use super::StatusSource;
+    use lclb::Config;
+
+    /// Where lclb is asked when neither `--url` nor a config says: the address the default
+    /// config's comment suggests for `metrics_listen`.
+    const DEFAULT_URL: &str = "http://127.0.0.1:9100";
+    /// Bound on the TCP connect to each address.
+    const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+    /// Bound on the whole exchange once connected; lclb itself cuts a request at 2 s.
+    const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(5);
+    /// Largest answer read: /status of tens of thousands of clients fits.
+    const MAX_ANSWER: u64 = 64 * 1024 * 1024;
+
+    /// A metrics server to ask: the URL as shown in messages, its `Host`, its addresses.
+    #[derive(Debug)]
+    pub(super) struct Target {
+        pub url: String,
+        host: String,
+        addrs: Vec<SocketAddr>,
+    }
+
+    /// Prints `/status` as a table (exit 0), or with `healthz` asks `/healthz` (exit 0 on
+    /// 200, else 1). Exit 1 when lclb cannot be reached, 2 when the URL or config is unusable.
+    pub(super) fn run(source: &StatusSource, healthz: bool) -> ExitCode {
+        let target = match target_of(source) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("lclb: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        let path = if healthz {
+            "/healthz"
+        } else {
+            "/status?format=text"
+        };
+        match get(&target, path) {
+            Err(e) => {
+                eprintln!("lclb: cannot reach lclb at {}: {e}", target.url);
+                ExitCode::FAILURE
+            }
+            Ok((200, body)) => {
+                print!("{body}");
+                ExitCode::SUCCESS
+            }
+            Ok((code, body)) if healthz => {
+                print!("{body}");
+                eprintln!("lclb: {}{path} answered {code}", target.url);
+                ExitCode::FAILURE
+            }
+            Ok((code, body)) => {
+                eprintln!(
+                    "lclb: {}{path} answered {code}: {}",
+                    target.url,
+                    body.trim_end()
+                );
+                ExitCode::FAILURE
+            }
+        }
+    }
+
+    pub(super) fn target_of(source: &StatusSource) -> Result<Target, String> {
+        match source {
+            StatusSource::Url(url) => parse_url(url),
+            StatusSource::Config { path, explicit } => {
+                if !explicit && !path.exists() {
+                    return parse_url(DEFAULT_URL);
+                }
+                let config = Config::load(path).map_err(|e| e.to_string())?;
+                let Some(addr) = config.metrics_listen else {
+                    return Err(format!(
+                        "{} sets no metrics_listen, so lclb serves no /status; set it, or pass \
+                         --url",
+                        path.display()
+                    ));
+                };
+                if addr.port() == 0 {
+                    return Err(format!(
+                        "{} has metrics_listen on port 0, which lclb picks at start; pass --url \
+                         with the port it logged",
+                        path.display()
+                    ));
+                }
+                parse_url(&format!("http://{}", reachable(addr)))
+            }
+        }
+    }
+
+    /// Where to connect for a server bound to `addr`: loopback for an unspecified address.
+    fn reachable(mut addr: SocketAddr) -> SocketAddr {
+        if addr.ip().is_unspecified() {
+            addr.set_ip(match addr {
+                SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        addr
+    }
+
+    /// `http://HOST[:PORT][/]`: the metrics server's root; the port defaults to 80.
+    pub(super) fn parse_url(url: &str) -> Result<Target, String> {
+        let bad = |why: &str| format!("--url {url:?}: {why}");
+        let rest = match url.split_once("://") {
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => rest,
+            Some((scheme, _)) => {
+                return Err(bad(&format!(
+                    "{scheme}:// is not supported; lclb's metrics server speaks plain http://"
+                )))
+            }
+            None => return Err(bad("expected http://HOST:PORT")),
+        };
+        let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+        if !path.is_empty() {
+            return Err(bad(
+                "give the server's root (http://HOST:PORT); /status and /healthz are added",
+            ));
+        }
+        if authority.is_empty() {
+            return Err(bad("no host"));
+        }
+        let has_port = match authority.rsplit_once(':') {
+            Some((host, _)) => !host.starts_with('[') || host.ends_with(']'),
+            None => false,
+        };
+        let with_port = if has_port {
+            authority.to_string()
+        } else {
+            format!("{authority}:80")
+        };
+        let addrs: Vec<SocketAddr> = with_port
+            .to_socket_addrs()
+            .map_err(|e| bad(&format!("cannot resolve {with_port}: {e}")))?
+            .collect();
+        if addrs.is_empty() {
+            return Err(bad(&format!("{with_port} resolves to no address")));
+        }
+        Ok(Target {
+            url: format!("http://{authority}"),
+            host: authority.to_string(),
+            addrs,
+        })
+    }
+
+    /// GETs `path` from `target`: the status code and the body. The server closes the
+    /// connection after its answer, so the body is what comes before that close.
+    fn get(target: &Target, path: &str) -> io::Result<(u16, String)> {
+        let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
+        let mut conn = None;
+        for addr in &target.addrs {
+            match TcpStream::connect_timeout(addr, CONNECT_TIMEOUT) {
+                Ok(c) => {
+                    conn = Some(c);
+                    break;
+                }
+                Err(e) => last = e,
+            }
+        }
+        let mut conn = conn.ok_or(last)?;
+        let started = Instant::now();
+        let deadline = started.checked_add(EXCHANGE_TIMEOUT).unwrap_or(started);
+        let left = || {
+            Some(deadline.saturating_duration_since(Instant::now()))
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| io::Error::new(io::ErrorKind::TimedOut, "no answer in time"))
+        };
+        conn.set_write_timeout(Some(left()?))?;
+        let request = format!(
+            "GET {path} HTTP/1.0\r\nHost: {}\r\nUser-Agent: lclb/{}\r\nConnection: close\r\n\r\n",
+            target.host,
+            env!("CARGO_PKG_VERSION")
+        );
+        conn.write_all(request.as_bytes())?;
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            conn.set_read_timeout(Some(left()?))?;
+            match conn.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    answer.extend_from_slice(&buf[..n]);
+                    if answer.len() as u64 > MAX_ANSWER {
+                        return Err(io::Error::other("answer too large"));
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        parse_answer(&answer)
+    }
+
+    /// The status code and body of an HTTP/1.x answer.
+    pub(super) fn parse_answer(answer: &[u8]) -> io::Result<(u16, String)> {
+        let not_http = || io::Error::new(io::ErrorKind::InvalidData, "the answer is not HTTP");
+        let end = answer
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .ok_or_else(not_http)?;
+        let head = String::from_utf8_lossy(&answer[..end]);
+        let mut status_line = head.lines().next().unwrap_or("").split_whitespace();
+        if !status_line.next().is_some_and(|v| v.starts_with("HTTP/1.")) {
+            return Err(not_http());
+        }
+        let code = status_line
+            .next()
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(not_http)?;
+        let body = String::from_utf8_lossy(&answer[end + 4..]).into_owned();
+        Ok((code, body))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -395,5 +678,113 @@ mod tests {
         assert!(parse(&["--frobnicate"])
             .unwrap_err()
             .contains("--frobnicate"));
+    }
+
+    #[test]
+    fn status_takes_a_config_or_a_url_and_healthz() {
+        assert_eq!(
+            parse(&["status"]),
+            Ok(Command::Status {
+                source: StatusSource::Config {
+                    path: "lclb.toml".into(),
+                    explicit: false
+                },
+                healthz: false
+            })
+        );
+        assert_eq!(
+            parse(&["status", "--healthz", "-c", "x.toml"]),
+            Ok(Command::Status {
+                source: StatusSource::Config {
+                    path: "x.toml".into(),
+                    explicit: true
+                },
+                healthz: true
+            })
+        );
+        assert_eq!(
+            parse(&["status", "--url", "http://10.0.0.1:9100"]),
+            Ok(Command::Status {
+                source: StatusSource::Url("http://10.0.0.1:9100".into()),
+                healthz: false
+            })
+        );
+        assert!(parse(&["status", "--url", "u", "--config", "c"])
+            .unwrap_err()
+            .contains("not both"));
+        assert!(parse(&["status", "--url"])
+            .unwrap_err()
+            .contains("needs a URL"));
+        assert!(parse(&["status", "--json"]).unwrap_err().contains("--json"));
+    }
+
+    #[test]
+    fn a_status_url_is_an_http_root_with_a_port_that_defaults_to_80() {
+        let t = status::parse_url("http://127.0.0.1:9100/").unwrap();
+        assert_eq!(t.url, "http://127.0.0.1:9100");
+        let t = status::parse_url("HTTP://[::1]:9100").unwrap();
+        assert_eq!(t.url, "http://[::1]:9100");
+        let t = status::parse_url("http://127.0.0.1").unwrap();
+        assert!(format!("{t:?}").contains("127.0.0.1:80"), "{t:?}");
+        let err = |u: &str| status::parse_url(u).unwrap_err();
+        assert!(err("https://127.0.0.1:9100").contains("plain http://"));
+        assert!(err("127.0.0.1:9100").contains("expected http://"));
+        assert!(err("http://127.0.0.1:9100/status").contains("root"));
+        assert!(err("http://").contains("no host"));
+    }
+
+    #[test]
+    fn an_answer_gives_its_code_and_body() {
+        let (code, body) =
+            status::parse_answer(b"HTTP/1.1 503 Service Unavailable\r\nA: b\r\n\r\ndraining\n")
+                .unwrap();
+        assert_eq!((code, body.as_str()), (503, "draining\n"));
+        assert!(status::parse_answer(b"SSH-2.0-x\r\n\r\n").is_err());
+        assert!(
+            status::parse_answer(b"HTTP/1.1 200 OK\r\n").is_err(),
+            "no end of head"
+        );
+    }
+
+    #[test]
+    fn a_config_without_metrics_listen_is_an_error_and_a_missing_default_is_the_default_url() {
+        let dir = std::env::temp_dir().join(format!("lclb-status-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let missing = StatusSource::Config {
+            path: dir.join("none.toml"),
+            explicit: false,
+        };
+        assert_eq!(
+            status::target_of(&missing).unwrap().url,
+            "http://127.0.0.1:9100"
+        );
+        let explicit = StatusSource::Config {
+            path: dir.join("none.toml"),
+            explicit: true,
+        };
+        assert!(status::target_of(&explicit)
+            .unwrap_err()
+            .contains("none.toml"));
+        let path = dir.join("lclb.toml");
+        let upstream = "[[upstream]]\nname = \"u\"\naddress = \"127.0.0.1:1\"\ngroup = \"g\"\n";
+        std::fs::write(&path, upstream).unwrap();
+        let source = StatusSource::Config {
+            path: path.clone(),
+            explicit: true,
+        };
+        assert!(status::target_of(&source)
+            .unwrap_err()
+            .contains("sets no metrics_listen"));
+        std::fs::write(
+            &path,
+            format!("metrics_listen = \"0.0.0.0:9111\"\n{upstream}"),
+        )
+        .unwrap();
+        assert_eq!(
+            status::target_of(&source).unwrap().url,
+            "http://127.0.0.1:9111",
+            "an unspecified address is reached on loopback"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,8 +1,9 @@
-//! The Prometheus endpoint: `GET /metrics` in text exposition format 0.0.4, from a small
+//! The Prometheus endpoint, `GET /metrics` in text exposition format 0.0.4, and beside it the
+//! status page and health check (`GET /status`, `GET /healthz`: see [`status`]), from a small
 //! synchronous HTTP server on `metrics_listen`.
 //!
-//! Everything rendered is read from atomics and the connection table at scrape time; nothing
-//! here adds work to the connection path.
+//! Everything rendered is read from atomics, the connection table and the running config at
+//! request time; nothing here adds work to the connection path.
 //!
 //! Serving: one thread (`lclb-metrics`) accepts; each request then gets a short-lived thread of
 //! its own (`lclb-metrics-rq`), which ends with the request. One request per connection. A
@@ -14,7 +15,8 @@
 //! at once, so that one is stalled or trickling); if there is none, the newcomer gets `503`
 //! from the accept thread in one non-blocking write and is closed. So a stalled or malicious
 //! client holds one slot for at most the deadline and never makes another scrape wait.
-//! `GET /metrics` gets the metrics, any other path 404, any other method 405 with `Allow: GET`.
+//! `GET /metrics`, `/status` and `/healthz` are answered, any other path gets 404, any other
+//! method 405 with `Allow: GET`.
 
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};
@@ -29,6 +31,10 @@ use parking_lot::Mutex;
 use crate::access::json_string;
 use crate::server::{Shared, StartError};
 use crate::stats::Refusal;
+use crate::table::UpstreamView;
+use crate::tls::CertInfo;
+
+mod status;
 
 /// Time a request has, from accept, to send its head and read its answer; then it is cut.
 pub const REQUEST_DEADLINE: Duration = Duration::from_secs(2);
@@ -230,6 +236,82 @@ pub fn render(shared: &Shared) -> String {
         "Connections admitted without a per-address rate bucket because the table was full.",
     )
     .sample("", shared.admission.ip_rate_untracked());
+    let runtime = shared.runtime();
+    let views = upstreams.iter().map(|(_, u)| u);
+    let mut f = Family::new(
+        &mut out,
+        "lclb_certificate_expiry_timestamp_seconds",
+        "gauge",
+        "notAfter (Unix time) of each loaded certificate: server (tls.server_cert), ca (each \
+         root of tls.ca_cert and every [[ca]]), upstream_client ([group.tls] client_cert).",
+    );
+    for (kind, cert) in certificates(runtime.tls(), views) {
+        let mut label = format!("kind=\"{kind}\",file=");
+        json_string(&mut label, &cert.file().display().to_string());
+        label.push_str(",subject=");
+        json_string(&mut label, cert.subject());
+        f.sample(&label, cert.not_after());
+    }
+    let mut f = Family::new(
+        &mut out,
+        "lclb_client_cert_expiry_timestamp_seconds",
+        "gauge",
+        "Earliest notAfter (Unix time) among the client certificates of each configured \
+         identity's open connections; identities without one are left out.",
+    );
+    let expiries = shared.balancer.sessions().earliest_expiry_by_client();
+    // Labels bounded by the configured identities, in config order.
+    for client in &runtime.config.clients {
+        if let Some(at) = expiries.get(client.name.as_str()) {
+            let mut label = String::from("client=");
+            json_string(&mut label, &client.name);
+            f.sample(&label, *at);
+        }
+    }
+    let loaded = shared.loaded();
+    Family::new(
+        &mut out,
+        "lclb_config_generation",
+        "gauge",
+        "Generation of the running config: 1 at start, one more per reload that took effect.",
+    )
+    .sample("", loaded.generation);
+    Family::new(
+        &mut out,
+        "lclb_config_reload_timestamp_seconds",
+        "gauge",
+        "When the running config was loaded (Unix time): the start, or the last reload that \
+         took effect.",
+    )
+    .sample("", status::unix_seconds(loaded.at));
+    out
+}
+
+/// Every certificate lclb has loaded, with its kind, each label set once: server and CA
+/// certificates from `tls`, and the client certificates of the `[group.tls]` of `upstreams`.
+/// Two certificates with the same kind, file and subject (an old and a new root in one
+/// bundle) would make one series twice; the one that expires first is kept.
+fn certificates<'a>(
+    tls: &'a crate::tls::TlsContext,
+    upstreams: impl Iterator<Item = &'a UpstreamView>,
+) -> Vec<(&'static str, &'a CertInfo)> {
+    let servers = tls.server_certificates().iter().map(|c| ("server", c));
+    let cas = tls.trust().ca_certificates().iter().map(|c| ("ca", c));
+    let clients = upstreams
+        .filter_map(|u| u.tls.as_deref())
+        .flat_map(|peer| peer.group().client_certificates())
+        .map(|c| ("upstream_client", c));
+    let mut out: Vec<(&'static str, &CertInfo)> = Vec::new();
+    for (kind, cert) in servers.chain(cas).chain(clients) {
+        let same = out
+            .iter_mut()
+            .find(|(k, c)| *k == kind && c.file() == cert.file() && c.subject() == cert.subject());
+        match same {
+            Some(kept) if kept.1.not_after() > cert.not_after() => kept.1 = cert,
+            Some(_) => {}
+            None => out.push((kind, cert)),
+        }
+    }
     out
 }
 
@@ -260,7 +342,7 @@ impl MetricsServer {
             .name("lclb-metrics".into())
             .spawn(move || accept_loop(&listener, &flag, &table, &shared))
             .map_err(StartError::Thread)?;
-        log::info!("metrics on http://{addr}/metrics");
+        log::info!("metrics on http://{addr}/metrics, status on /status and /healthz");
         Ok(MetricsServer {
             addr,
             stopping,
@@ -560,8 +642,12 @@ fn answer(
     };
     let text = String::from_utf8_lossy(&head);
     let mut parts = text.lines().next().unwrap_or("").split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = path.split('?').next().unwrap_or("");
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let page = |answer: status::Answer| {
+        let content_type = format!("Content-Type: {}\r\n", answer.content_type);
+        (answer.status, content_type, answer.body)
+    };
     match (method, path) {
         ("GET", "/metrics") => respond(
             conn,
@@ -570,12 +656,20 @@ fn answer(
             "Content-Type: text/plain; version=0.0.4; charset=utf-8\r\n",
             &render(shared),
         ),
+        ("GET", "/status" | "/healthz") => {
+            let (code, headers, body) = page(if path == "/status" {
+                status::status(shared, query)
+            } else {
+                status::healthz(shared, query)
+            });
+            respond(conn, deadline, code, &headers, &body)
+        }
         ("GET", _) => respond(
             conn,
             deadline,
             "404 Not Found",
             "",
-            "not found; try /metrics\n",
+            "not found; try /metrics, /status or /healthz\n",
         ),
         _ => respond(
             conn,

@@ -152,6 +152,24 @@ impl<K: Hash + Eq> RateLimiter<K> {
         }
     }
 
+    /// The tokens `key`'s bucket holds now under `limit`, without taking one: what the next
+    /// [`RateLimiter::try_acquire`] would find. A key without a bucket has a full one
+    /// (`limit.burst`), as a first-seen key does.
+    pub fn peek<Q>(&self, key: &Q, limit: RateLimit) -> f64
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let now = self.clock.now();
+        let found = self.state.lock().buckets.get(key).copied();
+        let Some(mut bucket) = found else {
+            return f64::from(limit.burst);
+        };
+        bucket.limit = limit;
+        bucket.refill(now);
+        bucket.tokens
+    }
+
     /// Checks admitted untracked because the table was full (fail-open), so far.
     pub fn untracked_admissions(&self) -> u64 {
         self.untracked.load(Ordering::Relaxed)
@@ -220,6 +238,29 @@ mod tests {
         rate: 2.0,
         burst: 3,
     };
+
+    #[test]
+    fn peeking_shows_the_tokens_left_without_taking_one() {
+        let (l, clock) = limiter();
+        assert_eq!(l.peek("c", LIMIT), 3.0, "no bucket yet: a full one");
+        assert!(l.try_acquire("c", LIMIT));
+        assert!(l.try_acquire("c", LIMIT));
+        assert_eq!(l.peek("c", LIMIT), 1.0);
+        assert_eq!(l.peek("c", LIMIT), 1.0, "a peek takes nothing");
+        clock.advance(Duration::from_millis(250));
+        assert_eq!(l.peek("c", LIMIT), 1.5, "refilled at 2/s");
+        clock.advance(Duration::from_secs(60));
+        assert_eq!(l.peek("c", LIMIT), 3.0, "never above the burst");
+        let smaller = RateLimit {
+            rate: 2.0,
+            burst: 2,
+        };
+        assert_eq!(l.peek("c", smaller), 2.0, "capped to a reloaded burst");
+        assert!(l.try_acquire("c", LIMIT));
+        assert!(l.try_acquire("c", LIMIT));
+        assert!(l.try_acquire("c", LIMIT));
+        assert!(!l.try_acquire("c", LIMIT), "peeks took no token");
+    }
 
     #[test]
     fn a_new_client_gets_its_whole_burst_then_is_refused() {

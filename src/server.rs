@@ -24,7 +24,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::{Mutex, RwLock};
 use rustls::ServerConnection;
@@ -178,6 +178,22 @@ pub struct Shared {
     tls_sessions: SessionCache,
     /// Held while a reload validates and swaps: one at a time.
     reloading: Mutex<()>,
+    /// When the server was bound.
+    started: SystemTime,
+    /// The running config's generation and when it was loaded.
+    loaded: Mutex<Loaded>,
+    /// The server's stop flag: set once a stop was asked for, while the drain runs.
+    stopping: Arc<AtomicBool>,
+}
+
+/// Which configuration is running: for `/status` and the `lclb_config_*` metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Loaded {
+    /// 1 for the config the server started with, one more for each reload that took effect
+    /// (a refused reload leaves it).
+    pub generation: u64,
+    /// When that config was loaded: the start, or the last reload that took effect.
+    pub at: SystemTime,
 }
 
 fn probe_settings(config: &Config) -> ProbeSettings {
@@ -191,6 +207,21 @@ impl Shared {
     /// The runtime new connections get now.
     pub fn runtime(&self) -> Arc<Runtime> {
         self.runtime.read().clone()
+    }
+
+    /// When the server was bound.
+    pub fn started(&self) -> SystemTime {
+        self.started
+    }
+
+    /// The running config's generation and load time.
+    pub fn loaded(&self) -> Loaded {
+        *self.loaded.lock()
+    }
+
+    /// Whether the server has been asked to stop: it no longer accepts and is draining.
+    pub fn draining(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
     }
 
     fn start_health(&self, config: &Config) -> io::Result<()> {
@@ -223,23 +254,26 @@ impl Shared {
         // leave the table of one config beside the authorization of the other.
         let result = {
             let _one = self.reloading.lock();
-            self.try_reload(path)
+            let result = self.try_reload(path);
+            match &result {
+                Ok(_) => {
+                    self.stats.reloads_ok.fetch_add(1, Ordering::Relaxed);
+                    let mut loaded = self.loaded.lock();
+                    loaded.generation += 1;
+                    loaded.at = SystemTime::now();
+                    drop(loaded);
+                    log::info!("config reloaded from {}", path.display());
+                }
+                Err(e) => {
+                    self.stats.reloads_failed.fetch_add(1, Ordering::Relaxed);
+                    log::error!("config reload failed, keeping the running config: {e}");
+                }
+            }
+            result
         };
-        if let Ok(runtime) = &result {
-            self.enforce(runtime);
-        }
-        let result = result.map(|_| ());
-        match &result {
-            Ok(()) => {
-                self.stats.reloads_ok.fetch_add(1, Ordering::Relaxed);
-                log::info!("config reloaded from {}", path.display());
-            }
-            Err(e) => {
-                self.stats.reloads_failed.fetch_add(1, Ordering::Relaxed);
-                log::error!("config reload failed, keeping the running config: {e}");
-            }
-        }
-        result
+        let runtime = result?;
+        self.enforce(&runtime);
+        Ok(())
     }
 
     /// Holds the open connections to `runtime`, just swapped in, when its
@@ -369,6 +403,8 @@ impl Server {
         // Read once: the limits on threads are the process's, not the config's, so a reload
         // keeps the cap (see crate::threads).
         admission.set_thread_cap(threads::startup_cap(runtime.config.limits.max_connections));
+        let stopping = Arc::<AtomicBool>::default();
+        let started = SystemTime::now();
         let shared = Arc::new(Shared {
             balancer,
             admission: Arc::new(admission),
@@ -382,6 +418,12 @@ impl Server {
             runtime: RwLock::new(Arc::new(runtime)),
             tls_sessions,
             reloading: Mutex::new(()),
+            started,
+            loaded: Mutex::new(Loaded {
+                generation: 1,
+                at: started,
+            }),
+            stopping: stopping.clone(),
         });
         shared
             .start_health(&shared.runtime().config)
@@ -393,7 +435,7 @@ impl Server {
             listener,
             local_addr,
             shared,
-            stopping: Arc::default(),
+            stopping,
         })
     }
 
@@ -480,6 +522,12 @@ fn drain(shared: &Shared) {
 /// Counts and logs a refused connection: the one place every refusal ends up.
 fn refuse(shared: &Shared, id: u64, peer: SocketAddr, refused: &Refused) {
     shared.stats.refuse(refused.reason);
+    if let Some(client) = refused.client.as_deref() {
+        shared
+            .stats
+            .clients
+            .refused(client, refused.reason, &shared.runtime().config);
+    }
     refusal_log::record(
         id,
         refused.client.as_deref(),

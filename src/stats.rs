@@ -1,11 +1,19 @@
 //! Counters of what the balancer did: connections accepted, refused (by reason), served, and
 //! bytes moved per upstream.
 //!
-//! Every counter is an atomic, so counting adds no lock to the connection path. This module only
-//! counts; exposing the counts (logs, a metrics endpoint) is done by their readers.
+//! Every counter is an atomic, so counting adds no lock to the connection path; the one
+//! exception is the per-client refusal record ([`ClientRefusals`]), a short lock taken only
+//! when a connection is refused. This module only counts; exposing the counts (logs, a metrics
+//! endpoint) is done by their readers.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
+
+use parking_lot::Mutex;
+
+use crate::config::Config;
 
 /// Declares [`Refusal`] and its [`Refusal::ALL`] list from one table, so that a new reason is
 /// one line here and every counter array sized from the list grows with it at compile time.
@@ -145,6 +153,8 @@ pub struct Stats {
     pub reloads_ok: AtomicU64,
     /// Config reloads refused (the old config stayed).
     pub reloads_failed: AtomicU64,
+    /// Refusals of each configured client identity, for `/status`.
+    pub clients: ClientRefusals,
     refused: [AtomicU64; Refusal::ALL.len()],
 }
 
@@ -157,6 +167,67 @@ impl Stats {
     /// Refusals so far for `reason`.
     pub fn refused(&self, reason: Refusal) -> u64 {
         self.refused[reason.index()].load(Ordering::Relaxed)
+    }
+}
+
+/// The refusals of one client identity: how many for each reason, and the last one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientRefused {
+    counts: [u64; Refusal::ALL.len()],
+    /// When the last refusal happened, and why.
+    pub last: Option<(SystemTime, Refusal)>,
+}
+
+impl ClientRefused {
+    /// Refusals so far for `reason`.
+    pub fn count(&self, reason: Refusal) -> u64 {
+        self.counts[reason.index()]
+    }
+
+    /// The reasons with at least one refusal and their counts, in the order of
+    /// [`Refusal::ALL`].
+    pub fn by_reason(&self) -> impl Iterator<Item = (Refusal, u64)> + '_ {
+        Refusal::ALL
+            .into_iter()
+            .map(|r| (r, self.count(r)))
+            .filter(|&(_, n)| n > 0)
+    }
+}
+
+/// Refusals per client identity, kept only for the names of the running config's `[[client]]`
+/// entries: a refused certificate whose name is no entry's (a stranger, a typo) is counted in
+/// the process-wide counters only, so neither memory nor `/status` grows with the names
+/// strangers choose. Names a reload removed are dropped when a new name needs room.
+#[derive(Debug, Default)]
+pub struct ClientRefusals {
+    by_client: Mutex<HashMap<String, ClientRefused>>,
+}
+
+impl ClientRefusals {
+    /// Counts a refusal of `client` for `reason`, now, if `config` has a `[[client]]` entry of
+    /// that name; otherwise does nothing.
+    pub fn refused(&self, client: &str, reason: Refusal, config: &Config) {
+        if config.client(client).is_none() {
+            return;
+        }
+        let now = SystemTime::now();
+        let mut by_client = self.by_client.lock();
+        if !by_client.contains_key(client) && by_client.len() >= config.clients.len() {
+            // Full: some names are no longer configured; what they had goes with them.
+            by_client.retain(|name, _| config.client(name).is_some());
+        }
+        let entry = by_client.entry(client.to_string()).or_default();
+        entry.counts[reason.index()] += 1;
+        entry.last = Some((now, reason));
+    }
+
+    /// What `client` was refused so far; all zero for a client never refused.
+    pub fn of(&self, client: &str) -> ClientRefused {
+        self.by_client
+            .lock()
+            .get(client)
+            .cloned()
+            .unwrap_or_default()
     }
 }
 
@@ -192,5 +263,47 @@ mod tests {
         assert_eq!(buckets.last().unwrap().1, 2, "60s is only in +Inf");
         assert_eq!(count, 3);
         assert!((sum - 60.0038).abs() < 1e-9);
+    }
+
+    fn config_with_clients(names: &[&str]) -> Config {
+        let mut text =
+            String::from("[[upstream]]\nname = \"u\"\naddress = \"127.0.0.1:1\"\ngroup = \"g\"\n");
+        for name in names {
+            text.push_str(&format!("[[client]]\ncn = {name:?}\ngroups = [\"g\"]\n"));
+        }
+        Config::parse(&text, std::path::Path::new("/")).unwrap()
+    }
+
+    #[test]
+    fn refusals_are_kept_per_configured_client_and_strangers_are_not_kept() {
+        let refusals = ClientRefusals::default();
+        let config = config_with_clients(&["a", "b"]);
+        refusals.refused("a", Refusal::RateLimited, &config);
+        refusals.refused("a", Refusal::RateLimited, &config);
+        refusals.refused("a", Refusal::NoUpstream, &config);
+        refusals.refused("stranger", Refusal::Unauthorized, &config);
+        let a = refusals.of("a");
+        assert_eq!(
+            a.by_reason().collect::<Vec<_>>(),
+            vec![(Refusal::RateLimited, 2), (Refusal::NoUpstream, 1)]
+        );
+        assert_eq!(a.last.map(|(_, r)| r), Some(Refusal::NoUpstream));
+        assert_eq!(refusals.of("b"), ClientRefused::default());
+        assert_eq!(refusals.of("stranger"), ClientRefused::default());
+        assert_eq!(refusals.by_client.lock().len(), 1);
+    }
+
+    #[test]
+    fn names_a_reload_removed_make_room_for_new_ones() {
+        let refusals = ClientRefusals::default();
+        refusals.refused("a", Refusal::Tls, &config_with_clients(&["a"]));
+        let reloaded = config_with_clients(&["b"]);
+        refusals.refused("b", Refusal::Tls, &reloaded);
+        let kept: Vec<String> = refusals.by_client.lock().keys().cloned().collect();
+        assert_eq!(
+            kept,
+            vec!["b".to_string()],
+            "bounded by the configured names"
+        );
     }
 }

@@ -20,7 +20,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::Mutex;
 
@@ -104,6 +104,24 @@ pub struct UpstreamView {
     pub active: u64,
     /// Its counters.
     pub stats: Arc<UpstreamStats>,
+    /// Its configured weight.
+    pub weight: u32,
+    /// The share of its weight the choice gives it now: below 1 while its slow start ramps
+    /// (from 0.1 up), 1 otherwise.
+    pub slow_start_factor: f64,
+    /// Its last flip between UP and DOWN; `None` while it is in the state it started in (UP).
+    pub last_change: Option<StateChange>,
+    /// TLS toward it; `None`: plaintext.
+    pub tls: Option<Arc<TlsPeer>>,
+}
+
+/// A flip of an upstream between UP and DOWN, as `/status` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateChange {
+    /// When.
+    pub at: SystemTime,
+    /// Why: the failed check's error, or the successful checks that brought it back.
+    pub reason: Arc<str>,
 }
 
 #[derive(Debug)]
@@ -129,6 +147,7 @@ struct Record {
     tls: Option<Arc<TlsPeer>>,
     group: Arc<str>,
     proxy_group: Option<Arc<str>>,
+    last_change: Option<StateChange>,
 }
 
 /// Weight scale: effective weights are in thousandths, so a ramp can start at a tenth of a
@@ -152,6 +171,18 @@ impl Record {
             tls: spec.tls,
             group: spec.group,
             proxy_group: spec.proxy_group,
+            last_change: None,
+        }
+    }
+
+    /// What [`Record::effective_weight`] scales the weight by now, without ending the ramp.
+    fn slow_start_factor(&self, now: Instant) -> f64 {
+        match self.up_since {
+            Some(since) if now.saturating_duration_since(since) < self.slow_start => {
+                let elapsed = now.saturating_duration_since(since);
+                0.1 + 0.9 * (elapsed.as_secs_f64() / self.slow_start.as_secs_f64())
+            }
+            _ => 1.0,
         }
     }
 
@@ -374,6 +405,15 @@ impl UpstreamTable {
             r.up = ok;
             r.streak = 0;
             r.up_since = (ok && !r.slow_start.is_zero()).then(Instant::now);
+            let reason = if ok {
+                format!("{needed}/{needed} checks succeeded")
+            } else {
+                format!("{detail} ({needed}/{needed} checks failed)")
+            };
+            r.last_change = Some(StateChange {
+                at: SystemTime::now(),
+                reason: reason.into(),
+            });
             (r.name.clone(), needed)
         };
         if ok {
@@ -401,6 +441,7 @@ impl UpstreamTable {
 
     /// The configured upstreams as they are now, in record order.
     pub fn snapshot(&self) -> Vec<UpstreamView> {
+        let now = Instant::now();
         let inner = self.inner.lock();
         inner
             .records
@@ -413,6 +454,10 @@ impl UpstreamTable {
                 up: r.up,
                 active: r.active,
                 stats: r.stats.clone(),
+                weight: r.weight,
+                slow_start_factor: r.slow_start_factor(now),
+                last_change: r.last_change.clone(),
+                tls: r.tls.clone(),
             })
             .collect()
     }
@@ -673,6 +718,42 @@ mod tests {
         assert_eq!(t.observe(id, true, ""), None);
         assert!(t.observe(id, true, "").is_some_and(|f| f.up));
         assert!(t.is_up(id));
+    }
+
+    #[test]
+    fn the_snapshot_shows_the_last_flip_and_its_reason() {
+        let t = table(&[3]);
+        t.set_thresholds(2, 1);
+        let id = UpstreamId(0);
+        let view = |t: &UpstreamTable| t.snapshot().remove(0);
+        assert_eq!(view(&t).last_change, None, "no flip yet");
+        assert_eq!(view(&t).weight, 3);
+        t.observe(id, false, "connect failed: refused");
+        let down = view(&t).last_change.unwrap();
+        assert_eq!(&*down.reason, "connect failed: refused (1/1 checks failed)");
+        t.observe(id, true, "");
+        t.observe(id, true, "");
+        let up = view(&t).last_change.unwrap();
+        assert_eq!(&*up.reason, "2/2 checks succeeded");
+        assert!(up.at >= down.at);
+    }
+
+    #[test]
+    fn the_slow_start_factor_ramps_from_a_tenth_and_is_one_outside_a_ramp() {
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let t = UpstreamTable::new(vec![Upstream {
+            slow_start: Duration::from_secs(3600),
+            ..Upstream::new("u0", addr)
+        }]);
+        assert_eq!(
+            t.snapshot()[0].slow_start_factor,
+            1.0,
+            "started UP: no ramp"
+        );
+        set_up(&t, UpstreamId(0), false);
+        set_up(&t, UpstreamId(0), true);
+        let factor = t.snapshot()[0].slow_start_factor;
+        assert!((0.1..0.11).contains(&factor), "just back UP: {factor}");
     }
 
     #[test]

@@ -250,6 +250,46 @@ impl CrlInfo {
     }
 }
 
+/// One certificate lclb loaded, as the expiry metric names it: its file, its subject and its
+/// notAfter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertInfo {
+    file: PathBuf,
+    subject: String,
+    not_after: i64,
+}
+
+impl CertInfo {
+    /// Reads each of `certs`, loaded from `file`; one that does not parse is left out (the
+    /// loaders have parsed every one already).
+    pub(crate) fn read_all(file: &Path, certs: &[CertificateDer<'_>]) -> Vec<CertInfo> {
+        certs
+            .iter()
+            .filter_map(|c| x509_parser::parse_x509_certificate(c).ok())
+            .map(|(_, c)| CertInfo {
+                file: file.to_path_buf(),
+                subject: c.subject().to_string(),
+                not_after: c.validity().not_after.timestamp(),
+            })
+            .collect()
+    }
+
+    /// The file the certificate was read from.
+    pub fn file(&self) -> &Path {
+        &self.file
+    }
+
+    /// The subject's distinguished name, as text (`CN=ca.lb.com`).
+    pub fn subject(&self) -> &str {
+        &self.subject
+    }
+
+    /// The certificate's notAfter in Unix seconds.
+    pub fn not_after(&self) -> i64 {
+        self.not_after
+    }
+}
+
 /// `secs` as an RFC 3339 UTC date, or as Unix seconds where that cannot be written.
 fn unix_date(secs: i64) -> String {
     // humantime panics on dates before 1970 or after 9999.
@@ -272,6 +312,8 @@ pub struct TlsContext {
     /// say which CA anchored a chain.
     trust: Arc<ClientTrust>,
     server_leaf: CertificateDer<'static>,
+    /// Every certificate of `tls.server_cert`, leaf first.
+    server_certs: Arc<[CertInfo]>,
 }
 
 impl fmt::Debug for TlsContext {
@@ -318,6 +360,7 @@ impl TlsContext {
                 )
             })?;
         let leaf = chain[0].clone();
+        let server_certs = CertInfo::read_all(&files.server_cert, &chain).into();
         let certified = CertifiedKey::new(chain.clone(), signing_key);
         certified.keys_match().map_err(|e| {
             file_error(
@@ -345,12 +388,18 @@ impl TlsContext {
             server_config: Arc::new(config),
             trust,
             server_leaf: leaf,
+            server_certs,
         })
     }
 
     /// lclb's own certificate (the leaf of `tls.server_cert`).
     pub fn server_certificate(&self) -> &CertificateDer<'static> {
         &self.server_leaf
+    }
+
+    /// Every certificate of `tls.server_cert` (the leaf, then the intermediates sent with it).
+    pub fn server_certificates(&self) -> &[CertInfo] {
+        &self.server_certs
     }
 
     /// The client trust (CAs and CRLs) of this context.
@@ -439,6 +488,8 @@ pub struct ClientTrust {
     hints: Vec<rustls::DistinguishedName>,
     crls: Arc<[CrlInfo]>,
     crl_stale: CrlStale,
+    /// Every root of `tls.ca_cert`, then of each `[[ca]]`, in file order.
+    ca_certs: Vec<CertInfo>,
 }
 
 impl fmt::Debug for ClientTrust {
@@ -461,6 +512,7 @@ impl ClientTrust {
         let mut anchors = Vec::new();
         let mut hints = Vec::new();
         let mut infos = Vec::new();
+        let mut ca_certs = Vec::new();
         let default = [(
             DEFAULT_CA_NAME,
             "tls.ca_cert".to_string(),
@@ -478,7 +530,8 @@ impl ClientTrust {
             )
         });
         for (name, cert_key, cert_path, crls_key, crl_paths) in default.into_iter().chain(extra) {
-            let (roots, subjects) = load_roots(&cert_key, cert_path)?;
+            let (roots, subjects, listed) = load_roots(&cert_key, cert_path)?;
+            ca_certs.extend(listed);
             hints.extend(roots.subjects());
             let (crls, mine) = load_crls(&crls_key, crl_paths)?;
             for crl in &mine {
@@ -531,7 +584,14 @@ impl ClientTrust {
             hints,
             crls: infos.into(),
             crl_stale: files.crl_stale,
+            ca_certs,
         })
+    }
+
+    /// Every root certificate client chains may end at: those of `tls.ca_cert`, then of each
+    /// `[[ca]]`, in file order.
+    pub fn ca_certificates(&self) -> &[CertInfo] {
+        &self.ca_certs
     }
 
     /// This trust's address: which one a [`Verified`] record came from.
@@ -709,13 +769,15 @@ impl ClientCertVerifier for ClientTrust {
     }
 }
 
-/// The roots in `path` (the file of `key`), as a root store, and each root's subject as DER
-/// (compared with CRL issuers).
-pub(crate) fn load_roots(
-    key: &str,
-    path: &Path,
-) -> Result<(RootCertStore, Vec<Vec<u8>>), ConfigError> {
+/// What [`load_roots`] reads: the root store, each root's subject as DER, each root's
+/// [`CertInfo`].
+pub(crate) type Roots = (RootCertStore, Vec<Vec<u8>>, Vec<CertInfo>);
+
+/// The roots in `path` (the file of `key`), as a root store, each root's subject as DER
+/// (compared with CRL issuers), and each root as the expiry metric names it.
+pub(crate) fn load_roots(key: &str, path: &Path) -> Result<Roots, ConfigError> {
     let certs = load_certs(key, path, true)?;
+    let listed = CertInfo::read_all(path, &certs);
     let subjects = certs
         .iter()
         .filter_map(|c| x509_parser::parse_x509_certificate(c).ok())
@@ -731,7 +793,7 @@ pub(crate) fn load_roots(
             )
         })?;
     }
-    Ok((roots, subjects))
+    Ok((roots, subjects, listed))
 }
 
 /// The CRLs of the files in `paths` (the files of `key`), and lclb's own reading of each.

@@ -43,7 +43,7 @@ use rustls::sign::CertifiedKey;
 use rustls::{AlertDescription, CertificateError, ClientConfig, ClientConnection, SignatureScheme};
 
 use crate::config::{Config, ConfigError, GroupTlsFiles};
-use crate::tls::{file_error, load_certs, load_roots, provider, read_file};
+use crate::tls::{file_error, load_certs, load_roots, provider, read_file, CertInfo};
 
 /// How long, at most, [`open`] waits after the handshake for an upstream that asked for a
 /// client certificate the group does not have to refuse the connection (see the module doc).
@@ -86,6 +86,8 @@ pub struct UpstreamTls {
     ca_cert: PathBuf,
     server_name: Option<ServerName<'static>>,
     has_client_cert: bool,
+    /// Every certificate of `client_cert`, leaf first; empty without one.
+    client_certs: Vec<CertInfo>,
 }
 
 impl fmt::Debug for UpstreamTls {
@@ -110,7 +112,7 @@ impl UpstreamTls {
     ) -> Result<UpstreamTls, ConfigError> {
         let key = |field: &str| format!("group[{index}].tls.{field}");
         let provider = provider();
-        let (roots, _) = load_roots(&key("ca_cert"), &files.ca_cert)?;
+        let (roots, _, _) = load_roots(&key("ca_cert"), &files.ca_cert)?;
         let server_name = match &files.server_name {
             None => None,
             Some(name) => {
@@ -124,11 +126,13 @@ impl UpstreamTls {
                 )
             }
         };
+        let mut client_certs = Vec::new();
         let certified = match &files.client_cert {
             None => None,
             Some((cert_path, key_path)) => {
                 let (cert_key, key_key) = (key("client_cert"), key("client_key"));
                 let chain = load_certs(&cert_key, cert_path, false)?;
+                client_certs = CertInfo::read_all(cert_path, &chain);
                 let pem = read_file(&key_key, key_path)?;
                 let der = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
                     file_error(
@@ -172,12 +176,19 @@ impl UpstreamTls {
             ca_cert: files.ca_cert.clone(),
             server_name,
             has_client_cert,
+            client_certs,
         })
     }
 
     /// The group these settings are for.
     pub fn group(&self) -> &str {
         &self.group
+    }
+
+    /// Every certificate of the group's `client_cert` (lclb's own, sent to upstreams that
+    /// require mutual TLS), leaf first; empty when the group sends none.
+    pub fn client_certificates(&self) -> &[CertInfo] {
+        &self.client_certs
     }
 }
 

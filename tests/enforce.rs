@@ -316,3 +316,58 @@ fn one_reload_closes_hundreds_of_refused_connections_together() {
     assert!(echoes(&mut kept));
     assert!(wait_until(|| lb.table().total_active() == 1));
 }
+
+#[test]
+fn the_earliest_certificate_expiry_of_each_identitys_open_connections_is_shown() {
+    let pki = Pki::new("enforce-expiry-shown");
+    let web1 = Upstream::start("web1", Mode::Echo);
+    let lb = Lb::start(&pki.usual(&[&web1]).section(HIGH_RATE_LIMIT).build());
+    let metrics =
+        lclb::MetricsServer::spawn("127.0.0.1:0".parse().unwrap(), lb.shared.clone()).unwrap();
+    let until = |year: i32| {
+        let mut params = client_params(dn("client1.lb.com"));
+        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        params.not_after = rcgen::date_time_ymd(year, 1, 1);
+        pki.client_config(Some(&pki.ca.issue(params)))
+    };
+    let mut later = open(lb.addr, &until(2041));
+    let mut sooner = open(lb.addr, &until(2040));
+    // 2040-01-01T00:00:00Z: the sooner of the two.
+    let expected = 2_208_988_800i64;
+    let client = status_entry(
+        &status_json(metrics.local_addr()),
+        "clients",
+        "client1.lb.com",
+    )
+    .clone();
+    assert_eq!(client["cert_expiry_unix"], expected, "{client}");
+    assert_eq!(client["cert_expiry"], "2040-01-01T00:00:00Z", "{client}");
+    let body = scrape(metrics.local_addr());
+    assert!(
+        body.contains(&format!(
+            "lclb_client_cert_expiry_timestamp_seconds{{client=\"client1.lb.com\"}} {expected}"
+        )),
+        "{body}"
+    );
+    sooner.conn.send_close_notify();
+    let _ = sooner.flush();
+    drop(sooner);
+    assert!(wait_until(|| {
+        status_entry(
+            &status_json(metrics.local_addr()),
+            "clients",
+            "client1.lb.com",
+        )["cert_expiry_unix"]
+            == 2_240_611_200i64
+    }));
+    later.conn.send_close_notify();
+    let _ = later.flush();
+    drop(later);
+    assert!(wait_until(|| status_entry(
+        &status_json(metrics.local_addr()),
+        "clients",
+        "client1.lb.com"
+    )["cert_expiry"]
+        .is_null()));
+    assert!(!scrape(metrics.local_addr()).contains("lclb_client_cert_expiry_timestamp_seconds{"));
+}

@@ -15,10 +15,14 @@ use rustls::AlertDescription;
 use support::*;
 
 /// The metric families of README "Operations", with their Prometheus types.
-const FAMILIES: [(&str, &str); 15] = [
+const FAMILIES: [(&str, &str); 19] = [
     ("lclb_build_info", "gauge"),
     ("lclb_bytes_total", "counter"),
+    ("lclb_certificate_expiry_timestamp_seconds", "gauge"),
+    ("lclb_client_cert_expiry_timestamp_seconds", "gauge"),
     ("lclb_client_connections_active", "gauge"),
+    ("lclb_config_generation", "gauge"),
+    ("lclb_config_reload_timestamp_seconds", "gauge"),
     ("lclb_config_reloads_total", "counter"),
     ("lclb_connections_accepted_total", "counter"),
     ("lclb_crl_next_update_timestamp_seconds", "gauge"),

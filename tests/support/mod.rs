@@ -1799,6 +1799,38 @@ pub fn group_tls_section(group: &str, ca_cert: &Path, lines: &str) -> String {
     format!("[[group]]\nname = {group:?}\n[group.tls]\nca_cert = {ca_cert:?}\n{lines}")
 }
 
+/// [`http_get`] with the status code as a number: the code and the body.
+pub fn fetch(addr: SocketAddr, target: &str) -> (u16, String) {
+    let (status, body) = http_get(addr, target);
+    let code = status
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status code in {status:?}"));
+    (code, body)
+}
+
+/// `GET /status` from the metrics server at `addr`, parsed; it must answer 200.
+pub fn status_json(addr: SocketAddr) -> serde_json::Value {
+    let (code, body) = fetch(addr, "/status");
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("/status is not JSON ({e}): {body}"))
+}
+
+/// The entry named `name` in the list `list` (`"upstreams"` or `"clients"`) of a `/status`.
+pub fn status_entry<'a>(
+    status: &'a serde_json::Value,
+    list: &str,
+    name: &str,
+) -> &'a serde_json::Value {
+    status[list]
+        .as_array()
+        .unwrap_or_else(|| panic!("/status has no list {list}: {status}"))
+        .iter()
+        .find(|e| e["name"] == name)
+        .unwrap_or_else(|| panic!("/status {list} has no {name}: {status}"))
+}
+
 impl Process {
     /// Runs the lclb binary on `config` with `RUST_LOG=filter` (such as
     /// `"info,lclb::watch=debug"`). [`Process::spawn`] sets `RUST_LOG=info`, so the filter
