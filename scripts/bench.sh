@@ -688,17 +688,29 @@ if [[ -n $PROFILE ]]; then
   kill -INT "$perf_pid"
   wait "$perf_pid" || true
   report() { perf report -i "$data" --stdio --no-children "$@" 2>/dev/null | grep -v '^#' | grep -v '^$' || true; }
+  # lclb's own samples, "SYMBOL (DSO)" one a line. Narrowed with perf script rather than
+  # `perf report --pid`, which finds no sample of a pool thread in these system-wide recordings
+  # (perf 6.1, cpu-clock in a VM).
+  perf script -i "$data" -F pid,ip,sym,dso -G 2>/dev/null |
+    awk -v p="$ppid" '$1 == p { $1 = ""; $2 = ""; sub(/^ +/, ""); print }' >"$WORK/lclb-samples.txt"
+  shares() { # dso|symbol: share of lclb's samples by library or by symbol, largest first
+    awk -v by="$1" '{ k = by == "dso" ? $NF : $0; n[k]++; t++ }
+      END { for (k in n) if (100 * n[k] / t >= 0.3) printf "%7.2f%%  %s\n", 100 * n[k] / t, k }' \
+      "$WORK/lclb-samples.txt" | sort -rn
+  }
   {
-    echo "# lclb (pid $ppid) under $PROFILE: by library"
-    report --pid "$ppid" --sort dso -g none | head -20
+    echo "# lclb (pid $ppid) under $PROFILE: $(wc -l <"$WORK/lclb-samples.txt") samples, by library"
+    shares dso | head -20
     echo
     echo "# lclb (pid $ppid) under $PROFILE: by symbol (flat)"
-    report --pid "$ppid" --sort dso,symbol -g none --percent-limit 0.3 | cut -c1-140 | head -80
+    shares symbol | cut -c1-140 | head -80
     echo
     echo "# whole machine during the run: by command"
     report --sort comm -g none | head -25
   } >"$OUT_DIR/perf-$PROFILE.txt"
-  report --pid "$ppid" --sort dso,symbol --percent-limit 1 | cut -c1-160 | head -400 >"$OUT_DIR/perf-$PROFILE-callgraph.txt"
+  # lclb's samples with their call chains (unreliable in user space: no frame pointers).
+  perf script -i "$data" -F pid,tid,ip,sym,dso 2>/dev/null |
+    awk -v p="$ppid" -v RS= -v ORS='\n\n' '{ split($1, id, "/") } id[1] == p' | head -20000 >"$OUT_DIR/perf-$PROFILE-callgraph.txt"
   say "profile of lclb under $PROFILE: $OUT_DIR/perf-$PROFILE.txt, call graphs in $OUT_DIR/perf-$PROFILE-callgraph.txt"
   exit 0
 fi
