@@ -25,8 +25,8 @@
 #                     its own client certificate: lclb `[group.tls]`, HAProxy `server ... ssl
 #                     verify required ca-file ... crt ...`, NGINX `proxy_ssl on` with
 #                     `proxy_ssl_verify` and `proxy_ssl_certificate`, TLS 1.3, sessions reused.
-#                     The no-hop target has no upstream and is unaffected. The table gains a row
-#                     per figure: the share of the upstreams' handshakes that were resumed
+#                     The no-hop target has no upstream and is unaffected. The handshakes
+#                     figures gain a row: the share of the upstreams' handshakes that resumed
 #   BASE_PORT=19400   ports BASE_PORT+1 .. BASE_PORT+140 on 127.0.0.1 are used
 #   OUT_DIR=target/bench   where results-*.md, raw-*.txt and logs-*/ go
 #   SKIP_BUILD=1      do not run cargo build (`make bench-build` builds both binaries)
