@@ -19,6 +19,14 @@
 #   WORKERS=$(nproc)  HAProxy threads / NGINX worker processes
 #   FIRST_WRITE_DELAY=0  ms the throughput and latency clients wait after the handshake before
 #                     their first byte (outside the timed part; see BENCHMARKS.md)
+#   UPSTREAM_TLS=0    1: the upstreams speak mTLS (lclb's server configuration, requiring a client
+#                     certificate), and every balancer re-encrypts toward them, verifying their
+#                     certificate and name (upstream.lb.com) against a second CA and presenting
+#                     its own client certificate: lclb `[group.tls]`, HAProxy `server ... ssl
+#                     verify required ca-file ... crt ...`, NGINX `proxy_ssl on` with
+#                     `proxy_ssl_verify` and `proxy_ssl_certificate`, TLS 1.3, sessions reused.
+#                     The no-hop target has no upstream and is unaffected. The handshakes
+#                     figures gain a row: the share of the upstreams' handshakes that resumed
 #   BASE_PORT=19400   ports BASE_PORT+1 .. BASE_PORT+140 on 127.0.0.1 are used
 #   OUT_DIR=target/bench   where results-*.md, raw-*.txt and logs-*/ go
 #   SKIP_BUILD=1      do not run cargo build (`make bench-build` builds both binaries)
@@ -49,6 +57,7 @@ TARGETS=${TARGETS:-lclb haproxy nginx nohop}
 FIGURES=${FIGURES:-handshakes handshakes_pq up1 up8 down1 down8 latency hold}
 WORKERS=${WORKERS:-$(nproc)}
 FIRST_WRITE_DELAY=${FIRST_WRITE_DELAY:-0}
+UPSTREAM_TLS=${UPSTREAM_TLS:-0}
 BASE_PORT=${BASE_PORT:-19400}
 OUT_DIR=${OUT_DIR:-$REPO_ROOT/target/bench}
 SKIP_BUILD=${SKIP_BUILD:-0}
@@ -65,6 +74,7 @@ for v in ROUNDS DURATION THREADS LAT_COUNT HOLD WORKERS BASE_PORT; do
   [[ ${!v} =~ ^[0-9]+$ && ${!v} -gt 0 ]] || die "$v must be a positive whole number, not '${!v}'"
 done
 [[ $FIRST_WRITE_DELAY =~ ^[0-9]+$ ]] || die "FIRST_WRITE_DELAY must be a whole number of ms"
+[[ $UPSTREAM_TLS == 0 || $UPSTREAM_TLS == 1 ]] || die "UPSTREAM_TLS must be 0 or 1, not '$UPSTREAM_TLS'"
 
 # ------------------------------------------------------------------------------------------
 # Tools: the peers come from Debian.
@@ -194,6 +204,43 @@ mkdir -p "$CERTS"
   cat server.crt server.key >server.pem # HAProxy wants both in one file
   openssl verify -CAfile ca.crt server.crt client.crt >/dev/null
 ) || die "could not mint certificates with openssl"
+if [[ $UPSTREAM_TLS == 1 ]]; then
+  # A second CA for the upstream side: the upstreams' certificate (upstream.lb.com, the name
+  # every balancer verifies and sends as SNI) and the balancers' client certificate.
+  (
+    cd "$CERTS"
+    umask 077
+    key() { openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1" 2>/dev/null; }
+    key up-ca.key
+    openssl req -x509 -new -key up-ca.key -sha256 -days 2 -subj "/CN=bench-upstream-ca.lb.com" \
+      -addext "basicConstraints=critical,CA:TRUE,pathlen:0" \
+      -addext "keyUsage=critical,keyCertSign,cRLSign" \
+      -addext "subjectKeyIdentifier=hash" -out up-ca.crt 2>/dev/null
+    for leaf in "upstream upstream.lb.com serverAuth DNS:upstream.lb.com" "balancer balancer.lb.com clientAuth"; do
+      read -r name cn eku san <<<"$leaf"
+      key "$name.key"
+      openssl req -new -key "$name.key" -subj "/CN=$cn" -out "$name.csr" 2>/dev/null
+      {
+        echo "basicConstraints=critical,CA:FALSE"
+        echo "keyUsage=critical,digitalSignature"
+        echo "extendedKeyUsage=$eku"
+        echo "subjectKeyIdentifier=hash"
+        echo "authorityKeyIdentifier=keyid"
+        if [[ -n $san ]]; then echo "subjectAltName=$san"; fi
+      } >"$name.ext"
+      openssl x509 -req -in "$name.csr" -CA up-ca.crt -CAkey up-ca.key -set_serial "0x$(openssl rand -hex 15)" \
+        -days 2 -sha256 -extfile "$name.ext" -out "$name.crt" 2>/dev/null
+    done
+    cat balancer.crt balancer.key >balancer.pem # HAProxy's crt: certificate and key in one file
+    openssl verify -CAfile up-ca.crt upstream.crt balancer.crt >/dev/null
+  ) || die "could not mint the upstream certificates with openssl"
+fi
+UP_NAME=upstream.lb.com
+UP_CA=$CERTS/up-ca.crt
+UP_CRT=$CERTS/upstream.crt
+UP_KEY=$CERTS/upstream.key
+LB_CRT=$CERTS/balancer.crt
+LB_KEY=$CERTS/balancer.key
 CA=$CERTS/ca.crt
 SRV_CRT=$CERTS/server.crt
 SRV_KEY=$CERTS/server.key
@@ -201,7 +248,8 @@ CLIENT=(--cert "$CERTS/client.crt" --key "$CERTS/client.key" --ca "$CA" --server
 OTHER=(--cert "$CERTS/other.crt" --key "$CERTS/other.key" --ca "$CA" --server-name localhost)
 
 # ------------------------------------------------------------------------------------------
-# Ports. Upstreams: greeting +1..3, echo +11..13, sink +21..23, source +31..33 (plain TCP).
+# Ports. Upstreams: greeting +1..3, echo +11..13, sink +21..23, source +31..33 (plain TCP, or
+# mTLS with UPSTREAM_TLS=1).
 # Frontends: lclb +101.., haproxy +111.., nginx +121.., nohop +131..: greeting, echo, sink,
 # source, then +5 for the hold mode's own fresh instance.
 MODES=(greeting echo sink source)
@@ -211,14 +259,31 @@ target_base() { case $1 in lclb) echo $((BASE_PORT + 101)) ;; haproxy) echo $((B
 frontend_port() { echo $(($(target_base "$1") + $(mode_index "$2"))); }
 hold_port() { echo $(($(target_base "$1") + 5)); }
 
+UP_TLS_ARGS=()
+[[ $UPSTREAM_TLS == 1 ]] && UP_TLS_ARGS=(--tls "$UP_CRT" "$UP_KEY" "$UP_CA")
 for mode in "${MODES[@]}"; do
   for i in $(seq $UPSTREAMS); do
     port=$(upstream_port "$mode" "$i")
-    start "upstream-$mode-$i" "$BENCH" server --mode "$mode" --listen "127.0.0.1:$port" --lifetime 3600
+    start "upstream-$mode-$i" "$BENCH" server --mode "$mode" --listen "127.0.0.1:$port" --lifetime 3600 "${UP_TLS_ARGS[@]}"
     must_listen "$port" "$LAST_PID"
   done
 done
-say "upstreams up: ${UPSTREAMS} each of ${MODES[*]}"
+if [[ $UPSTREAM_TLS == 1 ]]; then
+  # Every balancer must present a client certificate to the upstreams: an upstream answers a
+  # client without one with an alert, not its greeting (checked here with openssl), so the
+  # allow-list check below passes only for a balancer that presents the certificate.
+  port=$(upstream_port greeting 1)
+  s_client() {
+    timeout 10 openssl s_client -connect "127.0.0.1:$port" -servername "$UP_NAME" -verify_hostname "$UP_NAME" \
+      -CAfile "$UP_CA" -verify_return_error -quiet "$@" </dev/null 2>/dev/null || true
+  }
+  [[ $(s_client -cert "$LB_CRT" -key "$LB_KEY") == ok ]] ||
+    die "a TLS upstream does not greet a client that has the balancers' certificate; see $LOGS"
+  [[ -z $(s_client) ]] || die "a TLS upstream greets a client that has no certificate"
+  say "upstreams up: ${UPSTREAMS} each of ${MODES[*]}, mTLS as $UP_NAME, client certificate required"
+else
+  say "upstreams up: ${UPSTREAMS} each of ${MODES[*]}"
+fi
 
 # ------------------------------------------------------------------------------------------
 # Configurations. Equivalent on every point a peer can express: mTLS required against the CA,
@@ -254,6 +319,15 @@ lclb_config() { # FILE PORT MODE
     echo "[[client]]"
     echo "cn = \"$CN\""
     echo "groups = [\"$3\"]"
+    if [[ $UPSTREAM_TLS == 1 ]]; then
+      echo "[[group]]"
+      echo "name = \"$3\""
+      echo "[group.tls]"
+      echo "ca_cert = \"$UP_CA\""
+      echo "server_name = \"$UP_NAME\""
+      echo "client_cert = \"$LB_CRT\""
+      echo "client_key = \"$LB_KEY\""
+    fi
   } >"$1"
 }
 
@@ -267,6 +341,13 @@ global
     maxconn $(((HOLD + 2000) < (NOFILE - 100) / 2 ? HOLD + 2000 : (NOFILE - 100) / 2))
     ssl-default-bind-ciphersuites TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256
     ssl-default-bind-options ssl-min-ver TLSv1.3
+EOF
+    if [[ $UPSTREAM_TLS == 1 ]]; then
+      # Toward the upstreams as toward the clients: TLS 1.3, AES-128-GCM first.
+      echo "    ssl-default-server-ciphersuites TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
+      echo "    ssl-default-server-options ssl-min-ver TLSv1.3"
+    fi
+    cat <<EOF
 
 defaults
     mode tcp
@@ -293,8 +374,14 @@ frontend fe_$mode
 
 backend be_$mode
     balance leastconn
-    default-server check inter 2s rise 2 fall 3
 EOF
+      if [[ $UPSTREAM_TLS == 1 ]]; then
+        # Sessions to each server are reused by default (no "no-ssl-reuse"); checks run over
+        # TLS too (implied by "ssl"), with the same certificate, and SNI and name checked.
+        echo "    default-server check inter 2s rise 2 fall 3 ssl verify required ca-file $UP_CA crt $CERTS/balancer.pem sni str($UP_NAME) check-sni $UP_NAME verifyhost $UP_NAME"
+      else
+        echo "    default-server check inter 2s rise 2 fall 3"
+      fi
       for i in $(seq $UPSTREAMS); do
         echo "    server $mode$i 127.0.0.1:$(upstream_port "$mode" "$i")"
       done
@@ -330,6 +417,22 @@ stream {
     # before the TLS handshake in the stream module, so no per-CN limit can be expressed.)
     upstream deny { server 127.0.0.1:9 down; }
 EOF
+    if [[ $UPSTREAM_TLS == 1 ]]; then
+      # nginx 1.22's default proxy_ssl_protocols stop at TLSv1.2, and the name it would verify
+      # by default is that of the upstream block.
+      cat <<EOF
+    proxy_ssl on;
+    proxy_ssl_protocols TLSv1.3;
+    proxy_ssl_conf_command Ciphersuites TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256;
+    proxy_ssl_verify on;
+    proxy_ssl_trusted_certificate $UP_CA;
+    proxy_ssl_name $UP_NAME;
+    proxy_ssl_server_name on;
+    proxy_ssl_certificate $LB_CRT;
+    proxy_ssl_certificate_key $LB_KEY;
+    proxy_ssl_session_reuse on;
+EOF
+    fi
     for mp in "$@"; do
       mode=${mp%%:*} port=${mp##*:}
       cat <<EOF
@@ -450,6 +553,20 @@ field() { # LINE KEY
   echo NA
 }
 
+# up_tally MODE: "FULL RESUMED", the handshakes the TLS upstreams of MODE have completed so far
+# (their latest TLS-TALLY lines, printed each second some completed; full counts those after a
+# HelloRetryRequest too).
+up_tally() {
+  local i f=0 r=0 l
+  for i in $(seq $UPSTREAMS); do
+    l=$(grep '^TLS-TALLY ' "$LOGS/upstream-$1-$i.log" | tail -1 || true)
+    [[ -z $l ]] && continue
+    f=$((f + $(field "$l" full) + $(field "$l" hrr)))
+    r=$((r + $(field "$l" resumed)))
+  done
+  echo "$f $r"
+}
+
 run_client() { # LIMIT_SECS LOGNAME ARGS...: runs the bench client, prints its RESULT line
   local limit=$1 log=$2
   shift 2
@@ -466,10 +583,25 @@ run_figure() {
         record "$fig" "$target" "$round" NA 0 # OpenSSL 3.0 has no ML-KEM
         return
       fi
-      local kx=x25519
+      local kx=x25519 tally_before=
       [[ $fig == handshakes_pq ]] && kx=x25519mlkem768
+      if [[ $UPSTREAM_TLS == 1 && $target != nohop ]]; then
+        sleep 1.2 # the upstreams' last tally line is at most a second old
+        tally_before=$(up_tally greeting)
+      fi
       line=$(run_client $((DURATION + 30)) "$log" handshakes --target "127.0.0.1:$(frontend_port "$target" greeting)" \
         --pid "${MAIN_PID[$target:greeting]}" --label "$target" --threads "$THREADS" --duration "$DURATION" --kx "$kx" "${CLIENT[@]}")
+      if [[ -n $tally_before ]]; then
+        # Which share of the upstream handshakes this run caused were resumptions (health
+        # checks, a few per second across all targets, are counted in as well).
+        sleep 1.2
+        local tally_after f0 r0 f1 r1
+        tally_after=$(up_tally greeting)
+        read -r f0 r0 <<<"$tally_before"
+        read -r f1 r1 <<<"$tally_after"
+        record "${fig}_upres" "$target" "$round" "$(awk -v f=$((f1 - f0)) -v r=$((r1 - r0)) 'BEGIN{print (f + r) ? 100 * r / (f + r) : "NA"}')" 0
+        echo "round=$round figure=$fig target=$target upstream_full=$((f1 - f0)) upstream_resumed=$((r1 - r0))" >>"$RAW"
+      fi
       ;;
     up1 | up8 | down1 | down8)
       local dir=${fig%?} conns=${fig: -1} bytes=$BYTES1 mode=sink
@@ -556,17 +688,29 @@ if [[ -n $PROFILE ]]; then
   kill -INT "$perf_pid"
   wait "$perf_pid" || true
   report() { perf report -i "$data" --stdio --no-children "$@" 2>/dev/null | grep -v '^#' | grep -v '^$' || true; }
+  # lclb's own samples, "SYMBOL (DSO)" one a line. Narrowed with perf script rather than
+  # `perf report --pid`, which finds no sample of a pool thread in these system-wide recordings
+  # (perf 6.1, cpu-clock in a VM).
+  perf script -i "$data" -F pid,ip,sym,dso -G 2>/dev/null |
+    awk -v p="$ppid" '$1 == p { $1 = ""; $2 = ""; sub(/^ +/, ""); print }' >"$WORK/lclb-samples.txt"
+  shares() { # dso|symbol: share of lclb's samples by library or by symbol, largest first
+    awk -v by="$1" '{ k = by == "dso" ? $NF : $0; n[k]++; t++ }
+      END { for (k in n) if (100 * n[k] / t >= 0.3) printf "%7.2f%%  %s\n", 100 * n[k] / t, k }' \
+      "$WORK/lclb-samples.txt" | sort -rn
+  }
   {
-    echo "# lclb (pid $ppid) under $PROFILE: by library"
-    report --pid "$ppid" --sort dso -g none | head -20
+    echo "# lclb (pid $ppid) under $PROFILE: $(wc -l <"$WORK/lclb-samples.txt") samples, by library"
+    shares dso | head -20
     echo
     echo "# lclb (pid $ppid) under $PROFILE: by symbol (flat)"
-    report --pid "$ppid" --sort dso,symbol -g none --percent-limit 0.3 | cut -c1-140 | head -80
+    shares symbol | cut -c1-140 | head -80
     echo
     echo "# whole machine during the run: by command"
     report --sort comm -g none | head -25
   } >"$OUT_DIR/perf-$PROFILE.txt"
-  report --pid "$ppid" --sort dso,symbol --percent-limit 1 | cut -c1-160 | head -400 >"$OUT_DIR/perf-$PROFILE-callgraph.txt"
+  # lclb's samples with their call chains (unreliable in user space: no frame pointers).
+  perf script -i "$data" -F pid,tid,ip,sym,dso 2>/dev/null |
+    awk -v p="$ppid" -v RS= -v ORS='\n\n' '{ split($1, id, "/") } id[1] == p' | head -20000 >"$OUT_DIR/perf-$PROFILE-callgraph.txt"
   say "profile of lclb under $PROFILE: $OUT_DIR/perf-$PROFILE.txt, call graphs in $OUT_DIR/perf-$PROFILE-callgraph.txt"
   exit 0
 fi
@@ -601,13 +745,17 @@ version() { "$@" 2>&1 | head -1; }
   echo "- $lclb_desc, $(version rustc --version); $(version haproxy -v); $(version nginx -v); $(version openssl version)"
   echo "- settings: ROUNDS=$ROUNDS DURATION=${DURATION}s THREADS=$THREADS BYTES1=$BYTES1 BYTES8=$BYTES8 LAT_COUNT=$LAT_COUNT HOLD=$HOLD WORKERS=$WORKERS FIRST_WRITE_DELAY=${FIRST_WRITE_DELAY}ms; $ELAPSED s; load average $LOAD_START at the start, $LOAD_END at the end"
   echo "- client and upstreams (lclb-bench) run on the same cores as the balancer under test"
+  if [[ $UPSTREAM_TLS == 1 ]]; then
+    echo "- UPSTREAM_TLS=1: the upstreams require mTLS; every balancer re-encrypts toward them (TLS 1.3, verifying $UP_NAME against a second CA, with a client certificate, sessions reused); the no-hop target has no upstream and is unaffected"
+    echo "- handshakes seen by the upstreams, by parameters (all targets, whole run): $(for m in "${MODES[@]}"; do for i in $(seq $UPSTREAMS); do grep '^TLS-TALLY ' "$LOGS/upstream-$m-$i.log" | tail -1; done; done | awk '{split(substr($5, 8), P, ","); for (k in P) { split(P[k], kv, ":"); n[kv[1]] += kv[2] } } END { for (k in n) printf "%s%s %d", (c++ ? ", " : ""), k, n[k] }')"
+  fi
   if [[ -z ${LCLB_BIN:-} && -n $(git -C "$REPO_ROOT" status --porcelain -- src Cargo.toml Cargo.lock 2>/dev/null) ]]; then
     echo "- lclb was built from a work tree with uncommitted changes under src/"
   fi
   echo
   echo "| figure | unit | better | lclb | HAProxy | NGINX | no hop | lclb ÷ best peer |"
   echo "|---|---|---|---:|---:|---:|---:|---:|"
-  sort -k1,1 -k2,2 -k4,4g "$DATA" | awk -v figs="handshakes handshakes_cpu handshakes_pq handshakes_pq_cpu up1 up1_cpu up8 up8_cpu down1 down1_cpu down8 down8_cpu lat_p50 lat_p99 lat_p999 hold_rss hold_kernel hold_threads" \
+  sort -k1,1 -k2,2 -k4,4g "$DATA" | awk -v figs="handshakes handshakes_cpu handshakes_upres handshakes_pq handshakes_pq_cpu handshakes_pq_upres up1 up1_cpu up8 up8_cpu down1 down1_cpu down8 down8_cpu lat_p50 lat_p99 lat_p999 hold_rss hold_kernel hold_threads" \
     -v b1="$BYTES1" -v b8="$BYTES8" -v th="$THREADS" -v hold="$HOLD" '
     {
       key = $1 SUBSEP $2
@@ -633,6 +781,8 @@ version() { "$@" 2>&1 | head -1; }
       label["handshakes_pq"] = "handshakes (X25519MLKEM768)"; unit["handshakes_pq"] = "conn/s"; hi["handshakes_pq"] = 1
       label["handshakes_cpu"] = "handshakes: target CPU per connection"; unit["handshakes_cpu"] = "us"; hi["handshakes_cpu"] = 0
       label["handshakes_pq_cpu"] = "handshakes (X25519MLKEM768): target CPU per connection"; unit["handshakes_pq_cpu"] = "us"; hi["handshakes_pq_cpu"] = 0
+      label["handshakes_upres"] = "handshakes: upstream TLS handshakes resumed"; unit["handshakes_upres"] = "%"; hi["handshakes_upres"] = 1; share["handshakes_upres"] = 1
+      label["handshakes_pq_upres"] = "handshakes (X25519MLKEM768): upstream TLS handshakes resumed"; unit["handshakes_pq_upres"] = "%"; hi["handshakes_pq_upres"] = 1; share["handshakes_pq_upres"] = 1
       split("up1 up8 down1 down8", T, " ")
       for (j = 1; j <= 4; j++) { label[T[j] "_cpu"] = T[j] ": target CPU per GiB"; unit[T[j] "_cpu"] = "CPU s/GiB"; hi[T[j] "_cpu"] = 0 }
       label["up1"] = "throughput up, 1 conn x " b1; unit["up1"] = "Gbit/s"; hi["up1"] = 1
@@ -660,7 +810,9 @@ version() { "$@" 2>&1 | head -1; }
           else if (!hi[f] && g < best) best = g
         }
         r = "n/a"
-        if (l != "NA" && best != "NA" && best + 0 != 0) {
+        if (share[f]) {
+          r = "n/a"
+        } else if (l != "NA" && best != "NA" && best + 0 != 0) {
           q = l / best
           ahead = hi[f] ? (q > 1.05) : (q < 0.95)
           behind = hi[f] ? (q < 0.95) : (q > 1.05)

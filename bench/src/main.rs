@@ -44,7 +44,9 @@ timed part is reported per connection or per GiB; hold reads its memory and thre
 server modes: greeting writes \"ok\\n\" and closes when the client does; echo echoes; sink
 reads to EOF and closes; source writes N bytes (--bytes, else the first 8 bytes the client
 sends, big-endian) and closes. With --tls the server terminates mTLS with lclb's own TLS
-configuration (the no-hop target). It exits by itself after --lifetime (default 7200 s).
+configuration (the no-hop target, or a TLS upstream) and prints a line `TLS-TALLY full=F
+hrr=H resumed=R params=...` (running totals of its handshakes) each second some completed.
+It exits by itself after --lifetime (default 7200 s).
 
 Client modes use TLS 1.3 with no session resumption. --kx limits the key exchange to one
 group (x25519, the default, which every peer supports; x25519mlkem768; p256; or default =

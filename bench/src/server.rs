@@ -1,5 +1,11 @@
 //! `lclb-bench server`: the upstreams the balancers forward to, and (with `--tls`) the no-hop
-//! target that terminates mTLS itself. One thread per connection, TCP_NODELAY, large buffers.
+//! target that terminates mTLS itself, or a TLS upstream that a balancer re-encrypts toward.
+//! One thread per connection, TCP_NODELAY, large buffers.
+//!
+//! With `--tls`, every second in which handshakes completed the server prints one line
+//! `TLS-TALLY full=F hrr=H resumed=R params=VERSION/SUITE/GROUP:N,...` (running totals since
+//! start), so that a benchmark can tell how its clients (the balancers, toward their TLS
+//! upstreams) handshake: how often they resume, and with which parameters.
 //!
 //! Modes:
 //! - `greeting`: writes "ok\n", then waits for the client to finish and closes.
@@ -8,12 +14,14 @@
 //! - `source`: writes N bytes then closes; N is `--bytes`, or else the first 8 bytes the
 //!   client sends (big-endian u64).
 
+use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::{Connection, ServerConfig, ServerConnection};
+use parking_lot::Mutex;
+use rustls::{Connection, HandshakeKind, ServerConfig, ServerConnection};
 
 use crate::args::{parse_size, Args};
 use crate::stream::{Buffers, Stream};
@@ -38,6 +46,56 @@ struct Shared {
     source_bytes: Option<u64>,
     idle: Duration,
     failures: AtomicU64,
+    tally: Tally,
+}
+
+/// Completed TLS handshakes, by kind and by negotiated parameters (running totals).
+#[derive(Default)]
+struct Tally {
+    full: AtomicU64,
+    hello_retry: AtomicU64,
+    resumed: AtomicU64,
+    /// "TLSv1_3/TLS13_AES_128_GCM_SHA256/X25519" -> count. Locked only to bump a count.
+    params: Mutex<BTreeMap<String, u64>>,
+}
+
+impl Tally {
+    fn record(&self, conn: &Connection) {
+        let counter = match conn.handshake_kind() {
+            Some(HandshakeKind::Resumed) => &self.resumed,
+            Some(HandshakeKind::FullWithHelloRetryRequest) => &self.hello_retry,
+            _ => &self.full,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let version = conn
+            .protocol_version()
+            .map(|v| format!("{v:?}"))
+            .unwrap_or_else(|| "-".into());
+        let key = format!("{version}/{}", tlsconf::describe(conn));
+        *self.params.lock().entry(key).or_insert(0) += 1;
+    }
+
+    fn total(&self) -> u64 {
+        self.full.load(Ordering::Relaxed)
+            + self.hello_retry.load(Ordering::Relaxed)
+            + self.resumed.load(Ordering::Relaxed)
+    }
+
+    fn line(&self) -> String {
+        let params: Vec<String> = self
+            .params
+            .lock()
+            .iter()
+            .map(|(k, n)| format!("{k}:{n}"))
+            .collect();
+        format!(
+            "TLS-TALLY full={} hrr={} resumed={} params={}",
+            self.full.load(Ordering::Relaxed),
+            self.hello_retry.load(Ordering::Relaxed),
+            self.resumed.load(Ordering::Relaxed),
+            params.join(",")
+        )
+    }
 }
 
 pub const FLAGS: &[&str] = &["mode", "listen", "tls", "bytes", "idle", "lifetime"];
@@ -75,7 +133,25 @@ pub fn run(args: &Args) -> Result<(), String> {
         source_bytes,
         idle,
         failures: AtomicU64::new(0),
+        tally: Tally::default(),
     });
+    if shared.tls.is_some() {
+        let shared = shared.clone();
+        std::thread::Builder::new()
+            .name("tally".into())
+            .spawn(move || {
+                let mut printed = 0;
+                loop {
+                    std::thread::sleep(Duration::from_secs(1));
+                    let total = shared.tally.total();
+                    if total != printed {
+                        printed = total;
+                        println!("{}", shared.tally.line());
+                    }
+                }
+            })
+            .map_err(|e| e.to_string())?;
+    }
     std::thread::Builder::new()
         .name("lifetime".into())
         .spawn(move || {
@@ -136,6 +212,9 @@ fn serve(shared: &Shared, sock: TcpStream) -> std::io::Result<()> {
         None => Stream::plain(sock, buffers),
     };
     s.handshake()?;
+    if let Some(conn) = s.tls_conn() {
+        shared.tally.record(conn);
+    }
     match shared.mode {
         Mode::Greeting => {
             s.write_all(b"ok\n")?;
