@@ -392,6 +392,39 @@ fn the_upstream_tls_session_resumes_across_client_connections() {
 }
 
 #[test]
+fn upstreams_that_share_a_server_name_each_resume_their_own_sessions() {
+    let s = setup("utls-resume-each");
+    let cert = s.loopback_cert();
+    let up1 = TlsUpstream::start("up1", TlsMode::Echo, &cert, None);
+    let up2 = TlsUpstream::start("up2", TlsMode::Echo, &cert, None);
+    // Both are 127.0.0.1: one server name, as the upstreams of a group usually share.
+    let lb = Lb::start(
+        &s.config(up1.addr, "", STAY_UP)
+            .upstream_at("up2", up2.addr, "web")
+            .build(),
+    );
+    // Sequential connections alternate between the two equally loaded upstreams.
+    let mut names = Vec::new();
+    for _ in 0..6 {
+        names.push(ping(lb.addr, s.client()));
+    }
+    assert_eq!(names.iter().filter(|n| *n == "up1").count(), 3, "{names:?}");
+    for up in [&up1, &up2] {
+        assert!(wait_until(|| up.served().len() == 3));
+        let kinds: Vec<_> = up.served().iter().map(|s| s.kind).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                Some(HandshakeKind::Full),
+                Some(HandshakeKind::Resumed),
+                Some(HandshakeKind::Resumed)
+            ],
+            "each upstream is offered its own ticket, not the other's"
+        );
+    }
+}
+
+#[test]
 fn a_tls_1_2_upstream_is_served_and_resumed_too() {
     let s = setup("utls-tls12");
     let tls12 = [&rustls::version::TLS12];
