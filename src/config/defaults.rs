@@ -82,6 +82,7 @@ pub const DEFAULT_CONFIG: &str = r#"# lclb configuration. Durations: "250ms", "5
 listen = "0.0.0.0:9443"              # where clients connect
 # metrics_listen = "127.0.0.1:9100"  # Prometheus text at GET /metrics; off when unset
 log_format = "text"                  # or "json": one JSON object per line
+accept_proxy_from = []               # balancers in front ("10.0.0.0/8"): their connections start with a PROXY header
 
 [tls]
 ca_cert = "certs/ca/ca.crt"          # client certificates must chain to this CA (its name: "default") or a [[ca]]
@@ -130,6 +131,15 @@ address = "127.0.0.1:9001"           # host:port; a host name is resolved at loa
 group = "web"                        # clients are authorized to groups
 weight = 1                           # relative capacity (least connections per weight)
 # slow_start = "10s"                 # ramp its weight up after it comes back UP; 0s (default) = none; at most 1h
+
+# [[group]]                          # how lclb talks to one group's upstreams; none: plaintext, no header
+# name = "web"
+# proxy_protocol = "off"             # or "v2": a PROXY v2 header (addresses, TLS facts, identity) first
+# [group.tls]                        # TLS to the group's upstreams
+# ca_cert = "certs/upstream-ca.crt"  # roots their certificates must chain to (required)
+# server_name = "web.internal"       # SNI and the name verified; default: each upstream's host
+# client_cert = "certs/lclb-client.crt"   # lclb's own certificate, for upstream mTLS
+# client_key = "certs/lclb-client.key.pem"
 
 # [[ca]]                             # more trust roots, each with a name [[client]] issuer binds to
 # name = "partners"                  # unique; not "default"
