@@ -359,7 +359,14 @@ impl TlsContext {
                     format!("unsupported private key: {e}"),
                 )
             })?;
-        let leaf = chain[0].clone();
+        // load_certs refuses a file without a certificate, so there is a first one.
+        let Some(leaf) = chain.first().cloned() else {
+            return Err(file_error(
+                "tls.server_cert",
+                &files.server_cert,
+                "holds no certificate",
+            ));
+        };
         let server_certs = CertInfo::read_all(&files.server_cert, &chain).into();
         let certified = CertifiedKey::new(chain.clone(), signing_key);
         certified.keys_match().map_err(|e| {
