@@ -36,6 +36,7 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=certs/lib.sh
 source "$here/lib.sh"
+help_if_asked "$@"
 
 CERTS_DIR=${CERTS_DIR:-$here}
 CRL_DAYS=${CRL_DAYS:-30}

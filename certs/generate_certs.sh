@@ -20,6 +20,7 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=certs/lib.sh
 source "$here/lib.sh"
+help_if_asked "$@"
 
 CERTS_DIR=${CERTS_DIR:-$here}
 SERVER_SAN=${SERVER_SAN:-DNS:localhost, DNS:server.lb.com, IP:127.0.0.1}

@@ -11,6 +11,17 @@ RSA_BITS=${RSA_BITS:-2048}
 DAYS=${DAYS:-825}
 FORCE=${FORCE:-0}
 
+# help_if_asked ARGS...: prints the calling script's opening comment (its usage) and exits 0
+# if ARGS start with -h or --help, before anything is written.
+help_if_asked() {
+  case "${1:-}" in
+    -h | --help)
+      sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+      exit 0
+      ;;
+  esac
+}
+
 die() {
   echo "error: $*" >&2
   exit 1

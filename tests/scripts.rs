@@ -135,10 +135,13 @@ fn generate_certs_makes_rsa_keys_keeps_what_exists_and_remakes_all_with_force() 
 
 /// The scripts in `scripts/`.
 fn scripts() -> Vec<PathBuf> {
-    let mut all: Vec<PathBuf> = std::fs::read_dir(repo().join("scripts"))
-        .unwrap()
+    let mut all: Vec<PathBuf> = ["scripts", "certs"]
+        .iter()
+        .flat_map(|dir| std::fs::read_dir(repo().join(dir)).unwrap())
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "sh"))
+        // certs/lib.sh is sourced, not run.
+        .filter(|p| !p.ends_with("certs/lib.sh"))
         .collect();
     all.sort();
     all
