@@ -266,7 +266,14 @@ impl Shared {
                 }
                 Err(e) => {
                     self.stats.reloads_failed.fetch_add(1, Ordering::Relaxed);
-                    log::error!("config reload failed, keeping the running config: {e}");
+                    // One line, so that a log shipper keeps the error whole: toml's message
+                    // runs over several (the file's line under its position).
+                    let e = e.to_string();
+                    let e: Vec<&str> = e.split_whitespace().collect();
+                    log::error!(
+                        "config reload failed, keeping the running config: {}",
+                        e.join(" ")
+                    );
                 }
             }
             result
