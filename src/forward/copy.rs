@@ -24,6 +24,47 @@ pub(super) enum Cut {
     ResetUpstream(EndReason),
 }
 
+/// What [`decrypt`] found.
+enum Decrypted {
+    /// Everything given was taken in; the peer may send more.
+    More,
+    /// The peer's close_notify: its stream is complete.
+    Closed,
+    /// The peer broke the protocol; the plaintext of the records before it was still taken.
+    Failed(String),
+}
+
+/// Feeds `rd` (raw bytes from a peer's socket) to `conn` and appends the plaintext it yields
+/// to `plain`, the same for the client's session and a TLS upstream's: records before a bad
+/// one were authentic, so their plaintext is kept even on a failure.
+fn decrypt<D>(
+    conn: &mut rustls::ConnectionCommon<D>,
+    rd: &mut &[u8],
+    plain: &mut Vec<u8>,
+) -> Decrypted {
+    loop {
+        match conn.reader().read_to_end(plain) {
+            Ok(_) => return Decrypted::Closed,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Decrypted::Failed(e.to_string()),
+        }
+        if rd.is_empty() {
+            return Decrypted::More;
+        }
+        let processed = match conn.read_tls(rd) {
+            Ok(_) => conn
+                .process_new_packets()
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = processed {
+            let _ = conn.reader().read_to_end(plain);
+            return Decrypted::Failed(e);
+        }
+    }
+}
+
 /// Copies client -> upstream until the client finishes sending. `Ok` is a clean finish, or a
 /// truncation that `truncation = "fin"` lets through as one.
 pub(super) fn client_to_upstream(link: &Link) -> Result<(), Cut> {
@@ -44,35 +85,10 @@ pub(super) fn client_to_upstream(link: &Link) -> Result<(), Cut> {
                 Some(buf) => &buf[..n],
                 None => &[],
             };
-            loop {
-                match sealer.conn.reader().read_to_end(&mut plain) {
-                    Ok(_) => {
-                        closed = true;
-                        break;
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(e) => {
-                        failure = Some(EndReason::TlsError(e.to_string()));
-                        break;
-                    }
-                }
-                if rd.is_empty() {
-                    break;
-                }
-                let processed = match sealer.conn.read_tls(&mut rd) {
-                    Ok(_) => sealer
-                        .conn
-                        .process_new_packets()
-                        .map(|_| ())
-                        .map_err(|e| e.to_string()),
-                    Err(e) => Err(e.to_string()),
-                };
-                if let Err(e) = processed {
-                    // Records before the bad one were authentic: they still go through.
-                    let _ = sealer.conn.reader().read_to_end(&mut plain);
-                    failure = Some(EndReason::TlsError(e));
-                    break;
-                }
+            match decrypt(&mut sealer.conn, &mut rd, &mut plain) {
+                Decrypted::More => {}
+                Decrypted::Closed => closed = true,
+                Decrypted::Failed(e) => failure = Some(EndReason::TlsError(e)),
             }
             // Alerts, key-update replies: whatever rustls wants to say goes out in order.
             sealer.seal(&mut out)
@@ -215,37 +231,13 @@ pub(super) fn upstream_to_client_tls(link: &Link) -> Result<(), Cut> {
                 Some(buf) => &buf[..n],
                 None => &[],
             };
-            loop {
-                match sealer.conn.reader().read_to_end(&mut plain) {
-                    Ok(_) => {
-                        closed = true;
-                        break;
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(e) => {
-                        failure = Some(e.to_string());
-                        break;
-                    }
-                }
-                if rd.is_empty() {
-                    break;
-                }
-                let processed = match sealer.conn.read_tls(&mut rd) {
-                    Ok(_) => sealer
-                        .conn
-                        .process_new_packets()
-                        .map(|_| ())
-                        .map_err(|e| e.to_string()),
-                    Err(e) => Err(e.to_string()),
-                };
-                if let Err(e) = processed {
-                    // Records before the bad one were authentic: they still go through. The
-                    // alert rustls queued for the upstream is not sent: only the other thread
-                    // writes there, and the link is ending.
-                    let _ = sealer.conn.reader().read_to_end(&mut plain);
-                    failure = Some(e);
-                    break;
-                }
+            // Records before a bad one were authentic: they still go through. The alert
+            // rustls queues for the upstream is not sent: only the other thread writes there,
+            // and the link is ending.
+            match decrypt(&mut sealer.conn, &mut rd, &mut plain) {
+                Decrypted::More => {}
+                Decrypted::Closed => closed = true,
+                Decrypted::Failed(e) => failure = Some(e),
             }
         }
         let finish = closed && failure.is_none();
