@@ -63,7 +63,7 @@ if ! cargo mutants --version >/dev/null 2>&1; then
 fi
 
 export CARGO_TARGET_DIR="$REPO_ROOT/target/mutants/build"
-count() { [[ -f "$1" ]] && grep -c . "$1" || echo 0; }
+count() { if [[ -f "$1" ]]; then grep -c . "$1" || true; else echo 0; fi; }
 failed=0 summary=()
 for m in "${modules[@]}"; do
   out="target/mutants/$m"
