@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: help build test lint unit e2e run certs static soak bench bench-build docker-build docker-run docker-compose
+.PHONY: help build test lint unit e2e run certs static soak bench bench-build mutants docker-build docker-run docker-compose
 help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
@@ -36,6 +36,9 @@ bench: ## Benchmark lclb against HAProxy and NGINX on 127.0.0.1 (scripts/bench.s
 
 bench-build: ## Release builds of lclb and the benchmark tool (target/release/lclb, target/release/lclb-bench)
 	$(CARGO) build --release --locked -p lclb -p lclb-bench
+
+mutants: ## Mutation testing of the security/correctness modules, one at a time (scripts/mutants.sh; not in `make test`; see MUTANTS.md)
+	scripts/mutants.sh $(MODULES)
 
 static: ## Static, stripped x86_64 musl build of lclb (installs the target and musl-tools if missing)
 	scripts/build-static.sh

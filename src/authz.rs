@@ -230,6 +230,17 @@ groups = ["web2"]
     }
 
     #[test]
+    fn a_group_is_allowed_only_to_the_entries_that_list_it() {
+        let a = authorizer();
+        assert!(a.allows_group("client1.lb.com", "web"));
+        assert!(a.allows_group("client1.lb.com", "web2"));
+        assert!(a.allows_group("client2.lb.com", "web2"));
+        assert!(!a.allows_group("client2.lb.com", "web"), "client1 lists it");
+        assert!(!a.allows_group("client1.lb.com", "api"), "nobody lists it");
+        assert!(!a.allows_group("client3.lb.com", "web2"), "no such entry");
+    }
+
+    #[test]
     fn an_unknown_identity_is_denied() {
         let a = authorizer();
         assert!(a.allowed("client3.lb.com").is_none());

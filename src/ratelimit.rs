@@ -341,6 +341,34 @@ mod tests {
     }
 
     #[test]
+    fn full_buckets_are_kept_between_sweeps() {
+        let (l, clock) = limiter();
+        l.try_acquire("a", LIMIT);
+        clock.advance(Duration::from_secs(10));
+        assert_eq!(l.peek("a", LIMIT), 3.0, "a's bucket is full again");
+        l.try_acquire("b", LIMIT);
+        assert_eq!(
+            l.tracked_clients(),
+            2,
+            "no sweep before check {SWEEP_EVERY}"
+        );
+    }
+
+    #[test]
+    fn the_system_clock_counts_from_its_creation() {
+        let clock = SystemClock::default();
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(clock.now() >= Duration::from_millis(5));
+    }
+
+    #[test]
+    fn debug_shows_how_many_clients_are_tracked() {
+        let (l, _) = limiter();
+        l.try_acquire("a", LIMIT);
+        assert_eq!(format!("{l:?}"), "RateLimiter { clients: 1 }");
+    }
+
+    #[test]
     fn a_refused_client_is_not_forgotten_by_a_sweep() {
         let (l, _) = limiter();
         for _ in 0..3 {
