@@ -81,21 +81,27 @@ fn closed_cleanly(s: &mut TlsStream) -> bool {
     matches!(read_all(s), Ok(rest) if rest.is_empty())
 }
 
+/// Writes to `path` the config `base` (listening on port 0) with `clients` allowed to group
+/// `web`: what these tests start with, then reload with fewer clients.
+fn write_with_clients(path: &std::path::Path, base: ConfigBuilder<'_>, clients: &[&str]) {
+    let mut b = base.listen("127.0.0.1:0");
+    for c in clients {
+        b = b.client(c, &["web"]);
+    }
+    std::fs::write(path, b.build()).unwrap();
+}
+
 #[test]
 fn a_reload_that_removes_a_client_closes_its_open_connection_and_no_other() {
     let pki = Pki::new("enforce-remove");
     let (up, ends) = reporting_upstream("web1");
     let path = pki.dir.join("lclb.toml");
     let with = |clients: &[&str]| {
-        let mut b = pki
+        let base = pki
             .builder()
-            .listen("127.0.0.1:0")
             .section(HIGH_RATE_LIMIT)
             .upstream_at("web1", up, "web");
-        for c in clients {
-            b = b.client(c, &["web"]);
-        }
-        std::fs::write(&path, b.build()).unwrap();
+        write_with_clients(&path, base, clients);
     };
     with(&["client1.lb.com", "client2.lb.com"]);
     let lb = Lb::start_from_file(&path);
@@ -154,16 +160,12 @@ fn a_reload_with_enforce_on_reload_off_leaves_open_connections_alone() {
     let (up, _ends) = reporting_upstream("web1");
     let path = pki.dir.join("lclb.toml");
     let with = |clients: &[&str]| {
-        let mut b = pki
+        let base = pki
             .builder()
-            .listen("127.0.0.1:0")
             .tls("enforce_on_reload = false")
             .section(HIGH_RATE_LIMIT)
             .upstream_at("web1", up, "web");
-        for c in clients {
-            b = b.client(c, &["web"]);
-        }
-        std::fs::write(&path, b.build()).unwrap();
+        write_with_clients(&path, base, clients);
     };
     with(&["client1.lb.com", "client2.lb.com"]);
     let lb = Lb::start_from_file(&path);
@@ -286,16 +288,12 @@ fn one_reload_closes_hundreds_of_refused_connections_together() {
     let web1 = Upstream::start("web1", Mode::Echo);
     let path = pki.dir.join("lclb.toml");
     let with = |clients: &[&str]| {
-        let mut b = pki
+        let base = pki
             .builder()
-            .listen("127.0.0.1:0")
             .section("[rate_limit]\nrate = 10000\nburst = 10000\n")
             .limit("per_ip_max_handshakes = 0")
             .upstream(&web1, "web");
-        for c in clients {
-            b = b.client(c, &["web"]);
-        }
-        std::fs::write(&path, b.build()).unwrap();
+        write_with_clients(&path, base, clients);
     };
     with(&["client1.lb.com", "client2.lb.com"]);
     let lb = Lb::start_from_file(&path);
