@@ -63,6 +63,8 @@ if ! cargo mutants --version >/dev/null 2>&1; then
 fi
 
 export CARGO_TARGET_DIR="$REPO_ROOT/target/mutants/build"
+# No debug info: each mutant relinks the lib test binary, and a smaller binary links faster.
+export CARGO_PROFILE_DEV_DEBUG=0
 count() { if [[ -f "$1" ]]; then grep -c . "$1" || true; else echo 0; fi; }
 failed=0 summary=()
 for m in "${modules[@]}"; do
