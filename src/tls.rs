@@ -91,7 +91,10 @@ pub(crate) fn file_error(key: &str, path: &Path, message: impl Into<String>) -> 
 }
 
 pub(crate) fn read_file(key: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {
-    std::fs::read(path).map_err(|e| file_error(key, path, format!("cannot read: {e}")))
+    std::fs::read(path).map_err(|e| {
+        let e = crate::confine::explain_read(path, &e);
+        file_error(key, path, format!("cannot read: {e}"))
+    })
 }
 
 /// The certificates in the PEM file `path` (named by `key`). Those that are not roots must be

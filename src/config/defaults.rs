@@ -117,6 +117,9 @@ max_concurrent = 0                   # connections open at once per client; 0 = 
 watch = false                        # poll the config and every file it names; reload on a change
 watch_interval = "5s"                # time between polls; at most 1h
 
+[security]
+landlock = true                      # at start-up, confine lclb to reading its config's and files' folders (Landlock)
+
 [health_check]
 interval = "2s"                      # time between TCP probes of each upstream; at most 1h
 timeout = "1s"                       # bound on one probe; at most 1m

@@ -27,6 +27,8 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub(super) reload: RawReload,
     #[serde(default)]
+    pub(super) security: RawSecurity,
+    #[serde(default)]
     pub(super) upstream: Vec<RawUpstream>,
     #[serde(default)]
     pub(super) group: Vec<RawGroup>,
@@ -140,4 +142,10 @@ pub(super) struct RawGroupTls {
 pub(super) struct RawReload {
     pub(super) watch: Option<bool>,
     pub(super) watch_interval: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSecurity {
+    pub(super) landlock: Option<bool>,
 }

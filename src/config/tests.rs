@@ -1162,3 +1162,14 @@ fn accept_proxy_from_takes_blocks_and_single_addresses() {
     let zero = parse(&format!("accept_proxy_from = [\"0.0.0.0/0\"]\n{MINIMAL}")).unwrap();
     assert!(zero.accept_proxy_from[0].contains("203.0.113.9".parse().unwrap()));
 }
+
+#[test]
+fn landlock_is_on_unless_security_landlock_is_false() {
+    assert!(parse(MINIMAL).unwrap().security.landlock);
+    let off = parse(&format!("[security]\nlandlock = false\n{MINIMAL}")).unwrap();
+    assert!(!off.security.landlock);
+    let table: toml::Table = toml::from_str(DEFAULT_CONFIG).unwrap();
+    assert_eq!(table["security"]["landlock"].as_bool(), Some(true));
+    let e = err(&format!("[security]\nlandlock = \"yes\"\n{MINIMAL}"));
+    assert!(e.contains("landlock"), "{e}");
+}

@@ -50,6 +50,9 @@ pub(super) fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErro
         rate_limit,
         health_check,
         reload,
+        security: Security {
+            landlock: raw.security.landlock.unwrap_or(true),
+        },
         upstreams,
         clients,
         groups: group_entries,
