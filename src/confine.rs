@@ -397,7 +397,7 @@ mod tests {
     }
 
     #[test]
-    fn the_folders_of_crls_extra_cas_and_group_tls_files_are_allowed() {
+    fn the_folders_of_crls_ticket_keys_extra_cas_and_group_tls_files_are_allowed() {
         let dir = temp("every-key");
         let ca = dir.join("conf/ca.crt");
         write(&ca);
@@ -408,14 +408,15 @@ mod tests {
             "up-ca",
             "up-cert",
             "up-key",
+            "tickets",
         ]
         .map(|name| dir.join(name).join("f.pem"));
         for f in &named {
             write(f);
         }
-        let [crl, partner, partner_crl, up_ca, up_cert, up_key] = &named;
+        let [crl, partner, partner_crl, up_ca, up_cert, up_key, tickets] = &named;
         let extra = format!(
-            "crls = [{crl:?}]\n[[ca]]\nname = \"p\"\ncert = {partner:?}\ncrls = [{partner_crl:?}]\n\
+            "crls = [{crl:?}]\nticket_keys = {tickets:?}\n[[ca]]\nname = \"p\"\ncert = {partner:?}\ncrls = [{partner_crl:?}]\n\
              [[group]]\nname = \"web\"\n[group.tls]\nca_cert = {up_ca:?}\n\
              client_cert = {up_cert:?}\nclient_key = {up_key:?}\n"
         );

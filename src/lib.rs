@@ -39,7 +39,8 @@
 //! (open connections held to a reloaded config), `proxy` (the PROXY protocol codec),
 //! `upstream` (TLS toward upstreams), `stats` (counters and the refusal reasons), `threads` (the thread budget),
 //! `pool` (reused threads), `buffers` (read buffers lent while data flows), `confine` (the
-//! Landlock rules the server confines itself with). Modules are private;
+//! Landlock rules the server confines itself with), `tickets` (TLS session tickets sealed with
+//! keys shared by several instances). Modules are private;
 //! the interface is re-exported here, and `cargo doc --document-private-items` shows each
 //! module's own documentation.
 //!
@@ -74,6 +75,7 @@ mod sessions;
 mod stats;
 mod table;
 mod threads;
+mod tickets;
 mod tls;
 mod upstream;
 mod watch;
@@ -107,6 +109,7 @@ pub use threads::{
     connection_cap, thread_limit, LimitSource, ThreadLimit, RESERVED_THREADS,
     THREADS_PER_CONNECTION,
 };
+pub use tickets::{TicketKeys, KEYS_IN_USE as TICKET_KEYS_IN_USE, TICKET_LIFETIME};
 pub use tls::{
     install_default_provider, provider, CertInfo, ClientTrust, CrlInfo, HandshakeError, PeerError,
     SessionCache, TlsContext,

@@ -171,6 +171,7 @@ pub(crate) fn named_files(config: &Config) -> Vec<PathBuf> {
         files.push(ca.cert.clone());
         files.extend(ca.crls.iter().cloned());
     }
+    files.extend(tls.ticket_keys.iter().cloned());
     for group in config.groups.iter().filter_map(|g| g.tls.as_ref()) {
         files.push(group.ca_cert.clone());
         if let Some((cert, key)) = &group.client_cert {

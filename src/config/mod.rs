@@ -234,6 +234,10 @@ pub struct TlsFiles {
     /// The `[[ca]]` entries: more trust roots, each with a name an entry's `issuer` binds to.
     /// `ca_cert` and `crls` above are the CA named [`DEFAULT_CA_NAME`]. Default: none.
     pub extra_cas: Vec<CaFiles>,
+    /// A file of session ticket keys (HAProxy's `tls-ticket-keys` format) shared by several
+    /// instances, so that each resumes the others' clients. Default: none (tickets are ids
+    /// into this instance's own session cache).
+    pub ticket_keys: Option<PathBuf>,
 }
 
 /// One `[[ca]]` entry: trust roots of their own, with their own CRLs.

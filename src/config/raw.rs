@@ -57,6 +57,7 @@ pub(super) struct RawTls {
     pub(super) truncation: Option<Truncation>,
     pub(super) enforce_on_reload: Option<bool>,
     pub(super) close_at_cert_expiry: Option<bool>,
+    pub(super) ticket_keys: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]

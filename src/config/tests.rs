@@ -1173,3 +1173,18 @@ fn landlock_is_on_unless_security_landlock_is_false() {
     let e = err(&format!("[security]\nlandlock = \"yes\"\n{MINIMAL}"));
     assert!(e.contains("landlock"), "{e}");
 }
+
+#[test]
+fn ticket_keys_is_off_by_default_and_taken_relative_to_the_config() {
+    assert_eq!(parse(MINIMAL).unwrap().tls.ticket_keys, None);
+    let c = parse(&format!("[tls]\nticket_keys = \"keys/tickets\"\n{MINIMAL}")).unwrap();
+    assert_eq!(
+        c.tls.ticket_keys,
+        Some(PathBuf::from("/etc/lclb/keys/tickets"))
+    );
+    let e = err(&format!("[tls]\nticket_keys = \"\"\n{MINIMAL}"));
+    assert!(
+        e.starts_with("config key `tls.ticket_keys`: must not be empty"),
+        "{e}"
+    );
+}
