@@ -136,6 +136,15 @@ impl Confinement {
     /// when enforced, with the folders; a warning when not, or only in part). A path that can
     /// no longer be opened is left out (less access, never more).
     pub fn apply(&self) -> Result<Confined, ConfineError> {
+        // Threads already running stay unconfined: say so, should a change ever start one
+        // before this call.
+        if let Some(n) = threads_running().filter(|&n| n > 1) {
+            log::warn!(
+                "landlock: {} thread(s) already running are not confined; confine before \
+                 starting any thread",
+                n - 1
+            );
+        }
         let all = AccessFs::from_all(HANDLED_ABI);
         let read_dir = AccessFs::ReadFile | AccessFs::ReadDir;
         let read_file = landlock::BitFlags::from(AccessFs::ReadFile);
@@ -188,6 +197,15 @@ impl Confinement {
             }
         }
     }
+}
+
+/// The process's thread count, from the `Threads:` line of `/proc/self/status`.
+fn threads_running() -> Option<usize> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse().ok())
 }
 
 /// What the crate said of the kernel's Landlock.
@@ -469,6 +487,12 @@ mod tests {
             .filter(|p| p.exists())
             .collect();
         assert_eq!(c.files(), existing);
+    }
+
+    #[test]
+    fn the_thread_count_is_read_from_proc() {
+        // The test harness runs this test on a thread of its own: at least two.
+        assert!(threads_running().is_some_and(|n| n >= 2));
     }
 
     #[test]

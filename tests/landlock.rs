@@ -29,13 +29,22 @@ const CONFINED: &str = "landlock: confined to reading beneath ";
 fn start_confined(path: &Path, config: &str) -> Option<Process> {
     std::fs::write(path, config).unwrap();
     let lb = Process::start(LCLB, path);
-    let line = lb
-        .wait_line("landlock: ")
-        .expect("lclb logged no landlock line at start-up");
+    let lines = lb
+        .lines_until("lclb listening on ", WAIT)
+        .expect("lclb did not start");
+    let line = lines
+        .iter()
+        .find(|l| l.contains("landlock: not enforced") || l.contains(CONFINED))
+        .expect("lclb logged no landlock outcome at start-up");
     if !line.contains(CONFINED) {
         eprintln!("skipped: this kernel does not confine lclb: {line}");
         return None;
     }
+    // Confined before any thread started: none escapes it.
+    assert!(
+        lines.iter().all(|l| !l.contains("already running")),
+        "{lines:#?}"
+    );
     Some(lb)
 }
 
