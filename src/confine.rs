@@ -215,7 +215,11 @@ fn describe(status: LandlockStatus) -> String {
             "the kernel has Landlock but it is not enabled: add it to the lsm= boot parameter"
                 .into()
         }
-        LandlockStatus::NotImplemented => "the kernel has no Landlock".into(),
+        LandlockStatus::NotImplemented => {
+            "the kernel has no Landlock, or a seccomp filter (a container's) refuses its system \
+             calls"
+                .into()
+        }
         LandlockStatus::Available {
             effective_abi,
             kernel_abi,
