@@ -308,10 +308,16 @@ fn beneath_any(path: &Path, folders: &[PathBuf]) -> bool {
 }
 
 fn denied_message(path: &Path, folders: &[PathBuf]) -> String {
+    // A link is read through: name where it leads, which is what lies outside.
+    let shown = match path.canonicalize() {
+        Ok(target) if target != path => {
+            format!("{} (a link to {})", path.display(), target.display())
+        }
+        _ => path.display().to_string(),
+    };
     format!(
-        "permission denied (EACCES, by Landlock): {} is outside the folders lclb confined itself \
-         to at start-up ({}); restart lclb to allow a new folder",
-        path.display(),
+        "permission denied (EACCES, by Landlock): {shown} is outside the folders lclb confined \
+         itself to at start-up ({}); restart lclb to allow a new folder",
         list(folders)
     )
 }

@@ -28,7 +28,12 @@ const CONFINED: &str = "landlock: confined to reading beneath ";
 /// not confine it.
 fn start_confined(path: &Path, config: &str) -> Option<Process> {
     std::fs::write(path, config).unwrap();
-    let lb = Process::start(LCLB, path);
+    confined(Process::start(LCLB, path))
+}
+
+/// `lb` once it has started confined; None, after printing why, when the kernel did not
+/// confine it.
+fn confined(lb: Process) -> Option<Process> {
     let lines = lb
         .lines_until("lclb listening on ", WAIT)
         .expect("lclb did not start");
@@ -236,4 +241,37 @@ fn without_landlock_the_same_reload_reads_the_file_and_refuses_its_content() {
         ),
         "{line}"
     );
+}
+
+#[test]
+fn a_config_file_repointed_outside_the_allowed_folders_is_refused_as_denied_by_landlock() {
+    let pki = Pki::new("landlock-config-link");
+    let elsewhere = temp_dir("landlock-config-elsewhere");
+    let web1 = Upstream::start("web1", Mode::Echo);
+    let text = config(&pki, &[&web1], "");
+    let real = pki.dir.join("lclb-v1.toml");
+    let path = pki.dir.join("lclb.toml");
+    std::fs::write(&real, &text).unwrap();
+    std::os::unix::fs::symlink(&real, &path).unwrap();
+    // Started through the link, which is then pointed at a folder lclb was not given.
+    let Some(lb) = confined(Process::start(LCLB, &path)) else {
+        return;
+    };
+    let moved = elsewhere.join("lclb.toml");
+    std::fs::write(&moved, &text).unwrap();
+    swap_symlink(&path, &moved);
+    lb.signal("HUP");
+    let line = lb.wait_line("config reload").expect("no reload line");
+    assert!(
+        line.contains(&format!(
+            "config reload failed, keeping the running config: cannot read config file {}: \
+             permission denied (EACCES, by Landlock): {} (a link to {}) is outside the folders \
+             lclb confined itself to at start-up (",
+            path.display(),
+            path.display(),
+            moved.canonicalize().unwrap().display()
+        )),
+        "{line}"
+    );
+    assert_eq!(greeted(lb.listen_addr(), &pki), "web1");
 }
