@@ -20,12 +20,19 @@ use support::*;
 struct RedisServer {
     port: u16,
     dir: PathBuf,
+    args: Vec<String>,
     child: Option<Child>,
 }
 
 impl RedisServer {
     /// A server on a free port (another one if the first cannot be bound).
     fn start(name: &str) -> RedisServer {
+        RedisServer::start_with(name, &[])
+    }
+
+    /// As [`RedisServer::start`], with more arguments (`--replicaof HOST PORT`, or a config
+    /// file and `--sentinel`).
+    fn start_with(name: &str, args: &[&str]) -> RedisServer {
         let found = Command::new("redis-server").arg("--version").output();
         assert!(
             found.is_ok_and(|o| o.status.success()),
@@ -39,10 +46,11 @@ impl RedisServer {
                 .local_addr()
                 .unwrap()
                 .port();
-            if let Some(child) = spawn_redis(&dir, port) {
+            if let Some(child) = spawn_redis(&dir, port, args) {
                 return RedisServer {
                     port,
                     dir,
+                    args: args.iter().map(|a| a.to_string()).collect(),
                     child: Some(child),
                 };
             }
@@ -68,7 +76,8 @@ impl RedisServer {
     /// Starts it again on the same port, empty (it had no persistence).
     fn restart(&mut self) {
         self.kill();
-        let child = poll_until(|| spawn_redis(&self.dir, self.port))
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        let child = poll_until(|| spawn_redis(&self.dir, self.port, &args))
             .unwrap_or_else(|| panic!("redis-server did not come back on port {}", self.port));
         self.child = Some(child);
     }
@@ -98,8 +107,9 @@ impl Drop for RedisServer {
 
 /// redis-server on `port`, once it answers PING; `None` if it exits first (the port was taken)
 /// or does not answer within [`WAIT`].
-fn spawn_redis(dir: &Path, port: u16) -> Option<Child> {
+fn spawn_redis(dir: &Path, port: u16, args: &[&str]) -> Option<Child> {
     let mut child = Command::new("redis-server")
+        .args(args)
         .args(["--save", "", "--appendonly", "no", "--bind", "127.0.0.1"])
         .args(["--port", &port.to_string()])
         .arg("--dir")
@@ -145,22 +155,38 @@ fn instance(
     cluster: &str,
     client: &str,
 ) -> Process {
+    let section = format!("[cluster]\nredis = \"{}\"\n{cluster}", redis.url());
+    let path = write_config(pki, web1, name, &section, client);
+    let p = Process::start(env!("CARGO_BIN_EXE_lclb"), &path);
+    p.listen_addr();
+    p
+}
+
+/// The config file `name` of an instance with `section` (a `[cluster]`, or nothing) and
+/// `client` more keys of client1's entry.
+fn write_config(pki: &Pki, web1: &Upstream, name: &str, section: &str, client: &str) -> PathBuf {
     let text = pki
         .builder()
         .listen("127.0.0.1:0")
         .metrics_listen("127.0.0.1:0")
-        .section(&format!(
-            "[cluster]\nredis = \"{}\"\n{cluster}",
-            redis.url()
-        ))
+        .section(section)
         .upstream(web1, "web")
         .client_with(CLIENT, &["web"], client)
         .build();
     let path = pki.dir.join(format!("{name}.toml"));
     std::fs::write(&path, text).unwrap();
-    let p = Process::start(env!("CARGO_BIN_EXE_lclb"), &path);
-    p.listen_addr();
-    p
+    path
+}
+
+/// The whole tokens of `identity`'s shared bucket as last written (`rate` adds a fraction
+/// between two admissions), if Redis has one.
+fn tokens(redis: &RedisServer, identity: &str) -> Option<f64> {
+    let tokens: Option<f64> = redis::cmd("HGET")
+        .arg(format!("lclb:{{{identity}}}:rate"))
+        .arg("tokens")
+        .query(&mut redis.conn())
+        .unwrap();
+    tokens.map(f64::floor)
 }
 
 fn metric(p: &Process, name: &str) -> Option<f64> {
@@ -464,4 +490,184 @@ fn the_admission_script_takes_a_token_and_a_lease_only_when_it_admits() {
         members.contains(&"w".to_string()) && !members.contains(&"x".to_string()),
         "the first expired lease made room for w: {members:?}"
     );
+}
+
+#[test]
+fn a_reload_that_adds_changes_or_drops_cluster_takes_effect_without_a_restart() {
+    let redis = RedisServer::start("cluster-reload");
+    let pki = Pki::new("cluster-reload");
+    let web1 = Upstream::start("web1", Mode::Echo);
+    let rate = "rate = 0.001\nburst = 3\n";
+    let path = write_config(&pki, &web1, "a", "", rate);
+    let a = Process::start(env!("CARGO_BIN_EXE_lclb"), &path);
+    let cfg = pki.client_config(Some(&pki.client(CLIENT)));
+    assert_eq!(metric(&a, UP), None, "no [cluster], no cluster metrics");
+    assert_eq!(
+        outcome(a.listen_addr(), &cfg),
+        Outcome::Greeted("web1".into())
+    );
+    assert_eq!(
+        tokens(&redis, CLIENT),
+        None,
+        "local limits: nothing in Redis"
+    );
+
+    let section = format!("[cluster]\nredis = \"{}\"\n", redis.url());
+    write_config(&pki, &web1, "a", &section, rate);
+    a.signal("HUP");
+    assert!(a
+        .wait_line("per-client limits shared through Redis")
+        .is_some());
+    expect_metric(&a, UP, 1.0);
+    assert_eq!(
+        outcome(a.listen_addr(), &cfg),
+        Outcome::Greeted("web1".into())
+    );
+    assert_eq!(
+        tokens(&redis, CLIENT),
+        Some(2.0),
+        "the shared bucket took the token"
+    );
+
+    let changed = format!("{section}on_error = \"deny\"\n");
+    write_config(&pki, &web1, "a", &changed, rate);
+    a.signal("HUP");
+    assert!(a.wait_line("reload: [cluster] changed").is_some());
+    assert!(a.wait_line("config reloaded").is_some());
+    assert_eq!(
+        outcome(a.listen_addr(), &cfg),
+        Outcome::Greeted("web1".into())
+    );
+    assert_eq!(
+        tokens(&redis, CLIENT),
+        Some(1.0),
+        "the new client shares the same bucket"
+    );
+
+    write_config(&pki, &web1, "a", "", rate);
+    a.signal("HUP");
+    assert!(wait_until(|| metric(&a, UP).is_none()), "[cluster] dropped");
+    // Back to A's own bucket, which has spent one token of its 3.
+    assert_eq!(
+        outcome(a.listen_addr(), &cfg),
+        Outcome::Greeted("web1".into())
+    );
+    assert_eq!(
+        tokens(&redis, CLIENT),
+        Some(1.0),
+        "Redis is not asked any more"
+    );
+}
+
+#[test]
+fn through_sentinels_lclb_follows_a_failover_to_the_promoted_replica() {
+    let mut master = RedisServer::start("cluster-sentinel-master");
+    let port = master.port.to_string();
+    let replica = RedisServer::start_with(
+        "cluster-sentinel-replica",
+        &["--replicaof", "127.0.0.1", &port],
+    );
+    let dir = temp_dir("cluster-sentinel");
+    let conf = dir.join("sentinel.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "sentinel monitor mymaster 127.0.0.1 {port} 1\n\
+             sentinel down-after-milliseconds mymaster 1000\n\
+             sentinel failover-timeout mymaster 10000\n"
+        ),
+    )
+    .unwrap();
+    let sentinel = RedisServer::start_with(
+        "cluster-sentinel-sentinel",
+        &[conf.to_str().unwrap(), "--sentinel"],
+    );
+    let knows_replica = || {
+        let replicas: Vec<redis::Value> = redis::cmd("SENTINEL")
+            .arg("replicas")
+            .arg("mymaster")
+            .query(&mut sentinel.conn())
+            .unwrap();
+        !replicas.is_empty()
+    };
+    assert!(
+        poll_within(Duration::from_secs(30), || knows_replica().then_some(())).is_some(),
+        "the sentinel found the replica"
+    );
+
+    let pki = Pki::new("cluster-sentinel");
+    let web1 = Upstream::start("web1", Mode::Echo);
+    let section = format!(
+        "[cluster]\nsentinels = [\"127.0.0.1:{}\"]\nsentinel_master = \"mymaster\"\n",
+        sentinel.port
+    );
+    let path = write_config(&pki, &web1, "a", &section, "rate = 0.001\nburst = 5\n");
+    let a = Process::start(env!("CARGO_BIN_EXE_lclb"), &path);
+    let cfg = pki.client_config(Some(&pki.client(CLIENT)));
+    assert_eq!(metric(&a, UP), Some(1.0));
+    assert_eq!(
+        outcome(a.listen_addr(), &cfg),
+        Outcome::Greeted("web1".into())
+    );
+    assert_eq!(
+        tokens(&master, CLIENT),
+        Some(4.0),
+        "the sentinel named the master"
+    );
+    assert!(
+        wait_until(|| tokens(&replica, CLIENT) == Some(4.0)),
+        "the replica has the bucket too"
+    );
+
+    master.kill();
+    // The next admission finds the master gone: down, on_error = local serves it.
+    assert_eq!(
+        outcome(a.listen_addr(), &cfg),
+        Outcome::Greeted("web1".into())
+    );
+    assert_eq!(metric(&a, ERRORS), Some(1.0));
+    // Once the sentinel has promoted the replica, the probe finds it there.
+    assert!(
+        poll_within(Duration::from_secs(60), || (metric(&a, UP) == Some(1.0))
+            .then_some(()))
+        .is_some(),
+        "lclb is up again on the promoted replica"
+    );
+    assert_eq!(
+        outcome(a.listen_addr(), &cfg),
+        Outcome::Greeted("web1".into())
+    );
+    assert_eq!(
+        tokens(&replica, CLIENT),
+        Some(3.0),
+        "the promoted replica's bucket, carried over from the old master, goes on"
+    );
+}
+
+#[test]
+fn with_redis_killed_allow_admits_past_every_limit_and_its_leases_reach_redis_when_it_is_back() {
+    let mut redis = RedisServer::start("cluster-allow");
+    let pki = Pki::new("cluster-allow");
+    let web1 = Upstream::start("web1", Mode::Echo);
+    let client = "rate = 0.001\nburst = 1\nmax_concurrent = 1\n";
+    let a = instance(&pki, &web1, &redis, "a", "on_error = \"allow\"\n", client);
+    let cfg = pki.client_config(Some(&pki.client(CLIENT)));
+
+    redis.kill();
+    // Burst 1 and one connection at a time, yet both are let in while Redis is down.
+    let (held, _) = hold(a.listen_addr(), &cfg, 2);
+    assert_eq!(metric(&a, UP), Some(0.0));
+    assert_eq!(metric(&a, ERRORS), Some(1.0));
+
+    redis.restart();
+    expect_metric(&a, UP, 1.0);
+    assert!(
+        wait_until(|| redis.leases(CLIENT) == 2),
+        "the open connections' leases were written once Redis came back"
+    );
+    // They count: the cap of 1 is taken, whatever the (fresh) bucket says.
+    assert_eq!(outcome(a.listen_addr(), &cfg), Outcome::CloseNotifyNoBytes);
+    expect_metric(&a, &refused("concurrency_limited"), 1.0);
+    drop(held);
+    assert!(wait_until(|| redis.leases(CLIENT) == 0));
 }
