@@ -73,6 +73,17 @@ impl RedisServer {
         }
     }
 
+    /// Sends it `signal` (STOP freezes it: connections are accepted by the kernel and never
+    /// answered; CONT thaws it).
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("running").id();
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
     /// Starts it again on the same port, empty (it had no persistence).
     fn restart(&mut self) {
         self.kill();
@@ -670,4 +681,44 @@ fn with_redis_killed_allow_admits_past_every_limit_and_its_leases_reach_redis_wh
     expect_metric(&a, &refused("concurrency_limited"), 1.0);
     drop(held);
     assert!(wait_until(|| redis.leases(CLIENT) == 0));
+}
+
+#[test]
+fn a_stalled_redis_costs_one_admission_its_timeout_then_local_decides_until_it_answers() {
+    let redis = RedisServer::start("cluster-stalled");
+    let pki = Pki::new("cluster-stalled");
+    let web1 = Upstream::start("web1", Mode::Echo);
+    let a = instance(&pki, &web1, &redis, "a", "", "rate = 0.001\nburst = 1000\n");
+    let cfg = pki.client_config(Some(&pki.client(CLIENT)));
+
+    redis.signal("STOP");
+    // The admission waits its 50 ms for a reply that never comes (the client would give up
+    // after 10 s), then A's own bucket admits.
+    assert_eq!(
+        outcome(a.listen_addr(), &cfg),
+        Outcome::Greeted("web1".into())
+    );
+    let line = a.wait_line("is down").unwrap();
+    assert!(line.contains("admission"), "{line}");
+    assert_eq!(metric(&a, UP), Some(0.0));
+    assert_eq!(metric(&a, ERRORS), Some(1.0));
+    assert_eq!(
+        outcome(a.listen_addr(), &cfg),
+        Outcome::Greeted("web1".into())
+    );
+
+    redis.signal("CONT");
+    expect_metric(&a, UP, 1.0);
+    assert_eq!(
+        outcome(a.listen_addr(), &cfg),
+        Outcome::Greeted("web1".into())
+    );
+    // Shared again. The call that timed out was still in Redis's socket when it thawed, and
+    // may have run then (its token spent, lclb having decided without it) or not.
+    let left = tokens(&redis, CLIENT);
+    assert!(
+        left == Some(998.0) || left == Some(999.0),
+        "the shared bucket took this admission's token: {left:?}"
+    );
+    assert_eq!(metric(&a, ERRORS), Some(1.0));
 }

@@ -14,7 +14,9 @@
 //! admission does not try it and `on_error` decides ([`Shared::Local`], [`Shared::Allow`], or a
 //! `cluster_unavailable` refusal), while the background thread probes it every second and marks
 //! it up again. One log line per change. Leases of connections admitted while it was down are
-//! kept here and written at the first refresh after it returns.
+//! kept here and written at the first refresh after it returns. A call that timed out may still
+//! run once a stalled Redis catches up: its token is spent, and its lease, which this instance
+//! never kept, expires after `lease_ttl`.
 //!
 //! With `sentinels`, the master's address comes from the first sentinel that answers (and is
 //! checked with ROLE), on the background thread only; a failover is a failed call (the old
@@ -596,5 +598,131 @@ fn lease_thread(inner: &Inner, jobs: &Receiver<Removal>) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpListener;
+    use std::sync::mpsc;
+
+    use super::*;
+    use crate::config::RateLimit;
+
+    fn config(redis: String, on_error: OnError) -> ClusterConfig {
+        ClusterConfig {
+            redis: Some(redis),
+            key_prefix: "t:".into(),
+            timeout: Duration::from_millis(100),
+            on_error,
+            lease_ttl: Duration::from_secs(1),
+            sentinels: Vec::new(),
+            sentinel_master: None,
+        }
+    }
+
+    const CAPPED: ClientLimits = ClientLimits {
+        rate: RateLimit {
+            rate: 1.0,
+            burst: 1,
+        },
+        max_concurrent: 1,
+    };
+
+    /// A cluster whose Redis refuses every connection (a port nothing listens on).
+    fn unreachable(on_error: OnError) -> (Arc<Cluster>, Arc<Stats>) {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let stats = Arc::new(Stats::default());
+        let wanted = config(format!("redis://127.0.0.1:{port}/0"), on_error);
+        let cluster = Cluster::replace(None, Some(&wanted), &stats)
+            .unwrap()
+            .unwrap();
+        (cluster, stats)
+    }
+
+    #[test]
+    fn an_unreachable_redis_starts_down_and_on_error_decides_without_asking_it() {
+        for (mode, want) in [
+            (OnError::Local, "Local"),
+            (OnError::Allow, "Allow"),
+            (OnError::Deny, "cluster_unavailable"),
+        ] {
+            let (cluster, stats) = unreachable(mode);
+            assert!(!cluster.is_up());
+            for _ in 0..3 {
+                let got = match cluster.admit("c", CAPPED) {
+                    Shared::Refused(r) => r.reason.to_string(),
+                    other => format!("{other:?}"),
+                };
+                assert_eq!(got, want, "on_error = {mode}");
+            }
+            assert_eq!(
+                stats.cluster_errors.load(Ordering::Relaxed),
+                1,
+                "the start-up probe only: admissions do not try a Redis known down"
+            );
+        }
+    }
+
+    #[test]
+    fn a_redis_that_never_answers_costs_the_start_no_more_than_its_timeouts() {
+        // Accepted by the kernel's backlog, never read: every reply times out.
+        let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("redis://{}/0", silent.local_addr().unwrap());
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let stats = Arc::new(Stats::default());
+            let c = Cluster::replace(None, Some(&config(url, OnError::Local)), &stats);
+            let _ = tx.send(c.map(|c| c.map(|c| c.is_up())));
+        });
+        let up = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the start-up probe is bounded by timeout");
+        assert_eq!(up.unwrap(), Some(false));
+    }
+
+    #[test]
+    fn a_lease_of_a_connection_admitted_while_down_is_kept_until_the_connection_ends() {
+        let (cluster, _) = unreachable(OnError::Local);
+        let lease = cluster
+            .unshared_lease("c", CAPPED)
+            .expect("capped: a lease");
+        assert!(
+            cluster
+                .unshared_lease("c", ClientLimits::default())
+                .is_none(),
+            "no cap, no lease"
+        );
+        let kept: Vec<Removal> = cluster.inner.live.lock().values().cloned().collect();
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].key, "t:{c}:leases");
+        assert!(kept[0].member.starts_with(&cluster.inner.instance));
+        drop(lease);
+        assert!(cluster.inner.live.lock().is_empty());
+    }
+
+    #[test]
+    fn the_same_settings_keep_the_running_cluster_and_others_replace_it() {
+        let (cluster, stats) = unreachable(OnError::Local);
+        let same = cluster.config().clone();
+        let kept = Cluster::replace(Some(Arc::clone(&cluster)), Some(&same), &stats)
+            .unwrap()
+            .unwrap();
+        assert!(Arc::ptr_eq(&kept, &cluster));
+        let other = ClusterConfig {
+            on_error: OnError::Deny,
+            ..same
+        };
+        let new = Cluster::replace(Some(Arc::clone(&cluster)), Some(&other), &stats)
+            .unwrap()
+            .unwrap();
+        assert!(!Arc::ptr_eq(&new, &cluster));
+        assert!(Cluster::replace(Some(cluster), None, &stats)
+            .unwrap()
+            .is_none());
     }
 }
