@@ -71,7 +71,7 @@ pub enum Shared {
 pub struct Cluster {
     inner: Arc<Inner>,
     /// Lease removals for the thread; the thread ends when the last sender is gone.
-    removals: Sender<Removal>,
+    removals: Sender<LeaseKey>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -96,15 +96,15 @@ struct Inner {
     instance: String,
     next_lease: AtomicU64,
     /// The leases of this instance's open connections, by number: what a refresh writes.
-    live: Mutex<HashMap<u64, Removal>>,
+    live: Mutex<HashMap<u64, LeaseKey>>,
     admit: Script,
     /// Where Redis is, for logs, password hidden.
     shown: String,
 }
 
-/// One lease as Redis holds it: the identity's set and the member.
+/// Where one lease is in Redis: the identity's set and the member.
 #[derive(Debug, Clone)]
-struct Removal {
+struct LeaseKey {
     key: String,
     member: String,
 }
@@ -129,7 +129,7 @@ impl Cluster {
             log::info!(
                 "reload: [cluster] changed; new connections use Redis {}, open ones keep \
                  their leases where they were",
-                wanted.redis.as_deref().map(redacted).unwrap_or_default()
+                shown(wanted)
             );
         }
         Cluster::start(wanted.clone(), Arc::clone(stats)).map(|c| Some(Arc::new(c)))
@@ -146,14 +146,11 @@ impl Cluster {
                 redis: Default::default(),
             },
         };
-        let shown = match (&config.sentinel_master, &config.redis) {
-            (Some(name), _) => format!("(master {name:?} of sentinels {:?})", config.sentinels),
-            (None, Some(url)) => redacted(url),
-            (None, None) => String::new(),
-        };
-        let master = match config.sentinels.is_empty() {
-            true => Some(Client::open(base.clone()).map_err(io::Error::other)?),
-            false => None,
+        let master = if config.sentinels.is_empty() {
+            Some(Client::open(base.clone()).map_err(io::Error::other)?)
+        } else {
+            // Found by the first probe.
+            None
         };
         let started = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -169,7 +166,7 @@ impl Cluster {
             next_lease: AtomicU64::new(1),
             live: Mutex::new(HashMap::new()),
             admit: Script::new(include_str!("admit.lua")),
-            shown,
+            shown: shown(&config),
             config,
         });
         match inner.probe() {
@@ -278,7 +275,7 @@ impl Cluster {
         self.inner
             .live
             .lock()
-            .insert(number, Removal { key, member });
+            .insert(number, LeaseKey { key, member });
         Lease {
             cluster: Arc::clone(self),
             number,
@@ -494,7 +491,7 @@ impl Inner {
 
     /// Writes every live lease again with a fresh expiry: one TIME, then one pipeline.
     fn refresh(&self) -> RedisResult<()> {
-        let leases: Vec<Removal> = self.live.lock().values().cloned().collect();
+        let leases: Vec<LeaseKey> = self.live.lock().values().cloned().collect();
         if leases.is_empty() {
             return Ok(());
         }
@@ -520,7 +517,7 @@ impl Inner {
     }
 
     /// Removes the leases of ended connections, in one pipeline.
-    fn remove(&self, removals: &[Removal]) -> RedisResult<()> {
+    fn remove(&self, removals: &[LeaseKey]) -> RedisResult<()> {
         if removals.is_empty() {
             return Ok(());
         }
@@ -534,6 +531,16 @@ impl Inner {
     }
 }
 
+/// Where `config`'s Redis is, for logs: its URL with the password hidden, or the sentinels'
+/// master.
+fn shown(config: &ClusterConfig) -> String {
+    match (&config.sentinel_master, &config.redis) {
+        (Some(name), _) => format!("(master {name:?} of sentinels {:?})", config.sentinels),
+        (None, Some(url)) => redacted(url),
+        (None, None) => String::new(),
+    }
+}
+
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -542,12 +549,12 @@ fn millis(d: Duration) -> u64 {
 /// `lease_ttl / 3` while Redis is up, probes it every second while it is down. Ends when the
 /// cluster is gone (its last lease ended after a reload replaced it, or the server stopped),
 /// once the removals it was sent are done.
-fn lease_thread(inner: &Inner, jobs: &Receiver<Removal>) {
+fn lease_thread(inner: &Inner, jobs: &Receiver<LeaseKey>) {
     let every = inner.config.lease_ttl / 3;
     let later = |d: Duration| Instant::now().checked_add(d).unwrap_or_else(Instant::now);
     let mut next_refresh = later(every);
     let mut next_probe = later(PROBE_INTERVAL);
-    let mut pending: Vec<Removal> = Vec::new();
+    let mut pending: Vec<LeaseKey> = Vec::new();
     loop {
         let up = inner.up.load(Ordering::SeqCst);
         let wake = if up { next_refresh } else { next_probe };
@@ -697,7 +704,7 @@ mod tests {
                 .is_none(),
             "no cap, no lease"
         );
-        let kept: Vec<Removal> = cluster.inner.live.lock().values().cloned().collect();
+        let kept: Vec<LeaseKey> = cluster.inner.live.lock().values().cloned().collect();
         assert_eq!(kept.len(), 1);
         assert_eq!(kept[0].key, "t:{c}:leases");
         assert!(kept[0].member.starts_with(&cluster.inner.instance));
