@@ -63,7 +63,5 @@ docker-run: ## Run the lclb image on the host network with lclb.example.toml and
 		-v "$(CURDIR)/certs:/etc/lclb/certs:ro" \
 		$(IMAGE)
 
-docker-compose: docker-build ## lclb and three demo upstreams with compose (docker/docker-compose.yml), lclb on 127.0.0.1:9443
-	@test -f certs/server/server.key.pem || { echo "no certificates in certs/: run 'make certs' first"; exit 1; }
-	export LCLB_USER="$$(stat -c %u:%g certs/server/server.key.pem)" && \
-		$(ENGINE) && "$${COMPOSE[@]}" -p lclb -f docker/docker-compose.yml up --no-build
+docker-compose: docker-build ## lclb and three demo upstreams with compose (docker/docker-compose.yml), lclb on 127.0.0.1:9443; scripts/docker-compose.sh down stops them
+	scripts/docker-compose.sh

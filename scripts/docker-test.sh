@@ -173,12 +173,16 @@ generation_now() {
   echo "$g"
 }
 
-# free_port: a TCP port nothing on this machine listens on.
+# free_port: a TCP port below the ephemeral range that no socket on this machine uses, in
+# any state (the engine binds it for the published port).
 free_port() {
-  local p i
+  local p i hex low
+  low=$(awk '{ print $1 }' /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+  ((low > 20000 + 1000)) || low=61000
   for ((i = 0; i < 200; i++)); do
-    p=$((20000 + RANDOM % 40000))
-    if ! port_listening "$p"; then
+    p=$((20000 + RANDOM % (low - 20000)))
+    hex=$(printf '%04X' "$p")
+    if ! grep -qsE "^ *[0-9]+: [0-9A-F]+:$hex " /proc/net/tcp /proc/net/tcp6; then
       echo "$p"
       return 0
     fi
@@ -194,7 +198,7 @@ fail_fast() {
   exit 1
 }
 
-echo "== certificates, config and port (in $work)"
+echo "== certificates and config (in $work)"
 certs=$work/certs
 if ! { CERTS_DIR=$certs certs/generate_certs.sh && CERTS_DIR=$certs certs/generate_alt_certs.sh; } \
   >"$work/certs.log" 2>&1; then
@@ -207,17 +211,29 @@ find "$certs" -name '*.key.pem' -exec chmod 0400 {} +
 config=$work/lclb.toml
 cp docker/lclb.docker.toml "$config"
 chmod 0644 "$config"
-port=$(free_port) || die "no free port found"
-lb="127.0.0.1:$port"
-echo "lclb will be published on $lb"
 
 echo "== compose up (project $project, $DOCKER, ${COMPOSE[*]})"
-export LCLB_PORT=$port LCLB_CONFIG=$config LCLB_CERTS=$certs LCLB_USER=65534:65534
+export LCLB_CONFIG=$config LCLB_CERTS=$certs LCLB_USER=65534:65534
 compose_prepare "$project" "$work"
-if ! compose up -d --no-build >"$work/up.log" 2>&1; then
+# The port is free when chosen, but another program may take it before the engine binds it:
+# then again with another.
+for attempt in 1 2 3; do
+  port=$(free_port) || die "no free port found"
+  lb="127.0.0.1:$port"
+  export LCLB_PORT=$port
+  echo "lclb will be published on $lb"
+  if compose up -d --no-build >"$work/up.log" 2>&1 &&
+    ! grep -q "address already in use" "$work/up.log"; then
+    break
+  fi
+  if ((attempt < 3)) && grep -q "address already in use" "$work/up.log"; then
+    echo "  (port $port was taken meanwhile)"
+    compose down -t 2 >/dev/null 2>&1 || true
+    continue
+  fi
   cat "$work/up.log"
   fail_fast "compose up failed"
-fi
+done
 lclb_id=$("$DOCKER" ps -aq --filter "label=com.docker.compose.project=$project" \
   --filter "label=com.docker.compose.service=lclb")
 [[ -n "$lclb_id" ]] || {
