@@ -24,8 +24,9 @@
 #     it does, a connection held open is still served, and lclb exits with code 0.
 # Everything is torn down whatever happens (compose down, the project's containers and
 # networks, the temporary folder). Every wait has a deadline that fails the test.
-# Environment: DOCKER, BUILD (1: build the images first), IMAGE, UPSTREAM_IMAGE (as for
-# docker-build.sh; the compose file names lclb:latest and lclb-upstream:latest),
+# Also: both images are under 8 MiB, and lclb's runs as 65534:65534 by default.
+# Environment: DOCKER, BUILD (1: build the images first; the compose file uses lclb:latest and
+# lclb-upstream:latest),
 # HEALTH_TIMEOUT (seconds, default 120), LOAD_CLIENTS, LOAD_CONNS (default 5 x 10),
 # KEEP_TMP=1 (keep the temporary folder). Prints "N passed, N failed" last; exits 1 on any
 # failure.
@@ -53,7 +54,8 @@ compose_available || die "${COMPOSE[*]} is missing (Debian: apt-get install podm
 cd "$REPO_ROOT"
 
 if [[ "$BUILD" != 0 ]]; then
-  scripts/docker-build.sh
+  # The names docker/docker-compose.yml runs.
+  IMAGE=lclb:latest UPSTREAM_IMAGE=lclb-upstream:latest scripts/docker-build.sh
 fi
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/lclb-docker.XXXXXX")
@@ -197,6 +199,22 @@ fail_fast() {
   echo "$passed passed, $failed failed"
   exit 1
 }
+
+echo "== images"
+for tag in lclb:latest lclb-upstream:latest; do
+  size=$(image_size "$tag" 2>/dev/null) || fail_fast "no image $tag: run make docker-build (or BUILD=1)"
+  if ((size < 8 * 1024 * 1024)); then
+    pass "image $tag: $(human_size "$size") ($size bytes), under 8 MiB"
+  else
+    fail "image $tag: $(human_size "$size") ($size bytes), 8 MiB or more"
+  fi
+done
+user=$("$DOCKER" image inspect --format '{{.Config.User}}' lclb:latest)
+if [[ "$user" == 65534:65534 ]]; then
+  pass "image lclb:latest runs as $user by default"
+else
+  fail "image lclb:latest runs as '$user' by default, not 65534:65534"
+fi
 
 echo "== certificates and config (in $work)"
 certs=$work/certs
