@@ -20,6 +20,7 @@
 #   - a reload through the engine (`kill --signal HUP`) after client2.lb.com is removed from the
 #     mounted config: lclb logs it, the config generation goes up by one, client2 is then
 #     refused (close_notify after the handshake) while client1 is still served;
+#   - the health check still passes while an upstream's container is stopped;
 #   - a stop through the engine (`stop`, SIGTERM): lclb drains, the health check fails while
 #     it does, a connection held open is still served, and lclb exits with code 0.
 # Everything is torn down whatever happens (compose down, the project's containers and
@@ -143,15 +144,19 @@ health_check() {
     [[ "$(inspect '{{.State.Health.Status}}')" == healthy ]]
   fi
 }
-# health_fails: the health check's verdict now is "unhealthy" (while lclb drains).
-health_fails() {
+# health_now: the health check's verdict now. podman runs the image's check on demand; Docker
+# does not, so there the command the check runs is run in the container.
+health_now() {
   if [[ "$DOCKER" == podman ]]; then
-    if podman healthcheck run "$lclb_id"; then return 1; fi
+    podman healthcheck run "$lclb_id"
   else
-    # Docker records no fresh verdict on demand: ask the binary the check runs.
-    if docker exec "$lclb_id" /lclb status --healthz --config /etc/lclb/lclb.toml; then
-      return 1
-    fi
+    docker exec "$lclb_id" /lclb status --healthz --config /etc/lclb/lclb.toml
+  fi
+}
+# health_fails: the health check's verdict now is "unhealthy".
+health_fails() {
+  if health_now; then
+    return 1
   fi
 }
 # generation: the running config's generation, from lclb's own /status (the binary itself,
@@ -402,6 +407,22 @@ if [[ "$result" == "ok web"[123] ]]; then
 else
   fail "client1.lb.com after the reload: $result"
 fi
+
+echo "== the health check with an upstream's container stopped"
+# Its name goes away with it; lclb serves on with the others, and its health check must say so.
+web3_id=$("$DOCKER" ps -aq --filter "label=com.docker.compose.project=$project" \
+  --filter "label=com.docker.compose.service=web3")
+"$DOCKER" stop -t 2 "$web3_id" >/dev/null 2>&1 || true
+if [[ "$("$DOCKER" inspect --format '{{.State.Running}}' "$web3_id")" == false ]]; then
+  if health_now >"$work/health.log" 2>&1; then
+    pass "the health check passes with web3's container stopped"
+  else
+    fail "the health check fails with web3's container stopped: $(tr '\n' ' ' <"$work/health.log" | head -c 300)"
+  fi
+else
+  fail "web3's container did not stop"
+fi
+"$DOCKER" start "$web3_id" >/dev/null 2>&1 || fail "web3's container did not start again"
 
 echo "== stop through $DOCKER (SIGTERM): drain, exit 0"
 # A connection held open across the stop: its greeting first, its echo during the drain.
