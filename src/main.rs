@@ -405,11 +405,11 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
 mod status {
     use std::io::{self, Read, Write};
     use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+    use std::path::Path;
     use std::process::ExitCode;
     use std::time::{Duration, Instant};
 
     use super::StatusSource;
-    use lclb::Config;
 
     /// Where lclb is asked when neither `--url` nor a config says: the address the default
     /// config's comment suggests for `metrics_listen`.
@@ -476,8 +476,7 @@ mod status {
                 if !explicit && !path.exists() {
                     return parse_url(DEFAULT_URL);
                 }
-                let config = Config::load(path).map_err(|e| e.to_string())?;
-                let Some(addr) = config.metrics_listen else {
+                let Some(addr) = metrics_listen_of(path)? else {
                     return Err(format!(
                         "{} sets no metrics_listen, so lclb serves no /status; set it, or pass \
                          --url",
@@ -493,6 +492,31 @@ mod status {
                 }
                 parse_url(&format!("http://{}", reachable(addr)))
             }
+        }
+    }
+
+    /// The `metrics_listen` of the config file at `path`, read without validating the rest of
+    /// it: the running lclb validated the file when it loaded it, and a health check must not
+    /// fail because something else in it does not hold right now, such as an upstream name
+    /// that does not resolve (in compose, a stopped upstream's name goes away with it).
+    fn metrics_listen_of(path: &Path) -> Result<Option<SocketAddr>, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let table: toml::Table = text
+            .parse()
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let bad = |why: String| format!("{}: config key `metrics_listen`: {why}", path.display());
+        match table.get("metrics_listen") {
+            None => Ok(None),
+            Some(toml::Value::String(text)) => text.parse().map(Some).map_err(|_| {
+                bad(format!(
+                    "{text:?} is not an IP address and port, such as \"127.0.0.1:9100\""
+                ))
+            }),
+            Some(other) => Err(bad(format!(
+                "expected a string such as \"127.0.0.1:9100\", found {}",
+                other.type_str()
+            ))),
         }
     }
 
@@ -800,6 +824,49 @@ mod tests {
             "http://127.0.0.1:9111",
             "an unspecified address is reached on loopback"
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn status_reads_only_metrics_listen_from_the_config() {
+        let dir = std::env::temp_dir().join(format!("lclb-status-only-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("lclb.toml");
+        let source = StatusSource::Config {
+            path: path.clone(),
+            explicit: true,
+        };
+        // An upstream name that does not resolve and a key lclb would refuse: neither is the
+        // command's business.
+        std::fs::write(
+            &path,
+            "metrics_listen = \"127.0.0.1:9112\"\nno_such_key = 1\n[[upstream]]\nname = \"u\"\n\
+             address = \"no-such-upstream.invalid:9001\"\ngroup = \"g\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            status::target_of(&source).unwrap().url,
+            "http://127.0.0.1:9112"
+        );
+        for (value, says) in [
+            (
+                "\"localhost:9100\"",
+                "\"localhost:9100\" is not an IP address and port",
+            ),
+            (
+                "9100",
+                "expected a string such as \"127.0.0.1:9100\", found integer",
+            ),
+        ] {
+            std::fs::write(&path, format!("metrics_listen = {value}\n")).unwrap();
+            let e = status::target_of(&source).unwrap_err();
+            assert!(e.contains("config key `metrics_listen`: "), "{e}");
+            assert!(e.contains(says), "{e}");
+            assert!(e.contains("lclb.toml"), "{e}");
+        }
+        std::fs::write(&path, "metrics_listen = \n").unwrap();
+        let e = status::target_of(&source).unwrap_err();
+        assert!(e.starts_with(&format!("{}: ", path.display())), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
