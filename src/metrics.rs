@@ -22,7 +22,7 @@ use std::fmt::Write as _;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -319,6 +319,7 @@ fn certificates<'a>(
 #[derive(Debug)]
 pub struct MetricsServer {
     addr: SocketAddr,
+    listener: Weak<TcpListener>,
     stopping: Arc<AtomicBool>,
     slots: Arc<Slots>,
     thread: Option<JoinHandle<()>>,
@@ -327,14 +328,34 @@ pub struct MetricsServer {
 impl MetricsServer {
     /// Binds `addr` and serves `shared`'s metrics on it: an accept thread, and a thread per
     /// request for at most [`MAX_IN_FLIGHT`] requests at once.
+    /// With `reuse_port` in the running config, the socket gets SO_REUSEPORT.
     pub fn spawn(addr: SocketAddr, shared: Arc<Shared>) -> Result<MetricsServer, StartError> {
         let bind_error = |source| StartError::Bind {
             key: "metrics_listen",
             addr,
             source,
         };
-        let listener = TcpListener::bind(addr).map_err(bind_error)?;
-        let addr = listener.local_addr().map_err(bind_error)?;
+        let reuse_port = shared.runtime().config.reuse_port;
+        let listener = crate::sockets::bind(addr, reuse_port).map_err(bind_error)?;
+        MetricsServer::with_listener(listener, shared).map_err(|e| match e {
+            StartError::Bind { source, .. } => bind_error(source),
+            other => other,
+        })
+    }
+
+    /// [`MetricsServer::spawn`] on a listener already open (inherited: socket activation,
+    /// upgrade).
+    pub fn with_listener(
+        listener: TcpListener,
+        shared: Arc<Shared>,
+    ) -> Result<MetricsServer, StartError> {
+        let addr = listener.local_addr().map_err(|source| StartError::Bind {
+            key: "metrics_listen",
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            source,
+        })?;
+        let listener = Arc::new(listener);
+        let handle = Arc::downgrade(&listener);
         let stopping = Arc::new(AtomicBool::new(false));
         let slots = Arc::new(Slots::default());
         let (flag, table) = (stopping.clone(), slots.clone());
@@ -345,6 +366,7 @@ impl MetricsServer {
         log::info!("metrics on http://{addr}/metrics, status on /status and /healthz");
         Ok(MetricsServer {
             addr,
+            listener: handle,
             stopping,
             slots,
             thread: Some(thread),
@@ -354,6 +376,12 @@ impl MetricsServer {
     /// The address actually bound.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The listening socket while the server accepts on it, for handing it to a new process
+    /// ([`crate::upgrade`]).
+    pub fn listener(&self) -> Weak<TcpListener> {
+        self.listener.clone()
     }
 
     /// Stops accepting, waits for the accept thread and cuts requests still sending their
@@ -388,6 +416,7 @@ fn accept_loop(
         }
         let conn = match accepted {
             Ok((conn, _)) => conn,
+            Err(e) if crate::sockets::is_poll_timeout(&e) => continue,
             Err(e) => {
                 log::debug!("metrics: accept failed: {e}");
                 std::thread::sleep(ACCEPT_BACKOFF);

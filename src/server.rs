@@ -23,7 +23,7 @@ use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::{Mutex, RwLock};
@@ -40,7 +40,9 @@ use crate::health::{HealthChecker, ProbeSettings, TcpProbe};
 use crate::pool::ThreadPool;
 use crate::proxy::{self, ProxyFacts};
 use crate::refusal_log;
+use crate::sockets;
 use crate::stats::Stats;
+use crate::systemd;
 use crate::threads;
 use crate::tls::{self, SessionCache, TlsContext};
 use crate::upstream::GroupTls;
@@ -254,6 +256,7 @@ impl Shared {
         // leave the table of one config beside the authorization of the other.
         let result = {
             let _one = self.reloading.lock();
+            systemd::reloading();
             let result = self.try_reload(path);
             match &result {
                 Ok(_) => {
@@ -263,9 +266,11 @@ impl Shared {
                     loaded.at = SystemTime::now();
                     drop(loaded);
                     log::info!("config reloaded from {}", path.display());
+                    systemd::reloaded("serving; config reloaded");
                 }
                 Err(e) => {
                     self.stats.reloads_failed.fetch_add(1, Ordering::Relaxed);
+                    systemd::reloaded("serving; the last reload failed, running config kept");
                     // One line, so that a log shipper keeps the error whole: toml's message
                     // runs over several (the file's line under its position).
                     let e = e.to_string();
@@ -350,7 +355,8 @@ fn warn_shadowed(config: &Config) {
 /// A bound, not yet running, balancer server.
 #[derive(Debug)]
 pub struct Server {
-    listener: TcpListener,
+    /// Shared only with [`Server::listener`]'s weak handles, so dropping it closes the socket.
+    listener: Arc<TcpListener>,
     local_addr: SocketAddr,
     shared: Arc<Shared>,
     stopping: Arc<AtomicBool>,
@@ -370,6 +376,13 @@ impl ShutdownHandle {
         // accept() has no timeout; a connection to ourselves is what wakes it.
         let _ = TcpStream::connect_timeout(&self.wake, Duration::from_secs(1));
     }
+
+    /// Asks the server to stop accepting and drain, without the wake-up connection: the accept
+    /// loop notices within [`sockets::ACCEPT_POLL`]. For a listener another process shares (an
+    /// upgrade), which could take the wake-up connection itself.
+    pub fn shutdown_quietly(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+    }
 }
 
 /// The address to connect to in order to reach a listener bound to `addr`.
@@ -386,14 +399,29 @@ pub(crate) fn wake_address(mut addr: SocketAddr) -> SocketAddr {
 impl Server {
     /// Loads the TLS files, binds the listen address and starts the health checker.
     pub fn bind(config: Config) -> Result<Server, StartError> {
+        Server::start(config, None)
+    }
+
+    /// [`Server::bind`], but serving on `listener` (inherited: socket activation, upgrade)
+    /// instead of binding `listen`.
+    pub fn with_listener(config: Config, listener: TcpListener) -> Result<Server, StartError> {
+        Server::start(config, Some(listener))
+    }
+
+    fn start(config: Config, listener: Option<TcpListener>) -> Result<Server, StartError> {
         let tls_sessions = SessionCache::default();
         let tls = TlsContext::load_with(&config.tls, &tls_sessions)?;
         let upstreams = Balancer::upstreams_from_config(&config, &GroupTls::load(&config)?);
-        let listener = TcpListener::bind(config.listen).map_err(|source| StartError::Bind {
-            key: "listen",
-            addr: config.listen,
-            source,
-        })?;
+        let listener = match listener {
+            Some(listener) => listener,
+            None => sockets::bind(config.listen, config.reuse_port).map_err(|source| {
+                StartError::Bind {
+                    key: "listen",
+                    addr: config.listen,
+                    source,
+                }
+            })?,
+        };
         let local_addr = listener.local_addr().map_err(|source| StartError::Bind {
             key: "listen",
             addr: config.listen,
@@ -439,7 +467,7 @@ impl Server {
         sessions.set_close_at_expiry(shared.runtime().config.tls.close_at_cert_expiry);
         sessions.start_expiry().map_err(StartError::Thread)?;
         Ok(Server {
-            listener,
+            listener: Arc::new(listener),
             local_addr,
             shared,
             stopping,
@@ -455,6 +483,12 @@ impl Server {
     /// what reloads and the metrics endpoint work on.
     pub fn shared(&self) -> Arc<Shared> {
         self.shared.clone()
+    }
+
+    /// The listening socket while the server accepts on it, for handing it to a new process
+    /// ([`crate::upgrade`]); it no longer upgrades once the server has stopped accepting.
+    pub fn listener(&self) -> Weak<TcpListener> {
+        Arc::downgrade(&self.listener)
     }
 
     /// A handle that stops this server from another thread.
@@ -484,9 +518,11 @@ impl Server {
                     if self.stopping.load(Ordering::SeqCst) {
                         break;
                     }
+                    let _ = sockets::accepted(&sock);
                     admit(&self.shared, sock, peer, next_id);
                     next_id += 1;
                 }
+                Err(e) if sockets::is_poll_timeout(&e) => {}
                 Err(e) => accept_failed(&e),
             }
         }

@@ -118,6 +118,10 @@ pub struct Config {
     /// `accept_proxy_from`: sources whose connections must begin with a PROXY v1 or v2
     /// header, whose address then stands for the client's. Default: none (never parsed).
     pub accept_proxy_from: Vec<Cidr>,
+    /// `reuse_port`: set SO_REUSEPORT on `listen` and `metrics_listen` before binding, so that
+    /// several lclb processes (an old and a new one, say) can bind the same addresses and the
+    /// kernel spreads new connections over them. Read at start only. Default `false`.
+    pub reuse_port: bool,
 }
 
 /// One `[[group]]` entry: how lclb connects to the upstreams of one group.

@@ -54,6 +54,7 @@ pub(super) fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErro
         clients,
         groups: group_entries,
         accept_proxy_from,
+        reuse_port: raw.reuse_port.unwrap_or(false),
     })
 }
 
