@@ -360,12 +360,16 @@ pub struct Server {
     local_addr: SocketAddr,
     shared: Arc<Shared>,
     stopping: Arc<AtomicBool>,
+    /// Set with `stopping` by [`ShutdownHandle::shutdown_quietly`]: no wake-up connection
+    /// comes, so every connection accepted is a client's.
+    quietly: Arc<AtomicBool>,
 }
 
 /// Stops a running [`Server`] from another thread.
 #[derive(Debug, Clone)]
 pub struct ShutdownHandle {
     stopping: Arc<AtomicBool>,
+    quietly: Arc<AtomicBool>,
     wake: SocketAddr,
 }
 
@@ -381,6 +385,7 @@ impl ShutdownHandle {
     /// loop notices within [`sockets::ACCEPT_POLL`]. For a listener another process shares (an
     /// upgrade), which could take the wake-up connection itself.
     pub fn shutdown_quietly(&self) {
+        self.quietly.store(true, Ordering::SeqCst);
         self.stopping.store(true, Ordering::SeqCst);
     }
 }
@@ -471,6 +476,7 @@ impl Server {
             local_addr,
             shared,
             stopping,
+            quietly: Arc::default(),
         })
     }
 
@@ -495,6 +501,7 @@ impl Server {
     pub fn shutdown_handle(&self) -> ShutdownHandle {
         ShutdownHandle {
             stopping: self.stopping.clone(),
+            quietly: self.quietly.clone(),
             wake: wake_address(self.local_addr),
         }
     }
@@ -515,7 +522,10 @@ impl Server {
         while !self.stopping.load(Ordering::SeqCst) {
             match self.listener.accept() {
                 Ok((sock, peer)) => {
-                    if self.stopping.load(Ordering::SeqCst) {
+                    // Stopping, this is the wake-up connection, unless the stop was quiet: then
+                    // it is a client's, served like the others while the drain runs.
+                    if self.stopping.load(Ordering::SeqCst) && !self.quietly.load(Ordering::SeqCst)
+                    {
                         break;
                     }
                     let _ = sockets::accepted(&sock);
