@@ -234,3 +234,68 @@ fn notify_socket_hears_ready_then_reloading_and_ready_around_a_reload_then_stopp
     );
     assert_eq!(lb.wait_exit(), Some(0));
 }
+
+/// The units in `dist/systemd/`, with `ExecStart` pointing at this build's binary (verify wants
+/// the program to exist), in a fresh folder.
+fn units_for_verify() -> std::path::PathBuf {
+    let dir = temp_dir("systemd-units");
+    let dist = Path::new(env!("CARGO_MANIFEST_DIR")).join("dist/systemd");
+    for name in ["lclb.service", "lclb.socket"] {
+        let text = std::fs::read_to_string(dist.join(name)).unwrap();
+        let text = text.replace(
+            "ExecStart=/usr/local/bin/lclb ",
+            &format!("ExecStart={LCLB} "),
+        );
+        std::fs::write(dir.join(name), text).unwrap();
+    }
+    dir
+}
+
+#[test]
+fn the_units_pass_systemd_analyze_verify() {
+    // verify loads the units offline; it needs no systemd running as PID 1.
+    let dir = units_for_verify();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(dir.join("lclb.socket"))
+        .arg(dir.join("lclb.service"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stderr.trim(), "", "verify warns about nothing");
+}
+
+#[test]
+fn the_service_allows_landlock_and_outwaits_the_drain() {
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("dist/systemd/lclb.service"),
+    )
+    .unwrap();
+    let value = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("lclb.service sets no {key}="))
+            .to_string()
+    };
+    let filter = value("SystemCallFilter");
+    for call in [
+        "@system-service",
+        "landlock_create_ruleset",
+        "landlock_add_rule",
+        "landlock_restrict_self",
+    ] {
+        assert!(filter.split_whitespace().any(|c| c == call), "{filter}");
+    }
+    let stop = humantime::parse_duration(&value("TimeoutStopSec")).unwrap();
+    let drain = lclb::Config::parse(lclb::config::DEFAULT_CONFIG, Path::new("."))
+        .unwrap()
+        .limits
+        .drain_timeout;
+    assert!(
+        stop > drain,
+        "TimeoutStopSec {stop:?} <= drain_timeout {drain:?}"
+    );
+    assert_eq!(value("CapabilityBoundingSet"), "");
+    assert_eq!(value("Type"), "notify");
+}
