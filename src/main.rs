@@ -768,6 +768,45 @@ mod tests {
     }
 
     #[test]
+    fn upgrade_takes_a_pid_a_config_a_binary_and_a_timeout() {
+        assert_eq!(
+            parse(&["upgrade", "--pid", "42"]),
+            Ok(Command::Upgrade {
+                pid: 42,
+                config: "lclb.toml".into(),
+                binary: None,
+                timeout: lclb::upgrade::DEFAULT_READY_TIMEOUT,
+            })
+        );
+        assert_eq!(
+            parse(&[
+                "upgrade",
+                "-c",
+                "x.toml",
+                "--binary",
+                "/b",
+                "--timeout",
+                "5s",
+                "--pid",
+                "7"
+            ]),
+            Ok(Command::Upgrade {
+                pid: 7,
+                config: "x.toml".into(),
+                binary: Some("/b".into()),
+                timeout: std::time::Duration::from_secs(5),
+            })
+        );
+        assert!(parse(&["upgrade"]).unwrap_err().contains("needs --pid"));
+        assert!(parse(&["upgrade", "--pid", "x"])
+            .unwrap_err()
+            .contains("not a pid"));
+        assert!(parse(&["upgrade", "--pid", "1", "--timeout", "soon"])
+            .unwrap_err()
+            .contains("--timeout"));
+    }
+
+    #[test]
     fn a_missing_value_or_unknown_flag_is_an_error() {
         assert!(parse(&["--config"])
             .unwrap_err()
