@@ -139,34 +139,18 @@ pub fn inherited() -> Result<Option<Inherited>, InheritError> {
     // listenfd checks LISTEN_PID again (equal, or unset) and unsets both variables.
     let mut fds = listenfd::ListenFd::from_env();
     std::env::remove_var("LISTEN_FDNAMES");
-    let n = fds.len();
-    if n == 0 || n > 2 {
-        return Err(InheritError(format!(
-            "{count} socket(s) passed; lclb takes one (the TLS listener) or two (then the metrics \
-             listener second, or named \"metrics\" in LISTEN_FDNAMES)"
-        )));
-    }
-    let metrics_at = names
-        .iter()
-        .position(|name| name == "metrics")
-        .or((n == 2).then_some(1));
-    if metrics_at.is_some_and(|i| i >= n) || (n == 2 && metrics_at.is_none()) {
-        return Err(InheritError(format!(
-            "LISTEN_FDNAMES={:?} does not match the {n} socket(s) passed",
-            names.join(":")
-        )));
-    }
-    let listen_at = (0..n).find(|&i| Some(i) != metrics_at).ok_or_else(|| {
-        InheritError(
-            "the only socket passed is named \"metrics\"; the TLS listener is missing".into(),
-        )
-    })?;
+    let (listen_at, metrics_at) =
+        roles(fds.len(), &names).map_err(|e| InheritError(format!("LISTEN_FDS={count}: {e}")))?;
     let mut take = |i: usize| {
         let name = names.get(i).map_or(String::new(), |n| format!(" ({n:?})"));
         let fd = 3 + i;
         let listener = fds
             .take_tcp_listener(i)
-            .map_err(|e| InheritError(format!("fd {fd}{name}: {e}")))?
+            .map_err(|e| {
+                InheritError(format!(
+                    "{e}{name}; lclb takes listening TCP sockets (a socket unit's ListenStream=)"
+                ))
+            })?
             .ok_or_else(|| InheritError(format!("fd {fd}{name} was already taken")))?;
         match rustix::net::sockopt::socket_acceptconn(&listener) {
             Ok(true) => {}
@@ -190,6 +174,32 @@ pub fn inherited() -> Result<Option<Inherited>, InheritError> {
     }))
 }
 
+/// Which of `n` passed sockets is the TLS listener and which, if any, the metrics listener
+/// (indexes from 0, fd 3), by their `names` (`LISTEN_FDNAMES`, possibly empty): the one named
+/// `metrics`, else the second.
+fn roles(n: usize, names: &[String]) -> Result<(usize, Option<usize>), String> {
+    if n == 0 || n > 2 {
+        return Err(format!(
+            "{n} socket(s) passed; lclb takes one (the TLS listener) or two (then the metrics \
+             listener second, or named \"metrics\" in LISTEN_FDNAMES)"
+        ));
+    }
+    let metrics_at = match names.iter().position(|name| name == "metrics") {
+        Some(i) if i >= n => {
+            return Err(format!(
+                "LISTEN_FDNAMES={:?} names more sockets than the {n} passed",
+                names.join(":")
+            ))
+        }
+        Some(i) => Some(i),
+        None => (n == 2).then_some(1),
+    };
+    let listen_at = (0..n)
+        .find(|&i| Some(i) != metrics_at)
+        .ok_or("the only socket passed is named \"metrics\"; the TLS listener is missing")?;
+    Ok((listen_at, metrics_at))
+}
+
 /// Logs which inherited socket stands for `key`, and that the config's address for it, if it
 /// names another one, is not used.
 pub fn log_inherited(
@@ -205,5 +215,74 @@ pub fn log_inherited(
         log::info!(
             "{key} = \"{configured}\" in the config is not used: the passed socket stands for it"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(text: &str) -> Vec<String> {
+        text.split(':')
+            .filter(|n| !n.is_empty())
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn the_first_socket_is_the_listener_and_a_second_one_the_metrics_listener() {
+        assert_eq!(roles(1, &names("")), Ok((0, None)));
+        assert_eq!(roles(2, &names("")), Ok((0, Some(1))));
+        assert_eq!(roles(2, &names("listen:other")), Ok((0, Some(1))));
+    }
+
+    #[test]
+    fn the_socket_named_metrics_is_the_metrics_listener_wherever_it_comes() {
+        assert_eq!(roles(2, &names("metrics:listen")), Ok((1, Some(0))));
+        assert_eq!(roles(2, &names("listen:metrics")), Ok((0, Some(1))));
+    }
+
+    #[test]
+    fn no_socket_three_sockets_or_a_lone_metrics_socket_are_refused() {
+        assert!(roles(0, &[]).unwrap_err().contains("0 socket(s) passed"));
+        assert!(roles(3, &[]).unwrap_err().contains("3 socket(s) passed"));
+        assert!(roles(1, &names("metrics"))
+            .unwrap_err()
+            .contains("the TLS listener is missing"));
+        assert!(roles(1, &names("listen:metrics"))
+            .unwrap_err()
+            .contains("names more sockets than the 1 passed"));
+    }
+
+    #[test]
+    fn an_accept_timeout_is_a_poll_tick_and_other_errors_are_not() {
+        assert!(is_poll_timeout(&io::Error::from(io::ErrorKind::WouldBlock)));
+        assert!(!is_poll_timeout(&io::Error::from(
+            io::ErrorKind::ConnectionAborted
+        )));
+    }
+
+    #[test]
+    fn reuse_port_lets_two_sockets_bind_one_address_and_its_absence_does_not() {
+        let first = bind("127.0.0.1:0".parse().unwrap(), true).unwrap();
+        let addr = first.local_addr().unwrap();
+        let second = bind(addr, true).expect("both have SO_REUSEPORT");
+        assert_eq!(second.local_addr().unwrap(), addr);
+        let e = bind(addr, false).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
+    }
+
+    #[test]
+    fn an_accepted_socket_does_not_keep_the_listeners_accept_timeout() {
+        let listener = bind("127.0.0.1:0".parse().unwrap(), false).unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (sock, _) = listener.accept().unwrap();
+        assert_eq!(
+            sock.read_timeout().unwrap(),
+            Some(ACCEPT_POLL),
+            "Linux copies it"
+        );
+        accepted(&sock).unwrap();
+        assert_eq!(sock.read_timeout().unwrap(), None);
     }
 }

@@ -137,7 +137,10 @@ fn a_passed_socket_that_is_not_tcp_is_refused() {
     let (code, stderr) = run_with_fd3("systemd-udp", OwnedFd::from(udp));
     assert_eq!(code, Some(1), "{stderr}");
     assert!(
-        stderr.contains("lclb: LISTEN_FDS: fd 3: fd 3 is not a valid tcp socket"),
+        stderr.contains(
+            "lclb: LISTEN_FDS: fd 3 is not a valid tcp socket; lclb takes listening TCP sockets \
+             (a socket unit's ListenStream=)"
+        ),
         "{stderr}"
     );
 }
