@@ -2,7 +2,8 @@
 //! no retries) runs through the upgrade and sees no failure; connections open at the start
 //! finish their transfer byte for byte through the old process, which then exits 0; the new
 //! process, on its new config, serves from then on. A new process that never becomes ready is
-//! stopped and the old one keeps serving.
+//! stopped and the old one keeps serving. Under a service manager the old one hands MAINPID to
+//! the new; a socket-activated lclb hands over the socket systemd passed it.
 
 mod support;
 
@@ -531,4 +532,126 @@ fn measure_the_client_loop_through_an_upgrade() {
         errors.len(),
         &errors[..errors.len().min(5)]
     );
+}
+
+/// The next datagram on `socket`, its states one per line; None after [`WAIT`].
+fn next_states(socket: &std::os::unix::net::UnixDatagram) -> Option<Vec<String>> {
+    let mut buf = [0u8; 4096];
+    let n = socket.recv(&mut buf).ok()?;
+    Some(
+        String::from_utf8_lossy(&buf[..n])
+            .lines()
+            .map(str::to_string)
+            .collect(),
+    )
+}
+
+#[test]
+fn under_a_service_manager_the_old_process_hands_mainpid_to_the_new_one() {
+    let pki = Pki::new("upgrade-mainpid");
+    let upstream = Upstream::start("web-old", Mode::Echo);
+    let config = write_config(&pki, "lclb.toml", &upstream);
+    let notify_path = pki.dir.join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_read_timeout(Some(WAIT)).unwrap();
+    let mut command = Command::new(LCLB);
+    command
+        .arg("--config")
+        .arg(&config)
+        .env("NOTIFY_SOCKET", &notify_path);
+    let mut old = Process::spawn(command);
+    let addr = old.listen_addr();
+    assert_eq!(next_states(&notify).unwrap()[0], "READY=1");
+
+    let out = Command::new("bash")
+        .arg(script())
+        .arg(old.child.id().to_string())
+        .arg(LCLB)
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let new_pid: u32 = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .nth(4)
+        .and_then(|p| p.parse().ok())
+        .unwrap();
+    let _new = KillOnDrop(new_pid);
+    // The first datagram after READY=1 is the handover: the new process sends no READY=1 of
+    // its own (the service is ready all along), and the old one no STOPPING=1.
+    assert_eq!(
+        next_states(&notify).unwrap(),
+        [
+            format!("MAINPID={new_pid}"),
+            "STATUS=upgraded: handed over to a new process".to_string()
+        ]
+    );
+    assert_eq!(old.wait_exit_within(Duration::from_secs(30)), Some(0));
+    // The new process speaks to the service manager from then on.
+    let hup = Command::new("kill")
+        .args(["-HUP", &new_pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    assert_eq!(next_states(&notify).unwrap()[0], "RELOADING=1");
+    assert_eq!(next_states(&notify).unwrap()[0], "READY=1");
+    let client = pki.client_config(Some(&pki.client("client1.lb.com")));
+    assert_eq!(greeting(addr, client).unwrap(), "web-old");
+}
+
+#[test]
+fn a_socket_activated_lclb_hands_the_socket_systemd_passed_to_the_new_process() {
+    let pki = Pki::new("upgrade-activated");
+    let old_upstream = Upstream::start("web-old", Mode::Echo);
+    let new_upstream = Upstream::start("web-new", Mode::Echo);
+    let old_config = write_config(&pki, "old.toml", &old_upstream);
+    let new_config = write_config(&pki, "new.toml", &new_upstream);
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut command = Command::new("systemd-socket-activate");
+    command
+        .arg("-l")
+        .arg(addr.to_string())
+        .arg(LCLB)
+        .arg("--config")
+        .arg(&old_config);
+    let mut old = Process::spawn(command);
+    old.wait_line("Listening on")
+        .expect("systemd-socket-activate listens");
+    let client = pki.client_config(Some(&pki.client("client1.lb.com")));
+    // The first connection starts lclb, which serves it.
+    assert_eq!(greeting(addr, client.clone()).unwrap(), "web-old");
+    old.wait_line("passed by systemd").unwrap();
+
+    let out = Command::new("bash")
+        .arg(script())
+        .arg(old.child.id().to_string())
+        .arg(LCLB)
+        .arg(&new_config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let new_pid: u32 = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .nth(4)
+        .and_then(|p| p.parse().ok())
+        .unwrap();
+    let _new = KillOnDrop(new_pid);
+    old.wait_line(&format!(
+        "listen: using the listening socket passed by the lclb being upgraded (pid {})",
+        old.child.id()
+    ))
+    .expect("the new process says where its socket came from");
+    assert_eq!(old.wait_exit_within(Duration::from_secs(30)), Some(0));
+    assert_eq!(greeting(addr, client).unwrap(), "web-new");
 }
