@@ -16,7 +16,10 @@
 //! touches those in flight. Stopping: [`ShutdownHandle::shutdown`] sets a flag and connects to
 //! the listener to wake the blocked `accept`; the accept loop then closes the listener (new
 //! connects are refused), waits up to `limits.drain_timeout` for connections in flight, closes
-//! what is left, stops the health thread and returns.
+//! what is left, stops the health thread and returns. An upgrade stops it quietly
+//! ([`ShutdownHandle::shutdown_quietly`]): the new process accepts on the same socket, so
+//! there is no wake-up connection (the other process might take it), `accept` returns within
+//! its poll timeout, and closing this process's handle on the socket refuses nothing.
 
 use std::fmt;
 use std::io;
@@ -377,12 +380,12 @@ impl ShutdownHandle {
     /// Asks the server to stop accepting and drain. Returns at once.
     pub fn shutdown(&self) {
         self.stopping.store(true, Ordering::SeqCst);
-        // accept() has no timeout; a connection to ourselves is what wakes it.
+        // accept() waits up to sockets::ACCEPT_POLL; a connection to ourselves wakes it now.
         let _ = TcpStream::connect_timeout(&self.wake, Duration::from_secs(1));
     }
 
     /// Asks the server to stop accepting and drain, without the wake-up connection: the accept
-    /// loop notices within [`sockets::ACCEPT_POLL`]. For a listener another process shares (an
+    /// loop notices within [`crate::ACCEPT_POLL`]. For a listener another process shares (an
     /// upgrade), which could take the wake-up connection itself.
     pub fn shutdown_quietly(&self) {
         self.quietly.store(true, Ordering::SeqCst);
