@@ -63,6 +63,12 @@ static CONFINED_TO: OnceLock<Vec<PathBuf>> = OnceLock::new();
 pub struct Confinement {
     folders: Vec<PathBuf>,
     files: Vec<PathBuf>,
+    /// The folders of what lclb itself is made of (its binary and, for a dynamically linked
+    /// build, the loader and shared libraries it runs), whose files may be read and executed:
+    /// an upgrade (`lclb upgrade`) has the running lclb start the new binary. The root folder
+    /// is never one (a FROM scratch image's `/lclb`, where an upgrade is a new container):
+    /// allowing it would allow everything.
+    exec_folders: Vec<PathBuf>,
 }
 
 /// How [`Confinement::apply`] went, as the crate reported it.
@@ -118,7 +124,29 @@ impl Confinement {
         }
         let mut folders = outermost(folders);
         folders.push(PathBuf::from(PROC_SELF));
-        Confinement { folders, files }
+        // The loader's cache, for a dynamically linked build that starts a new one.
+        let cache = Path::new(LOADER_CACHE);
+        if cache.exists() && !mapped_executables().is_empty() {
+            files.push(cache.to_path_buf());
+        }
+        let exec_folders = outermost(
+            mapped_executables()
+                .iter()
+                .filter_map(|file| file.parent().map(Path::to_path_buf))
+                .filter(|folder| folder.parent().is_some())
+                .collect(),
+        );
+        Confinement {
+            folders,
+            files,
+            exec_folders,
+        }
+    }
+
+    /// The folders whose files may be read and executed: those of lclb's binary and of the
+    /// loader and libraries it runs, for upgrades.
+    pub fn exec_folders(&self) -> &[PathBuf] {
+        &self.exec_folders
     }
 
     /// The folders readable (with everything beneath them), `/proc/self` last.
@@ -148,6 +176,8 @@ impl Confinement {
         let all = AccessFs::from_all(HANDLED_ABI);
         let read_dir = AccessFs::ReadFile | AccessFs::ReadDir;
         let read_file = landlock::BitFlags::from(AccessFs::ReadFile);
+        // exec(2) opens the file for reading as well as execution.
+        let run = AccessFs::ReadFile | AccessFs::Execute;
         let mut ruleset = Ruleset::default()
             .handle_access(all)
             .and_then(Ruleset::create)
@@ -156,7 +186,8 @@ impl Confinement {
             .folders
             .iter()
             .map(|p| (p, read_dir))
-            .chain(self.files.iter().map(|p| (p, read_file)));
+            .chain(self.files.iter().map(|p| (p, read_file)))
+            .chain(self.exec_folders.iter().map(|p| (p, run)));
         for (path, access) in rules {
             match PathFd::new(path) {
                 Ok(fd) => {
@@ -181,8 +212,16 @@ impl Confinement {
     }
 
     fn log(&self, outcome: &Confined) {
+        let exec = if self.exec_folders.is_empty() {
+            "no execution".to_string()
+        } else {
+            format!(
+                "running only files beneath {} (lclb's own binary and libraries, for upgrades)",
+                list(&self.exec_folders)
+            )
+        };
         let allowed = format!(
-            "reading beneath {}; and the files {}; no writes, no execution",
+            "reading beneath {}; and the files {}; no writes; {exec}",
             list(&self.folders),
             list(&self.files)
         );
@@ -197,6 +236,28 @@ impl Confinement {
             }
         }
     }
+}
+
+/// The dynamic loader's cache of library paths (glibc).
+const LOADER_CACHE: &str = "/etc/ld.so.cache";
+
+/// The files mapped executable into this process (`/proc/self/maps`): lclb's binary and, when
+/// dynamically linked, the loader and the shared libraries. Canonical paths, deduplicated.
+fn mapped_executables() -> Vec<PathBuf> {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+    let mut files: Vec<PathBuf> = maps
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let perms = fields.nth(1)?;
+            let path = fields.nth(3)?;
+            (perms.contains('x') && path.starts_with('/')).then(|| PathBuf::from(path))
+        })
+        .filter_map(|path| path.canonicalize().ok())
+        .collect();
+    files.sort();
+    files.dedup();
+    files
 }
 
 /// The process's thread count, from the `Threads:` line of `/proc/self/status`.

@@ -83,6 +83,7 @@ listen = "0.0.0.0:9443"              # where clients connect
 # metrics_listen = "127.0.0.1:9100"  # Prometheus text at GET /metrics; off when unset
 log_format = "text"                  # or "json": one JSON object per line
 accept_proxy_from = []               # balancers in front ("10.0.0.0/8"): their connections start with a PROXY header
+reuse_port = false                   # SO_REUSEPORT on listen and metrics_listen: several lclb processes on one address
 
 [tls]
 ca_cert = "certs/ca/ca.crt"          # client certificates must chain to this CA (its name: "default") or a [[ca]]

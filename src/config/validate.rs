@@ -59,6 +59,7 @@ pub(super) fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErro
         groups: group_entries,
         accept_proxy_from,
         cluster,
+        reuse_port: raw.reuse_port.unwrap_or(false),
     })
 }
 
