@@ -126,7 +126,8 @@ impl Confinement {
         folders.push(PathBuf::from(PROC_SELF));
         // The loader's cache, for a dynamically linked build that starts a new one.
         let cache = Path::new(LOADER_CACHE);
-        if cache.exists() && !mapped_executables().is_empty() {
+        // More than the binary itself mapped executable: a loader and libraries.
+        if cache.exists() && mapped_executables().len() > 1 {
             files.push(cache.to_path_buf());
         }
         let exec_folders = outermost(
@@ -552,12 +553,37 @@ mod tests {
         let ca = dir.join("conf/ca.crt");
         write(&ca);
         let c = rules(&config_naming(&dir, &ca, &ca, &ca, ""));
-        let existing: Vec<PathBuf> = NAME_RESOLUTION_FILES
+        let mut existing: Vec<PathBuf> = NAME_RESOLUTION_FILES
             .iter()
             .map(PathBuf::from)
             .filter(|p| p.exists())
             .collect();
+        // The test binary is linked dynamically: the loader's cache is read by a new lclb.
+        if Path::new(LOADER_CACHE).exists() {
+            existing.push(PathBuf::from(LOADER_CACHE));
+        }
         assert_eq!(c.files(), existing);
+    }
+
+    #[test]
+    fn the_folders_of_the_binary_and_its_libraries_may_be_run() {
+        let dir = temp("exec");
+        let ca = dir.join("conf/ca.crt");
+        write(&ca);
+        let c = rules(&config_naming(&dir, &ca, &ca, &ca, ""));
+        let exe = std::env::current_exe().unwrap().canonicalize().unwrap();
+        assert!(
+            c.exec_folders().iter().any(|f| exe.starts_with(f)),
+            "{:?} lacks the folder of {}",
+            c.exec_folders(),
+            exe.display()
+        );
+        let libc = mapped_executables()
+            .into_iter()
+            .find(|f| f.to_string_lossy().contains("libc.so"))
+            .expect("the test binary is linked against libc");
+        assert!(c.exec_folders().iter().any(|f| libc.starts_with(f)));
+        assert!(c.exec_folders().iter().all(|f| f != Path::new("/")));
     }
 
     #[test]
