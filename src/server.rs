@@ -312,8 +312,7 @@ impl Shared {
             self.admission.cluster(),
             config.cluster.as_ref(),
             &self.stats,
-        )
-        .map_err(StartError::Thread)?;
+        )?;
         if config.listen != old.config.listen {
             log::warn!(
                 "reload: `listen` changed to {}; it takes effect only after a restart",
@@ -446,10 +445,11 @@ impl Server {
         let runtime = Runtime::new(config, tls, authz);
         let stats = Arc::new(Stats::default());
         let admission = Admission::new(stats.clone());
-        admission.set_cluster(
-            Cluster::replace(None, runtime.config.cluster.as_ref(), &stats)
-                .map_err(StartError::Thread)?,
-        );
+        admission.set_cluster(Cluster::replace(
+            None,
+            runtime.config.cluster.as_ref(),
+            &stats,
+        )?);
         // Read once: the limits on threads are the process's, not the config's, so a reload
         // keeps the cap (see crate::threads).
         admission.set_thread_cap(threads::startup_cap(runtime.config.limits.max_connections));
