@@ -212,7 +212,13 @@ fn instance(
     let lines = p
         .lines_until("lclb listening on ", WAIT)
         .expect("lclb did not start");
-    if !lines.iter().any(|l| l.contains(CONFINED)) {
+    if lines.iter().any(|l| l.contains(CONFINED)) {
+        // The cluster's lease thread, too, starts after the confinement.
+        assert!(
+            lines.iter().all(|l| !l.contains("already running")),
+            "{lines:#?}"
+        );
+    } else {
         eprintln!("note: this kernel does not confine lclb; the TLS checks still run");
     }
     (p, lines)

@@ -79,6 +79,8 @@ pub struct Cluster {
     inner: Arc<Inner>,
     /// Lease removals for the thread; the thread ends when the last sender is gone.
     removals: Sender<LeaseKey>,
+    /// The thread's end of `removals` until [`Cluster::start_thread`] hands it over.
+    jobs: Mutex<Option<Receiver<LeaseKey>>>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -144,7 +146,36 @@ impl Cluster {
                 shown(wanted)
             );
         }
-        Cluster::start(wanted.clone(), tls, Arc::clone(stats)).map(|c| Some(Arc::new(c)))
+        let cluster = Cluster::build(wanted.clone(), tls, Arc::clone(stats))?;
+        cluster.start_thread()?;
+        Ok(Some(Arc::new(cluster)))
+    }
+
+    /// As [`Cluster::replace`] without a current cluster, but starting no thread: for start-up,
+    /// where the thread starts after the Landlock confinement, with [`Cluster::start_thread`].
+    pub fn unstarted(
+        wanted: Option<&ClusterConfig>,
+        stats: &Arc<Stats>,
+    ) -> Result<Option<Arc<Cluster>>, StartError> {
+        let Some(wanted) = wanted else {
+            return Ok(None);
+        };
+        let tls = RedisTls::load(wanted)?;
+        Cluster::build(wanted.clone(), tls, Arc::clone(stats)).map(|c| Some(Arc::new(c)))
+    }
+
+    /// Starts the lease thread (refreshes, removals, probes while Redis is down), once; later
+    /// calls do nothing.
+    pub fn start_thread(&self) -> Result<(), StartError> {
+        let Some(jobs) = self.jobs.lock().take() else {
+            return Ok(());
+        };
+        let inner = Arc::clone(&self.inner);
+        std::thread::Builder::new()
+            .name("lclb-cluster".into())
+            .spawn(move || lease_thread(&inner, &jobs))
+            .map_err(StartError::Thread)?;
+        Ok(())
     }
 
     /// Reads and checks the TLS files `config` names, as start-up does, without connecting:
@@ -153,7 +184,7 @@ impl Cluster {
         RedisTls::load(config).map(drop)
     }
 
-    fn start(
+    fn build(
         config: ClusterConfig,
         tls: RedisTls,
         stats: Arc<Stats>,
@@ -219,12 +250,11 @@ impl Cluster {
             }
         }
         let (removals, jobs) = crossbeam_channel::unbounded();
-        let thread_inner = Arc::clone(&inner);
-        std::thread::Builder::new()
-            .name("lclb-cluster".into())
-            .spawn(move || lease_thread(&thread_inner, &jobs))
-            .map_err(StartError::Thread)?;
-        Ok(Cluster { inner, removals })
+        Ok(Cluster {
+            inner,
+            removals,
+            jobs: Mutex::new(Some(jobs)),
+        })
     }
 
     /// Whether Redis answered the last call: the shared limits apply.
