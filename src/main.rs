@@ -272,6 +272,9 @@ fn run(command: Command) -> Result<ExitCode, Box<dyn std::error::Error>> {
             let loaded = Config::load(&config)?;
             lclb::TlsContext::load(&loaded.tls)?;
             lclb::GroupTls::load(&loaded)?;
+            if let Some(cluster) = &loaded.cluster {
+                lclb::Cluster::check(cluster)?;
+            }
             for warning in loaded.shadowed_clients() {
                 eprintln!("lclb: warning: {warning}");
             }

@@ -320,8 +320,7 @@ impl Shared {
             self.admission.cluster(),
             config.cluster.as_ref(),
             &self.stats,
-        )
-        .map_err(StartError::Thread)?;
+        )?;
         if config.listen != old.config.listen {
             log::warn!(
                 "reload: `listen` changed to {}; it takes effect only after a restart",
@@ -425,24 +424,20 @@ impl BoundServer {
         self.0.local_addr
     }
 
-    /// Starts the health checker and the certificate expiry thread: the server can then run.
+    /// Starts the health checker, the certificate expiry thread and the `[cluster]` lease
+    /// thread: the server can then run.
     pub fn start(self) -> Result<Server, StartError> {
         let shared = &self.0.shared;
-        // Its lease thread starts here, after the confinement, like every other thread.
-        shared.admission.set_cluster(
-            Cluster::replace(
-                None,
-                shared.runtime().config.cluster.as_ref(),
-                &shared.stats,
-            )
-            .map_err(StartError::Thread)?,
-        );
         shared
             .start_health(&shared.runtime().config)
             .map_err(StartError::Thread)?;
         let sessions = shared.balancer.sessions();
         sessions.set_close_at_expiry(shared.runtime().config.tls.close_at_cert_expiry);
         sessions.start_expiry().map_err(StartError::Thread)?;
+        // After the Landlock confinement, like every thread.
+        if let Some(cluster) = shared.admission.cluster() {
+            cluster.start_thread()?;
+        }
         Ok(self.0)
     }
 }
@@ -499,6 +494,7 @@ impl Server {
         let runtime = Runtime::new(config, tls, authz);
         let stats = Arc::new(Stats::default());
         let admission = Admission::new(stats.clone());
+        admission.set_cluster(Cluster::unstarted(runtime.config.cluster.as_ref(), &stats)?);
         // Read once: the limits on threads are the process's, not the config's, so a reload
         // keeps the cap (see crate::threads).
         admission.set_thread_cap(threads::startup_cap(runtime.config.limits.max_connections));
