@@ -451,6 +451,26 @@ mod tests {
     }
 
     #[test]
+    fn given_lists_the_set_selectors_in_checking_order() {
+        assert!(Selectors::default().given().is_empty());
+        assert!(Selectors::default().is_empty());
+        let all = Selectors {
+            cn: Some("a".into()),
+            uri_san: Some(uri("spiffe://td/a")),
+            dns_san: Some(dns("a.internal")),
+            spki_sha256: Some(KeyPin::parse(&"ab".repeat(32)).unwrap()),
+        };
+        assert_eq!(all.given(), ["cn", "uri_san", "dns_san", "spki_sha256"]);
+        assert!(!all.is_empty());
+        let two = Selectors {
+            dns_san: Some(dns("a.internal")),
+            spki_sha256: Some(KeyPin::parse(&"ab".repeat(32)).unwrap()),
+            ..Selectors::default()
+        };
+        assert_eq!(two.given(), ["dns_san", "spki_sha256"]);
+    }
+
+    #[test]
     fn fewer_selectors_that_cover_imply() {
         let broad = Selectors {
             cn: Some("a".into()),
