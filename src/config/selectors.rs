@@ -451,6 +451,19 @@ mod tests {
     }
 
     #[test]
+    fn patterns_keep_their_text_as_written() {
+        let u = uri("SPIFFE://Prod.Example/ns/*/sa/x");
+        assert_eq!(u.as_str(), "SPIFFE://Prod.Example/ns/*/sa/x");
+        assert_eq!(u.to_string(), u.as_str());
+        let d = dns("*.Svc.Internal");
+        assert_eq!(d.as_str(), "*.Svc.Internal");
+        assert_eq!(d.to_string(), d.as_str());
+        let pin = KeyPin::parse(&format!("{}AB", "AB:".repeat(31))).unwrap();
+        assert_eq!(pin.to_string(), "ab".repeat(32));
+        assert_eq!(format!("{pin:?}"), format!("KeyPin({})", "ab".repeat(32)));
+    }
+
+    #[test]
     fn given_lists_the_set_selectors_in_checking_order() {
         assert!(Selectors::default().given().is_empty());
         assert!(Selectors::default().is_empty());
