@@ -38,7 +38,9 @@
 //! endpoint), `watch` (the reload thread: SIGHUP's reloads and watched files), `enforce`
 //! (open connections held to a reloaded config), `proxy` (the PROXY protocol codec),
 //! `upstream` (TLS toward upstreams), `stats` (counters and the refusal reasons), `threads` (the thread budget),
-//! `pool` (reused threads), `buffers` (read buffers lent while data flows). Modules are private;
+//! `pool` (reused threads), `buffers` (read buffers lent while data flows), `confine` (the
+//! Landlock rules the server confines itself with), `tickets` (TLS session tickets sealed with
+//! keys shared by several instances). Modules are private;
 //! the interface is re-exported here, and `cargo doc --document-private-items` shows each
 //! module's own documentation.
 //!
@@ -57,6 +59,7 @@ mod admission;
 mod authz;
 mod balancer;
 mod buffers;
+mod confine;
 mod enforce;
 mod explain;
 mod forward;
@@ -72,6 +75,7 @@ mod sessions;
 mod stats;
 mod table;
 mod threads;
+mod tickets;
 mod tls;
 mod upstream;
 mod watch;
@@ -82,19 +86,20 @@ pub use admission::{address_key, Admission, Handshaking, Permit, Refused};
 pub use authz::{Authorizer, Policy, Unmatched};
 pub use balancer::{BalanceError, Balancer, BalancerOptions, Client, Session, Unbalanced};
 pub use config::{Config, ConfigError};
+pub use confine::{ConfineError, Confined, Confinement};
 pub use explain::{explain, EntryCheck, Explanation, UpstreamLine};
 pub use forward::{Aborter, EndReason, ForwardReport};
 pub use identity::{client_identity, CertNames, Identity, IdentityError, Mismatch};
 pub use metrics::{
-    render as render_metrics, MetricsServer, MAX_IN_FLIGHT as METRICS_MAX_IN_FLIGHT,
-    REQUEST_DEADLINE as METRICS_REQUEST_DEADLINE,
+    render as render_metrics, MetricsListener, MetricsServer,
+    MAX_IN_FLIGHT as METRICS_MAX_IN_FLIGHT, REQUEST_DEADLINE as METRICS_REQUEST_DEADLINE,
 };
 pub use proxy::{
     cipher_name, encode_v2, encode_v2_local, read_header, server_cert_algorithms, tls_version_name,
     Proxied, ProxyError, ProxyFacts, MAX_V2_LENGTH,
 };
 pub use ratelimit::{Clock, RateLimiter, SystemClock};
-pub use server::{Loaded, Runtime, Server, Shared, ShutdownHandle, StartError};
+pub use server::{BoundServer, Loaded, Runtime, Server, Shared, ShutdownHandle, StartError};
 pub use sessions::{Registration, SessionInfo, Sessions};
 pub use stats::{ClientRefusals, ClientRefused, HandshakeHistogram, Refusal, Stats, UpstreamStats};
 pub use table::{
@@ -104,6 +109,7 @@ pub use threads::{
     connection_cap, thread_limit, LimitSource, ThreadLimit, RESERVED_THREADS,
     THREADS_PER_CONNECTION,
 };
+pub use tickets::{TicketKeys, KEYS_IN_USE as TICKET_KEYS_IN_USE, TICKET_LIFETIME};
 pub use tls::{
     install_default_provider, provider, CertInfo, ClientTrust, CrlInfo, HandshakeError, PeerError,
     SessionCache, TlsContext,

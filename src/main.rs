@@ -221,9 +221,24 @@ fn run(command: Command) -> Result<ExitCode, Box<dyn std::error::Error>> {
             let loaded = Config::load(&config)?;
             raise_fd_limit(loaded.limits.max_connections);
             let metrics_addr = loaded.metrics_listen;
-            let server = Server::bind(loaded)?;
-            let _metrics = match metrics_addr {
-                Some(addr) => Some(MetricsServer::spawn(addr, server.shared())?),
+            let confinement = loaded
+                .security
+                .landlock
+                .then(|| lclb::Confinement::for_config(&config, &loaded));
+            let server = Server::bind_unstarted(loaded)?;
+            let metrics = metrics_addr.map(MetricsServer::bind).transpose()?;
+            // Landlock confines the calling thread and the threads it starts afterwards, never
+            // those already running: so here, with every file read and every socket bound, and
+            // before the first thread (health, expiry, metrics, watcher, signals) starts.
+            match confinement {
+                Some(confinement) => drop(confinement.apply()?),
+                None => {
+                    log::info!("landlock: off (security.landlock = false): lclb runs unconfined")
+                }
+            }
+            let server = server.start()?;
+            let _metrics = match metrics {
+                Some(listener) => Some(listener.serve(server.shared())?),
                 None => None,
             };
             // Every reload runs on the watch thread, so two never interleave.

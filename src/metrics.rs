@@ -324,17 +324,19 @@ pub struct MetricsServer {
     thread: Option<JoinHandle<()>>,
 }
 
-impl MetricsServer {
-    /// Binds `addr` and serves `shared`'s metrics on it: an accept thread, and a thread per
-    /// request for at most [`MAX_IN_FLIGHT`] requests at once.
-    pub fn spawn(addr: SocketAddr, shared: Arc<Shared>) -> Result<MetricsServer, StartError> {
-        let bind_error = |source| StartError::Bind {
-            key: "metrics_listen",
-            addr,
-            source,
-        };
-        let listener = TcpListener::bind(addr).map_err(bind_error)?;
-        let addr = listener.local_addr().map_err(bind_error)?;
+/// A bound metrics listener that serves nothing yet: [`MetricsListener::serve`] starts its
+/// thread. Lets the binary bind every socket before it confines itself (`confine`).
+#[derive(Debug)]
+pub struct MetricsListener {
+    listener: TcpListener,
+    addr: SocketAddr,
+}
+
+impl MetricsListener {
+    /// Serves `shared`'s metrics: an accept thread, and a thread per request for at most
+    /// [`MAX_IN_FLIGHT`] requests at once.
+    pub fn serve(self, shared: Arc<Shared>) -> Result<MetricsServer, StartError> {
+        let MetricsListener { listener, addr } = self;
         let stopping = Arc::new(AtomicBool::new(false));
         let slots = Arc::new(Slots::default());
         let (flag, table) = (stopping.clone(), slots.clone());
@@ -349,6 +351,26 @@ impl MetricsServer {
             slots,
             thread: Some(thread),
         })
+    }
+}
+
+impl MetricsServer {
+    /// Binds `addr` and serves `shared`'s metrics on it ([`MetricsServer::bind`], then
+    /// [`MetricsListener::serve`]).
+    pub fn spawn(addr: SocketAddr, shared: Arc<Shared>) -> Result<MetricsServer, StartError> {
+        MetricsServer::bind(addr)?.serve(shared)
+    }
+
+    /// Binds `addr`, starting no thread.
+    pub fn bind(addr: SocketAddr) -> Result<MetricsListener, StartError> {
+        let bind_error = |source| StartError::Bind {
+            key: "metrics_listen",
+            addr,
+            source,
+        };
+        let listener = TcpListener::bind(addr).map_err(bind_error)?;
+        let addr = listener.local_addr().map_err(bind_error)?;
+        Ok(MetricsListener { listener, addr })
     }
 
     /// The address actually bound.

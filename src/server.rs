@@ -301,7 +301,7 @@ impl Shared {
     }
 
     fn try_reload(&self, path: &Path) -> Result<Arc<Runtime>, StartError> {
-        let config = Config::load(path)?;
+        let config = Config::load(path).map_err(crate::confine::explain_config_read)?;
         let tls = TlsContext::load_with(&config.tls, &self.tls_sessions)?;
         let upstreams = Balancer::upstreams_from_config(&config, &GroupTls::load(&config)?);
         let old = self.runtime();
@@ -383,9 +383,38 @@ pub(crate) fn wake_address(mut addr: SocketAddr) -> SocketAddr {
     addr
 }
 
+/// A [`Server`] whose files are loaded and whose listener is bound, with no thread started
+/// yet: what the binary confines itself in (`confine`), so that every thread is confined.
+#[derive(Debug)]
+pub struct BoundServer(Server);
+
+impl BoundServer {
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.0.local_addr
+    }
+
+    /// Starts the health checker and the certificate expiry thread: the server can then run.
+    pub fn start(self) -> Result<Server, StartError> {
+        let shared = &self.0.shared;
+        shared
+            .start_health(&shared.runtime().config)
+            .map_err(StartError::Thread)?;
+        let sessions = shared.balancer.sessions();
+        sessions.set_close_at_expiry(shared.runtime().config.tls.close_at_cert_expiry);
+        sessions.start_expiry().map_err(StartError::Thread)?;
+        Ok(self.0)
+    }
+}
+
 impl Server {
     /// Loads the TLS files, binds the listen address and starts the health checker.
     pub fn bind(config: Config) -> Result<Server, StartError> {
+        Server::bind_unstarted(config)?.start()
+    }
+
+    /// Loads the TLS files and binds the listen address, starting no thread.
+    pub fn bind_unstarted(config: Config) -> Result<BoundServer, StartError> {
         let tls_sessions = SessionCache::default();
         let tls = TlsContext::load_with(&config.tls, &tls_sessions)?;
         let upstreams = Balancer::upstreams_from_config(&config, &GroupTls::load(&config)?);
@@ -432,18 +461,12 @@ impl Server {
             }),
             stopping: stopping.clone(),
         });
-        shared
-            .start_health(&shared.runtime().config)
-            .map_err(StartError::Thread)?;
-        let sessions = shared.balancer.sessions();
-        sessions.set_close_at_expiry(shared.runtime().config.tls.close_at_cert_expiry);
-        sessions.start_expiry().map_err(StartError::Thread)?;
-        Ok(Server {
+        Ok(BoundServer(Server {
             listener,
             local_addr,
             shared,
             stopping,
-        })
+        }))
     }
 
     /// The address actually bound (useful with port 0).

@@ -21,7 +21,9 @@
 //! chain of every resumed session itself, at the current time, with the verifier of the
 //! *current* [`TlsContext`] (current CA and CRLs): the one [`SessionCache`] is shared by every
 //! context the server loads, so sessions survive reloads, and a session from before a reload
-//! must meet the reloaded rules. A session that fails is refused after its handshake (the
+//! must meet the reloaded rules (with `tls.ticket_keys`, tickets carry the session instead,
+//! sealed with keys shared by several instances: see `tickets`; the same check applies). A
+//! session that fails is refused after its handshake (the
 //! client reads close_notify). rustls has no hook to decline a resumption and fall back to a
 //! full handshake, which is what Go's server does instead.
 //!
@@ -91,7 +93,10 @@ pub(crate) fn file_error(key: &str, path: &Path, message: impl Into<String>) -> 
 }
 
 pub(crate) fn read_file(key: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {
-    std::fs::read(path).map_err(|e| file_error(key, path, format!("cannot read: {e}")))
+    std::fs::read(path).map_err(|e| {
+        let e = crate::confine::explain_read(path, &e);
+        file_error(key, path, format!("cannot read: {e}"))
+    })
 }
 
 /// The certificates in the PEM file `path` (named by `key`). Those that are not roots must be
@@ -391,6 +396,11 @@ impl TlsContext {
         config.ignore_client_order = true;
         config.session_storage = sessions.0.clone();
         config.send_tls13_tickets = TLS13_TICKETS;
+        if let Some(path) = &files.ticket_keys {
+            // Tickets that carry the session, sealed with the shared keys: any instance with
+            // the file resumes them; check_peer verifies them as it does the cache's.
+            config.ticketer = Arc::new(crate::tickets::TicketKeys::load("tls.ticket_keys", path)?);
+        }
         Ok(TlsContext {
             server_config: Arc::new(config),
             trust,
@@ -1313,6 +1323,7 @@ mod tests {
                 extra_cas: Vec::new(),
                 enforce_on_reload: true,
                 close_at_cert_expiry: true,
+                ticket_keys: None,
             };
             let ctx = TlsContext::load(&files).unwrap();
             let _ = std::fs::remove_dir_all(&dir);
@@ -1345,6 +1356,7 @@ mod tests {
                 extra_cas,
                 enforce_on_reload: true,
                 close_at_cert_expiry: true,
+                ticket_keys: None,
             };
             let trust = ClientTrust::load(&files).unwrap();
             let _ = std::fs::remove_dir_all(&dir);

@@ -158,8 +158,8 @@ impl Target for Shared {
 }
 
 /// Every file `config` names, in the order its keys come: what a reload reads besides the
-/// config file itself.
-fn named_files(config: &Config) -> Vec<PathBuf> {
+/// config file itself (and so what the Landlock rules of `confine` must allow).
+pub(crate) fn named_files(config: &Config) -> Vec<PathBuf> {
     let tls = &config.tls;
     let mut files = vec![
         tls.ca_cert.clone(),
@@ -171,6 +171,7 @@ fn named_files(config: &Config) -> Vec<PathBuf> {
         files.push(ca.cert.clone());
         files.extend(ca.crls.iter().cloned());
     }
+    files.extend(tls.ticket_keys.iter().cloned());
     for group in config.groups.iter().filter_map(|g| g.tls.as_ref()) {
         files.push(group.ca_cert.clone());
         if let Some((cert, key)) = &group.client_cert {

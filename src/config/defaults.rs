@@ -93,6 +93,7 @@ crl_stale = "warn"                   # a CRL past its nextUpdate: "warn" (log, m
 truncation = "fin"                   # client EOF without close_notify: "fin" or "reset" upstream
 enforce_on_reload = true             # after a reload, close open connections the new config refuses
 close_at_cert_expiry = true          # close a connection when its client certificate expires
+# ticket_keys = "certs/ticket-keys"  # shared session ticket keys (HAProxy's tls-ticket-keys format); none: resume from memory
 
 [limits]
 max_connections = 10000              # concurrent client connections, handshakes included
@@ -116,6 +117,9 @@ max_concurrent = 0                   # connections open at once per client; 0 = 
 [reload]
 watch = false                        # poll the config and every file it names; reload on a change
 watch_interval = "5s"                # time between polls; at most 1h
+
+[security]
+landlock = true                      # at start-up, confine lclb to reading its config's and files' folders (Landlock)
 
 [health_check]
 interval = "2s"                      # time between TCP probes of each upstream; at most 1h

@@ -108,6 +108,8 @@ pub struct Config {
     pub health_check: HealthCheck,
     /// The `[reload]` section: watching the files for changes.
     pub reload: Reload,
+    /// The `[security]` section: how lclb confines itself.
+    pub security: Security,
     /// The upstreams, in file order.
     pub upstreams: Vec<UpstreamConfig>,
     /// The clients allowed in, in file order; any other identity is refused.
@@ -232,6 +234,10 @@ pub struct TlsFiles {
     /// The `[[ca]]` entries: more trust roots, each with a name an entry's `issuer` binds to.
     /// `ca_cert` and `crls` above are the CA named [`DEFAULT_CA_NAME`]. Default: none.
     pub extra_cas: Vec<CaFiles>,
+    /// A file of session ticket keys (HAProxy's `tls-ticket-keys` format) shared by several
+    /// instances, so that each resumes the others' clients. Default: none (tickets are ids
+    /// into this instance's own session cache).
+    pub ticket_keys: Option<PathBuf>,
 }
 
 /// One `[[ca]]` entry: trust roots of their own, with their own CRLs.
@@ -373,6 +379,21 @@ impl Default for Reload {
             watch: false,
             watch_interval: DEFAULT_WATCH_INTERVAL,
         }
+    }
+}
+
+/// The `[security]` section: what lclb denies itself once running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Security {
+    /// After binding its sockets, lclb confines itself with Landlock to reading beneath the
+    /// folders of its config and of the files it names (see the README for the rule set).
+    /// Read at start-up only. Default true.
+    pub landlock: bool,
+}
+
+impl Default for Security {
+    fn default() -> Self {
+        Security { landlock: true }
     }
 }
 

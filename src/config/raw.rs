@@ -27,6 +27,8 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub(super) reload: RawReload,
     #[serde(default)]
+    pub(super) security: RawSecurity,
+    #[serde(default)]
     pub(super) upstream: Vec<RawUpstream>,
     #[serde(default)]
     pub(super) group: Vec<RawGroup>,
@@ -55,6 +57,7 @@ pub(super) struct RawTls {
     pub(super) truncation: Option<Truncation>,
     pub(super) enforce_on_reload: Option<bool>,
     pub(super) close_at_cert_expiry: Option<bool>,
+    pub(super) ticket_keys: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -140,4 +143,10 @@ pub(super) struct RawGroupTls {
 pub(super) struct RawReload {
     pub(super) watch: Option<bool>,
     pub(super) watch_interval: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSecurity {
+    pub(super) landlock: Option<bool>,
 }

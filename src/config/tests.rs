@@ -1162,3 +1162,29 @@ fn accept_proxy_from_takes_blocks_and_single_addresses() {
     let zero = parse(&format!("accept_proxy_from = [\"0.0.0.0/0\"]\n{MINIMAL}")).unwrap();
     assert!(zero.accept_proxy_from[0].contains("203.0.113.9".parse().unwrap()));
 }
+
+#[test]
+fn landlock_is_on_unless_security_landlock_is_false() {
+    assert!(parse(MINIMAL).unwrap().security.landlock);
+    let off = parse(&format!("[security]\nlandlock = false\n{MINIMAL}")).unwrap();
+    assert!(!off.security.landlock);
+    let table: toml::Table = toml::from_str(DEFAULT_CONFIG).unwrap();
+    assert_eq!(table["security"]["landlock"].as_bool(), Some(true));
+    let e = err(&format!("[security]\nlandlock = \"yes\"\n{MINIMAL}"));
+    assert!(e.contains("landlock"), "{e}");
+}
+
+#[test]
+fn ticket_keys_is_off_by_default_and_taken_relative_to_the_config() {
+    assert_eq!(parse(MINIMAL).unwrap().tls.ticket_keys, None);
+    let c = parse(&format!("[tls]\nticket_keys = \"keys/tickets\"\n{MINIMAL}")).unwrap();
+    assert_eq!(
+        c.tls.ticket_keys,
+        Some(PathBuf::from("/etc/lclb/keys/tickets"))
+    );
+    let e = err(&format!("[tls]\nticket_keys = \"\"\n{MINIMAL}"));
+    assert!(
+        e.starts_with("config key `tls.ticket_keys`: must not be empty"),
+        "{e}"
+    );
+}

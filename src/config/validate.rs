@@ -50,6 +50,9 @@ pub(super) fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErro
         rate_limit,
         health_check,
         reload,
+        security: Security {
+            landlock: raw.security.landlock.unwrap_or(true),
+        },
         upstreams,
         clients,
         groups: group_entries,
@@ -241,6 +244,17 @@ fn tls(raw: RawTls, base: &Path) -> Result<TlsFiles, ConfigError> {
         enforce_on_reload: raw.enforce_on_reload.unwrap_or(true),
         close_at_cert_expiry: raw.close_at_cert_expiry.unwrap_or(true),
         extra_cas: Vec::new(),
+        ticket_keys: raw
+            .ticket_keys
+            .map(|p| {
+                file(
+                    base,
+                    "tls.ticket_keys",
+                    p,
+                    "drop the key to resume from memory",
+                )
+            })
+            .transpose()?,
     })
 }
 
