@@ -38,6 +38,8 @@
 #   PROFILE=FIGURE    instead of the benchmark: run FIGURE (handshakes, up1, down1, ...) against
 #                     lclb under `perf record -g` and write perf-FIGURE.txt (needs linux-perf)
 #   KEEP=1            keep the temporary folder (certificates, configs)
+#   CLUSTER=URL       lclb shares its per-client limits through the Redis at URL ([cluster]
+#                     redis = URL): every admission costs one Redis round trip
 set -euo pipefail
 
 # shellcheck source=scripts/lib/common.sh
@@ -64,6 +66,7 @@ SKIP_BUILD=${SKIP_BUILD:-0}
 INSTALL=${INSTALL:-1}
 PROFILE=${PROFILE:-}
 KEEP=${KEEP:-0}
+CLUSTER=${CLUSTER:-}
 
 CN=bench.lb.com
 UPSTREAMS=3
@@ -327,6 +330,10 @@ lclb_config() { # FILE PORT MODE
       echo "server_name = \"$UP_NAME\""
       echo "client_cert = \"$LB_CRT\""
       echo "client_key = \"$LB_KEY\""
+    fi
+    if [[ -n $CLUSTER ]]; then
+      echo "[cluster]"
+      echo "redis = \"$CLUSTER\""
     fi
   } >"$1"
 }

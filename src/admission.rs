@@ -20,12 +20,13 @@ use std::net::{IpAddr, Ipv6Addr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use rustls::ServerConnection;
 
 use crate::authz::{Authorizer, Unmatched};
 use crate::balancer::BalanceError;
-use crate::config::{Limits, RateLimit};
+use crate::cluster::{Cluster, Lease, Shared};
+use crate::config::{ClientLimits, Limits, RateLimit};
 use crate::identity::{CertNames, Identity, IdentityError};
 use crate::ratelimit::RateLimiter;
 use crate::stats::{Refusal, Stats};
@@ -121,6 +122,8 @@ pub struct Admission {
     client_open: Mutex<HashMap<String, u32>>,
     /// Open connections the process's thread limit leaves room for (`usize::MAX`: no limit).
     thread_cap: AtomicUsize,
+    /// `[cluster]`: the per-client limits shared through Redis, when configured.
+    cluster: RwLock<Option<Arc<Cluster>>>,
 }
 
 impl fmt::Debug for Admission {
@@ -146,7 +149,19 @@ impl Admission {
             client_rate,
             client_open: Mutex::new(HashMap::new()),
             thread_cap: AtomicUsize::new(usize::MAX),
+            cluster: RwLock::new(None),
         }
+    }
+
+    /// Shares the per-client limits through `cluster` from now on (`None`: each instance
+    /// limits on its own, the default). Connections admitted before keep their leases.
+    pub fn set_cluster(&self, cluster: Option<Arc<Cluster>>) {
+        *self.cluster.write() = cluster;
+    }
+
+    /// The `[cluster]` in use, if any.
+    pub fn cluster(&self) -> Option<Arc<Cluster>> {
+        self.cluster.read().clone()
     }
 
     /// Caps open connections at what the thread limit leaves room for, on top of
@@ -305,16 +320,8 @@ impl Admission {
                     .of(&identity.name),
             );
         }
-        if !self
-            .client_rate
-            .try_acquire(identity.name.as_str(), policy.limits.rate)
-        {
-            return Err(
-                Refused::new(Refusal::RateLimited, "rate limit exceeded").of(&identity.name)
-            );
-        }
-        let client_slot = self
-            .take_client_slot(&identity.name, policy.limits.max_concurrent)
+        let (client_slot, lease) = self
+            .client_gate(&identity.name, policy.limits)
             .map_err(|r| r.of(&identity.name))?;
         Ok(Permit {
             identity,
@@ -322,7 +329,38 @@ impl Admission {
             allowed: policy.allowed.clone(),
             _open: entry.open,
             _client: client_slot,
+            _lease: lease,
         })
+    }
+
+    /// The identity's rate and concurrency cap: shared through `[cluster]` while its Redis
+    /// is up, else as its `on_error` says, else (no `[cluster]`, or `on_error = "local"`)
+    /// this instance's own bucket and count. The local count is kept in every case, for
+    /// [`Admission::open_connections`].
+    fn client_gate(
+        self: &Arc<Self>,
+        identity: &str,
+        limits: ClientLimits,
+    ) -> Result<(ClientSlot, Option<Lease>), Refused> {
+        let cluster = self.cluster();
+        let shared = cluster.as_ref().map(|c| c.admit(identity, limits));
+        let (cap, lease) = match shared {
+            Some(Shared::Admitted(lease)) => (0, lease),
+            Some(Shared::Refused(refused)) => return Err(refused),
+            Some(Shared::Allow) => (0, None),
+            Some(Shared::Local) | None => {
+                if !self.client_rate.try_acquire(identity, limits.rate) {
+                    return Err(Refused::new(Refusal::RateLimited, "rate limit exceeded"));
+                }
+                (limits.max_concurrent, None)
+            }
+        };
+        let slot = self.take_client_slot(identity, cap)?;
+        let lease = match (lease, &cluster) {
+            (None, Some(c)) => c.unshared_lease(identity, limits),
+            (lease, _) => lease,
+        };
+        Ok((slot, lease))
     }
 
     /// Counts a connection of `identity`, refused if `max` (0: no cap) are open already.
@@ -394,6 +432,8 @@ pub struct Permit {
     pub allowed: Arc<[UpstreamId]>,
     _open: Open,
     _client: ClientSlot,
+    /// Its `[cluster]` concurrency lease, removed from Redis when the permit drops.
+    _lease: Option<Lease>,
 }
 
 /// One unit of `active_clients`.

@@ -236,6 +236,22 @@ pub fn render(shared: &Shared) -> String {
         "Connections admitted without a per-address rate bucket because the table was full.",
     )
     .sample("", shared.admission.ip_rate_untracked());
+    if let Some(cluster) = shared.admission.cluster() {
+        Family::new(
+            &mut out,
+            "lclb_cluster_up",
+            "gauge",
+            "1 while the Redis of [cluster] answers (limits shared), 0 while on_error decides.",
+        )
+        .sample("", u8::from(cluster.is_up()));
+        Family::new(
+            &mut out,
+            "lclb_cluster_errors_total",
+            "counter",
+            "Redis calls of [cluster] that failed or timed out (probes while down excepted).",
+        )
+        .sample("", load(&stats.cluster_errors));
+    }
     let runtime = shared.runtime();
     let views = upstreams.iter().map(|(_, u)| u);
     let mut f = Family::new(

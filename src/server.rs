@@ -33,6 +33,7 @@ use crate::access;
 use crate::admission::{Admission, Handshaking, Permit, Refused};
 use crate::authz::Authorizer;
 use crate::balancer::{Balancer, BalancerOptions, Client, Session, Unbalanced};
+use crate::cluster::Cluster;
 use crate::config::{Config, ConfigError, ProxyProtocol};
 use crate::enforce;
 use crate::forward::EndReason;
@@ -305,6 +306,14 @@ impl Shared {
         let tls = TlsContext::load_with(&config.tls, &self.tls_sessions)?;
         let upstreams = Balancer::upstreams_from_config(&config, &GroupTls::load(&config)?);
         let old = self.runtime();
+        // A changed [cluster] gets a new client; connections in flight keep their leases in
+        // the old one until they end.
+        let cluster = Cluster::replace(
+            self.admission.cluster(),
+            config.cluster.as_ref(),
+            &self.stats,
+        )
+        .map_err(StartError::Thread)?;
         if config.listen != old.config.listen {
             log::warn!(
                 "reload: `listen` changed to {}; it takes effect only after a restart",
@@ -332,6 +341,7 @@ impl Shared {
             .set_close_at_expiry(runtime.config.tls.close_at_cert_expiry);
         let runtime = Arc::new(runtime);
         *self.runtime.write() = Arc::clone(&runtime);
+        self.admission.set_cluster(cluster);
         if let Some(checker) = &*self.health.lock() {
             checker.set_settings(settings);
         }
@@ -436,6 +446,10 @@ impl Server {
         let runtime = Runtime::new(config, tls, authz);
         let stats = Arc::new(Stats::default());
         let admission = Admission::new(stats.clone());
+        admission.set_cluster(
+            Cluster::replace(None, runtime.config.cluster.as_ref(), &stats)
+                .map_err(StartError::Thread)?,
+        );
         // Read once: the limits on threads are the process's, not the config's, so a reload
         // keeps the cap (see crate::threads).
         admission.set_thread_cap(threads::startup_cap(runtime.config.limits.max_connections));
@@ -546,6 +560,8 @@ fn drain(shared: &Shared) {
         wait_until(Instant::now().checked_add(Duration::from_secs(2)));
     }
     shared.stop_health();
+    // The lease thread ends once the last connection's lease is gone.
+    shared.admission.set_cluster(None);
     log::info!("lclb stopped");
 }
 

@@ -59,6 +59,8 @@ refusals! {
     RateLimited => "rate_limited",
     /// The identity already had `max_concurrent` connections open.
     ConcurrencyLimited => "concurrency_limited",
+    /// `[cluster]` with `on_error = "deny"`: Redis, which holds the shared limits, was down.
+    ClusterUnavailable => "cluster_unavailable",
     /// No allowed upstream was UP.
     NoUpstream => "no_upstream",
     /// Every connect attempt to an allowed upstream failed.
@@ -155,6 +157,9 @@ pub struct Stats {
     pub reloads_failed: AtomicU64,
     /// Refusals of each configured client identity, for `/status`.
     pub clients: ClientRefusals,
+    /// Redis calls of `[cluster]` that failed (admissions, lease refreshes and removals; not
+    /// the probes while it is known to be down).
+    pub cluster_errors: AtomicU64,
     refused: [AtomicU64; Refusal::ALL.len()],
 }
 

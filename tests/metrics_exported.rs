@@ -38,7 +38,7 @@ const FAMILIES: [(&str, &str); 19] = [
 ];
 
 /// The refusal reasons of README "What clients see".
-const REASONS: [&str; 9] = [
+const REASONS: [&str; 10] = [
     "capacity",
     "ip_handshakes",
     "ip_rate_limited",
@@ -46,6 +46,7 @@ const REASONS: [&str; 9] = [
     "unauthorized",
     "rate_limited",
     "concurrency_limited",
+    "cluster_unavailable",
     "no_upstream",
     "upstream_connect",
 ];

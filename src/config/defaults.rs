@@ -150,6 +150,15 @@ weight = 1                           # relative capacity (least connections per 
 # cert = "certs/partners-ca.crt"
 # crls = ["certs/partners.crl.pem"]  # this CA's own CRLs; none: no revocation checking for it
 
+# [cluster]                          # per-client rate and max_concurrent shared through Redis
+# redis = "redis://127.0.0.1:6379/0" # or rediss://; unset: every instance limits on its own
+# key_prefix = "lclb:"               # the start of every key lclb writes
+# timeout = "50ms"                   # bound on one Redis round trip; at most 5s
+# on_error = "local"                 # Redis down: "local" (own limits), "allow" or "deny"
+# lease_ttl = "10s"                  # a dead instance's leases outlive it this long; >= 6 x timeout
+# sentinels = ["10.0.0.5:26379"]     # ask these for the master instead of redis's host:port
+# sentinel_master = "mymaster"       # required with sentinels
+
 [[client]]                           # one per identity; tried in file order, the first match wins
 # name = "client1"                   # the identity in logs and limits; default: cn, else uri_san, else dns_san
 cn = "client1.lb.com"                # selectors (at least one; all given must match): the subject CN,

@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+mod cluster;
 mod defaults;
 mod raw;
 mod selectors;
@@ -28,6 +29,7 @@ mod tests;
 mod validate;
 mod values;
 
+pub use cluster::*;
 pub use defaults::*;
 pub use selectors::{DnsPattern, KeyPin, Selectors, UriPattern};
 
@@ -120,6 +122,9 @@ pub struct Config {
     /// `accept_proxy_from`: sources whose connections must begin with a PROXY v1 or v2
     /// header, whose address then stands for the client's. Default: none (never parsed).
     pub accept_proxy_from: Vec<Cidr>,
+    /// The `[cluster]` section: per-client limits shared through Redis. Default `None`: each
+    /// instance limits on its own.
+    pub cluster: Option<ClusterConfig>,
 }
 
 /// One `[[group]]` entry: how lclb connects to the upstreams of one group.

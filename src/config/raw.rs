@@ -36,6 +36,7 @@ pub(super) struct RawConfig {
     pub(super) ca: Vec<RawCa>,
     #[serde(default)]
     pub(super) client: Vec<RawClient>,
+    pub(super) cluster: Option<super::cluster::RawCluster>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -41,6 +41,7 @@ pub(super) fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErro
         "accept_proxy_from",
         raw.accept_proxy_from.unwrap_or_default(),
     )?;
+    let cluster = super::cluster::cluster(raw.cluster)?;
     Ok(Config {
         listen,
         metrics_listen,
@@ -57,6 +58,7 @@ pub(super) fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErro
         clients,
         groups: group_entries,
         accept_proxy_from,
+        cluster,
     })
 }
 
