@@ -448,6 +448,10 @@ mod tests {
         assert!(wild.covers(&dns("a.svc.internal")));
         assert!(!wild.covers(&dns("a.b.svc.internal")));
         assert!(!dns("a.svc.internal").covers(&wild));
+        assert!(dns("a.internal").covers(&dns("a.internal")));
+        assert!(!dns("a.internal").covers(&dns("b.internal")));
+        assert!(wild.covers(&dns("*.svc.internal")));
+        assert!(!wild.covers(&dns("*.other.internal")));
     }
 
     #[test]
