@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: help build test lint unit e2e run certs static soak bench bench-build mutants docker-build docker-run docker-compose
+.PHONY: help build test lint unit e2e run certs static soak bench bench-build mutants docker-build docker-test docker-run docker-compose
 help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
@@ -40,25 +40,28 @@ bench-build: ## Release builds of lclb and the benchmark tool (target/release/lc
 mutants: ## Mutation testing of the security/correctness modules, one at a time (scripts/mutants.sh; not in `make test`; see MUTANTS.md)
 	scripts/mutants.sh $(MODULES)
 
-static: ## Static, stripped x86_64 musl build of lclb (installs the target and musl-tools if missing)
+static: ## Static, stripped musl builds of lclb and the demo upstream (installs the target and musl-tools if missing)
 	scripts/build-static.sh
 
-DOCKER ?= docker
-IMAGE ?= lclb:latest
-UPSTREAM_IMAGE ?= lclb-upstream:latest
+# The engine: DOCKER=docker|podman; unset, scripts/lib/engine.sh picks podman when docker has
+# no reachable daemon. It sets the shell's DOCKER and COMPOSE (podman 4 has no `podman compose`:
+# it is podman-compose) and, for podman, a containers.conf in target/ (runc, host ulimits).
+ENGINE := source scripts/lib/common.sh && source scripts/lib/engine.sh && engine_setup
+export IMAGE ?= lclb:latest
+export UPSTREAM_IMAGE ?= lclb-upstream:latest
 
-docker-build: ## Build the lclb image (FROM scratch, static binary) and the demo upstream image
-	$(DOCKER) build -f docker/Dockerfile --target lclb -t $(IMAGE) .
-	$(DOCKER) build -f docker/Dockerfile --target upstream -t $(UPSTREAM_IMAGE) .
+docker-build: ## make static, then the lclb and demo upstream images FROM scratch (nothing pulled); prints their sizes
+	scripts/docker-build.sh
+
+docker-test: ## Images, compose demo on a free port, mTLS/load scripts from the host, 65534/read-only/no shell, reload and stop (scripts/docker-test.sh; root)
+	scripts/docker-test.sh
 
 docker-run: ## Run the lclb image on the host network with lclb.example.toml and certs/ mounted read-only
 	@test -f certs/server/server.key.pem || { echo "no certificates in certs/: run 'make certs' first"; exit 1; }
-	$(DOCKER) run --rm --network host --user "$$(stat -c %u:%g certs/server/server.key.pem)" \
+	$(ENGINE) && "$$DOCKER" run --rm --network host --user "$$(stat -c %u:%g certs/server/server.key.pem)" \
 		-v "$(CURDIR)/lclb.example.toml:/etc/lclb/lclb.toml:ro" \
 		-v "$(CURDIR)/certs:/etc/lclb/certs:ro" \
 		$(IMAGE)
 
-docker-compose: ## lclb and three demo upstreams with docker compose (docker/docker-compose.yml)
-	@test -f certs/server/server.key.pem || { echo "no certificates in certs/: run 'make certs' first"; exit 1; }
-	LCLB_USER="$$(stat -c %u:%g certs/server/server.key.pem)" \
-		$(DOCKER) compose -f docker/docker-compose.yml up --build
+docker-compose: docker-build ## lclb and three demo upstreams with compose (docker/docker-compose.yml), lclb on 127.0.0.1:9443; scripts/docker-compose.sh down stops them
+	scripts/docker-compose.sh

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make static`: a statically linked, stripped lclb for Linux (musl libc), to copy to any Linux
-# machine of the same architecture, or into a FROM scratch image.
+# machine of the same architecture, or into a FROM scratch image; and the demo upstream
+# (examples/upstream.rs) built the same way, for the demo image (make docker-build).
 #
 #   scripts/build-static.sh                 # target: <this machine's arch>-unknown-linux-musl
 #   TARGET=x86_64-unknown-linux-musl scripts/build-static.sh
@@ -40,32 +41,40 @@ fi
 # The C compiler for the target, as cc-rs (used by aws-lc-sys) reads it: CC_<target>.
 cc_var="CC_${TARGET//-/_}"
 export "$cc_var=${!cc_var:-musl-gcc}"
-echo "building lclb for $TARGET ($cc_var=${!cc_var})"
-cargo build --release --locked --target "$TARGET" --bin lclb
+echo "building lclb and the demo upstream for $TARGET ($cc_var=${!cc_var})"
+cargo build --release --locked --target "$TARGET" --bin lclb --example upstream
 
 target_dir=${CARGO_TARGET_DIR:-$REPO_ROOT/target}
-bin="$target_dir/$TARGET/release/lclb"
-strip "$bin"
-
 status=0
-kind=$(file -b "$bin" 2>/dev/null || echo "unknown (the file command is missing)")
-linkage=$(ldd "$bin" 2>&1 || true)
-if [[ "$kind" == *"statically linked"* || "$kind" == *"static-pie linked"* ]]; then
-  echo "file: $kind"
-else
-  echo "error: file says it is not static: $kind" >&2
-  status=1
-fi
-if [[ "$linkage" == *"not a dynamic executable"* || "$linkage" == *"statically linked"* ]]; then
-  echo "ldd:  $linkage"
-else
-  echo "error: ldd lists shared libraries:" >&2
-  echo "$linkage" >&2
-  status=1
-fi
-"$bin" --version >/dev/null || {
-  echo "error: $bin does not run" >&2
-  status=1
+
+# check_static BIN ARGS...: strips BIN, checks with file and ldd that it is static and that it
+# runs (BIN ARGS... must exit 0).
+check_static() {
+  local bin=$1 kind linkage
+  shift
+  strip "$bin"
+  kind=$(file -b "$bin" 2>/dev/null || echo "unknown (the file command is missing)")
+  linkage=$(ldd "$bin" 2>&1 || true)
+  if [[ "$kind" == *"statically linked"* || "$kind" == *"static-pie linked"* ]]; then
+    echo "file: $kind"
+  else
+    echo "error: file says $bin is not static: $kind" >&2
+    status=1
+  fi
+  if [[ "$linkage" == *"not a dynamic executable"* || "$linkage" == *"statically linked"* ]]; then
+    echo "ldd:  $linkage"
+  else
+    echo "error: ldd lists shared libraries of $bin:" >&2
+    echo "$linkage" >&2
+    status=1
+  fi
+  "$bin" "$@" >/dev/null || {
+    echo "error: $bin does not run ($bin $*)" >&2
+    status=1
+  }
+  echo "static binary: $bin ($(du -h "$bin" | cut -f1), $(stat -c %s "$bin") bytes)"
 }
-echo "static binary: $bin ($(du -h "$bin" | cut -f1), $(stat -c %s "$bin") bytes)"
+
+check_static "$target_dir/$TARGET/release/lclb" --version
+check_static "$target_dir/$TARGET/release/examples/upstream" --help
 exit $status

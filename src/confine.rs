@@ -63,6 +63,12 @@ static CONFINED_TO: OnceLock<Vec<PathBuf>> = OnceLock::new();
 pub struct Confinement {
     folders: Vec<PathBuf>,
     files: Vec<PathBuf>,
+    /// The folders of what lclb itself is made of (its binary and, for a dynamically linked
+    /// build, the loader and shared libraries it runs), whose files may be read and executed:
+    /// an upgrade (`lclb upgrade`) has the running lclb start the new binary. The root folder
+    /// is never one (a FROM scratch image's `/lclb`, where an upgrade is a new container):
+    /// allowing it would allow everything.
+    exec_folders: Vec<PathBuf>,
 }
 
 /// How [`Confinement::apply`] went, as the crate reported it.
@@ -118,7 +124,30 @@ impl Confinement {
         }
         let mut folders = outermost(folders);
         folders.push(PathBuf::from(PROC_SELF));
-        Confinement { folders, files }
+        // The loader's cache, for a dynamically linked build that starts a new one.
+        let cache = Path::new(LOADER_CACHE);
+        // More than the binary itself mapped executable: a loader and libraries.
+        if cache.exists() && mapped_executables().len() > 1 {
+            files.push(cache.to_path_buf());
+        }
+        let exec_folders = outermost(
+            mapped_executables()
+                .iter()
+                .filter_map(|file| file.parent().map(Path::to_path_buf))
+                .filter(|folder| folder.parent().is_some())
+                .collect(),
+        );
+        Confinement {
+            folders,
+            files,
+            exec_folders,
+        }
+    }
+
+    /// The folders whose files may be read and executed: those of lclb's binary and of the
+    /// loader and libraries it runs, for upgrades.
+    pub fn exec_folders(&self) -> &[PathBuf] {
+        &self.exec_folders
     }
 
     /// The folders readable (with everything beneath them), `/proc/self` last.
@@ -148,6 +177,8 @@ impl Confinement {
         let all = AccessFs::from_all(HANDLED_ABI);
         let read_dir = AccessFs::ReadFile | AccessFs::ReadDir;
         let read_file = landlock::BitFlags::from(AccessFs::ReadFile);
+        // exec(2) opens the file for reading as well as execution.
+        let run = AccessFs::ReadFile | AccessFs::Execute;
         let mut ruleset = Ruleset::default()
             .handle_access(all)
             .and_then(Ruleset::create)
@@ -156,7 +187,8 @@ impl Confinement {
             .folders
             .iter()
             .map(|p| (p, read_dir))
-            .chain(self.files.iter().map(|p| (p, read_file)));
+            .chain(self.files.iter().map(|p| (p, read_file)))
+            .chain(self.exec_folders.iter().map(|p| (p, run)));
         for (path, access) in rules {
             match PathFd::new(path) {
                 Ok(fd) => {
@@ -181,8 +213,16 @@ impl Confinement {
     }
 
     fn log(&self, outcome: &Confined) {
+        let exec = if self.exec_folders.is_empty() {
+            "no execution".to_string()
+        } else {
+            format!(
+                "running only files beneath {} (lclb's own binary and libraries, for upgrades)",
+                list(&self.exec_folders)
+            )
+        };
         let allowed = format!(
-            "reading beneath {}; and the files {}; no writes, no execution",
+            "reading beneath {}; and the files {}; no writes; {exec}",
             list(&self.folders),
             list(&self.files)
         );
@@ -197,6 +237,28 @@ impl Confinement {
             }
         }
     }
+}
+
+/// The dynamic loader's cache of library paths (glibc).
+const LOADER_CACHE: &str = "/etc/ld.so.cache";
+
+/// The files mapped executable into this process (`/proc/self/maps`): lclb's binary and, when
+/// dynamically linked, the loader and the shared libraries. Canonical paths, deduplicated.
+fn mapped_executables() -> Vec<PathBuf> {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+    let mut files: Vec<PathBuf> = maps
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let perms = fields.nth(1)?;
+            let path = fields.nth(3)?;
+            (perms.contains('x') && path.starts_with('/')).then(|| PathBuf::from(path))
+        })
+        .filter_map(|path| path.canonicalize().ok())
+        .collect();
+    files.sort();
+    files.dedup();
+    files
 }
 
 /// The process's thread count, from the `Threads:` line of `/proc/self/status`.
@@ -491,12 +553,37 @@ mod tests {
         let ca = dir.join("conf/ca.crt");
         write(&ca);
         let c = rules(&config_naming(&dir, &ca, &ca, &ca, ""));
-        let existing: Vec<PathBuf> = NAME_RESOLUTION_FILES
+        let mut existing: Vec<PathBuf> = NAME_RESOLUTION_FILES
             .iter()
             .map(PathBuf::from)
             .filter(|p| p.exists())
             .collect();
+        // The test binary is linked dynamically: the loader's cache is read by a new lclb.
+        if Path::new(LOADER_CACHE).exists() {
+            existing.push(PathBuf::from(LOADER_CACHE));
+        }
         assert_eq!(c.files(), existing);
+    }
+
+    #[test]
+    fn the_folders_of_the_binary_and_its_libraries_may_be_run() {
+        let dir = temp("exec");
+        let ca = dir.join("conf/ca.crt");
+        write(&ca);
+        let c = rules(&config_naming(&dir, &ca, &ca, &ca, ""));
+        let exe = std::env::current_exe().unwrap().canonicalize().unwrap();
+        assert!(
+            c.exec_folders().iter().any(|f| exe.starts_with(f)),
+            "{:?} lacks the folder of {}",
+            c.exec_folders(),
+            exe.display()
+        );
+        let libc = mapped_executables()
+            .into_iter()
+            .find(|f| f.to_string_lossy().contains("libc.so"))
+            .expect("the test binary is linked against libc");
+        assert!(c.exec_folders().iter().any(|f| libc.starts_with(f)));
+        assert!(c.exec_folders().iter().all(|f| f != Path::new("/")));
     }
 
     #[test]

@@ -40,7 +40,9 @@
 //! `upstream` (TLS toward upstreams), `stats` (counters and the refusal reasons), `threads` (the thread budget),
 //! `pool` (reused threads), `buffers` (read buffers lent while data flows), `confine` (the
 //! Landlock rules the server confines itself with), `tickets` (TLS session tickets sealed with
-//! keys shared by several instances). Modules are private;
+//! keys shared by several instances), `sockets` (binding with SO_REUSEPORT, inherited listening
+//! sockets), `systemd` (sd_notify), `upgrade` (handing the listening sockets to a new process).
+//! Modules are private;
 //! the interface is re-exported here, and `cargo doc --document-private-items` shows each
 //! module's own documentation.
 //!
@@ -53,6 +55,10 @@
 // The configuration model is a namespace of its own (its many constants and section types);
 // every other module is private, and what it offers the outside is re-exported below.
 pub mod config;
+// Process-level operations the binary calls by name (`lclb::systemd::ready`,
+// `lclb::upgrade::request`): namespaces too, rather than a dozen renamed re-exports.
+pub mod systemd;
+pub mod upgrade;
 
 mod access;
 mod admission;
@@ -73,6 +79,7 @@ mod ratelimit;
 mod refusal_log;
 mod server;
 mod sessions;
+mod sockets;
 mod stats;
 mod table;
 mod threads;
@@ -103,6 +110,7 @@ pub use proxy::{
 pub use ratelimit::{Clock, RateLimiter, SystemClock};
 pub use server::{BoundServer, Loaded, Runtime, Server, Shared, ShutdownHandle, StartError};
 pub use sessions::{Registration, SessionInfo, Sessions};
+pub use sockets::{inherited, log_inherited, InheritError, Inherited, Passer, ACCEPT_POLL};
 pub use stats::{ClientRefusals, ClientRefused, HandshakeHistogram, Refusal, Stats, UpstreamStats};
 pub use table::{
     ConnGuard, Flip, StateChange, Target, Upstream, UpstreamId, UpstreamTable, UpstreamView,

@@ -16,6 +16,7 @@ lclb: a least-connection TCP load balancer with mutual TLS
 Usage: lclb [--config PATH] [--check-config | --print-default-config]
        lclb explain [--config PATH] --cert CLIENT.pem [--chain INTERMEDIATES.pem] [--json]
        lclb status [--config PATH | --url URL] [--healthz]
+       lclb upgrade --pid PID [--config PATH] [--binary PATH] [--timeout DURATION]
 
 Options:
   -c, --config PATH         config file (default: lclb.toml); relative paths inside it
@@ -41,6 +42,12 @@ lclb.toml by default; without that file, http://127.0.0.1:9100). --healthz asks
 /healthz instead: exit 0 if lclb accepts connections, 1 if it is draining or
 cannot be reached (for a container HEALTHCHECK). Exit 2 on a usage or config
 error.
+
+upgrade: asks the running lclb PID to start BINARY (default: this lclb's own binary)
+with --config (default lclb.toml) on its listening sockets; once the new process
+is ready, the old one stops accepting, drains and exits 0. Prints the new PID. If
+the new process is not ready within --timeout (default 30s), it is stopped and
+the old one keeps serving: exit 1. scripts/upgrade.sh wraps it.
 
 Signals: SIGHUP reloads the config (a bad one is refused and the old one kept; with
 [reload] watch = true, file changes reload too);
@@ -69,8 +76,48 @@ enum Command {
         source: StatusSource,
         healthz: bool,
     },
+    Upgrade {
+        pid: u32,
+        config: PathBuf,
+        binary: Option<PathBuf>,
+        timeout: std::time::Duration,
+    },
     Help,
     Version,
+}
+
+fn parse_upgrade(args: impl Iterator<Item = String>) -> Result<Command, String> {
+    let mut config = PathBuf::from(lclb::config::DEFAULT_CONFIG_PATH);
+    let (mut pid, mut binary, mut timeout) = (None, None, lclb::upgrade::DEFAULT_READY_TIMEOUT);
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        let mut value = |what: &str| args.next().ok_or_else(|| format!("{arg} needs {what}"));
+        match arg.as_str() {
+            "--pid" => {
+                let v = value("the pid of the running lclb")?;
+                pid = Some(v.parse().map_err(|_| format!("--pid {v:?} is not a pid"))?);
+            }
+            "-c" | "--config" => config = PathBuf::from(value("a file path")?),
+            "--binary" => binary = Some(PathBuf::from(value("the new lclb binary")?)),
+            "--timeout" => {
+                let v = value("a duration such as 30s")?;
+                timeout =
+                    humantime::parse_duration(&v).map_err(|e| format!("--timeout {v:?}: {e}"))?;
+            }
+            other => {
+                return Err(format!(
+                    "upgrade: unknown argument {other:?} (see lclb --help)"
+                ))
+            }
+        }
+    }
+    let pid = pid.ok_or("upgrade needs --pid PID (see lclb --help)")?;
+    Ok(Command::Upgrade {
+        pid,
+        config,
+        binary,
+        timeout,
+    })
 }
 
 /// Where `lclb status` finds the running lclb.
@@ -160,6 +207,10 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, String>
             args.next();
             return parse_status(args);
         }
+        Some("upgrade") => {
+            args.next();
+            return parse_upgrade(args);
+        }
         _ => {}
     }
     while let Some(arg) = args.next() {
@@ -203,10 +254,27 @@ fn run(command: Command) -> Result<ExitCode, Box<dyn std::error::Error>> {
             json,
         } => return Ok(explain(&config, &cert, chain.as_deref(), json)),
         Command::Status { source, healthz } => return Ok(status::run(&source, healthz)),
+        Command::Upgrade {
+            pid,
+            config,
+            binary,
+            timeout,
+        } => {
+            let binary = match binary {
+                Some(b) => b,
+                None => std::env::current_exe()?,
+            };
+            let new = lclb::upgrade::request(pid, &binary, &config, timeout)
+                .map_err(|why| format!("upgrade of process {pid}: {why}; it keeps serving"))?;
+            println!("{new}");
+        }
         Command::Check { config } => {
             let loaded = Config::load(&config)?;
             lclb::TlsContext::load(&loaded.tls)?;
             lclb::GroupTls::load(&loaded)?;
+            if let Some(cluster) = &loaded.cluster {
+                lclb::Cluster::check(cluster)?;
+            }
             for warning in loaded.shadowed_clients() {
                 eprintln!("lclb: warning: {warning}");
             }
@@ -218,18 +286,38 @@ fn run(command: Command) -> Result<ExitCode, Box<dyn std::error::Error>> {
             );
         }
         Command::Run { config } => {
+            // Before any thread: it unsets the LISTEN_* variables.
+            let inherited = lclb::inherited()?;
             let loaded = Config::load(&config)?;
             raise_fd_limit(loaded.limits.max_connections);
             let metrics_addr = loaded.metrics_listen;
+            let reuse_port = loaded.reuse_port;
             let confinement = loaded
                 .security
                 .landlock
                 .then(|| lclb::Confinement::for_config(&config, &loaded));
-            let server = Server::bind_unstarted(loaded)?;
-            let metrics = metrics_addr.map(MetricsServer::bind).transpose()?;
+            let (server, metrics_socket) = match inherited {
+                Some(passed) => {
+                    lclb::log_inherited(passed.from, "listen", &passed.listen, Some(loaded.listen));
+                    if let Some(m) = &passed.metrics {
+                        lclb::log_inherited(passed.from, "metrics_listen", m, metrics_addr);
+                    }
+                    (
+                        Server::unstarted_with_listener(loaded, passed.listen)?,
+                        passed.metrics,
+                    )
+                }
+                None => (Server::bind_unstarted(loaded)?, None),
+            };
+            let metrics = match (metrics_socket, metrics_addr) {
+                (Some(socket), _) => Some(lclb::MetricsListener::inherited(socket)?),
+                (None, Some(addr)) => Some(MetricsServer::bind(addr, reuse_port)?),
+                (None, None) => None,
+            };
             // Landlock confines the calling thread and the threads it starts afterwards, never
             // those already running: so here, with every file read and every socket bound, and
-            // before the first thread (health, expiry, metrics, watcher, signals) starts.
+            // before the first thread (health, expiry, cluster, metrics, watcher, signals,
+            // upgrade control) starts.
             match confinement {
                 Some(confinement) => drop(confinement.apply()?),
                 None => {
@@ -237,14 +325,30 @@ fn run(command: Command) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 }
             }
             let server = server.start()?;
-            let _metrics = match metrics {
+            let metrics = match metrics {
                 Some(listener) => Some(listener.serve(server.shared())?),
                 None => None,
             };
+            let metrics = std::sync::Arc::new(parking_lot::Mutex::new(metrics));
             // Every reload runs on the watch thread, so two never interleave.
             let watcher = lclb::Watcher::spawn(server.shared(), config)?;
             handle_signals(&server, watcher.requests())?;
+            let handover = lclb::upgrade::Handover {
+                shared: server.shared(),
+                listener: server.listener(),
+                metrics: metrics.clone(),
+                shutdown: server.shutdown_handle(),
+            };
+            if let Err(e) = lclb::upgrade::listen(handover) {
+                log::warn!("upgrades unavailable: cannot open the control socket: {e}");
+            }
+            // A process an upgrade started is not yet the service's main process: the old
+            // one hands that over (MAINPID=) once told this one is ready.
+            if !lclb::upgrade::report_ready() {
+                lclb::systemd::ready(&format!("serving on {}", server.local_addr()));
+            }
             server.run();
+            drop(metrics);
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -287,6 +391,7 @@ fn handle_signals(server: &Server, reloads: lclb::ReloadRequests) -> std::io::Re
                     }
                     _ => {
                         stopping = true;
+                        lclb::systemd::stopping();
                         shutdown.shutdown();
                     }
                 }
@@ -405,11 +510,11 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
 mod status {
     use std::io::{self, Read, Write};
     use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+    use std::path::Path;
     use std::process::ExitCode;
     use std::time::{Duration, Instant};
 
     use super::StatusSource;
-    use lclb::Config;
 
     /// Where lclb is asked when neither `--url` nor a config says: the address the default
     /// config's comment suggests for `metrics_listen`.
@@ -476,8 +581,7 @@ mod status {
                 if !explicit && !path.exists() {
                     return parse_url(DEFAULT_URL);
                 }
-                let config = Config::load(path).map_err(|e| e.to_string())?;
-                let Some(addr) = config.metrics_listen else {
+                let Some(addr) = metrics_listen_of(path)? else {
                     return Err(format!(
                         "{} sets no metrics_listen, so lclb serves no /status; set it, or pass \
                          --url",
@@ -493,6 +597,31 @@ mod status {
                 }
                 parse_url(&format!("http://{}", reachable(addr)))
             }
+        }
+    }
+
+    /// The `metrics_listen` of the config file at `path`, read without validating the rest of
+    /// it: the running lclb validated the file when it loaded it, and a health check must not
+    /// fail because something else in it does not hold right now, such as an upstream name
+    /// that does not resolve (in compose, a stopped upstream's name goes away with it).
+    fn metrics_listen_of(path: &Path) -> Result<Option<SocketAddr>, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let table: toml::Table = text
+            .parse()
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let bad = |why: String| format!("{}: config key `metrics_listen`: {why}", path.display());
+        match table.get("metrics_listen") {
+            None => Ok(None),
+            Some(toml::Value::String(text)) => text.parse().map(Some).map_err(|_| {
+                bad(format!(
+                    "{text:?} is not an IP address and port, such as \"127.0.0.1:9100\""
+                ))
+            }),
+            Some(other) => Err(bad(format!(
+                "expected a string such as \"127.0.0.1:9100\", found {}",
+                other.type_str()
+            ))),
         }
     }
 
@@ -686,6 +815,45 @@ mod tests {
     }
 
     #[test]
+    fn upgrade_takes_a_pid_a_config_a_binary_and_a_timeout() {
+        assert_eq!(
+            parse(&["upgrade", "--pid", "42"]),
+            Ok(Command::Upgrade {
+                pid: 42,
+                config: "lclb.toml".into(),
+                binary: None,
+                timeout: lclb::upgrade::DEFAULT_READY_TIMEOUT,
+            })
+        );
+        assert_eq!(
+            parse(&[
+                "upgrade",
+                "-c",
+                "x.toml",
+                "--binary",
+                "/b",
+                "--timeout",
+                "5s",
+                "--pid",
+                "7"
+            ]),
+            Ok(Command::Upgrade {
+                pid: 7,
+                config: "x.toml".into(),
+                binary: Some("/b".into()),
+                timeout: std::time::Duration::from_secs(5),
+            })
+        );
+        assert!(parse(&["upgrade"]).unwrap_err().contains("needs --pid"));
+        assert!(parse(&["upgrade", "--pid", "x"])
+            .unwrap_err()
+            .contains("not a pid"));
+        assert!(parse(&["upgrade", "--pid", "1", "--timeout", "soon"])
+            .unwrap_err()
+            .contains("--timeout"));
+    }
+
+    #[test]
     fn a_missing_value_or_unknown_flag_is_an_error() {
         assert!(parse(&["--config"])
             .unwrap_err()
@@ -800,6 +968,49 @@ mod tests {
             "http://127.0.0.1:9111",
             "an unspecified address is reached on loopback"
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn status_reads_only_metrics_listen_from_the_config() {
+        let dir = std::env::temp_dir().join(format!("lclb-status-only-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("lclb.toml");
+        let source = StatusSource::Config {
+            path: path.clone(),
+            explicit: true,
+        };
+        // An upstream name that does not resolve and a key lclb would refuse: neither is the
+        // command's business.
+        std::fs::write(
+            &path,
+            "metrics_listen = \"127.0.0.1:9112\"\nno_such_key = 1\n[[upstream]]\nname = \"u\"\n\
+             address = \"no-such-upstream.invalid:9001\"\ngroup = \"g\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            status::target_of(&source).unwrap().url,
+            "http://127.0.0.1:9112"
+        );
+        for (value, says) in [
+            (
+                "\"localhost:9100\"",
+                "\"localhost:9100\" is not an IP address and port",
+            ),
+            (
+                "9100",
+                "expected a string such as \"127.0.0.1:9100\", found integer",
+            ),
+        ] {
+            std::fs::write(&path, format!("metrics_listen = {value}\n")).unwrap();
+            let e = status::target_of(&source).unwrap_err();
+            assert!(e.contains("config key `metrics_listen`: "), "{e}");
+            assert!(e.contains(says), "{e}");
+            assert!(e.contains("lclb.toml"), "{e}");
+        }
+        std::fs::write(&path, "metrics_listen = \n").unwrap();
+        let e = status::target_of(&source).unwrap_err();
+        assert!(e.starts_with(&format!("{}: ", path.display())), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -22,7 +22,7 @@ use std::fmt::Write as _;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -335,13 +335,14 @@ fn certificates<'a>(
 #[derive(Debug)]
 pub struct MetricsServer {
     addr: SocketAddr,
+    listener: Weak<TcpListener>,
     stopping: Arc<AtomicBool>,
     slots: Arc<Slots>,
     thread: Option<JoinHandle<()>>,
 }
 
-/// A bound metrics listener that serves nothing yet: [`MetricsListener::serve`] starts its
-/// thread. Lets the binary bind every socket before it confines itself (`confine`).
+/// A bound (or inherited) metrics listener that serves nothing yet: [`MetricsListener::serve`]
+/// starts its thread. Lets the binary open every socket before it confines itself (`confine`).
 #[derive(Debug)]
 pub struct MetricsListener {
     listener: TcpListener,
@@ -349,10 +350,22 @@ pub struct MetricsListener {
 }
 
 impl MetricsListener {
+    /// A listener already open (inherited: socket activation, upgrade).
+    pub fn inherited(listener: TcpListener) -> Result<MetricsListener, StartError> {
+        let addr = listener.local_addr().map_err(|source| StartError::Bind {
+            key: "metrics_listen",
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            source,
+        })?;
+        Ok(MetricsListener { listener, addr })
+    }
+
     /// Serves `shared`'s metrics: an accept thread, and a thread per request for at most
     /// [`MAX_IN_FLIGHT`] requests at once.
     pub fn serve(self, shared: Arc<Shared>) -> Result<MetricsServer, StartError> {
         let MetricsListener { listener, addr } = self;
+        let listener = Arc::new(listener);
+        let handle = Arc::downgrade(&listener);
         let stopping = Arc::new(AtomicBool::new(false));
         let slots = Arc::new(Slots::default());
         let (flag, table) = (stopping.clone(), slots.clone());
@@ -363,6 +376,7 @@ impl MetricsListener {
         log::info!("metrics on http://{addr}/metrics, status on /status and /healthz");
         Ok(MetricsServer {
             addr,
+            listener: handle,
             stopping,
             slots,
             thread: Some(thread),
@@ -372,19 +386,30 @@ impl MetricsListener {
 
 impl MetricsServer {
     /// Binds `addr` and serves `shared`'s metrics on it ([`MetricsServer::bind`], then
-    /// [`MetricsListener::serve`]).
+    /// [`MetricsListener::serve`]). With `reuse_port` in the running config, the socket gets
+    /// SO_REUSEPORT.
     pub fn spawn(addr: SocketAddr, shared: Arc<Shared>) -> Result<MetricsServer, StartError> {
-        MetricsServer::bind(addr)?.serve(shared)
+        let reuse_port = shared.runtime().config.reuse_port;
+        MetricsServer::bind(addr, reuse_port)?.serve(shared)
     }
 
-    /// Binds `addr`, starting no thread.
-    pub fn bind(addr: SocketAddr) -> Result<MetricsListener, StartError> {
+    /// [`MetricsServer::spawn`] on a listener already open (inherited: socket activation,
+    /// upgrade).
+    pub fn with_listener(
+        listener: TcpListener,
+        shared: Arc<Shared>,
+    ) -> Result<MetricsServer, StartError> {
+        MetricsListener::inherited(listener)?.serve(shared)
+    }
+
+    /// Binds `addr` (with SO_REUSEPORT when `reuse_port`), starting no thread.
+    pub fn bind(addr: SocketAddr, reuse_port: bool) -> Result<MetricsListener, StartError> {
         let bind_error = |source| StartError::Bind {
             key: "metrics_listen",
             addr,
             source,
         };
-        let listener = TcpListener::bind(addr).map_err(bind_error)?;
+        let listener = crate::sockets::bind(addr, reuse_port).map_err(bind_error)?;
         let addr = listener.local_addr().map_err(bind_error)?;
         Ok(MetricsListener { listener, addr })
     }
@@ -392,6 +417,12 @@ impl MetricsServer {
     /// The address actually bound.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The listening socket while the server accepts on it, for handing it to a new process
+    /// ([`crate::upgrade`]).
+    pub fn listener(&self) -> Weak<TcpListener> {
+        self.listener.clone()
     }
 
     /// Stops accepting, waits for the accept thread and cuts requests still sending their
@@ -426,6 +457,7 @@ fn accept_loop(
         }
         let conn = match accepted {
             Ok((conn, _)) => conn,
+            Err(e) if crate::sockets::is_poll_timeout(&e) => continue,
             Err(e) => {
                 log::debug!("metrics: accept failed: {e}");
                 std::thread::sleep(ACCEPT_BACKOFF);

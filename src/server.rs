@@ -16,14 +16,17 @@
 //! touches those in flight. Stopping: [`ShutdownHandle::shutdown`] sets a flag and connects to
 //! the listener to wake the blocked `accept`; the accept loop then closes the listener (new
 //! connects are refused), waits up to `limits.drain_timeout` for connections in flight, closes
-//! what is left, stops the health thread and returns.
+//! what is left, stops the health thread and returns. An upgrade stops it quietly
+//! ([`ShutdownHandle::shutdown_quietly`]): the new process accepts on the same socket, so
+//! there is no wake-up connection (the other process might take it), `accept` returns within
+//! its poll timeout, and closing this process's handle on the socket refuses nothing.
 
 use std::fmt;
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::{Mutex, RwLock};
@@ -41,7 +44,9 @@ use crate::health::{HealthChecker, ProbeSettings, TcpProbe};
 use crate::pool::ThreadPool;
 use crate::proxy::{self, ProxyFacts};
 use crate::refusal_log;
+use crate::sockets;
 use crate::stats::Stats;
+use crate::systemd;
 use crate::threads;
 use crate::tls::{self, SessionCache, TlsContext};
 use crate::upstream::GroupTls;
@@ -255,6 +260,7 @@ impl Shared {
         // leave the table of one config beside the authorization of the other.
         let result = {
             let _one = self.reloading.lock();
+            systemd::reloading();
             let result = self.try_reload(path);
             match &result {
                 Ok(_) => {
@@ -264,9 +270,11 @@ impl Shared {
                     loaded.at = SystemTime::now();
                     drop(loaded);
                     log::info!("config reloaded from {}", path.display());
+                    systemd::reloaded("serving; config reloaded");
                 }
                 Err(e) => {
                     self.stats.reloads_failed.fetch_add(1, Ordering::Relaxed);
+                    systemd::reloaded("serving; the last reload failed, running config kept");
                     // One line, so that a log shipper keeps the error whole: toml's message
                     // runs over several (the file's line under its position).
                     let e = e.to_string();
@@ -312,8 +320,7 @@ impl Shared {
             self.admission.cluster(),
             config.cluster.as_ref(),
             &self.stats,
-        )
-        .map_err(StartError::Thread)?;
+        )?;
         if config.listen != old.config.listen {
             log::warn!(
                 "reload: `listen` changed to {}; it takes effect only after a restart",
@@ -360,16 +367,21 @@ fn warn_shadowed(config: &Config) {
 /// A bound, not yet running, balancer server.
 #[derive(Debug)]
 pub struct Server {
-    listener: TcpListener,
+    /// Shared only with [`Server::listener`]'s weak handles, so dropping it closes the socket.
+    listener: Arc<TcpListener>,
     local_addr: SocketAddr,
     shared: Arc<Shared>,
     stopping: Arc<AtomicBool>,
+    /// Set with `stopping` by [`ShutdownHandle::shutdown_quietly`]: no wake-up connection
+    /// comes, so every connection accepted is a client's.
+    quietly: Arc<AtomicBool>,
 }
 
 /// Stops a running [`Server`] from another thread.
 #[derive(Debug, Clone)]
 pub struct ShutdownHandle {
     stopping: Arc<AtomicBool>,
+    quietly: Arc<AtomicBool>,
     wake: SocketAddr,
 }
 
@@ -377,8 +389,16 @@ impl ShutdownHandle {
     /// Asks the server to stop accepting and drain. Returns at once.
     pub fn shutdown(&self) {
         self.stopping.store(true, Ordering::SeqCst);
-        // accept() has no timeout; a connection to ourselves is what wakes it.
+        // accept() waits up to sockets::ACCEPT_POLL; a connection to ourselves wakes it now.
         let _ = TcpStream::connect_timeout(&self.wake, Duration::from_secs(1));
+    }
+
+    /// Asks the server to stop accepting and drain, without the wake-up connection: the accept
+    /// loop notices within [`crate::ACCEPT_POLL`]. For a listener another process shares (an
+    /// upgrade), which could take the wake-up connection itself.
+    pub fn shutdown_quietly(&self) {
+        self.quietly.store(true, Ordering::SeqCst);
+        self.stopping.store(true, Ordering::SeqCst);
     }
 }
 
@@ -404,7 +424,8 @@ impl BoundServer {
         self.0.local_addr
     }
 
-    /// Starts the health checker and the certificate expiry thread: the server can then run.
+    /// Starts the health checker, the certificate expiry thread and the `[cluster]` lease
+    /// thread: the server can then run.
     pub fn start(self) -> Result<Server, StartError> {
         let shared = &self.0.shared;
         shared
@@ -413,6 +434,10 @@ impl BoundServer {
         let sessions = shared.balancer.sessions();
         sessions.set_close_at_expiry(shared.runtime().config.tls.close_at_cert_expiry);
         sessions.start_expiry().map_err(StartError::Thread)?;
+        // After the Landlock confinement, like every thread.
+        if let Some(cluster) = shared.admission.cluster() {
+            cluster.start_thread()?;
+        }
         Ok(self.0)
     }
 }
@@ -423,16 +448,39 @@ impl Server {
         Server::bind_unstarted(config)?.start()
     }
 
+    /// [`Server::bind`], but serving on `listener` (inherited: socket activation, upgrade)
+    /// instead of binding `listen`.
+    pub fn with_listener(config: Config, listener: TcpListener) -> Result<Server, StartError> {
+        Server::unstarted(config, Some(listener))?.start()
+    }
+
     /// Loads the TLS files and binds the listen address, starting no thread.
     pub fn bind_unstarted(config: Config) -> Result<BoundServer, StartError> {
+        Server::unstarted(config, None)
+    }
+
+    /// [`Server::bind_unstarted`] on a listener already open (inherited).
+    pub fn unstarted_with_listener(
+        config: Config,
+        listener: TcpListener,
+    ) -> Result<BoundServer, StartError> {
+        Server::unstarted(config, Some(listener))
+    }
+
+    fn unstarted(config: Config, listener: Option<TcpListener>) -> Result<BoundServer, StartError> {
         let tls_sessions = SessionCache::default();
         let tls = TlsContext::load_with(&config.tls, &tls_sessions)?;
         let upstreams = Balancer::upstreams_from_config(&config, &GroupTls::load(&config)?);
-        let listener = TcpListener::bind(config.listen).map_err(|source| StartError::Bind {
-            key: "listen",
-            addr: config.listen,
-            source,
-        })?;
+        let listener = match listener {
+            Some(listener) => listener,
+            None => sockets::bind(config.listen, config.reuse_port).map_err(|source| {
+                StartError::Bind {
+                    key: "listen",
+                    addr: config.listen,
+                    source,
+                }
+            })?,
+        };
         let local_addr = listener.local_addr().map_err(|source| StartError::Bind {
             key: "listen",
             addr: config.listen,
@@ -446,10 +494,7 @@ impl Server {
         let runtime = Runtime::new(config, tls, authz);
         let stats = Arc::new(Stats::default());
         let admission = Admission::new(stats.clone());
-        admission.set_cluster(
-            Cluster::replace(None, runtime.config.cluster.as_ref(), &stats)
-                .map_err(StartError::Thread)?,
-        );
+        admission.set_cluster(Cluster::unstarted(runtime.config.cluster.as_ref(), &stats)?);
         // Read once: the limits on threads are the process's, not the config's, so a reload
         // keeps the cap (see crate::threads).
         admission.set_thread_cap(threads::startup_cap(runtime.config.limits.max_connections));
@@ -476,10 +521,11 @@ impl Server {
             stopping: stopping.clone(),
         });
         Ok(BoundServer(Server {
-            listener,
+            listener: Arc::new(listener),
             local_addr,
             shared,
             stopping,
+            quietly: Arc::default(),
         }))
     }
 
@@ -494,10 +540,17 @@ impl Server {
         self.shared.clone()
     }
 
+    /// The listening socket while the server accepts on it, for handing it to a new process
+    /// ([`crate::upgrade`]); it no longer upgrades once the server has stopped accepting.
+    pub fn listener(&self) -> Weak<TcpListener> {
+        Arc::downgrade(&self.listener)
+    }
+
     /// A handle that stops this server from another thread.
     pub fn shutdown_handle(&self) -> ShutdownHandle {
         ShutdownHandle {
             stopping: self.stopping.clone(),
+            quietly: self.quietly.clone(),
             wake: wake_address(self.local_addr),
         }
     }
@@ -518,12 +571,17 @@ impl Server {
         while !self.stopping.load(Ordering::SeqCst) {
             match self.listener.accept() {
                 Ok((sock, peer)) => {
-                    if self.stopping.load(Ordering::SeqCst) {
+                    // Stopping, this is the wake-up connection, unless the stop was quiet: then
+                    // it is a client's, served like the others while the drain runs.
+                    if self.stopping.load(Ordering::SeqCst) && !self.quietly.load(Ordering::SeqCst)
+                    {
                         break;
                     }
+                    let _ = sockets::accepted(&sock);
                     admit(&self.shared, sock, peer, next_id);
                     next_id += 1;
                 }
+                Err(e) if sockets::is_poll_timeout(&e) => {}
                 Err(e) => accept_failed(&e),
             }
         }

@@ -179,6 +179,14 @@ pub(crate) fn named_files(config: &Config) -> Vec<PathBuf> {
             files.push(key.clone());
         }
     }
+    // Read at start-up and reload too: a rotated Redis CA is picked up like any other.
+    if let Some(cluster) = &config.cluster {
+        files.extend(cluster.ca_cert.iter().cloned());
+        if let Some((cert, key)) = &cluster.client_cert {
+            files.push(cert.clone());
+            files.push(key.clone());
+        }
+    }
     files
 }
 
@@ -706,6 +714,11 @@ mod tests {
             name = "u"
             address = "127.0.0.1:1"
             group = "web"
+            [cluster]
+            redis = "rediss://redis.example:6380/0"
+            ca_cert = "redis-ca.crt"
+            client_cert = "redis-me.crt"
+            client_key = "redis-me.key"
         "#;
         let config = Config::parse(text, Path::new("/etc/lclb")).unwrap();
         let names: Vec<_> = named_files(&config)
@@ -723,7 +736,10 @@ mod tests {
                 "p.crl",
                 "up-ca.crt",
                 "me.crt",
-                "me.key"
+                "me.key",
+                "redis-ca.crt",
+                "redis-me.crt",
+                "redis-me.key"
             ]
         );
     }

@@ -82,6 +82,7 @@ pub fn server_from_files(cert: &str, key: &str, ca: &str) -> Result<Arc<ServerCo
         crl_stale: lclb::config::CrlStale::default(),
         truncation: lclb::config::Truncation::default(),
         extra_cas: Vec::new(),
+        ticket_keys: None,
         enforce_on_reload: true,
         close_at_cert_expiry: true,
     };

@@ -24,11 +24,13 @@
 //! The redis crate's own Sentinel type is not used: its blocking lookups connect without a
 //! timeout.
 //!
+//! With `rediss://`, the TLS files are read when the cluster is built (`tls.rs`), and a reload
+//! that finds them changed builds a new cluster as for any other change.
+//!
 //! This module owns the Redis client, its pool and its thread. What a refusal is, and the local
 //! buckets and counts, are admission's.
 
 use std::collections::{HashMap, HashSet};
-use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -41,8 +43,13 @@ use redis::{
 };
 
 use crate::admission::Refused;
-use crate::config::{redacted, ClientLimits, ClusterConfig, OnError};
+use crate::config::{redacted, ClientLimits, ClusterConfig, ConfigError, OnError};
+use crate::server::StartError;
 use crate::stats::{Refusal, Stats};
+
+mod tls;
+
+use tls::RedisTls;
 
 /// Time between two probes of a Redis marked down.
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
@@ -72,6 +79,8 @@ pub struct Cluster {
     inner: Arc<Inner>,
     /// Lease removals for the thread; the thread ends when the last sender is gone.
     removals: Sender<LeaseKey>,
+    /// The thread's end of `removals` until [`Cluster::start_thread`] hands it over.
+    jobs: Mutex<Option<Receiver<LeaseKey>>>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -85,6 +94,8 @@ impl std::fmt::Debug for Cluster {
 
 struct Inner {
     config: ClusterConfig,
+    /// What the TLS files held when this cluster was built.
+    tls: RedisTls,
     /// Credentials, database and TLS of `redis`; its address too, without sentinels.
     base: ConnectionInfo,
     /// The master: `base` itself, or what the sentinels said last.
@@ -110,20 +121,23 @@ struct LeaseKey {
 }
 
 impl Cluster {
-    /// The cluster for `wanted`: `current` itself when its settings are the same (a reload
-    /// that left `[cluster]` alone), a new one otherwise, `None` without `[cluster]`. A new
-    /// one tries Redis once before it returns (bounded by `timeout` per call) and starts its
-    /// thread; the replaced one lives on until the leases it gave out have ended.
+    /// The cluster for `wanted`: `current` itself when its settings and the TLS files they
+    /// name are the same (a reload that left `[cluster]` alone), a new one otherwise, `None`
+    /// without `[cluster]`. The TLS files are read here, every time (a rotated CA keeps its
+    /// path); an unusable one is a [`StartError::Config`] naming its key and file. A new
+    /// cluster tries Redis once before it returns (bounded by `timeout` per call) and starts
+    /// its thread; the replaced one lives on until the leases it gave out have ended.
     pub fn replace(
         current: Option<Arc<Cluster>>,
         wanted: Option<&ClusterConfig>,
         stats: &Arc<Stats>,
-    ) -> io::Result<Option<Arc<Cluster>>> {
+    ) -> Result<Option<Arc<Cluster>>, StartError> {
         let Some(wanted) = wanted else {
             return Ok(None);
         };
+        let tls = RedisTls::load(wanted)?;
         if let Some(current) = current {
-            if current.inner.config == *wanted {
+            if current.inner.config == *wanted && current.inner.tls == tls {
                 return Ok(Some(current));
             }
             log::info!(
@@ -132,22 +146,70 @@ impl Cluster {
                 shown(wanted)
             );
         }
-        Cluster::start(wanted.clone(), Arc::clone(stats)).map(|c| Some(Arc::new(c)))
+        let cluster = Cluster::build(wanted.clone(), tls, Arc::clone(stats))?;
+        cluster.start_thread()?;
+        Ok(Some(Arc::new(cluster)))
     }
 
-    fn start(config: ClusterConfig, stats: Arc<Stats>) -> io::Result<Cluster> {
+    /// As [`Cluster::replace`] without a current cluster, but starting no thread: for start-up,
+    /// where the thread starts after the Landlock confinement, with [`Cluster::start_thread`].
+    pub fn unstarted(
+        wanted: Option<&ClusterConfig>,
+        stats: &Arc<Stats>,
+    ) -> Result<Option<Arc<Cluster>>, StartError> {
+        let Some(wanted) = wanted else {
+            return Ok(None);
+        };
+        let tls = RedisTls::load(wanted)?;
+        Cluster::build(wanted.clone(), tls, Arc::clone(stats)).map(|c| Some(Arc::new(c)))
+    }
+
+    /// Starts the lease thread (refreshes, removals, probes while Redis is down), once; later
+    /// calls do nothing.
+    pub fn start_thread(&self) -> Result<(), StartError> {
+        let Some(jobs) = self.jobs.lock().take() else {
+            return Ok(());
+        };
+        let inner = Arc::clone(&self.inner);
+        std::thread::Builder::new()
+            .name("lclb-cluster".into())
+            .spawn(move || lease_thread(&inner, &jobs))
+            .map_err(StartError::Thread)?;
+        Ok(())
+    }
+
+    /// Reads and checks the TLS files `config` names, as start-up does, without connecting:
+    /// for `--check-config`.
+    pub fn check(config: &ClusterConfig) -> Result<(), ConfigError> {
+        RedisTls::load(config).map(drop)
+    }
+
+    fn build(
+        config: ClusterConfig,
+        tls: RedisTls,
+        stats: Arc<Stats>,
+    ) -> Result<Cluster, StartError> {
+        let invalid = |e: RedisError| {
+            StartError::Config(ConfigError::Invalid {
+                key: "cluster.redis".into(),
+                message: format!("{} is not usable: {e}", shown(&config)),
+            })
+        };
         let base = match &config.redis {
-            Some(url) => url
-                .as_str()
-                .into_connection_info()
-                .map_err(|e| io::Error::other(format!("cluster.redis: {e}")))?,
+            // The TLS parameters travel in the connection info: to the master the sentinels
+            // name too.
+            Some(url) => tls
+                .client(url.as_str().into_connection_info().map_err(invalid)?)
+                .map_err(invalid)?
+                .get_connection_info()
+                .clone(),
             None => ConnectionInfo {
                 addr: ConnectionAddr::Tcp(String::new(), 0),
                 redis: Default::default(),
             },
         };
         let master = if config.sentinels.is_empty() {
-            Some(Client::open(base.clone()).map_err(io::Error::other)?)
+            Some(Client::open(base.clone()).map_err(invalid)?)
         } else {
             // Found by the first probe.
             None
@@ -157,6 +219,7 @@ impl Cluster {
             .unwrap_or_default()
             .as_nanos();
         let inner = Arc::new(Inner {
+            tls,
             base,
             master: Mutex::new(master),
             pool: Mutex::new(Vec::new()),
@@ -187,11 +250,11 @@ impl Cluster {
             }
         }
         let (removals, jobs) = crossbeam_channel::unbounded();
-        let thread_inner = Arc::clone(&inner);
-        std::thread::Builder::new()
-            .name("lclb-cluster".into())
-            .spawn(move || lease_thread(&thread_inner, &jobs))?;
-        Ok(Cluster { inner, removals })
+        Ok(Cluster {
+            inner,
+            removals,
+            jobs: Mutex::new(Some(jobs)),
+        })
     }
 
     /// Whether Redis answered the last call: the shared limits apply.
@@ -625,6 +688,8 @@ mod tests {
             lease_ttl: Duration::from_secs(1),
             sentinels: Vec::new(),
             sentinel_master: None,
+            ca_cert: None,
+            client_cert: None,
         }
     }
 

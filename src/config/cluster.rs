@@ -4,11 +4,12 @@
 //! [`cluster`] once.
 
 use std::fmt;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::values::{duration, invalid};
+use super::values::{duration, file, invalid};
 use super::ConfigError;
 
 /// Default `cluster.key_prefix`: every key lclb writes in Redis starts with it.
@@ -37,6 +38,9 @@ pub(super) struct RawCluster {
     lease_ttl: Option<String>,
     sentinels: Option<Vec<String>>,
     sentinel_master: Option<String>,
+    ca_cert: Option<PathBuf>,
+    client_cert: Option<PathBuf>,
+    client_key: Option<PathBuf>,
 }
 
 /// `cluster.on_error`: what admission does while Redis is down, slow or unreachable.
@@ -86,6 +90,14 @@ pub struct ClusterConfig {
     /// `sentinel_master`: the master's name as the sentinels know it; required with
     /// `sentinels`.
     pub sentinel_master: Option<String>,
+    /// `ca_cert`: PEM roots the Redis server's certificate must chain to (a private CA),
+    /// trusted instead of the bundled Mozilla roots; only with a `rediss://` URL. Default:
+    /// none (the bundled roots).
+    pub ca_cert: Option<PathBuf>,
+    /// `client_cert` and `client_key`: the certificate chain and key lclb presents to a Redis
+    /// that requires mutual TLS; both or neither, only with a `rediss://` URL. Default: none
+    /// (no client certificate is sent).
+    pub client_cert: Option<(PathBuf, PathBuf)>,
 }
 
 impl fmt::Debug for ClusterConfig {
@@ -99,6 +111,8 @@ impl fmt::Debug for ClusterConfig {
             .field("lease_ttl", &self.lease_ttl)
             .field("sentinels", &self.sentinels)
             .field("sentinel_master", &self.sentinel_master)
+            .field("ca_cert", &self.ca_cert)
+            .field("client_cert", &self.client_cert)
             .finish()
     }
 }
@@ -118,8 +132,11 @@ pub fn redacted(url: &str) -> String {
 }
 
 /// The `[cluster]` section: `None` when it is absent or names neither `redis` nor
-/// `sentinels` (limits stay local).
-pub(super) fn cluster(raw: Option<RawCluster>) -> Result<Option<ClusterConfig>, ConfigError> {
+/// `sentinels` (limits stay local). Relative paths are resolved against `base`.
+pub(super) fn cluster(
+    raw: Option<RawCluster>,
+    base: &Path,
+) -> Result<Option<ClusterConfig>, ConfigError> {
     let Some(raw) = raw else {
         return Ok(None);
     };
@@ -163,6 +180,41 @@ pub(super) fn cluster(raw: Option<RawCluster>) -> Result<Option<ClusterConfig>, 
     if let Some(url) = &raw.redis {
         check_url(url)?;
     }
+    let tls = raw
+        .redis
+        .as_deref()
+        .is_some_and(|url| url.starts_with("rediss://"));
+    let ca_cert = tls_file(tls, base, "ca_cert", raw.ca_cert, "name a PEM CA file")?;
+    let cert = tls_file(
+        tls,
+        base,
+        "client_cert",
+        raw.client_cert,
+        "name a PEM certificate file",
+    )?;
+    let key = tls_file(
+        tls,
+        base,
+        "client_key",
+        raw.client_key,
+        "name a PEM key file",
+    )?;
+    let client_cert = match (cert, key) {
+        (None, None) => None,
+        (Some(cert), Some(key)) => Some((cert, key)),
+        (Some(_), None) => {
+            return Err(invalid(
+                "cluster.client_key",
+                "is missing: client_cert needs the key it was issued for",
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(invalid(
+                "cluster.client_cert",
+                "is missing: client_key needs its certificate",
+            ));
+        }
+    };
     let sentinels = raw.sentinels.unwrap_or_default();
     for (i, s) in sentinels.iter().enumerate() {
         let port = s
@@ -204,7 +256,30 @@ pub(super) fn cluster(raw: Option<RawCluster>) -> Result<Option<ClusterConfig>, 
         lease_ttl,
         sentinels,
         sentinel_master: raw.sentinel_master,
+        ca_cert,
+        client_cert,
     }))
+}
+
+/// The TLS file key `cluster.NAME`, made absolute against `base`: only with a `rediss://` URL
+/// (`tls`).
+fn tls_file(
+    tls: bool,
+    base: &Path,
+    name: &str,
+    path: Option<PathBuf>,
+    fix: &str,
+) -> Result<Option<PathBuf>, ConfigError> {
+    let key = format!("cluster.{name}");
+    match path {
+        None => Ok(None),
+        Some(_) if !tls => Err(invalid(
+            key,
+            "is a TLS setting and needs cluster.redis to be a rediss:// URL; use rediss:// or \
+             drop it",
+        )),
+        Some(p) => file(base, &key, p, fix).map(Some),
+    }
 }
 
 /// A `redis://` or `rediss://` URL that the Redis client can use.
@@ -383,6 +458,63 @@ groups = ["web"]
         refused(
             "redis = \"redis://h\"\nkey_prefix = \"a b\"\n",
             "cluster.key_prefix",
+        );
+    }
+
+    #[test]
+    fn tls_files_are_made_absolute_against_the_config_folder() {
+        let c = parse(
+            "redis = \"rediss://redis.example:6380/0\"\nca_cert = \"redis/ca.crt\"\n\
+             client_cert = \"/srv/lclb-redis.crt\"\nclient_key = \"redis/lclb.key.pem\"\n",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            c.ca_cert.as_deref(),
+            Some(Path::new("/etc/lclb/redis/ca.crt"))
+        );
+        assert_eq!(
+            c.client_cert,
+            Some((
+                "/srv/lclb-redis.crt".into(),
+                "/etc/lclb/redis/lclb.key.pem".into()
+            ))
+        );
+        let plain = parse("redis = \"rediss://h\"\n").unwrap().unwrap();
+        assert_eq!((plain.ca_cert, plain.client_cert), (None, None));
+    }
+
+    #[test]
+    fn tls_files_without_a_rediss_url_are_refused_naming_the_key() {
+        for key in ["ca_cert", "client_cert", "client_key"] {
+            let e = refused(
+                &format!("redis = \"redis://h\"\n{key} = \"x.pem\"\n"),
+                &format!("cluster.{key}"),
+            );
+            assert!(e.contains("rediss://"), "{e}");
+        }
+        refused(
+            "sentinels = [\"h:26379\"]\nsentinel_master = \"m\"\nca_cert = \"ca.crt\"\n",
+            "cluster.ca_cert",
+        );
+        refused("ca_cert = \"ca.crt\"\n", "cluster.ca_cert");
+    }
+
+    #[test]
+    fn a_client_certificate_and_its_key_come_together() {
+        let e = refused(
+            "redis = \"rediss://h\"\nclient_cert = \"c.crt\"\n",
+            "cluster.client_key",
+        );
+        assert!(e.contains("is missing"), "{e}");
+        let e = refused(
+            "redis = \"rediss://h\"\nclient_key = \"c.key\"\n",
+            "cluster.client_cert",
+        );
+        assert!(e.contains("is missing"), "{e}");
+        refused(
+            "redis = \"rediss://h\"\nca_cert = \"\"\n",
+            "cluster.ca_cert",
         );
     }
 

@@ -83,6 +83,7 @@ listen = "0.0.0.0:9443"              # where clients connect
 # metrics_listen = "127.0.0.1:9100"  # Prometheus text at GET /metrics; off when unset
 log_format = "text"                  # or "json": one JSON object per line
 accept_proxy_from = []               # balancers in front ("10.0.0.0/8"): their connections start with a PROXY header
+reuse_port = false                   # SO_REUSEPORT on listen and metrics_listen: several lclb processes on one address
 
 [tls]
 ca_cert = "certs/ca/ca.crt"          # client certificates must chain to this CA (its name: "default") or a [[ca]]
@@ -158,6 +159,9 @@ weight = 1                           # relative capacity (least connections per 
 # lease_ttl = "10s"                  # a dead instance's leases outlive it this long; >= 6 x timeout
 # sentinels = ["10.0.0.5:26379"]     # ask these for the master instead of redis's host:port
 # sentinel_master = "mymaster"       # required with sentinels
+# ca_cert = "certs/redis-ca.crt"     # rediss:// only: trust these roots, not the bundled Mozilla ones
+# client_cert = "certs/redis-lb.crt" # rediss:// only: lclb's certificate, for Redis mTLS
+# client_key = "certs/redis-lb.key"  # its key; both or neither
 
 [[client]]                           # one per identity; tried in file order, the first match wins
 # name = "client1"                   # the identity in logs and limits; default: cn, else uri_san, else dns_san

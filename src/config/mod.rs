@@ -125,6 +125,10 @@ pub struct Config {
     /// The `[cluster]` section: per-client limits shared through Redis. Default `None`: each
     /// instance limits on its own.
     pub cluster: Option<ClusterConfig>,
+    /// `reuse_port`: set SO_REUSEPORT on `listen` and `metrics_listen` before binding, so that
+    /// several lclb processes (an old and a new one, say) can bind the same addresses and the
+    /// kernel spreads new connections over them. Read at start only. Default `false`.
+    pub reuse_port: bool,
 }
 
 /// One `[[group]]` entry: how lclb connects to the upstreams of one group.

@@ -16,6 +16,7 @@ pub(super) struct RawConfig {
     pub(super) metrics_listen: Option<String>,
     pub(super) log_format: Option<LogFormat>,
     pub(super) accept_proxy_from: Option<Vec<String>>,
+    pub(super) reuse_port: Option<bool>,
     #[serde(default)]
     pub(super) tls: RawTls,
     #[serde(default)]

@@ -41,7 +41,7 @@ pub(super) fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErro
         "accept_proxy_from",
         raw.accept_proxy_from.unwrap_or_default(),
     )?;
-    let cluster = super::cluster::cluster(raw.cluster)?;
+    let cluster = super::cluster::cluster(raw.cluster, base)?;
     Ok(Config {
         listen,
         metrics_listen,
@@ -59,6 +59,7 @@ pub(super) fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErro
         groups: group_entries,
         accept_proxy_from,
         cluster,
+        reuse_port: raw.reuse_port.unwrap_or(false),
     })
 }
 
