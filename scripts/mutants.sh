@@ -6,6 +6,7 @@
 #   scripts/mutants.sh                      # every module below, fastest first
 #   scripts/mutants.sh identity authz       # only these modules (make mutants MODULES="identity authz")
 #   MUTANTS_TIMEOUT=120 scripts/mutants.sh  # seconds one mutant's tests may take (default 60)
+#   ITERATE=1 scripts/mutants.sh table      # retest only what the last run of table did not catch
 #
 # Modules, in the order run (name: file, tests run for each mutant):
 #   identity:  src/identity.rs          cargo test --lib identity::
@@ -73,9 +74,11 @@ for m in "${modules[@]}"; do
   echo "== $m: ${FILE[$m]}, cargo test --lib ${FILTER[$m]}"
   # Exit status 2 (missed) and 3 (timeout) are read from the files below.
   status=0
+  # --cargo-arg=--lib: the build of each mutant is then the lib test binary alone, not the
+  # binary and every integration test (three times the build time, and none of them is run).
   nice cargo mutants --file "${FILE[$m]}" --output "$out" --baseline skip \
-    --timeout "$TIMEOUT" --jobs 1 --no-shuffle \
-    -- --lib "${FILTER[$m]}" || status=$?
+    --timeout "$TIMEOUT" --jobs 1 --no-shuffle --cargo-arg=--lib ${ITERATE:+--iterate} \
+    -- "${FILTER[$m]}" || status=$?
   case $status in 0 | 2 | 3) ;; *) die "cargo mutants failed on $m (exit $status)" ;; esac
   d="$out/mutants.out"
   line="$m: $(count "$d/caught.txt") caught, $(count "$d/missed.txt") missed, $(count "$d/unviable.txt") unviable, $(count "$d/timeout.txt") timeout"

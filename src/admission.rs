@@ -700,4 +700,74 @@ mod tests {
             "a name leaves with its last connection"
         );
     }
+
+    fn client_limits(burst: u32, max_concurrent: u32) -> ClientLimits {
+        ClientLimits {
+            rate: RateLimit { rate: 0.001, burst },
+            max_concurrent,
+        }
+    }
+
+    #[test]
+    fn without_a_cluster_the_client_gate_takes_a_local_token_then_a_slot() {
+        let (a, _) = admission();
+        let limits = client_limits(2, 0);
+        assert_eq!(a.tracked_clients(), 0);
+        assert_eq!(
+            a.tokens_left("c", limits.rate),
+            2.0,
+            "a new identity: a full bucket"
+        );
+        let first = a.client_gate("c", limits).unwrap();
+        assert!(first.1.is_none(), "no lease without [cluster]");
+        assert_eq!(a.tracked_clients(), 1);
+        let left = a.tokens_left("c", limits.rate);
+        assert!((0.99..1.01).contains(&left), "{left}");
+        let _second = a.client_gate("c", limits).unwrap();
+        let refused = a.client_gate("c", limits).unwrap_err();
+        assert_eq!(refused.reason, Refusal::RateLimited);
+        assert_eq!(refused.to_string(), "rate_limited: rate limit exceeded");
+        assert_eq!(a.open_connections("c"), 2);
+        let capped = client_limits(5, 1);
+        let _held = a.client_gate("d", capped).unwrap();
+        assert_eq!(
+            a.client_gate("d", capped).unwrap_err().reason,
+            Refusal::ConcurrencyLimited
+        );
+        assert_eq!(a.tracked_clients(), 2);
+    }
+
+    #[test]
+    fn a_full_per_address_table_admits_and_counts_the_untracked() {
+        let stats = Arc::new(Stats::default());
+        let mut admission = Admission::new(stats);
+        admission.ip_rate =
+            RateLimiter::with_max_keys(Box::new(crate::ratelimit::SystemClock::default()), 1);
+        let a = Arc::new(admission);
+        let limits = Limits {
+            per_ip_handshake_rate: 0.001,
+            per_ip_handshake_burst: 1,
+            ..Limits::default()
+        };
+        assert_eq!(a.ip_rate_untracked(), 0);
+        let _first = a.before_handshake(ip("10.0.0.1"), &limits).unwrap();
+        let _second = a.before_handshake(ip("10.0.0.2"), &limits).unwrap();
+        let _third = a.before_handshake(ip("10.0.0.3"), &limits).unwrap();
+        assert_eq!(a.ip_rate_untracked(), 2);
+    }
+
+    #[test]
+    fn debug_output_names_what_is_held() {
+        let (a, _) = admission();
+        a.set_thread_cap(7);
+        assert_eq!(format!("{a:?}"), "Admission { thread_cap: 7, .. }");
+        let limits = Limits {
+            per_ip_max_handshakes: 3,
+            ..Limits::default()
+        };
+        let h = a.before_handshake(ip("10.0.0.9"), &limits).unwrap();
+        assert!(format!("{h:?}").contains("IpSlot(10.0.0.9)"), "{h:?}");
+        let slot = a.take_client_slot("c1", 0).unwrap();
+        assert_eq!(format!("{slot:?}"), "ClientSlot(\"c1\")");
+    }
 }

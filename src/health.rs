@@ -371,6 +371,100 @@ mod tests {
     }
 
     #[test]
+    fn the_tcp_probe_reports_a_connect_that_gets_no_answer_as_timed_out() {
+        use socket2::{Domain, Socket, Type};
+        // A listener with a full backlog drops further SYNs: the connect gets no answer.
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        socket
+            .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .unwrap();
+        socket.listen(0).unwrap();
+        let listener: TcpListener = socket.into();
+        let addr = listener.local_addr().unwrap();
+        let _queued = std::net::TcpStream::connect(addr).unwrap();
+        let err = TcpProbe
+            .check(&[addr], None, None, Duration::from_millis(300))
+            .unwrap_err();
+        assert_eq!(err, "connect timed out after 300ms");
+    }
+
+    /// A probe that counts its calls and always succeeds.
+    struct Counting(std::sync::atomic::AtomicUsize);
+
+    impl Probe for Counting {
+        fn check(
+            &self,
+            _: &[SocketAddr],
+            _: Option<&TlsPeer>,
+            _: Option<&[u8]>,
+            _: Duration,
+        ) -> Result<(), String> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn new_settings_wake_the_prober_for_a_round_at_once() {
+        use std::sync::atomic::Ordering;
+        let hour = ProbeSettings {
+            interval: Duration::from_secs(3600),
+            timeout: Duration::from_secs(1),
+        };
+        let probe = Arc::new(Counting(Default::default()));
+        let mut checker =
+            HealthChecker::spawn(table(1), hour, probe.clone(), ignore_flips()).unwrap();
+        assert!(wait_for(|| probe.0.load(Ordering::SeqCst) == 1));
+        checker.set_settings(hour);
+        assert!(
+            wait_for(|| probe.0.load(Ordering::SeqCst) == 2),
+            "no second round without waiting an hour"
+        );
+        checker.stop();
+    }
+
+    #[test]
+    fn dropping_the_prober_ends_its_thread_before_drop_returns() {
+        let settings = ProbeSettings {
+            interval: Duration::from_secs(3600),
+            timeout: Duration::from_secs(1),
+        };
+        let probe = Arc::new(Counting(Default::default()));
+        let checker =
+            HealthChecker::spawn(table(1), settings, probe.clone(), ignore_flips()).unwrap();
+        assert!(wait_for(|| probe
+            .0
+            .load(std::sync::atomic::Ordering::SeqCst)
+            == 1));
+        drop(checker);
+        // The thread held the other reference; joined, it has let go of it.
+        assert_eq!(Arc::strong_count(&probe), 1);
+    }
+
+    #[test]
+    fn rounds_are_spaced_by_the_interval_give_or_take_a_tenth() {
+        let interval = Duration::from_secs(10);
+        let waits: Vec<Duration> = (0..200).map(|_| jitter(interval)).collect();
+        for w in &waits {
+            assert!(
+                (Duration::from_secs(9)..Duration::from_secs(11)).contains(w),
+                "{w:?}"
+            );
+        }
+        assert!(
+            waits.iter().any(|w| *w < interval),
+            "some rounds come early"
+        );
+        assert!(waits.iter().any(|w| *w > interval), "some come late");
+    }
+
+    #[test]
+    fn probes_send_the_proxy_v2_local_header() {
+        assert_eq!(local_header(), proxy::encode_v2_local().as_slice());
+        assert!(local_header().starts_with(b"\r\n\r\n\0\r\nQUIT\n"));
+    }
+
+    #[test]
     fn stopping_the_prober_does_not_wait_for_the_interval() {
         let settings = ProbeSettings {
             interval: Duration::from_secs(3600),

@@ -757,6 +757,64 @@ mod tests {
     }
 
     #[test]
+    fn the_ramp_is_linear_from_a_tenth_and_ends_at_the_full_weight() {
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let mut r = Record::new(Upstream {
+            weight: 2,
+            slow_start: Duration::from_secs(10),
+            ..Upstream::new("u0", addr)
+        });
+        let t0 = Instant::now();
+        r.up_since = Some(t0);
+        let at = |secs: u64| t0 + Duration::from_secs(secs);
+        assert!((r.slow_start_factor(t0) - 0.1).abs() < 1e-9);
+        assert!((r.slow_start_factor(at(5)) - 0.55).abs() < 1e-9);
+        assert_eq!(r.slow_start_factor(at(10)), 1.0, "the ramp has ended");
+        assert_eq!(r.slow_start_factor(at(20)), 1.0);
+        assert_eq!(r.effective_weight(t0), 200);
+        assert_eq!(r.effective_weight(at(5)), 1100);
+        assert_eq!(r.up_since, Some(t0), "still ramping");
+        assert_eq!(r.effective_weight(at(10)), 2000);
+        assert_eq!(r.up_since, None, "the ended ramp is forgotten");
+        assert_eq!(r.slow_start_factor(at(5)), 1.0);
+        assert_eq!(r.effective_weight(at(5)), 2000);
+    }
+
+    #[test]
+    fn a_down_upstream_has_no_ramp_running() {
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let t = UpstreamTable::new(vec![Upstream {
+            slow_start: Duration::from_secs(3600),
+            ..Upstream::new("u0", addr)
+        }]);
+        set_up(&t, UpstreamId(0), false);
+        assert_eq!(t.inner.lock().records[0].up_since, None);
+        assert_eq!(t.snapshot()[0].slow_start_factor, 1.0);
+    }
+
+    #[test]
+    fn totals_add_up_every_upstream() {
+        use std::sync::atomic::Ordering;
+        let t = table(&[1, 1]);
+        assert_eq!((t.total_active(), t.total_forwarded()), (0, 0));
+        let a = pick(&t, &[UpstreamId(0)], &[]);
+        let b = pick(&t, &[UpstreamId(1)], &[]);
+        let c = pick(&t, &[UpstreamId(1)], &[]);
+        assert_eq!(t.total_active(), 3);
+        for (i, n) in [(0, 2), (1, 5)] {
+            t.inner.lock().records[i]
+                .stats
+                .connections_total
+                .store(n, Ordering::Relaxed);
+        }
+        assert_eq!(t.total_forwarded(), 7);
+        drop((a, b));
+        assert_eq!(t.total_active(), 1);
+        drop(c);
+        assert_eq!(t.total_active(), 0);
+    }
+
+    #[test]
     fn an_unknown_upstream_is_ignored() {
         assert_eq!(table(&[1]).observe(UpstreamId(5), false, "x"), None);
     }

@@ -448,6 +448,43 @@ mod tests {
         assert!(wild.covers(&dns("a.svc.internal")));
         assert!(!wild.covers(&dns("a.b.svc.internal")));
         assert!(!dns("a.svc.internal").covers(&wild));
+        assert!(dns("a.internal").covers(&dns("a.internal")));
+        assert!(!dns("a.internal").covers(&dns("b.internal")));
+        assert!(wild.covers(&dns("*.svc.internal")));
+        assert!(!wild.covers(&dns("*.other.internal")));
+    }
+
+    #[test]
+    fn patterns_keep_their_text_as_written() {
+        let u = uri("SPIFFE://Prod.Example/ns/*/sa/x");
+        assert_eq!(u.as_str(), "SPIFFE://Prod.Example/ns/*/sa/x");
+        assert_eq!(u.to_string(), u.as_str());
+        let d = dns("*.Svc.Internal");
+        assert_eq!(d.as_str(), "*.Svc.Internal");
+        assert_eq!(d.to_string(), d.as_str());
+        let pin = KeyPin::parse(&format!("{}AB", "AB:".repeat(31))).unwrap();
+        assert_eq!(pin.to_string(), "ab".repeat(32));
+        assert_eq!(format!("{pin:?}"), format!("KeyPin({})", "ab".repeat(32)));
+    }
+
+    #[test]
+    fn given_lists_the_set_selectors_in_checking_order() {
+        assert!(Selectors::default().given().is_empty());
+        assert!(Selectors::default().is_empty());
+        let all = Selectors {
+            cn: Some("a".into()),
+            uri_san: Some(uri("spiffe://td/a")),
+            dns_san: Some(dns("a.internal")),
+            spki_sha256: Some(KeyPin::parse(&"ab".repeat(32)).unwrap()),
+        };
+        assert_eq!(all.given(), ["cn", "uri_san", "dns_san", "spki_sha256"]);
+        assert!(!all.is_empty());
+        let two = Selectors {
+            dns_san: Some(dns("a.internal")),
+            spki_sha256: Some(KeyPin::parse(&"ab".repeat(32)).unwrap()),
+            ..Selectors::default()
+        };
+        assert_eq!(two.given(), ["dns_san", "spki_sha256"]);
     }
 
     #[test]

@@ -237,6 +237,29 @@ fn a_per_ip_burst_without_a_per_ip_rate_is_refused_with_the_fix() {
 }
 
 #[test]
+fn a_per_ip_rate_must_be_a_finite_non_negative_number_and_takes_a_burst() {
+    for bad in ["-1.0", "-0.5", "nan", "inf"] {
+        let e = err(&format!(
+            "[limits]\nper_ip_handshake_rate = {bad}\n{MINIMAL}"
+        ));
+        assert!(e.contains("`limits.per_ip_handshake_rate`"), "{bad}: {e}");
+    }
+    let c = parse(&format!(
+        "[limits]\nper_ip_handshake_rate = 5\nper_ip_handshake_burst = 7\n{MINIMAL}"
+    ))
+    .unwrap();
+    assert_eq!(
+        (
+            c.limits.per_ip_handshake_rate,
+            c.limits.per_ip_handshake_burst
+        ),
+        (5.0, 7)
+    );
+    let c = parse(&format!("[limits]\nper_ip_handshake_rate = 5\n{MINIMAL}")).unwrap();
+    assert_eq!(c.limits.per_ip_handshake_burst, 10, "twice the rate");
+}
+
+#[test]
 fn an_empty_tls_path_is_refused_naming_the_key() {
     let e = err(&format!("[tls]\nca_cert = \"\"\n{MINIMAL}"));
     assert_eq!(
@@ -1139,6 +1162,20 @@ fn accept_proxy_from_takes_blocks_and_single_addresses() {
     .unwrap();
     let shown: Vec<String> = c.accept_proxy_from.iter().map(|b| b.to_string()).collect();
     assert_eq!(shown, ["10.0.0.0/8", "192.0.2.7/32", "2001:db8::/32"]);
+    let hosts = parse(&format!(
+        "accept_proxy_from = [\"2001:db8:ab:cd::1/40\", \"172.16.99.1/12\"]\n{MINIMAL}"
+    ))
+    .unwrap();
+    let shown: Vec<String> = hosts
+        .accept_proxy_from
+        .iter()
+        .map(|b| b.to_string())
+        .collect();
+    assert_eq!(
+        shown,
+        ["2001:db8::/40", "172.16.0.0/12"],
+        "host bits cleared"
+    );
     let has = |ip: &str| {
         c.accept_proxy_from
             .iter()
