@@ -33,46 +33,7 @@ use crate::stats::{Refusal, Stats};
 use crate::table::UpstreamId;
 use crate::tls::TlsContext;
 
-/// A refused connection: the reason (its counter and log word) and what exactly happened.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refused {
-    /// The reason.
-    pub reason: Refusal,
-    /// Words for the log line: which limit, which certificate problem.
-    pub detail: String,
-    /// The client's identity, when the refusal came after it was known.
-    pub client: Option<String>,
-}
-
-impl Refused {
-    /// A refusal for `reason`, described by `detail`.
-    pub fn new(reason: Refusal, detail: impl fmt::Display) -> Refused {
-        Refused {
-            reason,
-            detail: detail.to_string(),
-            client: None,
-        }
-    }
-
-    /// A handshake that failed or timed out (or could not start).
-    pub fn handshake(e: impl fmt::Display) -> Refused {
-        Refused::new(Refusal::Tls, e)
-    }
-
-    /// No thread could be had for the connection.
-    pub fn no_thread(e: impl fmt::Display) -> Refused {
-        Refused::new(
-            Refusal::Capacity,
-            format_args!("cannot start a thread: {e}"),
-        )
-    }
-
-    /// The same refusal, naming the client it refused.
-    pub fn of(mut self, client: &str) -> Refused {
-        self.client = Some(client.to_string());
-        self
-    }
-}
+pub use crate::stats::Refused;
 
 impl From<BalanceError> for Refused {
     fn from(e: BalanceError) -> Refused {
@@ -84,14 +45,6 @@ impl From<BalanceError> for Refused {
         Refused::new(reason, e)
     }
 }
-
-impl fmt::Display for Refused {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.reason, self.detail)
-    }
-}
-
-impl std::error::Error for Refused {}
 
 /// The key a source address is counted under: itself for IPv4 (IPv4-mapped IPv6 included), its
 /// first `v6_prefix` bits for IPv6.

@@ -106,7 +106,7 @@ impl Confinement {
     /// beneath another, sorted) and the single files (name resolution, those that exist).
     pub fn for_config(config_path: &Path, config: &Config) -> Confinement {
         let mut named = vec![config_path.to_path_buf()];
-        named.extend(crate::watch::named_files(config));
+        named.extend(crate::config::named_files(config));
         let mut folders = Vec::new();
         for file in &named {
             folders.extend(folders_of(file));
@@ -237,6 +237,24 @@ impl Confinement {
             }
         }
     }
+}
+
+/// A config error about the file `path`, named by the config key `key`.
+pub(crate) fn file_error(key: &str, path: &Path, message: impl Into<String>) -> ConfigError {
+    ConfigError::File {
+        key: key.to_string(),
+        path: path.to_path_buf(),
+        message: message.into(),
+    }
+}
+
+/// Reads the file `path` (named by `key`); a read the confinement denies says so
+/// ([`explain_read`]).
+pub(crate) fn read_file(key: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {
+    std::fs::read(path).map_err(|e| {
+        let e = explain_read(path, &e);
+        file_error(key, path, format!("cannot read: {e}"))
+    })
 }
 
 /// The dynamic loader's cache of library paths (glibc).

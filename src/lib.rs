@@ -80,6 +80,7 @@ mod refusal_log;
 mod server;
 mod sessions;
 mod sockets;
+mod start_error;
 mod stats;
 mod table;
 mod threads;

@@ -420,7 +420,7 @@ impl MetricsServer {
     }
 
     /// The listening socket while the server accepts on it, for handing it to a new process
-    /// ([`crate::upgrade`]).
+    /// (the upgrade module).
     pub fn listener(&self) -> Weak<TcpListener> {
         self.listener.clone()
     }

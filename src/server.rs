@@ -21,7 +21,6 @@
 //! there is no wake-up connection (the other process might take it), `accept` returns within
 //! its poll timeout, and closing this process's handle on the socket refuses nothing.
 
-use std::fmt;
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
@@ -37,7 +36,7 @@ use crate::admission::{Admission, Handshaking, Permit, Refused};
 use crate::authz::Authorizer;
 use crate::balancer::{Balancer, BalancerOptions, Client, Session, Unbalanced};
 use crate::cluster::Cluster;
-use crate::config::{Config, ConfigError, ProxyProtocol};
+use crate::config::{Config, ProxyProtocol};
 use crate::enforce;
 use crate::forward::EndReason;
 use crate::health::{HealthChecker, ProbeSettings, TcpProbe};
@@ -59,44 +58,7 @@ pub const CONNECTION_THREAD_STACK: usize = 256 * 1024;
 /// nor stops; existing connections keep being served meanwhile.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
-/// Why the server could not start.
-#[derive(Debug)]
-#[non_exhaustive]
-pub enum StartError {
-    /// The configuration or a file it names is unusable.
-    Config(ConfigError),
-    /// The listen address could not be bound.
-    Bind {
-        /// The config key naming the address.
-        key: &'static str,
-        /// The address.
-        addr: SocketAddr,
-        /// Why.
-        source: io::Error,
-    },
-    /// A thread (the health checker) could not be started.
-    Thread(io::Error),
-}
-
-impl fmt::Display for StartError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            StartError::Config(e) => e.fmt(f),
-            StartError::Bind { key, addr, source } => {
-                write!(f, "cannot listen on {addr} (config key `{key}`): {source}")
-            }
-            StartError::Thread(e) => write!(f, "cannot start a thread: {e}"),
-        }
-    }
-}
-
-impl std::error::Error for StartError {}
-
-impl From<ConfigError> for StartError {
-    fn from(e: ConfigError) -> Self {
-        StartError::Config(e)
-    }
-}
+pub use crate::start_error::StartError;
 
 /// What each new connection is served with: one configuration's TLS and authorization.
 #[derive(Debug)]
@@ -541,7 +503,7 @@ impl Server {
     }
 
     /// The listening socket while the server accepts on it, for handing it to a new process
-    /// ([`crate::upgrade`]); it no longer upgrades once the server has stopped accepting.
+    /// (the upgrade module); it no longer upgrades once the server has stopped accepting.
     pub fn listener(&self) -> Weak<TcpListener> {
         Arc::downgrade(&self.listener)
     }

@@ -1,6 +1,6 @@
 //! The listening sockets: bound here from the config (with SO_REUSEPORT when `reuse_port` is
 //! on), or inherited from whoever started lclb: systemd's socket activation, or the lclb being
-//! upgraded ([`crate::upgrade`]), both by the `LISTEN_FDS` protocol.
+//! upgraded (the upgrade module), both by the `LISTEN_FDS` protocol.
 //!
 //! Inherited sockets are taken when `LISTEN_FDS` is set and `LISTEN_PID` is this process's pid
 //! (systemd), or `LISTEN_PID` is unset and `LCLB_UPGRADE_FROM` names this process's parent (an

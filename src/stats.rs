@@ -236,6 +236,55 @@ impl ClientRefusals {
     }
 }
 
+/// A refused connection: the reason (its counter and log word) and what exactly happened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    /// The reason.
+    pub reason: Refusal,
+    /// Words for the log line: which limit, which certificate problem.
+    pub detail: String,
+    /// The client's identity, when the refusal came after it was known.
+    pub client: Option<String>,
+}
+
+impl Refused {
+    /// A refusal for `reason`, described by `detail`.
+    pub fn new(reason: Refusal, detail: impl fmt::Display) -> Refused {
+        Refused {
+            reason,
+            detail: detail.to_string(),
+            client: None,
+        }
+    }
+
+    /// A handshake that failed or timed out (or could not start).
+    pub fn handshake(e: impl fmt::Display) -> Refused {
+        Refused::new(Refusal::Tls, e)
+    }
+
+    /// No thread could be had for the connection.
+    pub fn no_thread(e: impl fmt::Display) -> Refused {
+        Refused::new(
+            Refusal::Capacity,
+            format_args!("cannot start a thread: {e}"),
+        )
+    }
+
+    /// The same refusal, naming the client it refused.
+    pub fn of(mut self, client: &str) -> Refused {
+        self.client = Some(client.to_string());
+        self
+    }
+}
+
+impl fmt::Display for Refused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.reason, self.detail)
+    }
+}
+
+impl std::error::Error for Refused {}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -28,7 +28,7 @@ use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM, AES_256_
 use rustls::server::ProducesTickets;
 
 use crate::config::ConfigError;
-use crate::tls::{file_error, read_file};
+use crate::confine::{file_error, read_file};
 
 /// How long a ticket may be used, in seconds: 24 hours, the lifetime rustls announces for the
 /// tickets of its session cache, which lclb uses without this file.

@@ -84,20 +84,7 @@ pub fn install_default_provider() {
     let _ = CryptoProvider::install_default(Arc::unwrap_or_clone(provider()));
 }
 
-pub(crate) fn file_error(key: &str, path: &Path, message: impl Into<String>) -> ConfigError {
-    ConfigError::File {
-        key: key.to_string(),
-        path: path.to_path_buf(),
-        message: message.into(),
-    }
-}
-
-pub(crate) fn read_file(key: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {
-    std::fs::read(path).map_err(|e| {
-        let e = crate::confine::explain_read(path, &e);
-        file_error(key, path, format!("cannot read: {e}"))
-    })
-}
+pub(crate) use crate::confine::{file_error, read_file};
 
 /// The certificates in the PEM file `path` (named by `key`). Those that are not roots must be
 /// X.509 v3; `roots` lets old v1 CA certificates through, which webpki accepts as anchors.

@@ -43,7 +43,7 @@ use std::time::Instant;
 use aws_lc_rs::digest::{Context, SHA256, SHA256_OUTPUT_LEN};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
-use crate::config::{Config, Reload, MAX_WATCH_INTERVAL};
+use crate::config::{named_files, Config, Reload, MAX_WATCH_INTERVAL};
 use crate::server::Shared;
 
 /// What a [`Watcher`]'s thread is asked to do.
@@ -155,39 +155,6 @@ impl Target for Shared {
     fn reload(&self, path: &Path) -> bool {
         Shared::reload(self, path).is_ok()
     }
-}
-
-/// Every file `config` names, in the order its keys come: what a reload reads besides the
-/// config file itself (and so what the Landlock rules of `confine` must allow).
-pub(crate) fn named_files(config: &Config) -> Vec<PathBuf> {
-    let tls = &config.tls;
-    let mut files = vec![
-        tls.ca_cert.clone(),
-        tls.server_cert.clone(),
-        tls.server_key.clone(),
-    ];
-    files.extend(tls.crls.iter().cloned());
-    for ca in &tls.extra_cas {
-        files.push(ca.cert.clone());
-        files.extend(ca.crls.iter().cloned());
-    }
-    files.extend(tls.ticket_keys.iter().cloned());
-    for group in config.groups.iter().filter_map(|g| g.tls.as_ref()) {
-        files.push(group.ca_cert.clone());
-        if let Some((cert, key)) = &group.client_cert {
-            files.push(cert.clone());
-            files.push(key.clone());
-        }
-    }
-    // Read at start-up and reload too: a rotated Redis CA is picked up like any other.
-    if let Some(cluster) = &config.cluster {
-        files.extend(cluster.ca_cert.iter().cloned());
-        if let Some((cert, key)) = &cluster.client_cert {
-            files.push(cert.clone());
-            files.push(key.clone());
-        }
-    }
-    files
 }
 
 /// What one path held when it was read.

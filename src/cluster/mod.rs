@@ -42,10 +42,9 @@ use redis::{
     RedisResult, Script,
 };
 
-use crate::admission::Refused;
 use crate::config::{redacted, ClientLimits, ClusterConfig, ConfigError, OnError};
-use crate::server::StartError;
-use crate::stats::{Refusal, Stats};
+use crate::start_error::StartError;
+use crate::stats::{Refusal, Refused, Stats};
 
 mod tls;
 

@@ -18,7 +18,7 @@ use rustls::sign::CertifiedKey;
 use rustls::RootCertStore;
 
 use crate::config::{ClusterConfig, ConfigError};
-use crate::tls::{file_error, read_file};
+use crate::confine::{file_error, read_file};
 
 /// What `[cluster]`'s TLS files held when they were read: compared at a reload, so that a
 /// rotated CA or client certificate gets a new client even though its path is the same.

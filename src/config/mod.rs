@@ -20,18 +20,18 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-mod cluster;
 mod defaults;
 mod raw;
 mod selectors;
+mod shared_limits;
 #[cfg(test)]
 mod tests;
 mod validate;
 mod values;
 
-pub use cluster::*;
 pub use defaults::*;
 pub use selectors::{DnsPattern, KeyPin, Selectors, UriPattern};
+pub use shared_limits::*;
 
 /// A configuration that cannot be used, naming the file or key at fault.
 #[derive(Debug)]
@@ -538,4 +538,37 @@ impl Config {
         }
         out
     }
+}
+
+/// Every file `config` names, in the order its keys come: what a reload reads besides the
+/// config file itself (and so what the Landlock rules of `confine` must allow) and what the watcher watches.
+pub fn named_files(config: &Config) -> Vec<PathBuf> {
+    let tls = &config.tls;
+    let mut files = vec![
+        tls.ca_cert.clone(),
+        tls.server_cert.clone(),
+        tls.server_key.clone(),
+    ];
+    files.extend(tls.crls.iter().cloned());
+    for ca in &tls.extra_cas {
+        files.push(ca.cert.clone());
+        files.extend(ca.crls.iter().cloned());
+    }
+    files.extend(tls.ticket_keys.iter().cloned());
+    for group in config.groups.iter().filter_map(|g| g.tls.as_ref()) {
+        files.push(group.ca_cert.clone());
+        if let Some((cert, key)) = &group.client_cert {
+            files.push(cert.clone());
+            files.push(key.clone());
+        }
+    }
+    // Read at start-up and reload too: a rotated Redis CA is picked up like any other.
+    if let Some(cluster) = &config.cluster {
+        files.extend(cluster.ca_cert.iter().cloned());
+        if let Some((cert, key)) = &cluster.client_cert {
+            files.push(cert.clone());
+            files.push(key.clone());
+        }
+    }
+    files
 }

@@ -37,7 +37,7 @@ pub(super) struct RawConfig {
     pub(super) ca: Vec<RawCa>,
     #[serde(default)]
     pub(super) client: Vec<RawClient>,
-    pub(super) cluster: Option<super::cluster::RawCluster>,
+    pub(super) cluster: Option<super::shared_limits::RawCluster>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -41,7 +41,7 @@ pub(super) fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigErro
         "accept_proxy_from",
         raw.accept_proxy_from.unwrap_or_default(),
     )?;
-    let cluster = super::cluster::cluster(raw.cluster, base)?;
+    let cluster = super::shared_limits::cluster(raw.cluster, base)?;
     Ok(Config {
         listen,
         metrics_listen,
