@@ -724,9 +724,10 @@ if [[ -n $PROFILE ]]; then
     echo "# whole machine during the run: by command"
     report --sort comm -g none | head -25
   } >"$OUT_DIR/perf-$PROFILE.txt"
-  # lclb's samples with their call chains (unreliable in user space: no frame pointers).
+  # lclb's samples with their call chains (unreliable in user space: no frame pointers). head
+  # stops reading early, so awk's failed write is no error of the run.
   perf script -i "$data" -F pid,tid,ip,sym,dso 2>/dev/null |
-    awk -v p="$ppid" -v RS= -v ORS='\n\n' '{ split($1, id, "/") } id[1] == p' | head -20000 >"$OUT_DIR/perf-$PROFILE-callgraph.txt"
+    awk -v p="$ppid" -v RS= -v ORS='\n\n' '{ split($1, id, "/") } id[1] == p' | head -20000 >"$OUT_DIR/perf-$PROFILE-callgraph.txt" || true
   say "profile of lclb under $PROFILE: $OUT_DIR/perf-$PROFILE.txt, call graphs in $OUT_DIR/perf-$PROFILE-callgraph.txt"
   exit 0
 fi
