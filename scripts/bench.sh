@@ -15,7 +15,10 @@
 #   LAT_COUNT=10000   round trips of the latency mode (after 1000 warm-up)
 #   HOLD=2000         connections held by the hold mode (8000 works; see BENCHMARKS.md)
 #   TARGETS="lclb haproxy nginx nohop"   which targets, in run order
-#   FIGURES="handshakes handshakes_pq up1 up8 down1 down8 latency hold"
+#   FIGURES="handshakes handshakes_pq handshakes_resumed up1 up8 down1 down8 latency hold"
+#                     handshakes_resumed: clients that resume TLS 1.3 sessions (tickets), each
+#                     thread with its own session store, every target with its default ticket
+#                     settings (see BENCHMARKS.md)
 #   WORKERS=$(nproc)  HAProxy threads / NGINX worker processes
 #   FIRST_WRITE_DELAY=0  ms the throughput and latency clients wait after the handshake before
 #                     their first byte (outside the timed part; see BENCHMARKS.md)
@@ -56,7 +59,7 @@ BYTES8=${BYTES8:-64M}
 LAT_COUNT=${LAT_COUNT:-10000}
 HOLD=${HOLD:-2000}
 TARGETS=${TARGETS:-lclb haproxy nginx nohop}
-FIGURES=${FIGURES:-handshakes handshakes_pq up1 up8 down1 down8 latency hold}
+FIGURES=${FIGURES:-handshakes handshakes_pq handshakes_resumed up1 up8 down1 down8 latency hold}
 WORKERS=${WORKERS:-$(nproc)}
 FIRST_WRITE_DELAY=${FIRST_WRITE_DELAY:-0}
 UPSTREAM_TLS=${UPSTREAM_TLS:-0}
@@ -585,19 +588,24 @@ run_figure() {
   local fig=$1 target=$2 round=$3 port line log hold_pid
   log=$LOGS/run-$round-$fig-$target.log
   case $fig in
-    handshakes | handshakes_pq)
+    handshakes | handshakes_pq | handshakes_resumed)
       if [[ $fig == handshakes_pq && $target != lclb && $target != nohop ]]; then
         record "$fig" "$target" "$round" NA 0 # OpenSSL 3.0 has no ML-KEM
         return
       fi
       local kx=x25519 tally_before=
+      local -a resume=()
       [[ $fig == handshakes_pq ]] && kx=x25519mlkem768
+      # Each client thread keeps a session store, handshakes once in full before the timed
+      # part, then offers a ticket on every connection; the target keeps its default ticket
+      # settings (none of the configurations above mentions tickets or session caches).
+      [[ $fig == handshakes_resumed ]] && resume=(--resume)
       if [[ $UPSTREAM_TLS == 1 && $target != nohop ]]; then
         sleep 1.2 # the upstreams' last tally line is at most a second old
         tally_before=$(up_tally greeting)
       fi
       line=$(run_client $((DURATION + 30)) "$log" handshakes --target "127.0.0.1:$(frontend_port "$target" greeting)" \
-        --pid "${MAIN_PID[$target:greeting]}" --label "$target" --threads "$THREADS" --duration "$DURATION" --kx "$kx" "${CLIENT[@]}")
+        --pid "${MAIN_PID[$target:greeting]}" --label "$target" --threads "$THREADS" --duration "$DURATION" --kx "$kx" "${resume[@]}" "${CLIENT[@]}")
       if [[ -n $tally_before ]]; then
         # Which share of the upstream handshakes this run caused were resumptions (health
         # checks, a few per second across all targets, are counted in as well).
@@ -659,9 +667,10 @@ run_figure() {
         record hold_threads "$target" "$round" NA "$f"
       fi
       ;;
-    handshakes | handshakes_pq)
+    handshakes | handshakes_pq | handshakes_resumed)
       record "$fig" "$target" "$round" "$v" "$f"
       record "${fig}_cpu" "$target" "$round" "$(field "$line" cpu_us_per_conn)" "$f"
+      [[ $fig == handshakes_resumed ]] && record "${fig}_pct" "$target" "$round" "$(field "$line" resumed_pct)" "$f"
       ;;
     *)
       record "$fig" "$target" "$round" "$v" "$f"
@@ -677,11 +686,11 @@ run_figure() {
 if [[ -n $PROFILE ]]; then
   command -v perf >/dev/null || die "PROFILE needs perf (apt-get install linux-perf)"
   case $PROFILE in
-    handshakes | handshakes_pq) pmode=greeting ;;
+    handshakes | handshakes_pq | handshakes_resumed) pmode=greeting ;;
     up1 | up8) pmode=sink ;;
     down1 | down8) pmode=source ;;
     latency) pmode="echo" ;;
-    *) die "PROFILE=$PROFILE: expected handshakes, handshakes_pq, up1, up8, down1, down8 or latency" ;;
+    *) die "PROFILE=$PROFILE: expected handshakes, handshakes_pq, handshakes_resumed, up1, up8, down1, down8 or latency" ;;
   esac
   ppid=${MAIN_PID[lclb:$pmode]}
   # System-wide, so that threads lclb creates during the run are all sampled; the reports
@@ -715,9 +724,10 @@ if [[ -n $PROFILE ]]; then
     echo "# whole machine during the run: by command"
     report --sort comm -g none | head -25
   } >"$OUT_DIR/perf-$PROFILE.txt"
-  # lclb's samples with their call chains (unreliable in user space: no frame pointers).
+  # lclb's samples with their call chains (unreliable in user space: no frame pointers). head
+  # stops reading early, so awk's failed write is no error of the run.
   perf script -i "$data" -F pid,tid,ip,sym,dso 2>/dev/null |
-    awk -v p="$ppid" -v RS= -v ORS='\n\n' '{ split($1, id, "/") } id[1] == p' | head -20000 >"$OUT_DIR/perf-$PROFILE-callgraph.txt"
+    awk -v p="$ppid" -v RS= -v ORS='\n\n' '{ split($1, id, "/") } id[1] == p' | head -20000 >"$OUT_DIR/perf-$PROFILE-callgraph.txt" || true
   say "profile of lclb under $PROFILE: $OUT_DIR/perf-$PROFILE.txt, call graphs in $OUT_DIR/perf-$PROFILE-callgraph.txt"
   exit 0
 fi
@@ -762,7 +772,7 @@ version() { "$@" 2>&1 | head -1; }
   echo
   echo "| figure | unit | better | lclb | HAProxy | NGINX | no hop | lclb ÷ best peer |"
   echo "|---|---|---|---:|---:|---:|---:|---:|"
-  sort -k1,1 -k2,2 -k4,4g "$DATA" | awk -v figs="handshakes handshakes_cpu handshakes_upres handshakes_pq handshakes_pq_cpu handshakes_pq_upres up1 up1_cpu up8 up8_cpu down1 down1_cpu down8 down8_cpu lat_p50 lat_p99 lat_p999 hold_rss hold_kernel hold_threads" \
+  sort -k1,1 -k2,2 -k4,4g "$DATA" | awk -v figs="handshakes handshakes_cpu handshakes_upres handshakes_pq handshakes_pq_cpu handshakes_pq_upres handshakes_resumed handshakes_resumed_cpu handshakes_resumed_pct handshakes_resumed_upres up1 up1_cpu up8 up8_cpu down1 down1_cpu down8 down8_cpu lat_p50 lat_p99 lat_p999 hold_rss hold_kernel hold_threads" \
     -v b1="$BYTES1" -v b8="$BYTES8" -v th="$THREADS" -v hold="$HOLD" '
     {
       key = $1 SUBSEP $2
@@ -789,6 +799,10 @@ version() { "$@" 2>&1 | head -1; }
       label["handshakes_cpu"] = "handshakes: target CPU per connection"; unit["handshakes_cpu"] = "us"; hi["handshakes_cpu"] = 0
       label["handshakes_pq_cpu"] = "handshakes (X25519MLKEM768): target CPU per connection"; unit["handshakes_pq_cpu"] = "us"; hi["handshakes_pq_cpu"] = 0
       label["handshakes_upres"] = "handshakes: upstream TLS handshakes resumed"; unit["handshakes_upres"] = "%"; hi["handshakes_upres"] = 1; share["handshakes_upres"] = 1
+      label["handshakes_resumed"] = "handshakes, resuming (" th " threads, X25519)"; unit["handshakes_resumed"] = "conn/s"; hi["handshakes_resumed"] = 1
+      label["handshakes_resumed_cpu"] = "handshakes, resuming: target CPU per connection"; unit["handshakes_resumed_cpu"] = "us"; hi["handshakes_resumed_cpu"] = 0
+      label["handshakes_resumed_pct"] = "handshakes, resuming: client handshakes resumed"; unit["handshakes_resumed_pct"] = "%"; hi["handshakes_resumed_pct"] = 1; share["handshakes_resumed_pct"] = 1
+      label["handshakes_resumed_upres"] = "handshakes, resuming: upstream TLS handshakes resumed"; unit["handshakes_resumed_upres"] = "%"; hi["handshakes_resumed_upres"] = 1; share["handshakes_resumed_upres"] = 1
       label["handshakes_pq_upres"] = "handshakes (X25519MLKEM768): upstream TLS handshakes resumed"; unit["handshakes_pq_upres"] = "%"; hi["handshakes_pq_upres"] = 1; share["handshakes_pq_upres"] = 1
       split("up1 up8 down1 down8", T, " ")
       for (j = 1; j <= 4; j++) { label[T[j] "_cpu"] = T[j] ": target CPU per GiB"; unit[T[j] "_cpu"] = "CPU s/GiB"; hi[T[j] "_cpu"] = 0 }

@@ -15,7 +15,7 @@ pub struct Args {
 fn arity(name: &str) -> usize {
     match name {
         "tls" => 3,
-        "help" | "with-finished" => 0,
+        "help" | "with-finished" | "resume" => 0,
         _ => 1,
     }
 }
@@ -135,6 +135,19 @@ mod tests {
         assert_eq!(a.get("listen"), Some("127.0.0.1:1"));
         assert_eq!(a.get_all("tls").unwrap(), ["c", "k", "ca"]);
         assert!(!a.has("threads"));
+    }
+
+    #[test]
+    fn switches_take_no_value() {
+        let a = Args::parse(
+            &words("--resume --threads 2 --with-finished"),
+            &["resume", "threads", "with-finished"],
+        )
+        .unwrap();
+        assert!(a.has("resume"));
+        assert_eq!(a.get("resume"), None);
+        assert_eq!(a.get("threads"), Some("2"));
+        assert!(a.has("with-finished"));
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use rustls::{ClientConnection, Connection};
+use rustls::{ClientConnection, Connection, HandshakeKind};
 
 use crate::args::{parse_size, Args};
 use crate::procfs;
@@ -154,12 +154,14 @@ fn describe(s: &Stream) -> String {
 
 // ---------------------------------------------------------------------------------------------
 
-pub const HANDSHAKES_FLAGS: &[&str] = &["threads", "duration"];
+pub const HANDSHAKES_FLAGS: &[&str] = &["threads", "duration", "resume"];
 
-/// One full handshake, the greeting line, close. Returns the negotiated suite/group.
-fn one_handshake(c: &Common) -> io::Result<String> {
+/// One connection: handshake, the greeting line, close. Returns the negotiated suite/group and
+/// whether the handshake resumed a session.
+fn one_handshake(c: &Common) -> io::Result<(String, bool)> {
     let mut s = c.connect(Buffers::Small)?;
     let mut line = Vec::with_capacity(3);
+    // The server's TLS 1.3 tickets come before the greeting, so reading it also stores them.
     s.read_exact_into(3, &mut line)?;
     if line != b"ok\n" {
         return Err(io::Error::new(
@@ -168,42 +170,74 @@ fn one_handshake(c: &Common) -> io::Result<String> {
         ));
     }
     let desc = describe(&s);
+    let resumed = s
+        .tls_conn()
+        .and_then(|conn| conn.handshake_kind())
+        .is_some_and(|kind| kind == HandshakeKind::Resumed);
     s.close_write()?;
-    Ok(desc)
+    Ok((desc, resumed))
 }
 
 #[derive(Default)]
 struct HandshakeTally {
     ok: u64,
+    resumed: u64,
     failed: u64,
     micros: Vec<u64>,
     errors: BTreeMap<String, u64>,
     desc: Option<String>,
 }
 
+impl HandshakeTally {
+    fn failure(&mut self, e: &io::Error) {
+        self.failed += 1;
+        *self.errors.entry(error_kind(e)).or_default() += 1;
+    }
+}
+
+/// `handshakes`: each thread loops connect, TLS 1.3 handshake with the client certificate,
+/// read `ok\n`, close. Without `--resume` every handshake is a full one. With `--resume`
+/// each thread keeps its own session store (`ClientTls::with_session_store`), makes one full
+/// handshake before the timed part, and then offers a ticket on every connection, as a real
+/// client that reconnects does; the run counts how many resumed.
 pub fn handshakes(args: &Args) -> Result<(), String> {
     let c = Common::from_args(args)?;
-    let threads: usize = args.parse_or("threads", 4)?;
-    let duration = Duration::from_secs_f64(args.parse_or("duration", 5.0f64)?);
-    let cpu_before = c.cpu();
-    let start = Instant::now();
-    let deadline = start + duration;
+    let threads: usize = args.parse_or("threads", 4)?.max(1);
+    let duration = Duration::try_from_secs_f64(args.parse_or("duration", 5.0f64)?)
+        .ok()
+        .filter(|d| Instant::now().checked_add(*d).is_some())
+        .ok_or("--duration: expected a number of seconds, 0 or more")?;
+    let resume = args.has("resume");
+    // Every thread is ready (and with --resume holds a ticket) before the clock starts.
+    let ready = Arc::new(Barrier::new(threads + 1));
     let mut handles = Vec::new();
-    for _ in 0..threads.max(1) {
-        let c = c.clone();
+    for _ in 0..threads {
+        let mut c = c.clone();
+        let ready = ready.clone();
         handles.push(std::thread::spawn(move || {
             let mut t = HandshakeTally::default();
+            if resume {
+                c.tls = c.tls.with_session_store();
+                if let Err(e) = one_handshake(&c) {
+                    t.failure(&e);
+                }
+            }
+            ready.wait();
+            // Checked above: now + duration fits an Instant.
+            let deadline = Instant::now()
+                .checked_add(duration)
+                .unwrap_or_else(Instant::now);
             while Instant::now() < deadline {
                 let t0 = Instant::now();
                 match one_handshake(&c) {
-                    Ok(desc) => {
+                    Ok((desc, resumed)) => {
                         t.ok += 1;
+                        t.resumed += u64::from(resumed);
                         t.micros.push(t0.elapsed().as_micros() as u64);
                         t.desc.get_or_insert(desc);
                     }
                     Err(e) => {
-                        t.failed += 1;
-                        *t.errors.entry(error_kind(&e)).or_default() += 1;
+                        t.failure(&e);
                         // A refusing target answers at once; do not spin on it.
                         std::thread::sleep(Duration::from_millis(1));
                     }
@@ -212,10 +246,14 @@ pub fn handshakes(args: &Args) -> Result<(), String> {
             t
         }));
     }
+    ready.wait();
+    let cpu_before = c.cpu();
+    let start = Instant::now();
     let mut total = HandshakeTally::default();
     for h in handles {
         let t = h.join().map_err(|_| "a handshake thread panicked")?;
         total.ok += t.ok;
+        total.resumed += t.resumed;
         total.failed += t.failed;
         total.micros.extend(t.micros);
         for (k, n) in t.errors {
@@ -228,14 +266,21 @@ pub fn handshakes(args: &Args) -> Result<(), String> {
     let elapsed = start.elapsed().as_secs_f64();
     let cpu = cpu_fields(cpu_before, c.cpu(), total.ok as f64, "cpu_us_per_conn", 1e6);
     let rate = total.ok as f64 / elapsed;
+    let resumed_pct = if total.ok == 0 {
+        0.0
+    } else {
+        100.0 * total.resumed as f64 / total.ok as f64
+    };
     total.micros.sort_unstable();
     let p50 = quantile(&total.micros, 0.5);
     let p99 = quantile(&total.micros, 0.99);
     let desc = total.desc.unwrap_or_else(|| "-".into());
+    let mode = if resume { "resuming" } else { "full" };
     println!(
-        "handshakes {}: {} ok, {} failed in {elapsed:.2}s with {threads} thread(s): {rate:.1} conn/s \
-         (connect+handshake+greeting p50 {p50} us, p99 {p99} us; {desc})",
-        c.label, total.ok, total.failed
+        "handshakes {} ({mode}): {} ok, {} failed in {elapsed:.2}s with {threads} thread(s): \
+         {rate:.1} conn/s, {} resumed ({resumed_pct:.1}%) (connect+handshake+greeting p50 {p50} \
+         us, p99 {p99} us; {desc})",
+        c.label, total.ok, total.failed, total.resumed
     );
     print_cpu(&cpu, "per connection");
     print_errors(&total.errors);
@@ -246,6 +291,10 @@ pub fn handshakes(args: &Args) -> Result<(), String> {
         ("unit", "conn/s".into()),
         ("failures", total.failed.to_string()),
         ("threads", threads.to_string()),
+        ("resume", resume.to_string()),
+        ("resumed", total.resumed.to_string()),
+        ("full", (total.ok - total.resumed).to_string()),
+        ("resumed_pct", format!("{resumed_pct:.1}")),
         ("p50_us", p50.to_string()),
         ("p99_us", p99.to_string()),
         ("tls", desc),

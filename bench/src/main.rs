@@ -26,7 +26,7 @@ lclb-bench: benchmark instrument for lclb (see BENCHMARKS.md)
 Usage:
   lclb-bench server --mode greeting|echo|sink|source --listen ADDR
                     [--tls CERT KEY CA] [--bytes N] [--idle SECS] [--lifetime SECS]
-  lclb-bench handshakes --target ADDR [--threads 4] [--duration 5] CLIENT
+  lclb-bench handshakes --target ADDR [--threads 4] [--duration 5] [--resume] CLIENT
   lclb-bench throughput --target ADDR [--connections 1] [--bytes 256M]
                         [--direction up|down] [--max-secs 120] [--first-write-delay MS]
                         [--with-finished] CLIENT
@@ -48,7 +48,10 @@ configuration (the no-hop target, or a TLS upstream) and prints a line `TLS-TALL
 hrr=H resumed=R params=...` (running totals of its handshakes) each second some completed.
 It exits by itself after --lifetime (default 7200 s).
 
-Client modes use TLS 1.3 with no session resumption. --kx limits the key exchange to one
+Client modes use TLS 1.3 with no session resumption, except handshakes --resume: each
+thread keeps rustls' default in-memory session store, makes one full handshake before the
+timed part, then offers its latest ticket on every connection; the run reports the share
+that resumed (`resumed_pct`). --kx limits the key exchange to one
 group (x25519, the default, which every peer supports; x25519mlkem768; p256; or default =
 rustls' list). Every run prints one line `RESULT mode=... target=LABEL value=... unit=...
 failures=N ...`.

@@ -1,6 +1,7 @@
 //! TLS configurations of the bench tool: the client (with a client certificate, TLS 1.3, no
-//! session resumption, a chosen key exchange group) and the no-hop server (lclb's own server
-//! configuration, loaded through lclb's library so the comparison is like for like).
+//! session resumption unless asked for, a chosen key exchange group) and the no-hop server
+//! (lclb's own server configuration, loaded through lclb's library so the comparison is like
+//! for like, its session cache and ticket settings included).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -36,6 +37,21 @@ fn load_certs(path: &str) -> Result<Vec<CertificateDer<'static>>, String> {
     Ok(certs)
 }
 
+impl ClientTls {
+    /// The same client, resuming as a default rustls client does: `Resumption::default()`, an
+    /// in-memory store of its own (256 sessions; up to 8 TLS 1.3 tickets per server name, each
+    /// used once). `handshakes --resume` gives each client thread one, as each real client
+    /// process has its own.
+    pub fn with_session_store(&self) -> ClientTls {
+        let mut config = ClientConfig::clone(&self.config);
+        config.resumption = Resumption::default();
+        ClientTls {
+            config: Arc::new(config),
+            server_name: self.server_name.clone(),
+        }
+    }
+}
+
 /// The client configuration from `--cert --key --ca [--server-name] [--kx]`.
 pub fn client_from_args(args: &Args) -> Result<ClientTls, String> {
     let cert = args.required("cert")?;
@@ -61,7 +77,8 @@ pub fn client_from_args(args: &Args) -> Result<ClientTls, String> {
         .with_root_certificates(roots)
         .with_client_auth_cert(chain, key)
         .map_err(|e| format!("client certificate/key: {e}"))?;
-    // Every connection pays a full handshake: that is what the handshakes mode measures.
+    // Every connection pays a full handshake: that is what the handshakes mode measures
+    // (`--resume` swaps in a session store per thread: `ClientTls::with_session_store`).
     config.resumption = Resumption::disabled();
     let name = args.get("server-name").unwrap_or("localhost").to_string();
     let server_name =
@@ -73,6 +90,11 @@ pub fn client_from_args(args: &Args) -> Result<ClientTls, String> {
 }
 
 /// lclb's server configuration (mTLS required against the CA), from `--tls CERT KEY CA`.
+///
+/// Resumption is lclb's default too (`TlsContext::load`: `SessionCache::default()` of its
+/// own, 10,000 sessions, one TLS 1.3 ticket per handshake, stateful tickets that are ids into
+/// that cache, no `tls.ticket_keys`), so the no-hop target resumes what lclb resumes. Unlike lclb it does not re-verify a resumed session's client chain
+/// (lclb's `TlsContext::check_peer`): that check is part of what lclb's figure costs.
 pub fn server_from_files(cert: &str, key: &str, ca: &str) -> Result<Arc<ServerConfig>, String> {
     let files = lclb::config::TlsFiles {
         ca_cert: PathBuf::from(ca),
