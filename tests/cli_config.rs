@@ -113,3 +113,46 @@ fn check_config_refuses_a_crl_that_does_not_parse_is_not_a_crl_or_is_missing() {
     let e = refused_crl(&pki, &pki.dir.join("missing.crl.pem"));
     assert!(e.contains("No such file"), "{e}");
 }
+
+#[test]
+fn check_config_reads_the_cluster_tls_files() {
+    let pki = Pki::new("cluster-tls-check");
+    let with = |extra: &str| {
+        pki.usual(&[])
+            .listen("127.0.0.1:0")
+            .upstream_at("web1", "127.0.0.1:9", "web")
+            .section(&format!(
+                "[cluster]\nredis = \"rediss://127.0.0.1:6380/0\"\n{extra}"
+            ))
+            .build()
+    };
+    // A CA file that is a certificate passes, though no Redis answers: the check reads files.
+    let o = check(
+        &pki,
+        &with(&format!("ca_cert = {:?}\n", pki.dir.join("ca.crt"))),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let missing = pki.dir.join("no-redis-ca.crt");
+    let o = check(&pki, &with(&format!("ca_cert = {missing:?}\n")));
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(
+        e.contains("`cluster.ca_cert`") && e.contains(&missing.display().to_string()),
+        "the key and the file: {e}"
+    );
+
+    // A key that is not the certificate's.
+    let other = pki.dir.join("other.key.pem");
+    std::fs::write(&other, rcgen::KeyPair::generate().unwrap().serialize_pem()).unwrap();
+    let o = check(
+        &pki,
+        &with(&format!(
+            "client_cert = {:?}\nclient_key = {other:?}\n",
+            pki.dir.join("server.crt")
+        )),
+    );
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(e.contains("`cluster.client_key`"), "{e}");
+}
