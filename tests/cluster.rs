@@ -200,21 +200,6 @@ fn tokens(redis: &RedisServer, identity: &str) -> Option<f64> {
     tokens.map(f64::floor)
 }
 
-fn metric(p: &Process, name: &str) -> Option<f64> {
-    parse_metrics(&scrape(p.metrics_addr())).get(name).copied()
-}
-
-/// Waits until the metric `name` of `p` is `value`; panics with the last value seen if not.
-fn expect_metric(p: &Process, name: &str, value: f64) {
-    if !wait_until(|| metric(p, name) == Some(value)) {
-        panic!("{name} is {:?}, not {value}", metric(p, name));
-    }
-}
-
-fn refused(reason: &str) -> String {
-    format!("lclb_rejected_connections_total{{reason=\"{reason}\"}}")
-}
-
 const UP: &str = "lclb_cluster_up";
 const ERRORS: &str = "lclb_cluster_errors_total";
 
@@ -240,8 +225,8 @@ fn two_instances_sharing_one_redis_admit_one_identitys_burst_once() {
     // Each would have three more of its own; the shared bucket is empty on either.
     assert_eq!(outcome(b.listen_addr(), &cfg), Outcome::CloseNotifyNoBytes);
     assert_eq!(outcome(a.listen_addr(), &cfg), Outcome::CloseNotifyNoBytes);
-    expect_metric(&a, &refused("rate_limited"), 1.0);
-    expect_metric(&b, &refused("rate_limited"), 1.0);
+    expect_metric(&a, &refusal_sample("rate_limited"), 1.0);
+    expect_metric(&b, &refusal_sample("rate_limited"), 1.0);
     for p in [&a, &b] {
         assert_eq!(metric(p, ERRORS), Some(0.0), "no Redis call failed");
     }
@@ -265,7 +250,7 @@ fn max_concurrent_holds_across_two_instances_and_a_closed_connection_frees_its_s
     let (mut held, _) = hold(a.listen_addr(), &cfg, 2);
     assert_eq!(redis.leases(CLIENT), 2);
     assert_eq!(outcome(b.listen_addr(), &cfg), Outcome::CloseNotifyNoBytes);
-    expect_metric(&b, &refused("concurrency_limited"), 1.0);
+    expect_metric(&b, &refusal_sample("concurrency_limited"), 1.0);
     assert_eq!(redis.leases(CLIENT), 2, "a refusal leaves no lease");
 
     drop(held.pop());
@@ -276,7 +261,7 @@ fn max_concurrent_holds_across_two_instances_and_a_closed_connection_frees_its_s
     let (on_b, _) = hold(b.listen_addr(), &cfg, 1);
     assert_eq!(redis.leases(CLIENT), 2);
     assert_eq!(outcome(a.listen_addr(), &cfg), Outcome::CloseNotifyNoBytes);
-    expect_metric(&a, &refused("concurrency_limited"), 1.0);
+    expect_metric(&a, &refusal_sample("concurrency_limited"), 1.0);
     drop((held, on_b));
     assert!(wait_until(|| redis.leases(CLIENT) == 0));
 }
@@ -354,7 +339,7 @@ fn with_redis_killed_local_serves_from_its_own_bucket_and_shares_again_once_it_i
         Outcome::CloseNotifyNoBytes,
         "A's own burst of 2 is spent"
     );
-    expect_metric(&a, &refused("rate_limited"), 1.0);
+    expect_metric(&a, &refusal_sample("rate_limited"), 1.0);
     assert_eq!(
         metric(&a, ERRORS),
         Some(1.0),
@@ -371,8 +356,8 @@ fn with_redis_killed_local_serves_from_its_own_bucket_and_shares_again_once_it_i
     assert_eq!(outcome(b.listen_addr(), &cfg), greeted());
     assert_eq!(outcome(b.listen_addr(), &cfg), Outcome::CloseNotifyNoBytes);
     assert_eq!(outcome(a.listen_addr(), &cfg), Outcome::CloseNotifyNoBytes);
-    expect_metric(&a, &refused("rate_limited"), 2.0);
-    expect_metric(&b, &refused("rate_limited"), 1.0);
+    expect_metric(&a, &refusal_sample("rate_limited"), 2.0);
+    expect_metric(&b, &refusal_sample("rate_limited"), 1.0);
     for p in [&a, &b] {
         assert_eq!(metric(p, UP), Some(1.0));
     }
@@ -401,12 +386,15 @@ fn with_redis_killed_deny_refuses_as_cluster_unavailable_until_it_is_back() {
         outcome(a.listen_addr(), &cfg),
         Outcome::Greeted("web1".into())
     );
-    assert_eq!(metric(&a, &refused("cluster_unavailable")), Some(0.0));
+    assert_eq!(
+        metric(&a, &refusal_sample("cluster_unavailable")),
+        Some(0.0)
+    );
 
     redis.kill();
     assert_eq!(outcome(a.listen_addr(), &cfg), Outcome::CloseNotifyNoBytes);
     assert_eq!(outcome(a.listen_addr(), &cfg), Outcome::CloseNotifyNoBytes);
-    expect_metric(&a, &refused("cluster_unavailable"), 2.0);
+    expect_metric(&a, &refusal_sample("cluster_unavailable"), 2.0);
     assert_eq!(metric(&a, UP), Some(0.0));
     assert_eq!(
         metric(&a, ERRORS),
@@ -678,7 +666,7 @@ fn with_redis_killed_allow_admits_past_every_limit_and_its_leases_reach_redis_wh
     );
     // They count: the cap of 1 is taken, whatever the (fresh) bucket says.
     assert_eq!(outcome(a.listen_addr(), &cfg), Outcome::CloseNotifyNoBytes);
-    expect_metric(&a, &refused("concurrency_limited"), 1.0);
+    expect_metric(&a, &refusal_sample("concurrency_limited"), 1.0);
     drop(held);
     assert!(wait_until(|| redis.leases(CLIENT) == 0));
 }

@@ -224,21 +224,6 @@ fn instance(
     (p, lines)
 }
 
-fn metric(p: &Process, name: &str) -> Option<f64> {
-    parse_metrics(&scrape(p.metrics_addr())).get(name).copied()
-}
-
-/// Waits until the metric `name` of `p` is `value`; panics with the last value seen if not.
-fn expect_metric(p: &Process, name: &str, value: f64) {
-    if !wait_until(|| metric(p, name) == Some(value)) {
-        panic!("{name} is {:?}, not {value}", metric(p, name));
-    }
-}
-
-fn refused(reason: &str) -> String {
-    format!("lclb_rejected_connections_total{{reason=\"{reason}\"}}")
-}
-
 fn ca_line(path: &Path) -> String {
     format!("ca_cert = {:?}\n", path.display().to_string())
 }
@@ -273,8 +258,8 @@ fn two_confined_instances_share_one_burst_through_a_tls_redis_of_a_private_ca() 
     );
     // A has a burst of 2 of its own, unspent: only the shared bucket refuses.
     assert_eq!(outcome(a.listen_addr(), &cfg), Outcome::CloseNotifyNoBytes);
-    expect_metric(&a, &refused("rate_limited"), 1.0);
-    assert_eq!(metric(&b, &refused("rate_limited")), Some(0.0));
+    expect_metric(&a, &refusal_sample("rate_limited"), 1.0);
+    assert_eq!(metric(&b, &refusal_sample("rate_limited")), Some(0.0));
     assert_eq!(redis.tokens(CLIENT), Some(0.0), "Redis's bucket is spent");
     for p in [&a, &b] {
         assert_eq!(metric(p, UP), Some(1.0));
@@ -337,7 +322,7 @@ fn a_redis_that_requires_client_certificates_admits_lclb_with_its_certificate_on
         "the start-up probe's failure"
     );
     assert_eq!(outcome(b.listen_addr(), &cfg), Outcome::CloseNotifyNoBytes);
-    expect_metric(&b, &refused("cluster_unavailable"), 1.0);
+    expect_metric(&b, &refusal_sample("cluster_unavailable"), 1.0);
     assert_eq!(redis.tokens(CLIENT), Some(2.0), "B never reached Redis");
 }
 
@@ -373,7 +358,7 @@ fn a_wrong_ca_cert_leaves_the_cluster_down_naming_the_certificate_until_a_reload
     assert_eq!(metric(&a, UP), Some(0.0));
     assert_eq!(metric(&a, ERRORS), Some(1.0));
     assert_eq!(outcome(a.listen_addr(), &cfg), Outcome::CloseNotifyNoBytes);
-    expect_metric(&a, &refused("cluster_unavailable"), 1.0);
+    expect_metric(&a, &refusal_sample("cluster_unavailable"), 1.0);
 
     // The right CA at the same path: a reload reads it again and builds a new client.
     std::fs::write(&roots, redis_ca.pem()).unwrap();
@@ -384,5 +369,8 @@ fn a_wrong_ca_cert_leaves_the_cluster_down_naming_the_certificate_until_a_reload
         outcome(a.listen_addr(), &cfg),
         Outcome::Greeted("web1".into())
     );
-    assert_eq!(metric(&a, &refused("cluster_unavailable")), Some(1.0));
+    assert_eq!(
+        metric(&a, &refusal_sample("cluster_unavailable")),
+        Some(1.0)
+    );
 }

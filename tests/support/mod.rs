@@ -1864,3 +1864,20 @@ pub fn swap_symlink(link: &Path, target: &Path) {
     std::os::unix::fs::symlink(target, &tmp).unwrap();
     std::fs::rename(&tmp, link).unwrap();
 }
+
+/// The value of the sample `name` (labels included, as exported) on `p`'s `/metrics` now.
+pub fn metric(p: &Process, name: &str) -> Option<f64> {
+    parse_metrics(&scrape(p.metrics_addr())).get(name).copied()
+}
+
+/// Waits until the sample `name` of `p` is `value`; panics with the last value seen if not.
+pub fn expect_metric(p: &Process, name: &str, value: f64) {
+    if !wait_until(|| metric(p, name) == Some(value)) {
+        panic!("{name} is {:?}, not {value}", metric(p, name));
+    }
+}
+
+/// The sample name of the refusal counter for `reason`.
+pub fn refusal_sample(reason: &str) -> String {
+    format!("lclb_rejected_connections_total{{reason=\"{reason}\"}}")
+}
