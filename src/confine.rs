@@ -124,14 +124,15 @@ impl Confinement {
         }
         let mut folders = outermost(folders);
         folders.push(PathBuf::from(PROC_SELF));
+        let executables = mapped_executables();
         // The loader's cache, for a dynamically linked build that starts a new one.
         let cache = Path::new(LOADER_CACHE);
         // More than the binary itself mapped executable: a loader and libraries.
-        if cache.exists() && mapped_executables().len() > 1 {
+        if cache.exists() && executables.len() > 1 {
             files.push(cache.to_path_buf());
         }
         let exec_folders = outermost(
-            mapped_executables()
+            executables
                 .iter()
                 .filter_map(|file| file.parent().map(Path::to_path_buf))
                 .filter(|folder| folder.parent().is_some())
