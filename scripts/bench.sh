@@ -14,11 +14,16 @@
 #   BYTES8=64M        bytes per connection, throughput with 8 connections
 #   LAT_COUNT=10000   round trips of the latency mode (after 1000 warm-up)
 #   HOLD=2000         connections held by the hold mode (8000 works; see BENCHMARKS.md)
+#   LOADED_CONNS=1000 connections open at once in the latency-under-load figure (`loaded`)
+#   LOADED_RATE=20000 its echo round trips per second, in total over all those connections
+#   LOADED_SECS=20    its timed part, seconds (after 2 s of warm-up)
 #   TARGETS="lclb haproxy nginx nohop"   which targets, in run order
-#   FIGURES="handshakes handshakes_pq handshakes_resumed up1 up8 down1 down8 latency hold"
+#   FIGURES="handshakes handshakes_pq handshakes_resumed up1 up8 down1 down8 latency loaded hold"
 #                     handshakes_resumed: clients that resume TLS 1.3 sessions (tickets), each
 #                     thread with its own session store, every target with its default ticket
-#                     settings (see BENCHMARKS.md)
+#                     settings (see BENCHMARKS.md); loaded: latency under load, LOADED_CONNS
+#                     connections at once doing 64-byte echoes at LOADED_RATE in total, open
+#                     loop, from one client thread (see BENCHMARKS.md)
 #   WORKERS=$(nproc)  HAProxy threads / NGINX worker processes
 #   FIRST_WRITE_DELAY=0  ms the throughput and latency clients wait after the handshake before
 #                     their first byte (outside the timed part; see BENCHMARKS.md)
@@ -58,8 +63,11 @@ BYTES1=${BYTES1:-256M}
 BYTES8=${BYTES8:-64M}
 LAT_COUNT=${LAT_COUNT:-10000}
 HOLD=${HOLD:-2000}
+LOADED_CONNS=${LOADED_CONNS:-1000}
+LOADED_RATE=${LOADED_RATE:-20000}
+LOADED_SECS=${LOADED_SECS:-20}
 TARGETS=${TARGETS:-lclb haproxy nginx nohop}
-FIGURES=${FIGURES:-handshakes handshakes_pq handshakes_resumed up1 up8 down1 down8 latency hold}
+FIGURES=${FIGURES:-handshakes handshakes_pq handshakes_resumed up1 up8 down1 down8 latency loaded hold}
 WORKERS=${WORKERS:-$(nproc)}
 FIRST_WRITE_DELAY=${FIRST_WRITE_DELAY:-0}
 UPSTREAM_TLS=${UPSTREAM_TLS:-0}
@@ -76,7 +84,7 @@ UPSTREAMS=3
 
 say() { echo "bench: $*" >&2; }
 
-for v in ROUNDS DURATION THREADS LAT_COUNT HOLD WORKERS BASE_PORT; do
+for v in ROUNDS DURATION THREADS LAT_COUNT HOLD LOADED_CONNS LOADED_RATE LOADED_SECS WORKERS BASE_PORT; do
   [[ ${!v} =~ ^[0-9]+$ && ${!v} -gt 0 ]] || die "$v must be a positive whole number, not '${!v}'"
 done
 [[ $FIRST_WRITE_DELAY =~ ^[0-9]+$ ]] || die "FIRST_WRITE_DELAY must be a whole number of ms"
@@ -110,13 +118,19 @@ LCLB=${LCLB_BIN:-$target_dir/release/lclb}
 BENCH=${BENCH_BIN:-$target_dir/release/lclb-bench}
 [[ -x $LCLB && -x $BENCH ]] || die "$LCLB or $BENCH missing (make bench-build)"
 
-# Enough descriptors for HOLD connections: a balancer holds two sockets per connection.
+# Enough descriptors for HOLD connections, and for LOADED_CONNS: a balancer holds two sockets
+# per connection (the limit is inherited by every target and by the client).
 hard=$(ulimit -Hn)
 [[ $hard == unlimited ]] && hard=1048576
 ulimit -n "$hard"
 if ((hard < 2 * HOLD + 200)); then
   say "warning: the fd limit ($hard) is below 2*HOLD+200; the hold runs may fail"
 fi
+if ((hard < 2 * LOADED_CONNS + 200)); then
+  say "warning: the fd limit ($hard) is below 2*LOADED_CONNS+200; the loaded runs may fail"
+fi
+# The most connections any figure holds open at once through one target.
+MOST_CONNS=$((HOLD > LOADED_CONNS ? HOLD : LOADED_CONNS))
 NOFILE=$hard
 pid_max=$(cat /proc/sys/kernel/pid_max)
 if ((3 * HOLD + 2000 > pid_max)); then
@@ -307,10 +321,14 @@ lclb_config() { # FILE PORT MODE
     echo "server_key = \"$SRV_KEY\""
     echo "[limits]"
     # lclb caps max_connections at what its fd limit allows (two sockets per connection).
-    echo "max_connections = $(((HOLD + 1000) < (NOFILE - 64) / 2 ? HOLD + 1000 : (NOFILE - 64) / 2))"
+    # Above what the hold and loaded figures open at once (the default, 10000, is too).
+    echo "max_connections = $(((MOST_CONNS + 1000) < (NOFILE - 64) / 2 ? MOST_CONNS + 1000 : (NOFILE - 64) / 2))"
     # Every benchmark client comes from 127.0.0.1: the per-address handshake cap (on by
-    # default, 32) would refuse the load generators' bursts.
+    # default, 32) would refuse the load generators' bursts (the loaded client has 64
+    # handshakes in progress at once, the handshakes client THREADS).
     echo "per_ip_max_handshakes = 0"
+    # Handshakes in progress at once, all addresses: the default (512) is above what any
+    # client here has in progress (64 at most), so it is left as it is.
     echo "[rate_limit]"
     echo "rate = 1000000.0"
     echo "burst = 1000000"
@@ -348,7 +366,7 @@ haproxy_config() { # FILE MODE:PORT...
     cat <<EOF
 global
     nbthread $WORKERS
-    maxconn $(((HOLD + 2000) < (NOFILE - 100) / 2 ? HOLD + 2000 : (NOFILE - 100) / 2))
+    maxconn $(((MOST_CONNS + 2000) < (NOFILE - 100) / 2 ? MOST_CONNS + 2000 : (NOFILE - 100) / 2))
     ssl-default-bind-ciphersuites TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256
     ssl-default-bind-options ssl-min-ver TLSv1.3
 EOF
@@ -361,6 +379,8 @@ EOF
 
 defaults
     mode tcp
+    # Each frontend as many as the whole process (the hold and loaded figures hold thousands).
+    maxconn $(((MOST_CONNS + 2000) < (NOFILE - 100) / 2 ? MOST_CONNS + 2000 : (NOFILE - 100) / 2))
     timeout connect 2s
     timeout client 600s
     timeout server 600s
@@ -410,7 +430,9 @@ worker_rlimit_nofile $NOFILE;
 daemon off;
 pid $file.pid;
 error_log $LOGS/nginx-error.log warn;
-events { worker_connections $((2 * HOLD + 4000)); }
+# Per worker, client and upstream connections both count, and one worker may take them all:
+# twice what the hold or loaded figure opens (1000 loaded connections: 2000), plus room.
+events { worker_connections $((2 * MOST_CONNS + 4000)); }
 stream {
     ssl_protocols TLSv1.3;
     ssl_conf_command Ciphersuites TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256;
@@ -630,6 +652,13 @@ run_figure() {
       line=$(run_client 120 "$log" latency --target "127.0.0.1:$(frontend_port "$target" echo)" \
         --label "$target" --count "$LAT_COUNT" --size 64 --first-write-delay "$FIRST_WRITE_DELAY" "${CLIENT[@]}")
       ;;
+    loaded)
+      # Opening (64 handshakes at a time, 60 s at most), 2 s of warm-up, the timed part, and
+      # up to 10 s (--timeout) for the last echoes.
+      line=$(run_client $((LOADED_SECS + 100)) "$log" loaded --target "127.0.0.1:$(frontend_port "$target" echo)" \
+        --pid "${MAIN_PID[$target:echo]}" --label "$target" --connections "$LOADED_CONNS" --rate "$LOADED_RATE" \
+        --duration "$LOADED_SECS" --warmup 2 --size 64 --open-secs 60 "${CLIENT[@]}")
+      ;;
     hold)
       # A fresh instance per run, so no run inherits another's allocator state.
       start_target "$target" "hold-$target-$round" "$(hold_port "$target")" greeting
@@ -647,7 +676,7 @@ run_figure() {
   [[ -z $line ]] && f=1
   # A transfer or echo run that failed has no figure (handshakes and hold still count the
   # connections that worked).
-  if [[ $fig == up? || $fig == down? || $fig == latency ]] && [[ $f != 0 ]]; then v=NA; fi
+  if [[ $fig == up? || $fig == down? || $fig == latency || $fig == loaded ]] && [[ $f != 0 ]]; then v=NA; fi
   case $fig in
     latency)
       record lat_p50 "$target" "$round" "$v" "$f"
@@ -655,6 +684,16 @@ run_figure() {
       if [[ $v != NA ]]; then p99=$(field "$line" p99) p999=$(field "$line" p999); fi
       record lat_p99 "$target" "$round" "$p99" "$f"
       record lat_p999 "$target" "$round" "$p999" "$f"
+      ;;
+    loaded)
+      # A run in which a connection failed or closed has no figure (its value is p99).
+      local k
+      for k in p50 p999 achieved cpu_us_per_rt; do
+        local x=NA
+        [[ $v != NA ]] && x=$(field "$line" "$k")
+        record "loaded_$k" "$target" "$round" "$x" "$f"
+      done
+      record loaded_p99 "$target" "$round" "$v" "$f"
       ;;
     hold)
       record hold_rss "$target" "$round" "$v" "$f"
@@ -689,8 +728,8 @@ if [[ -n $PROFILE ]]; then
     handshakes | handshakes_pq | handshakes_resumed) pmode=greeting ;;
     up1 | up8) pmode=sink ;;
     down1 | down8) pmode=source ;;
-    latency) pmode="echo" ;;
-    *) die "PROFILE=$PROFILE: expected handshakes, handshakes_pq, handshakes_resumed, up1, up8, down1, down8 or latency" ;;
+    latency | loaded) pmode="echo" ;;
+    *) die "PROFILE=$PROFILE: expected handshakes, handshakes_pq, handshakes_resumed, up1, up8, down1, down8, latency or loaded" ;;
   esac
   ppid=${MAIN_PID[lclb:$pmode]}
   # System-wide, so that threads lclb creates during the run are all sampled; the reports
@@ -760,7 +799,7 @@ version() { "$@" 2>&1 | head -1; }
     lclb_desc="lclb $(git -C "$REPO_ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')"
   fi
   echo "- $lclb_desc, $(version rustc --version); $(version haproxy -v); $(version nginx -v); $(version openssl version)"
-  echo "- settings: ROUNDS=$ROUNDS DURATION=${DURATION}s THREADS=$THREADS BYTES1=$BYTES1 BYTES8=$BYTES8 LAT_COUNT=$LAT_COUNT HOLD=$HOLD WORKERS=$WORKERS FIRST_WRITE_DELAY=${FIRST_WRITE_DELAY}ms; $ELAPSED s; load average $LOAD_START at the start, $LOAD_END at the end"
+  echo "- settings: ROUNDS=$ROUNDS DURATION=${DURATION}s THREADS=$THREADS BYTES1=$BYTES1 BYTES8=$BYTES8 LAT_COUNT=$LAT_COUNT LOADED_CONNS=$LOADED_CONNS LOADED_RATE=$LOADED_RATE LOADED_SECS=${LOADED_SECS}s HOLD=$HOLD WORKERS=$WORKERS FIRST_WRITE_DELAY=${FIRST_WRITE_DELAY}ms; $ELAPSED s; load average $LOAD_START at the start, $LOAD_END at the end"
   echo "- client and upstreams (lclb-bench) run on the same cores as the balancer under test"
   if [[ $UPSTREAM_TLS == 1 ]]; then
     echo "- UPSTREAM_TLS=1: the upstreams require mTLS; every balancer re-encrypts toward them (TLS 1.3, verifying $UP_NAME against a second CA, with a client certificate, sessions reused); the no-hop target has no upstream and is unaffected"
@@ -772,8 +811,8 @@ version() { "$@" 2>&1 | head -1; }
   echo
   echo "| figure | unit | better | lclb | HAProxy | NGINX | no hop | lclb ÷ best peer |"
   echo "|---|---|---|---:|---:|---:|---:|---:|"
-  sort -k1,1 -k2,2 -k4,4g "$DATA" | awk -v figs="handshakes handshakes_cpu handshakes_upres handshakes_pq handshakes_pq_cpu handshakes_pq_upres handshakes_resumed handshakes_resumed_cpu handshakes_resumed_pct handshakes_resumed_upres up1 up1_cpu up8 up8_cpu down1 down1_cpu down8 down8_cpu lat_p50 lat_p99 lat_p999 hold_rss hold_kernel hold_threads" \
-    -v b1="$BYTES1" -v b8="$BYTES8" -v th="$THREADS" -v hold="$HOLD" '
+  sort -k1,1 -k2,2 -k4,4g "$DATA" | awk -v figs="handshakes handshakes_cpu handshakes_upres handshakes_pq handshakes_pq_cpu handshakes_pq_upres handshakes_resumed handshakes_resumed_cpu handshakes_resumed_pct handshakes_resumed_upres up1 up1_cpu up8 up8_cpu down1 down1_cpu down8 down8_cpu lat_p50 lat_p99 lat_p999 loaded_p50 loaded_p99 loaded_p999 loaded_achieved loaded_cpu_us_per_rt hold_rss hold_kernel hold_threads" \
+    -v b1="$BYTES1" -v b8="$BYTES8" -v th="$THREADS" -v hold="$HOLD" -v lc="$LOADED_CONNS" -v lr="$LOADED_RATE" '
     {
       key = $1 SUBSEP $2
       if ($4 != "NA") { n[key]++; v[key, n[key]] = $4 }
@@ -813,6 +852,10 @@ version() { "$@" 2>&1 | head -1; }
       label["lat_p50"] = "latency p50 (64 B echo)"; unit["lat_p50"] = "us"; hi["lat_p50"] = 0
       label["lat_p99"] = "latency p99"; unit["lat_p99"] = "us"; hi["lat_p99"] = 0
       label["lat_p999"] = "latency p99.9"; unit["lat_p999"] = "us"; hi["lat_p999"] = 0
+      split("p50 p99 p999", Q, " "); split("p50 p99 p99.9", QL, " ")
+      for (j = 1; j <= 3; j++) { f = "loaded_" Q[j]; label[f] = "latency under load " QL[j] " (" lc " conns, " lr " rt/s)"; unit[f] = "us"; hi[f] = 0 }
+      label["loaded_achieved"] = "latency under load: round trips achieved"; unit["loaded_achieved"] = "rt/s"; hi["loaded_achieved"] = 1
+      label["loaded_cpu_us_per_rt"] = "latency under load: target CPU per round trip"; unit["loaded_cpu_us_per_rt"] = "us"; hi["loaded_cpu_us_per_rt"] = 0
       label["hold_rss"] = "hold " hold ": user memory (RSS)"; unit["hold_rss"] = "KiB/conn"; hi["hold_rss"] = 0
       label["hold_kernel"] = "hold " hold ": kernel, est. (PTE + kernel stacks)"; unit["hold_kernel"] = "KiB/conn"; hi["hold_kernel"] = 0
       label["hold_threads"] = "hold " hold ": threads"; unit["hold_threads"] = "per conn"; hi["hold_threads"] = 0

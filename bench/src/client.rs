@@ -33,12 +33,12 @@ pub const COMMON_FLAGS: &[&str] = &[
 /// What every client mode needs: where, as whom, how long to wait.
 #[derive(Clone)]
 pub struct Common {
-    target: SocketAddr,
-    label: String,
-    tls: ClientTls,
-    timeout: Duration,
+    pub(crate) target: SocketAddr,
+    pub(crate) label: String,
+    pub(crate) tls: ClientTls,
+    pub(crate) timeout: Duration,
     /// The target's process (`--pid`): its CPU time is measured over the timed part.
-    pid: Option<u32>,
+    pub(crate) pid: Option<u32>,
 }
 
 impl Common {
@@ -62,7 +62,7 @@ impl Common {
     }
 
     /// The target's CPU seconds so far, if `--pid` was given and is readable.
-    fn cpu(&self) -> Option<f64> {
+    pub(crate) fn cpu(&self) -> Option<f64> {
         self.pid.and_then(procfs::cpu_seconds)
     }
 
@@ -90,7 +90,7 @@ impl Common {
 }
 
 /// Prints the machine-readable line.
-fn result(fields: &[(&str, String)]) {
+pub(crate) fn result(fields: &[(&str, String)]) {
     let mut line = String::from("RESULT");
     for (k, v) in fields {
         line.push(' ');
@@ -102,7 +102,7 @@ fn result(fields: &[(&str, String)]) {
 }
 
 /// "cpu_s" and a per-unit figure, from CPU readings before and after the timed part.
-fn cpu_fields(
+pub(crate) fn cpu_fields(
     before: Option<f64>,
     after: Option<f64>,
     per: f64,
@@ -119,19 +119,19 @@ fn cpu_fields(
 }
 
 /// A short, countable description of an error.
-fn error_kind(e: &io::Error) -> String {
+pub(crate) fn error_kind(e: &io::Error) -> String {
     let text = e.to_string();
     let text: String = text.chars().take(80).collect();
     format!("{:?}: {text}", e.kind())
 }
 
-fn print_cpu(cpu: &[(&str, String)], per: &str) {
+pub(crate) fn print_cpu(cpu: &[(&str, String)], per: &str) {
     if let [(_, total), (key, value)] = cpu {
         println!("  target CPU: {total} s over the timed part; {value} {key} ({per})");
     }
 }
 
-fn print_errors(errors: &BTreeMap<String, u64>) {
+pub(crate) fn print_errors(errors: &BTreeMap<String, u64>) {
     for (kind, n) in errors {
         println!("  failure x{n}: {kind}");
     }

@@ -4,13 +4,16 @@
 //! certificate that measures handshakes/s, bulk throughput, round-trip latency and the memory a
 //! balancer spends per held connection; and a thread-per-connection server that plays the
 //! upstreams (greeting, echo, sink, source), or with `--tls` terminates mTLS itself (the
-//! "no hop" reference). Each client run prints human text and one `RESULT key=value ...` line
-//! that `scripts/bench.sh` collects. See BENCHMARKS.md.
+//! "no hop" reference). The loaded mode is the exception: one event loop (mio) drives its
+//! thousand connections, so that the client does not take the target's cores. Each client run
+//! prints human text and one `RESULT key=value ...` line that `scripts/bench.sh` collects. See
+//! BENCHMARKS.md.
 
 #![forbid(unsafe_code)]
 
 mod args;
 mod client;
+mod loaded;
 mod procfs;
 mod server;
 mod stream;
@@ -32,11 +35,18 @@ Usage:
                         [--with-finished] CLIENT
   lclb-bench latency    --target ADDR [--count 10000] [--size 64] [--warmup 1000]
                         [--first-write-delay MS] CLIENT
+  lclb-bench loaded     --target ADDR [--connections 1000] [--rate 20000] [--duration 20]
+                        [--size 64] [--warmup 2] [--open-secs 60] [--pid PID] CLIENT
   lclb-bench hold       --target ADDR --pid PID [--connections 2000] [--threads 4]
                         [--settle 2] [--drain 15] [--max-secs 120] CLIENT
 
 CLIENT: --cert CRT --key KEY --ca CA [--server-name localhost] [--kx x25519]
         [--label NAME] [--timeout 10] [--pid PID]
+
+loaded opens all its connections (64 handshakes at a time) before the clock starts, then sends
+--rate echo round trips per second in total, evenly spread over them, open loop: each round
+trip's latency runs from its scheduled time to the end of its echo, so a stall of the target
+is not hidden; one thread (an event loop) drives them all. Its RESULT value is p99 (us).
 
 --pid names the target's process: its CPU time (with its children's: NGINX workers) over the
 timed part is reported per connection or per GiB; hold reads its memory and threads.
@@ -82,6 +92,7 @@ fn run(argv: &[String]) -> Result<(), String> {
         "handshakes" => client::handshakes(&parse(&with_common(client::HANDSHAKES_FLAGS))?),
         "throughput" => client::throughput(&parse(&with_common(client::THROUGHPUT_FLAGS))?),
         "latency" => client::latency(&parse(&with_common(client::LATENCY_FLAGS))?),
+        "loaded" => loaded::loaded(&parse(&with_common(loaded::LOADED_FLAGS))?),
         "hold" => client::hold(&parse(&with_common(client::HOLD_FLAGS))?),
         other => Err(format!("unknown subcommand {other:?} (see --help)")),
     }
