@@ -688,7 +688,7 @@ run_figure() {
     loaded)
       # A run in which a connection failed or closed has no figure (its value is p99).
       local k
-      for k in p50 p999 achieved cpu_us_per_rt; do
+      for k in p50 p999 achieved cpu_us_per_rt late_p99; do
         local x=NA
         [[ $v != NA ]] && x=$(field "$line" "$k")
         record "loaded_$k" "$target" "$round" "$x" "$f"
@@ -811,7 +811,7 @@ version() { "$@" 2>&1 | head -1; }
   echo
   echo "| figure | unit | better | lclb | HAProxy | NGINX | no hop | lclb ÷ best peer |"
   echo "|---|---|---|---:|---:|---:|---:|---:|"
-  sort -k1,1 -k2,2 -k4,4g "$DATA" | awk -v figs="handshakes handshakes_cpu handshakes_upres handshakes_pq handshakes_pq_cpu handshakes_pq_upres handshakes_resumed handshakes_resumed_cpu handshakes_resumed_pct handshakes_resumed_upres up1 up1_cpu up8 up8_cpu down1 down1_cpu down8 down8_cpu lat_p50 lat_p99 lat_p999 loaded_p50 loaded_p99 loaded_p999 loaded_achieved loaded_cpu_us_per_rt hold_rss hold_kernel hold_threads" \
+  sort -k1,1 -k2,2 -k4,4g "$DATA" | awk -v figs="handshakes handshakes_cpu handshakes_upres handshakes_pq handshakes_pq_cpu handshakes_pq_upres handshakes_resumed handshakes_resumed_cpu handshakes_resumed_pct handshakes_resumed_upres up1 up1_cpu up8 up8_cpu down1 down1_cpu down8 down8_cpu lat_p50 lat_p99 lat_p999 loaded_p50 loaded_p99 loaded_p999 loaded_achieved loaded_cpu_us_per_rt loaded_late_p99 hold_rss hold_kernel hold_threads" \
     -v b1="$BYTES1" -v b8="$BYTES8" -v th="$THREADS" -v hold="$HOLD" -v lc="$LOADED_CONNS" -v lr="$LOADED_RATE" '
     {
       key = $1 SUBSEP $2
@@ -856,6 +856,7 @@ version() { "$@" 2>&1 | head -1; }
       for (j = 1; j <= 3; j++) { f = "loaded_" Q[j]; label[f] = "latency under load " QL[j] " (" lc " conns, " lr " rt/s)"; unit[f] = "us"; hi[f] = 0 }
       label["loaded_achieved"] = "latency under load: round trips achieved"; unit["loaded_achieved"] = "rt/s"; hi["loaded_achieved"] = 1
       label["loaded_cpu_us_per_rt"] = "latency under load: target CPU per round trip"; unit["loaded_cpu_us_per_rt"] = "us"; hi["loaded_cpu_us_per_rt"] = 0
+      label["loaded_late_p99"] = "latency under load: client send delay p99 (instrument check)"; unit["loaded_late_p99"] = "us"; hi["loaded_late_p99"] = 0
       label["hold_rss"] = "hold " hold ": user memory (RSS)"; unit["hold_rss"] = "KiB/conn"; hi["hold_rss"] = 0
       label["hold_kernel"] = "hold " hold ": kernel, est. (PTE + kernel stacks)"; unit["hold_kernel"] = "KiB/conn"; hi["hold_kernel"] = 0
       label["hold_threads"] = "hold " hold ": threads"; unit["hold_threads"] = "per conn"; hi["hold_threads"] = 0
