@@ -654,8 +654,8 @@ run_figure() {
       ;;
     loaded)
       # Opening (64 handshakes at a time, 60 s at most), 2 s of warm-up, the timed part, and
-      # up to 10 s (--timeout) for the last echoes.
-      line=$(run_client $((LOADED_SECS + 100)) "$log" loaded --target "127.0.0.1:$(frontend_port "$target" echo)" \
+      # as long again (10 s at least) for the last echoes of a target that fell behind.
+      line=$(run_client $((2 * LOADED_SECS + 100)) "$log" loaded --target "127.0.0.1:$(frontend_port "$target" echo)" \
         --pid "${MAIN_PID[$target:echo]}" --label "$target" --connections "$LOADED_CONNS" --rate "$LOADED_RATE" \
         --duration "$LOADED_SECS" --warmup 2 --size 64 --open-secs 60 "${CLIENT[@]}")
       ;;

@@ -18,10 +18,9 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
-
-use std::os::fd::{AsRawFd, OwnedFd};
 
 use mio::net::TcpStream;
 use mio::unix::SourceFd;
@@ -530,24 +529,16 @@ pub fn loaded(args: &Args) -> Result<(), String> {
             let Some(conn) = conns.get_mut(ev.token().0) else {
                 continue;
             };
-            let before = conn.phase;
-            if matches!(before, Phase::Ready | Phase::Ended) {
-                // Session tickets and the like after the handshake; nothing is expected.
-                if before == Phase::Ready {
-                    if let Err(why) = conn.pump(&mut run) {
-                        conn.end(&poll, &mut run);
-                        open_failed += 1;
-                        tally(&mut errors, why);
-                    }
-                }
+            if conn.phase == Phase::Ended {
                 continue;
             }
+            // An open connection may still get session tickets; no plaintext is expected.
+            let was_open = conn.phase == Phase::Ready;
             match conn.pump(&mut run) {
-                Ok(()) if conn.phase == Phase::Ready => settled += 1,
-                Ok(()) => {}
+                Ok(()) => settled += usize::from(!was_open && conn.phase == Phase::Ready),
                 Err(why) => {
                     conn.end(&poll, &mut run);
-                    settled += 1;
+                    settled += usize::from(!was_open);
                     open_failed += 1;
                     tally(&mut errors, format!("opening: {why}"));
                 }
@@ -580,12 +571,18 @@ pub fn loaded(args: &Args) -> Result<(), String> {
     let (Some(window_start), Some(window_end)) = (at(warm_slots), at(total_slots)) else {
         return Err("--duration and --warmup: too far ahead".into());
     };
+    // The last echoes of the timed part may come back late: a target that fell behind is
+    // given as long as the run lasted (at least --timeout) to catch up, so that its figures
+    // say how far behind it was rather than nothing.
     let drain_deadline = window_end
-        .checked_add(c.timeout)
+        .checked_add(c.timeout.max(window_end.saturating_duration_since(t0)))
         .ok_or("--timeout: too far ahead")?;
     run.window_start = window_start;
     run.window_end = window_end;
-    run.samples.reserve(slots_in(secs, rate) as usize);
+    // Room for every sample of a usual run (400,000), so the timed part does not reallocate.
+    run.samples
+        .reserve(usize::try_from(slots_in(secs, rate)).map_or(0, |n| n.min(1 << 24)));
+    let mut alarm = Alarm::new(&poll).map_err(|e| format!("timerfd: {e}"))?;
     let (stop_cpu, stop_rx) = mpsc::channel();
     let sampler = cpu_sampler(c.pid, window_start, window_end, stop_rx);
     let mut sched = Schedule {
@@ -595,7 +592,6 @@ pub fn loaded(args: &Args) -> Result<(), String> {
         warm: warm_slots,
         total: total_slots,
     };
-    let mut alarm = Alarm::new(&poll).map_err(|e| format!("timerfd: {e}"))?;
     let mut closed = 0u64;
     let mut ended = |why: String, errors: &mut BTreeMap<String, u64>| {
         closed += 1;
@@ -652,7 +648,7 @@ pub fn loaded(args: &Args) -> Result<(), String> {
         if conn.in_flight.is_some() || !conn.waiting.is_empty() {
             conn.end(&poll, &mut run);
             ended(
-                "no echo within --timeout after the timed part".into(),
+                "no echo within the drain time after the timed part (the longer of the run and --timeout)".into(),
                 &mut errors,
             );
         }
