@@ -45,6 +45,8 @@
 #   INSTALL=0         do not apt-get install missing haproxy / nginx / libnginx-mod-stream
 #   PROFILE=FIGURE    instead of the benchmark: run FIGURE (handshakes, up1, down1, ...) against
 #                     lclb under `perf record -g` and write perf-FIGURE.txt (needs linux-perf)
+#   PERF_CALLGRAPH=fp  perf's call-graph mode: fp (frame pointers: kernel chains only, since the
+#                     release build has none), or dwarf (user-space chains too; larger data)
 #   KEEP=1            keep the temporary folder (certificates, configs)
 #   CLUSTER=URL       lclb shares its per-client limits through the Redis at URL ([cluster]
 #                     redis = URL): every admission costs one Redis round trip
@@ -76,6 +78,7 @@ OUT_DIR=${OUT_DIR:-$REPO_ROOT/target/bench}
 SKIP_BUILD=${SKIP_BUILD:-0}
 INSTALL=${INSTALL:-1}
 PROFILE=${PROFILE:-}
+PERF_CALLGRAPH=${PERF_CALLGRAPH:-fp}
 KEEP=${KEEP:-0}
 CLUSTER=${CLUSTER:-}
 
@@ -735,7 +738,7 @@ if [[ -n $PROFILE ]]; then
   # System-wide, so that threads lclb creates during the run are all sampled; the reports
   # are then narrowed to lclb's pid (and a third one shows who used the CPU overall).
   data=$OUT_DIR/perf-$PROFILE.data
-  perf record -a -g -F 999 -o "$data" >"$LOGS/perf.log" 2>&1 &
+  perf record -a --call-graph "$PERF_CALLGRAPH" -F 999 -o "$data" >"$LOGS/perf.log" 2>&1 &
   perf_pid=$!
   PIDS+=("$perf_pid")
   sleep 0.5
