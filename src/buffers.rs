@@ -1,11 +1,14 @@
 //! Read buffers for the copy threads, lent only while a socket has data to move.
 //!
 //! A forwarded connection reads its sockets in large chunks (several TLS records at once), but
-//! most open connections are quiet most of the time. So a connection does not own its read
-//! buffers: it borrows one from a shared store of spares when data arrives ([`Lent::get`]) and
-//! gives it back once the socket is drained ([`Lent::release`], or on drop). A busy connection
-//! keeps its buffer between reads; a quiet one holds none. The store keeps at most
-//! [`MAX_SPARE`] buffers, so a burst of traffic does not pin its peak memory for ever.
+//! most open connections are quiet most of the time, and many busy ones only exchange small
+//! messages. So a connection does not own a large read buffer: each direction reads into a small
+//! one of its own ([`SMALL`] bytes) and borrows a large one from a shared store of spares only
+//! when a read fills the small one, the sign of a burst ([`Lent::space`]). It gives the large
+//! one back once a read comes back short, the socket drained ([`Lent::settle`], or on drop).
+//! A bulk transfer keeps its buffer between reads; a quiet or chatty connection never touches
+//! the store, whose lock all connections share. The store keeps at most [`MAX_SPARE`]
+//! buffers, so a burst of traffic does not pin its peak memory for ever.
 //!
 //! This module only lends memory; when to read, and when a socket counts as drained, is the
 //! forwarder's business (the forward module).
@@ -15,6 +18,13 @@ use parking_lot::Mutex;
 /// Bytes read from a socket at once: several TLS records' worth, so bulk transfers make a
 /// quarter of the syscalls (and loopback deliveries) that one record per read would.
 pub(crate) const BUF_SIZE: usize = 64 * 1024;
+
+/// Bytes a direction reads with no large buffer borrowed: a short message (an interactive
+/// echo, a small request) and its TLS record fit, so it costs one `recv` and no lock. A read
+/// that fills it starts a burst, and the next read borrows a [`BUF_SIZE`] buffer. It lives on
+/// the copy thread's stack, which is resident for every open connection: 2 KiB here cost an
+/// idle connection 7.7 KiB more (a new stack page in each of its two threads), 512 bytes nothing.
+pub(crate) const SMALL: usize = 512;
 
 /// Most spare buffers kept (8 MiB of 64 KiB buffers); more are freed when given back.
 pub(crate) const MAX_SPARE: usize = 128;
@@ -70,6 +80,12 @@ impl Spares {
 pub(crate) struct Lent {
     spares: &'static Spares,
     buf: Option<Box<[u8]>>,
+    /// Where reads land while no large buffer is needed.
+    small: [u8; SMALL],
+    /// The last read filled `small`: more is on its way, so the next read borrows.
+    burst: bool,
+    /// The last read went to `small`.
+    in_small: bool,
 }
 
 impl Lent {
@@ -80,10 +96,55 @@ impl Lent {
 
     /// Nothing borrowed yet, from `spares`.
     pub(crate) fn from_spares(spares: &'static Spares) -> Lent {
-        Lent { spares, buf: None }
+        Lent {
+            spares,
+            buf: None,
+            small: [0; SMALL],
+            burst: false,
+            in_small: false,
+        }
+    }
+
+    /// Where the next read should go: the borrowed buffer while a burst lasts, the small one
+    /// otherwise.
+    pub(crate) fn space(&mut self) -> &mut [u8] {
+        if self.buf.is_some() || self.burst {
+            self.in_small = false;
+            self.get()
+        } else {
+            self.in_small = true;
+            &mut self.small
+        }
+    }
+
+    /// The first `n` bytes of the last read (none before the first read).
+    pub(crate) fn filled(&self, n: usize) -> &[u8] {
+        let all: &[u8] = if self.in_small {
+            &self.small
+        } else {
+            self.buf.as_deref().unwrap_or(&[])
+        };
+        &all[..n.min(all.len())]
+    }
+
+    /// Called once the `n` bytes of the last read have been used. A short read into the
+    /// borrowed buffer drained the socket: the buffer goes back, and `true` says the connection
+    /// may now go quiet. A read that filled the small buffer starts a burst.
+    pub(crate) fn settle(&mut self, n: usize) -> bool {
+        if self.in_small {
+            self.burst = n == SMALL;
+            return false;
+        }
+        self.burst = false;
+        if n < self.spares.size {
+            self.release();
+            return true;
+        }
+        false
     }
 
     /// Whether a buffer is borrowed now.
+    #[cfg(test)]
     pub(crate) fn is_held(&self) -> bool {
         self.buf.is_some()
     }
@@ -95,6 +156,7 @@ impl Lent {
     }
 
     /// The borrowed buffer, if one is held; never borrows.
+    #[cfg(test)]
     pub(crate) fn held(&self) -> Option<&[u8]> {
         self.buf.as_deref()
     }
@@ -171,6 +233,39 @@ mod tests {
         }
         drop(all);
         assert_eq!(SPARES.len(), 2);
+    }
+
+    #[test]
+    fn small_reads_never_borrow_and_a_full_one_starts_a_burst() {
+        static SPARES: Spares = Spares::new(16, 4);
+        let mut lent = Lent::from_spares(&SPARES);
+        assert_eq!(lent.filled(0), b"");
+        assert_eq!(lent.space().len(), SMALL);
+        lent.space()[..3].copy_from_slice(b"abc");
+        assert_eq!(lent.filled(3), b"abc");
+        assert!(!lent.settle(3));
+        assert!(!lent.is_held(), "a short small read borrows nothing");
+        assert_eq!(lent.space().len(), SMALL);
+        assert!(!lent.settle(SMALL));
+        assert!(!lent.is_held());
+        assert_eq!(
+            lent.space().len(),
+            16,
+            "the read after a full small one borrows"
+        );
+        lent.space()[..2].copy_from_slice(b"xy");
+        assert_eq!(lent.filled(2), b"xy");
+        assert!(!lent.settle(16), "a full large read keeps the buffer");
+        assert!(lent.is_held());
+        assert_eq!(lent.space().len(), 16);
+        assert!(lent.settle(5), "a short large read drains the socket");
+        assert!(!lent.is_held());
+        assert_eq!(SPARES.len(), 1);
+        assert_eq!(
+            lent.space().len(),
+            SMALL,
+            "and reads go back to the small buffer"
+        );
     }
 
     #[test]

@@ -3,13 +3,13 @@
 //! sealed toward it in [`Link::write_upstream`], and the upstream's records are decrypted by
 //! [`upstream_to_client_tls`] instead of being read as they are.
 
-use std::io::{Read, Write};
+use std::io::{self, BufRead, Write};
 use std::net::Shutdown;
 use std::sync::atomic::Ordering;
 
 use super::link::{Link, ReadEnd};
 use super::EndReason;
-use crate::buffers::{Lent, BUF_SIZE};
+use crate::buffers::{Lent, SMALL};
 use crate::config::Truncation;
 
 /// How a direction that did not finish cleanly ends the whole link.
@@ -43,9 +43,9 @@ fn decrypt<D>(
     plain: &mut Vec<u8>,
 ) -> Decrypted {
     loop {
-        match conn.reader().read_to_end(plain) {
-            Ok(_) => return Decrypted::Closed,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        match take_plaintext(conn.reader(), plain) {
+            Ok(true) => return Decrypted::Closed,
+            Ok(false) => {}
             Err(e) => return Decrypted::Failed(e.to_string()),
         }
         if rd.is_empty() {
@@ -59,9 +59,37 @@ fn decrypt<D>(
             Err(e) => Err(e.to_string()),
         };
         if let Err(e) = processed {
-            let _ = conn.reader().read_to_end(plain);
+            let _ = take_plaintext(conn.reader(), plain);
             return Decrypted::Failed(e);
         }
+    }
+}
+
+/// Appends the plaintext `reader` holds to `plain`, chunk by chunk as rustls keeps it, with one
+/// copy (`read_to_end` would also zero the spare room of `plain` before every read). `Ok(true)`:
+/// the peer's close_notify has been read, so no more will come; `Ok(false)`: more may.
+fn take_plaintext(mut reader: rustls::Reader<'_>, plain: &mut Vec<u8>) -> io::Result<bool> {
+    loop {
+        let taken = match reader.fill_buf() {
+            Ok([]) => return Ok(true),
+            Ok(chunk) => {
+                plain.extend_from_slice(chunk);
+                chunk.len()
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        reader.consume(taken);
+    }
+}
+
+/// Clears a scratch vector for the next read, and frees it instead once it has grown past
+/// what a small message needs: a connection that goes quiet keeps no bulk-sized allocation.
+fn reuse(v: &mut Vec<u8>) {
+    if v.capacity() > 4 * SMALL {
+        *v = Vec::new();
+    } else {
+        v.clear();
     }
 }
 
@@ -81,10 +109,7 @@ pub(super) fn client_to_upstream(link: &Link) -> Result<(), Cut> {
         let mut failure = None;
         let ticket = {
             let mut sealer = link.tls.lock();
-            let mut rd: &[u8] = match raw.held() {
-                Some(buf) => &buf[..n],
-                None => &[],
-            };
+            let mut rd: &[u8] = raw.filled(n);
             match decrypt(&mut sealer.conn, &mut rd, &mut plain) {
                 Decrypted::More => {}
                 Decrypted::Closed => closed = true,
@@ -120,12 +145,11 @@ pub(super) fn client_to_upstream(link: &Link) -> Result<(), Cut> {
             link.finish_upstream();
             return Ok(());
         }
-        if n < BUF_SIZE {
-            // A short read drained the socket: give the buffers back while waiting.
-            raw.release();
-            plain = Vec::new();
-            out = Vec::new();
-            up_out = Vec::new();
+        if raw.settle(n) {
+            // A short read drained the socket: no bulk-sized buffer is kept while waiting.
+            reuse(&mut plain);
+            reuse(&mut out);
+            reuse(&mut up_out);
         }
         n = match link.read(&link.client, &mut raw) {
             Ok(n) => n,
@@ -177,7 +201,7 @@ pub(super) fn upstream_to_client(link: &Link) -> Result<(), Cut> {
             }
             if n == 0 {
                 sealer.close_notify();
-            } else if let Err(e) = sealer.conn.writer().write_all(&buf.get()[..n]) {
+            } else if let Err(e) = sealer.conn.writer().write_all(buf.filled(n)) {
                 // Cannot happen with the buffer limit lifted, but never lose bytes silently.
                 return Err(Cut::Abort(EndReason::TlsError(e.to_string())));
             }
@@ -196,9 +220,8 @@ pub(super) fn upstream_to_client(link: &Link) -> Result<(), Cut> {
         link.stats
             .bytes_to_client
             .fetch_add(n as u64, Ordering::Relaxed);
-        if n < BUF_SIZE {
-            buf.release();
-            out = Vec::new();
+        if buf.settle(n) {
+            reuse(&mut out);
         }
     }
 }
@@ -227,10 +250,7 @@ pub(super) fn upstream_to_client_tls(link: &Link) -> Result<(), Cut> {
         let mut failure = None;
         {
             let mut sealer = up.lock();
-            let mut rd: &[u8] = match raw.held() {
-                Some(buf) => &buf[..n],
-                None => &[],
-            };
+            let mut rd: &[u8] = raw.filled(n);
             // Records before a bad one were authentic: they still go through. The alert
             // rustls queues for the upstream is not sent: only the other thread writes there,
             // and the link is ending.
@@ -276,10 +296,9 @@ pub(super) fn upstream_to_client_tls(link: &Link) -> Result<(), Cut> {
             let _ = link.client.shutdown(Shutdown::Write);
             return Ok(());
         }
-        if n < BUF_SIZE {
-            raw.release();
-            plain = Vec::new();
-            out = Vec::new();
+        if raw.settle(n) {
+            reuse(&mut plain);
+            reuse(&mut out);
         }
         n = match link.read(&link.upstream, &mut raw) {
             Ok(n) => n,

@@ -283,20 +283,12 @@ impl Link {
         self.aborted.load(Ordering::SeqCst)
     }
 
-    /// Reads from `sock` into a lent buffer, treating socket timeouts as a chance to check
-    /// idleness across the whole link rather than as errors. `Ok(0)` is EOF. Without a buffer
-    /// in hand, it first waits for data with a one-byte peek, so a quiet connection holds none.
+    /// Reads from `sock` into `buf`'s space (its small buffer unless a burst is on), treating
+    /// socket timeouts as a chance to check idleness across the whole link rather than as
+    /// errors. `Ok(0)` is EOF.
     pub(super) fn read(&self, mut sock: &TcpStream, buf: &mut Lent) -> Result<usize, ReadEnd> {
         loop {
-            let waited = if buf.is_held() {
-                sock.read(buf.get())
-            } else {
-                match sock.peek(&mut [0u8; 1]) {
-                    Ok(_) => sock.read(buf.get()),
-                    Err(e) => Err(e),
-                }
-            };
-            match waited {
+            match sock.read(buf.space()) {
                 Ok(n) => {
                     if n > 0 {
                         self.touch();
