@@ -3,7 +3,7 @@
 # own rustls server answering directly), all on 127.0.0.1, and prints a markdown table of
 # medians with lclb's ratio to the better peer. See BENCHMARKS.md.
 #
-#   scripts/bench.sh                      # defaults: 3 rounds, 5 s timed runs (~6 min)
+#   scripts/bench.sh                      # defaults: 3 rounds, 5 s timed runs (~9 min)
 #   ROUNDS=1 DURATION=2 scripts/bench.sh  # a quick end-to-end check
 #
 # Knobs (environment):
