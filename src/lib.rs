@@ -87,6 +87,7 @@ mod threads;
 mod tickets;
 mod tls;
 mod upstream;
+mod verified;
 mod watch;
 
 // The library's whole interface, in one place.

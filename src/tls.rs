@@ -53,6 +53,7 @@ use rustls::sign::CertifiedKey;
 use rustls::{HandshakeKind, RootCertStore, ServerConfig, ServerConnection};
 
 use crate::config::{ConfigError, CrlStale, TlsFiles, DEFAULT_CA_NAME};
+use crate::verified::VerifiedChains;
 
 /// The crypto provider lclb runs on: aws-lc-rs, restricted to TLS 1.3 suites and the TLS 1.2
 /// ECDHE AEAD suites.
@@ -426,7 +427,9 @@ impl TlsContext {
     /// does not: that a resumed session's certificate chain still verifies now against this
     /// context's CAs and CRLs, and (every session, with `tls.crl_stale = "refuse"`) that the
     /// CRL of the certificate's issuer is not past its nextUpdate. Returns the name of the CA
-    /// the chain ends at (`"default"` or a `[[ca]]` name).
+    /// the chain ends at (`"default"` or a `[[ca]]` name). A chain this context already
+    /// verified on a resumption is accepted from memory while the time is within every one of
+    /// its certificates' dates (`crate::verified` says why that is the same check).
     pub fn check_peer(&self, conn: &ServerConnection) -> Result<&str, PeerError> {
         let resumed = conn.handshake_kind() == Some(HandshakeKind::Resumed);
         self.check_chain(conn.peer_certificates(), resumed, UnixTime::now())
@@ -443,7 +446,10 @@ impl TlsContext {
         };
         let anchor = if resumed {
             self.trust
-                .anchor_of(end_entity, intermediates, now)
+                .resumed
+                .anchor(end_entity, intermediates, now, || {
+                    self.trust.anchor_of(end_entity, intermediates, now)
+                })
                 .map_err(PeerError::Resumed)?
         } else {
             self.trust
@@ -494,6 +500,8 @@ pub struct ClientTrust {
     crl_stale: CrlStale,
     /// Every root of `tls.ca_cert`, then of each `[[ca]]`, in file order.
     ca_certs: Vec<CertInfo>,
+    /// Chains this trust verified on resumptions (see `crate::verified`).
+    resumed: VerifiedChains,
 }
 
 impl fmt::Debug for ClientTrust {
@@ -589,6 +597,7 @@ impl ClientTrust {
             crls: infos.into(),
             crl_stale: files.crl_stale,
             ca_certs,
+            resumed: VerifiedChains::default(),
         })
     }
 

@@ -74,17 +74,21 @@ fn a_session_whose_certificate_has_since_expired_is_refused(
     let pki = Pki::new("resume-expired");
     let web1 = Upstream::start("web1", Mode::Echo);
     let lb = Lb::start(&pki.config("", &[&web1]));
-    // Valid for a few seconds: long enough for one full handshake on a loaded machine.
+    // Valid for a few seconds: long enough for a full handshake and a resumption on a loaded
+    // machine.
     let now = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap();
-    let not_after = now.as_secs() + 5;
+    let not_after = now.as_secs() + 8;
     let mut params = client_params(dn("client1.lb.com"));
     params.not_after = x509_parser::time::ASN1Time::from_timestamp(not_after as i64)
         .unwrap()
         .to_datetime();
     let cfg = client_config_for(&pki, &pki.ca.issue(params), version);
     assert_eq!(echo(&lb, cfg.clone()), HandshakeKind::Full);
+    // Resumed while valid: lclb now remembers that this chain verified, which must not
+    // outlive the certificate's notAfter.
+    assert_eq!(echo(&lb, cfg.clone()), HandshakeKind::Resumed);
 
     // The one fixed wait: for the certificate to expire (webpki counts in whole seconds).
     let expired = SystemTime::UNIX_EPOCH + Duration::from_millis(not_after * 1000 + 1500);
@@ -97,10 +101,10 @@ fn a_session_whose_certificate_has_since_expired_is_refused(
         "the client resumed its session"
     );
     assert!(lb.wait_for(|st| st.refused(Refusal::Tls) == 1));
-    assert_eq!(resumptions(&lb), 1);
+    assert_eq!(resumptions(&lb), 2);
     assert_eq!(
         lb.forwarded(),
-        1,
+        2,
         "no upstream connection for the refused one"
     );
 }
@@ -140,6 +144,9 @@ fn after_a_reload_sessions_resume_against_the_reloaded_crls(
     let kept = client_config_for(&pki, &pki.client("client1.lb.com"), version);
     assert_eq!(echo(&lb, to_revoke.clone()), HandshakeKind::Full);
     assert_eq!(echo(&lb, kept.clone()), HandshakeKind::Full);
+    // Resumed before the reload: the old trust remembers that this chain verified, which
+    // the reloaded one must not take on.
+    assert_eq!(echo(&lb, to_revoke.clone()), HandshakeKind::Resumed);
 
     let crl = crl_pem(&pki.ca, &[4242], (2025, 1, 1), (2035, 1, 1));
     let crl_path = pki.dir.join("ca.crl.pem");
@@ -155,7 +162,7 @@ fn after_a_reload_sessions_resume_against_the_reloaded_crls(
     assert!(lb.wait_for(|st| st.refused(Refusal::Tls) == 1));
     assert_eq!(
         lb.forwarded(),
-        2,
+        3,
         "no upstream connection for the revoked one"
     );
     assert_eq!(
@@ -163,7 +170,7 @@ fn after_a_reload_sessions_resume_against_the_reloaded_crls(
         HandshakeKind::Resumed,
         "a client not revoked keeps resuming across the reload"
     );
-    assert!(lb.wait_for(|st| st.tls_resumptions.load(Ordering::SeqCst) == 2));
+    assert!(lb.wait_for(|st| st.tls_resumptions.load(Ordering::SeqCst) == 3));
     assert_eq!(lb.stats().refused(Refusal::Tls), 1);
 }
 
