@@ -9,6 +9,7 @@
 #   ITERATE=1 scripts/mutants.sh table      # retest only what the last run of table did not catch
 #
 # Modules, in the order run (name: file, tests run for each mutant):
+#   verified:  src/verified.rs          cargo test --lib verified::
 #   identity:  src/identity.rs          cargo test --lib identity::
 #   selectors: src/config/selectors.rs  cargo test --lib config::
 #   authz:     src/authz.rs             cargo test --lib authz::
@@ -30,6 +31,7 @@ help_if_asked "$@"
 cd "$REPO_ROOT"
 
 declare -A FILE=(
+  [verified]=src/verified.rs
   [identity]=src/identity.rs
   [selectors]=src/config/selectors.rs
   [authz]=src/authz.rs
@@ -40,6 +42,7 @@ declare -A FILE=(
   [validate]=src/config/validate.rs
 )
 declare -A FILTER=(
+  [verified]=verified::
   [identity]=identity::
   [selectors]=config::
   [authz]=authz::
@@ -49,7 +52,7 @@ declare -A FILTER=(
   [health]=health::
   [validate]=config::
 )
-ORDER=(identity selectors authz ratelimit admission table health validate)
+ORDER=(verified identity selectors authz ratelimit admission table health validate)
 TIMEOUT=${MUTANTS_TIMEOUT:-60}
 
 modules=("$@")
