@@ -251,6 +251,9 @@ fn with_watching_on_a_rewritten_key_file_is_reloaded_without_a_signal() {
     std::fs::write(&path, config).unwrap();
     let a = Process::start(LCLB, &path);
     a.listen_addr();
+    // The watcher compares against the files as it first found them: rewriting the key file
+    // before it has looked would leave nothing to notice.
+    a.wait_line("watch: polling").expect("the watcher started");
     write_atomically(&keys, &format!("{k1}\n{k2}\n{k3}\n{}\n", new_key()));
     let line = a.wait_line("config reload").expect("no reload line");
     assert!(line.contains("config reloaded from"), "{line}");
