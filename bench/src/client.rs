@@ -148,7 +148,7 @@ pub fn quantile(v: &[u64], q: f64) -> u64 {
 
 fn describe(s: &Stream) -> String {
     s.tls_conn()
-        .map(tlsconf::describe)
+        .map(|c| tlsconf::describe(c))
         .unwrap_or_else(|| "-".into())
 }
 

@@ -34,6 +34,7 @@ use rustls::ClientConnection;
 use crate::args::Args;
 use crate::client::{self, quantile, Common};
 use crate::procfs;
+use crate::tlsconf;
 
 /// Flags of `lclb-bench loaded` (besides the common ones).
 pub const LOADED_FLAGS: &[&str] = &[
@@ -369,19 +370,6 @@ impl Conn {
     }
 }
 
-/// "TLS13_AES_128_GCM_SHA256/X25519", as the other modes print it.
-fn describe(conn: &ClientConnection) -> String {
-    let suite = conn
-        .negotiated_cipher_suite()
-        .map(|s| format!("{:?}", s.suite()))
-        .unwrap_or_else(|| "-".into());
-    let kx = conn
-        .negotiated_key_exchange_group()
-        .map(|g| format!("{:?}", g.name()))
-        .unwrap_or_else(|| "-".into());
-    format!("{suite}/{kx}")
-}
-
 /// CPU seconds of the target (`--pid`) and of this process at the start and the end of the
 /// timed part, read on a thread of their own: walking /proc takes milliseconds, which the
 /// event loop would otherwise spend late on its schedule.
@@ -560,7 +548,7 @@ pub fn loaded(args: &Args) -> Result<(), String> {
         .collect();
     let desc = ready
         .first()
-        .map(|&i| describe(&conns[i].tls))
+        .map(|&i| tlsconf::describe(&conns[i].tls))
         .unwrap_or_else(|| "-".into());
 
     // The schedule: slot s on ready[s % ready.len()] at t0 + s / rate.

@@ -112,8 +112,9 @@ pub fn server_from_files(cert: &str, key: &str, ca: &str) -> Result<Arc<ServerCo
     Ok(ctx.server_config)
 }
 
-/// "TLS13_AES_128_GCM_SHA256/X25519" for a finished handshake.
-pub fn describe(conn: &rustls::Connection) -> String {
+/// "TLS13_AES_128_GCM_SHA256/X25519" for a finished handshake, of either side (a
+/// `Connection`, a `ClientConnection` or a `ServerConnection`).
+pub fn describe(conn: &rustls::CommonState) -> String {
     let suite = conn
         .negotiated_cipher_suite()
         .map(|s| format!("{:?}", s.suite()))
