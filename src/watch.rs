@@ -86,15 +86,18 @@ impl ReloadRequests {
 }
 
 impl Watcher {
-    /// Starts the thread for the balancer `shared`, whose config file is `config`. It notes
-    /// the hashes of the files at once, then polls while the running config's `reload.watch`
+    /// Starts the thread for the balancer `shared`, whose config file is `config`. The hashes
+    /// of the files are noted before this returns (not when the thread first runs), so a file
+    /// changed once the caller goes on, such as after start-up reports ready, is always seen
+    /// as a change. The thread then polls while the running config's `reload.watch`
     /// is on (default off), every `reload.watch_interval` (default 5s), and serves
     /// [`ReloadRequests`] whether watching is on or not.
     pub fn spawn(shared: Arc<Shared>, config: PathBuf) -> io::Result<Watcher> {
         let (control, requests) = crossbeam_channel::unbounded();
+        let watch = Watch::new(config, &*shared);
         let thread = std::thread::Builder::new()
             .name("lclb-watch".into())
-            .spawn(move || run(&*shared, config, &requests))?;
+            .spawn(move || run(&*shared, watch, &requests))?;
         Ok(Watcher {
             control,
             thread: Some(thread),
@@ -341,8 +344,7 @@ impl Watch {
 }
 
 /// The thread: serves requests, polls while watching is on, ends on Stop.
-fn run(target: &dyn Target, config: PathBuf, requests: &Receiver<Control>) {
-    let mut watch = Watch::new(config, target);
+fn run(target: &dyn Target, mut watch: Watch, requests: &Receiver<Control>) {
     let mut settings = None;
     let mut last_poll = Instant::now();
     loop {
@@ -651,7 +653,8 @@ mod tests {
         let fake = Arc::new(fake);
         let (control, requests) = crossbeam_channel::unbounded();
         let (target, path) = (Arc::clone(&fake), d.join("lclb.toml"));
-        let thread = std::thread::spawn(move || run(&*target, path, &requests));
+        let watch = Watch::new(path, &*target);
+        let thread = std::thread::spawn(move || run(&*target, watch, &requests));
         control.send(Control::Reload).unwrap();
         assert!(crate::testing::wait_for(|| fake.reloads() == vec![true]));
         control.send(Control::Stop).unwrap();
