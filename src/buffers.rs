@@ -84,8 +84,6 @@ pub(crate) struct Lent {
     small: [u8; SMALL],
     /// The last read filled `small`: more is on its way, so the next read borrows.
     burst: bool,
-    /// The last read went to `small`.
-    in_small: bool,
 }
 
 impl Lent {
@@ -101,29 +99,23 @@ impl Lent {
             buf: None,
             small: [0; SMALL],
             burst: false,
-            in_small: false,
         }
     }
 
     /// Where the next read should go: the borrowed buffer while a burst lasts, the small one
-    /// otherwise.
+    /// otherwise. Until [`Lent::settle`], a large buffer is held exactly when the read went
+    /// there.
     pub(crate) fn space(&mut self) -> &mut [u8] {
         if self.buf.is_some() || self.burst {
-            self.in_small = false;
             self.get()
         } else {
-            self.in_small = true;
             &mut self.small
         }
     }
 
     /// The first `n` bytes of the last read (none before the first read).
     pub(crate) fn filled(&self, n: usize) -> &[u8] {
-        let all: &[u8] = if self.in_small {
-            &self.small
-        } else {
-            self.buf.as_deref().unwrap_or(&[])
-        };
+        let all: &[u8] = self.buf.as_deref().unwrap_or(&self.small);
         &all[..n.min(all.len())]
     }
 
@@ -131,7 +123,7 @@ impl Lent {
     /// borrowed buffer drained the socket: the buffer goes back, and `true` says the connection
     /// may now go quiet. A read that filled the small buffer starts a burst.
     pub(crate) fn settle(&mut self, n: usize) -> bool {
-        if self.in_small {
+        if self.buf.is_none() {
             self.burst = n == SMALL;
             return false;
         }
